@@ -1,0 +1,157 @@
+"""Where scores come from: the attention functions kvpolicy registers with transformers.
+
+``kvpolicy`` (SDPA outputs) and ``kvpolicy_eager`` (eager outputs) are registered through ``AttentionInterface``
+with a mask function under the same name (``AttentionMaskInterface``; without one ``create_causal_mask`` returns
+``None``). For each attention call that follows a :class:`~kvpolicy.cache.PolicyLayer` update they
+
+1. learn which new tokens are padding (from transformers' mask, whose last query row sees every real column);
+2. produce the outputs: with transformers' own mask and attention function while the layer is uncompressed
+   ("pristine", so a policy that drops nothing reproduces the plain cache bit for bit), otherwise with the engine's
+   mask built from per-slot validity and logical positions, attending per kv-head group (keys are never repeated to
+   query heads);
+3. compute the statistics the policy declared (:class:`~kvpolicy.policy.AttentionStat`) in query chunks, and
+4. hand them to the layer, which compresses right away if its stage asks for it.
+
+Memory bound of the statistics: one chunk of float32 probabilities, ``B * Hq * rows * P * 4`` bytes with ``rows``
+chosen so that this stays under :data:`STATS_CHUNK_ELEMENTS` elements (64 MiB), plus a float32 copy of the layer's keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+from transformers.models.llama.modeling_llama import eager_attention_forward
+
+from .cache import PolicyLayer, take_active_layer
+from .policy import AttentionStat
+
+#: upper bound on the float32 probability block materialised per chunk when computing statistics
+STATS_CHUNK_ELEMENTS = 1 << 24
+
+SDPA, EAGER = "kvpolicy", "kvpolicy_eager"
+
+
+def grouped_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float,
+    eager: bool,
+) -> torch.Tensor:
+    """Attention of ``query [B, Hq, q, D]`` over ``key/value [B, H, P, D]`` with a bool ``mask [B, H, q, P]``.
+
+    Query heads of a group are folded into the query axis, so the cache is read once per kv head. Returns
+    ``[B, q, Hq, D]`` like transformers' attention functions."""
+    b, hq, q, d = query.shape
+    h = key.shape[1]
+    g = hq // h
+    qg = query.reshape(b, h, g * q, d)
+    m = None
+    if mask is not None:
+        m = mask[:, :, None].expand(b, h, g, q, mask.shape[-1]).reshape(b, h, g * q, mask.shape[-1])
+    if eager:
+        w = torch.matmul(qg, key.transpose(2, 3)) * scaling
+        if m is not None:
+            w = w.masked_fill(~m, torch.finfo(w.dtype).min)
+        w = torch.softmax(w, dim=-1, dtype=torch.float32).to(query.dtype)
+        out = torch.matmul(w, value)
+    else:
+        out = torch.nn.functional.scaled_dot_product_attention(qg, key, value, attn_mask=m, scale=scaling)
+    return out.reshape(b, hq, q, value.shape[-1]).transpose(1, 2).contiguous()
+
+
+def attention_received(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    valid: torch.Tensor,
+    key_pos: torch.Tensor,
+    query_cols: torch.Tensor,
+    query_valid: torch.Tensor,
+    scaling: float,
+    window: int | None,
+    chunk_elements: int = STATS_CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """Attention each key receives from the last ``window`` queries, averaged over each group's query heads.
+
+    ``query [B, Hq, q, D]``, ``key [B, H, P, D]``, ``valid``/``key_pos [B, H, P]``, ``query_cols [q]`` logical columns
+    of the queries, ``query_valid`` bool ``[B, q]``. Returns float32 ``[B, H, P]``. Rows of queries are processed in
+    chunks so that no more than ``chunk_elements`` probabilities exist at once."""
+    b, hq, q, d = query.shape
+    h, p = key.shape[1], key.shape[2]
+    g = hq // h
+    start = 0 if window is None else max(0, q - window)
+    total = torch.zeros(b, h, p, dtype=torch.float32, device=key.device)
+    if p == 0:
+        return total
+    rows = max(1, chunk_elements // max(1, b * hq * p))
+    k32 = key.to(torch.float32)
+    for i0 in range(start, q, rows):
+        i1 = min(q, i0 + rows)
+        c = i1 - i0
+        qc = query[:, :, i0:i1].to(torch.float32).reshape(b, h, g * c, d)
+        logits = torch.matmul(qc, k32.transpose(2, 3)).mul_(scaling).view(b, h, g, c, p)
+        allowed = valid[:, :, None, None, :] & (key_pos[:, :, None, None, :] <= query_cols[i0:i1, None])
+        logits.masked_fill_(~allowed, float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)  # a query that sees nothing contributes nothing
+        probs.mul_(query_valid[:, None, None, i0:i1, None].to(probs.dtype))
+        total += probs.sum(dim=(2, 3))
+        del logits, probs, allowed
+    return total.div_(g)
+
+
+def _policy_attention(base: Callable, eager: bool) -> Callable:
+    def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+        layer: PolicyLayer | None = take_active_layer(getattr(module, "layer_idx", None))
+        if layer is None:  # not a policy layer (vision tower, sliding layer, no cache)
+            return base(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        if kwargs.get("softcap") is not None:
+            raise NotImplementedError("kvpolicy: attention logit soft-capping is not supported")
+        if scaling is None:
+            scaling = query.shape[-1] ** -0.5
+        q = query.shape[2]
+        new_valid = layer.resolve_new_tokens(attention_mask, q)
+        kv = key.shape[2]
+        mask_fits = (attention_mask is not None and attention_mask.shape[-1] == kv) or (
+            attention_mask is None and (q == 1 or q == kv)
+        )
+        if layer.pristine and mask_fits:
+            out, _ = base(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        else:
+            out = grouped_attention(query, key, value, layer.own_mask(q), scaling, eager)
+        stats: dict[int | None, torch.Tensor] = {}
+        needs: frozenset[AttentionStat] = layer.pending_needs()
+        if needs:
+            n = layer.length
+            cols = torch.arange(layer.seen - q, layer.seen, device=key.device)
+            for need in needs:
+                stats[need.window] = attention_received(
+                    query,
+                    key,
+                    layer._valid[:, :, :n],
+                    layer._pos[:, :, :n],
+                    cols,
+                    new_valid,
+                    scaling,
+                    need.window,
+                )
+        layer.finish_step(stats)
+        return out, None
+
+    return attention
+
+
+def _policy_sdpa_mask(*args, **kwargs):
+    return sdpa_mask(*args, **kwargs)
+
+
+def register() -> None:
+    """Register kvpolicy's attention and mask functions with transformers (idempotent)."""
+    AttentionInterface.register(SDPA, _policy_attention(sdpa_attention_forward, eager=False))
+    AttentionInterface.register(EAGER, _policy_attention(eager_attention_forward, eager=True))
+    AttentionMaskInterface.register(SDPA, _policy_sdpa_mask)
+    AttentionMaskInterface.register(EAGER, eager_mask)

@@ -1,0 +1,63 @@
+"""Running a policy inside a transformers model: attach the attention function, build the cache."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import attention
+from .cache import PolicyCache, UnsupportedModelError
+from .policy import CachePolicy
+
+#: model families whose attention path was checked against the engine's assumptions (cache.update() right before
+#: ALL_ATTENTION_FUNCTIONS[...] in the same module, kv heads not repeated before the call, 1-D or M-RoPE positions
+#: derived from get_seq_length())
+SUPPORTED_MODEL_TYPES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "llava",
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "gemma3",
+    "gemma3_text",
+)
+
+BACKENDS = {"sdpa": attention.SDPA, "eager": attention.EAGER}
+
+
+def check_model(model: Any) -> None:
+    """Raise :class:`UnsupportedModelError` naming the model class when the engine has not been checked on it."""
+    config = model.config
+    kinds = {config.model_type, config.get_text_config(decoder=True).model_type}
+    if not kinds & set(SUPPORTED_MODEL_TYPES):
+        raise UnsupportedModelError(
+            f"kvpolicy cannot run on {type(model).__name__} (model_type={config.model_type!r}): supported model types "
+            f"are {', '.join(SUPPORTED_MODEL_TYPES)}. Pass strict=False to attach() to try it anyway."
+        )
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(f"kvpolicy cannot run on encoder-decoder model {type(model).__name__}")
+
+
+def attach(model: Any, backend: str = "sdpa", strict: bool = True) -> Any:
+    """Route the model's attention through kvpolicy (``backend``: ``sdpa`` or ``eager`` outputs). Returns the model.
+
+    A model whose cache is a plain ``DynamicCache`` behaves exactly as before: the function falls through to
+    transformers' own attention for any layer that is not a policy layer."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {backend!r}")
+    if strict:
+        check_model(model)
+    attention.register()
+    model.set_attn_implementation(BACKENDS[backend])
+    return model
+
+
+def make_cache(model: Any, policy: CachePolicy) -> PolicyCache:
+    """A fresh :class:`PolicyCache` for one generate() call or one manual forward loop."""
+    impl = model.config.get_text_config(decoder=True)._attn_implementation
+    if impl not in BACKENDS.values():
+        raise RuntimeError(
+            f"the model's attention implementation is {impl!r}: call kvpolicy.attach(model) before using a policy cache"
+        )
+    return PolicyCache(policy, model.config)
