@@ -49,7 +49,12 @@ def attach(model: Any, backend: str = "sdpa", strict: bool = True) -> Any:
     if strict:
         check_model(model)
     attention.register()
-    model.set_attn_implementation(BACKENDS[backend])
+    name = BACKENDS[backend]
+    if "text_config" in getattr(model.config, "sub_configs", {}):
+        # only the language model: a vision tower keeps its own attention (it has no cache to compress)
+        model.set_attn_implementation({"text_config": name})
+    else:
+        model.set_attn_implementation(name)
     return model
 
 

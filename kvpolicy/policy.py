@@ -213,6 +213,7 @@ class Budget(BaseModel):
             return torch.zeros_like(held)
         if self.decode == "fixed":
             cap = prefill_keep if self.tokens is None else torch.full_like(prefill_keep, self.tokens)
+            cap = cap[:, None] if cap.dim() == 1 else cap
             return (held - cap).clamp(min=0)
         # float64 reproduces Python's int(P - n * (1 - ratio)) exactly
         target = n_tokens.to(torch.float64)[:, None] * (1.0 - float(self.ratio))

@@ -1,0 +1,320 @@
+"""The engine against the plain cache and against a naive, hand-built compressed cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import kvpolicy
+from conftest import (
+    LLAVA_IMAGE_TOKENS,
+    PAD,
+    build_model,
+    first_last_policy,
+    keep_all_policy,
+    make_batch,
+)
+from kvpolicy import Budget
+
+GEN = dict(do_sample=False, pad_token_id=PAD)
+
+
+def _generate(model, batch, cache=None, n=8):
+    kwargs = dict(batch, max_new_tokens=n, min_new_tokens=n, **GEN)
+    if cache is not None:
+        kwargs["past_key_values"] = cache
+    return model.generate(**kwargs)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "llava"])
+@pytest.mark.parametrize("pads", [[0], [0, 3, 6]])
+def test_ratio_zero_matches_dynamic_cache(family, attn, pads):
+    model = build_model(family, attn=attn)
+    batch = make_batch(len(pads), 28 if family == "llava" else 16, pads, image=family == "llava")
+    expected = _generate(model, batch)
+    kvpolicy.attach(model, backend=attn)
+    for policy in (keep_all_policy(), first_last_policy(Budget(ratio=0.0))):
+        cache = kvpolicy.make_cache(model, policy)
+        got = _generate(model, batch, cache)
+        assert torch.equal(got, expected), policy.name
+        # nothing dropped: every real token is still held
+        n_real = batch["attention_mask"].sum(-1) + 8 - 1
+        assert cache.policy_layers[0].held()[:, 0].tolist() == n_real.tolist()
+
+
+@pytest.mark.parametrize("family", ["llama", "llava"])
+def test_budget_that_keeps_everything_is_identical(family):
+    model = build_model(family)
+    batch = make_batch(3, 28 if family == "llava" else 16, [0, 3, 6], image=family == "llava")
+    expected = _generate(model, batch)
+    kvpolicy.attach(model)
+    cache = kvpolicy.make_cache(model, first_last_policy(Budget(tokens=64)))
+    assert torch.equal(_generate(model, batch, cache), expected)
+
+
+def test_real_budget_holds_exact_lengths_through_fixed_decode():
+    model = build_model("llama")
+    kvpolicy.attach(model)
+    batch = make_batch(1, 24)
+    cache = kvpolicy.make_cache(model, first_last_policy(Budget(tokens=10)))
+    lengths = []
+
+    class Record:
+        def __call__(self, input_ids, scores):
+            lengths.append([(layer.length, layer.keys.shape[2], int(layer.held().max())) for layer in cache.policy_layers])
+            return scores
+
+    from transformers import LogitsProcessorList
+
+    _generate(model, batch, cache, n=12) if False else model.generate(
+        **batch, max_new_tokens=12, min_new_tokens=12, logits_processor=LogitsProcessorList([Record()]), **GEN
+    , past_key_values=cache)
+    assert len(lengths) == 12
+    for step in lengths:
+        assert step == [(10, 10, 10)] * len(cache.policy_layers)
+    assert cache.nbytes() == len(cache.policy_layers) * 2 * (1 * 2 * 10 * 16 * 4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A naive reference: the compressed cache built by hand from a full-cache run of each row alone, with explicit
+# logical position_ids, and the keep-first-and-last rule re-implemented with Python sets.
+
+
+def _layer_kv(cache: DynamicCache, layer: int):
+    return cache.layers[layer].keys, cache.layers[layer].values
+
+
+def naive_first_last(model, ids: list[int], tokens: list[int], budget: int, first: int):
+    """Logits of each fed token, and the kept positions per step, for one unpadded row under first+recent."""
+    n = len(ids)
+    full = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([ids]), past_key_values=full, use_cache=True)
+    layers = len(full.layers)
+    store = [{p: (_layer_kv(full, i)[0][:, :, p], _layer_kv(full, i)[1][:, :, p]) for p in range(n)} for i in range(layers)]
+    kept = set(range(first)) | set(range(max(first, n - (budget - first)), n))
+    logits, kept_log = [], []
+    for s, tok in enumerate(tokens):
+        pos = n + s
+        if len(kept) + 1 > budget:
+            kept.remove(min(kept - set(range(first))))
+        order = sorted(kept)
+        cache = DynamicCache(config=model.config)
+        for i in range(layers):
+            k = torch.stack([store[i][p][0] for p in order], dim=2)
+            v = torch.stack([store[i][p][1] for p in order], dim=2)
+            cache.update(k, v, i)
+        with torch.no_grad():
+            out = model(
+                input_ids=torch.tensor([[tok]]), position_ids=torch.tensor([[pos]]), past_key_values=cache, use_cache=True
+            )
+        for i in range(layers):
+            k, v = _layer_kv(cache, i)
+            store[i][pos] = (k[:, :, -1], v[:, :, -1])
+        kept.add(pos)
+        logits.append(out.logits[0, -1])
+        kept_log.append(sorted(kept))
+    return torch.stack(logits), kept_log
+
+
+def _run_policy(model, batch, policy, steps):
+    cache = kvpolicy.make_cache(model, policy)
+    kept = []
+    from transformers import LogitsProcessorList
+
+    class Record:
+        def __call__(self, input_ids, scores):
+            kept.append([layer_kept(cache, r) for r in range(input_ids.shape[0])])
+            return scores
+
+    out = model.generate(
+        **batch,
+        past_key_values=cache,
+        max_new_tokens=steps,
+        min_new_tokens=steps,
+        output_logits=True,
+        return_dict_in_generate=True,
+        logits_processor=LogitsProcessorList([Record()]),
+        **GEN,
+    )
+    return out, cache, kept
+
+
+def layer_kept(cache, row):
+    return [layer.kept_positions(row, h) for layer in cache.policy_layers for h in range(layer.held().shape[1])]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("pads", [[0], [0, 4, 7]])
+def test_decode_logits_match_naive_compressed_cache(pads, attn):
+    model = build_model("llama", attn=attn)
+    batch = make_batch(len(pads), 20, pads, seed=3)
+    kvpolicy.attach(model, backend=attn)
+    budget, first, steps = 9, 2, 10
+    out, cache, kept = _run_policy(model, batch, first_last_policy(Budget(tokens=budget), first), steps)
+    generated = out.sequences[:, 20:]
+    for r, p in enumerate(pads):
+        ids = batch["input_ids"][r, p:].tolist()
+        toks = generated[r].tolist()[:-1]
+        ref_logits, ref_kept = naive_first_last(model, ids, toks, budget, first)
+        got = torch.stack([out.logits[s][r] for s in range(1, steps)])
+        torch.testing.assert_close(got, ref_logits, atol=2e-5, rtol=1e-4)
+        # the entries held after each step, mapped from padded-batch columns to row positions, are the reference's
+        for s in range(1, steps):
+            for layer_positions in kept[s][r]:
+                assert [c - p for c in layer_positions] == ref_kept[s - 1]
+
+
+@pytest.mark.parametrize("family", ["llama", "llava"])
+def test_padded_rows_match_rows_run_alone_and_never_keep_pads(family):
+    model = build_model(family)
+    length = 28 if family == "llava" else 20
+    pads = [0, 3, 6]
+    batch = make_batch(3, length, pads, seed=5, image=family == "llava")
+    kvpolicy.attach(model)
+    policy = lambda: first_last_policy(Budget(ratio=0.5), first=2)  # noqa: E731
+    out, cache, _ = _run_policy(model, batch, policy(), 6)
+    for r, p in enumerate(pads):
+        # pads are never kept
+        for positions in layer_kept(cache, r):
+            assert min(positions) >= p
+        alone = {k: v[r : r + 1, p:] for k, v in batch.items() if k != "pixel_values"}
+        if family == "llava":
+            alone["pixel_values"] = batch["pixel_values"][r : r + 1]
+        out1, cache1, _ = _run_policy(model, alone, policy(), 6)
+        assert out.sequences[r, length:].tolist() == out1.sequences[0, length - p :].tolist()
+        assert [[c - p for c in lp] for lp in layer_kept(cache, r)] == layer_kept(cache1, 0)
+        for s in range(6):
+            torch.testing.assert_close(out.logits[s][r], out1.logits[s][0], atol=2e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention statistics
+
+
+def naive_attention_received(query, key, valid_keys, pads, window):
+    """Loops: softmax of each real query over the real keys at or before it, summed, mean over each group's heads."""
+    b, hq, q, d = query.shape
+    h = key.shape[1]
+    g = hq // h
+    out = torch.zeros(b, h, q)
+    for r in range(b):
+        for head in range(hq):
+            kv = head // g
+            for i in range(max(0, q - window) if window else 0, q):
+                if i < pads[r]:
+                    continue
+                cols = [j for j in range(i + 1) if valid_keys[r, j]]
+                logits = torch.stack([query[r, head, i] @ key[r, kv, j] for j in cols]) * d**-0.5
+                probs = torch.softmax(logits, 0)
+                for j, pr in zip(cols, probs):
+                    out[r, kv, j] += pr / g
+    return out
+
+
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 20])
+def test_attention_received_matches_naive(window, chunk):
+    from kvpolicy.attention import attention_received
+
+    torch.manual_seed(0)
+    b, hq, h, q, d = 3, 4, 2, 11, 8
+    pads = [0, 2, 5]
+    query, key = torch.randn(b, hq, q, d), torch.randn(b, h, q, d)
+    valid = torch.ones(b, q, dtype=torch.bool)
+    for r, p in enumerate(pads):
+        valid[r, :p] = False
+    got = attention_received(
+        query,
+        key,
+        valid[:, None].expand(b, h, q),
+        torch.arange(q).expand(b, h, q),
+        torch.arange(q),
+        valid,
+        d**-0.5,
+        window,
+        chunk_elements=chunk,
+    )
+    expected = naive_attention_received(query, key, valid, pads, window)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert got[valid[:, None].expand(b, h, q).logical_not()].abs().max() == 0  # pads receive nothing
+
+
+class Received:
+    """An attention-statistics scorer for the engine tests (H2O-like, heads averaged), with 2 sinks."""
+
+    def __init__(self, window=None):
+        self.needs = frozenset({kvpolicy.AttentionStat(window)})
+        self.window = window
+
+    def score(self, view):
+        s = view.attention[self.window].mean(1, keepdim=True)
+        return torch.where(view.rank()[:, :1] < 2, float("inf"), s)
+
+
+def test_attention_scored_prefill_matches_gathered_reference_per_row():
+    """Rows of a left-padded batch keep different positions per layer; each row's following decode logits equal a
+    cache built by hand from that row's full-cache prefill with the same kept positions."""
+    model = build_model("qwen2")
+    kvpolicy.attach(model)
+    pads = [0, 4, 7]
+    batch = make_batch(3, 22, pads, seed=9)
+    policy = kvpolicy.CachePolicy(
+        reducer=__import__("conftest").Evict(), budget=Budget(ratio=0.6, decode="off"), encode=Received()
+    )
+    out, cache, kept = _run_policy(model, batch, policy, 6)
+    sets = set()
+    for r, p in enumerate(pads):
+        ids = batch["input_ids"][r, p:].tolist()
+        n = len(ids)
+        per_layer = [[c - p for c in layer.kept_positions(r)] for layer in cache.policy_layers]
+        prompt_kept = [[x for x in lp if x < n] for lp in per_layer]
+        assert all(len(lp) == -(-n * 4 // 10) for lp in prompt_kept)  # ceil(n * (1 - 0.6))
+        sets.add(tuple(map(tuple, prompt_kept)))
+        full = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(input_ids=torch.tensor([ids]), past_key_values=full, use_cache=True)
+        ref = DynamicCache(config=model.config)
+        for i, lp in enumerate(prompt_kept):
+            k, v = _layer_kv(full, i)
+            ref.update(k[:, :, lp], v[:, :, lp], i)
+        toks = out.sequences[r, 22:].tolist()
+        for s in range(5):
+            with torch.no_grad():
+                o = model(
+                    input_ids=torch.tensor([[toks[s]]]),
+                    position_ids=torch.tensor([[n + s]]),
+                    past_key_values=ref,
+                    use_cache=True,
+                )
+            torch.testing.assert_close(out.logits[s + 1][r], o.logits[0, -1], atol=2e-5, rtol=1e-4)
+    assert len(sets) == 3  # the rows really kept different positions
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_runs_without_nan(dtype):
+    model = build_model("llama").to(dtype)
+    kvpolicy.attach(model)
+    batch = make_batch(3, 20, [0, 4, 7], seed=2)
+    policy = kvpolicy.CachePolicy(
+        reducer=__import__("conftest").Evict(), budget=Budget(ratio=0.5), encode=Received(), decode=Received()
+    )
+    policy.decode.drop_scores = policy.decode.score  # attention-needing decode rule: drops after the step's attention
+    out, cache, _ = _run_policy(model, batch, policy, 6)
+    for logits in out.logits:
+        assert torch.isfinite(logits).all()
+    for layer in cache.policy_layers:
+        assert torch.isfinite(layer.keys).all() and layer.keys.dtype == dtype
+
+
+def test_unattached_model_and_unsupported_model_errors():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = build_model("llama")
+    with pytest.raises(RuntimeError, match="kvpolicy.attach"):
+        kvpolicy.make_cache(model, keep_all_policy())
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(kvpolicy.UnsupportedModelError, match="GPT2LMHeadModel"):
+        kvpolicy.attach(gpt2)
