@@ -24,11 +24,13 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
 
-from .policy import GENERATED, TEXT, AttentionStat, CachePolicy, LayerView, Reduction
+from .policy import GENERATED, IMAGE, TEXT, AttentionStat, CachePolicy, LayerView, Reduction
 from .selection import ranked_slots
 
-#: growth step of the buffer when a decode step finds no free slot (amortises reallocation without large slack)
-GROWTH = 64
+def growth(length: int) -> int:
+    """Slack added when a decode step finds no free slot: 1/32 of the length (at least 8) amortises reallocation to
+    a few slots' copy per step while keeping unused capacity near 3%."""
+    return max(8, length // 32)
 
 _active = threading.local()
 
@@ -131,7 +133,7 @@ class PolicyLayer(DynamicLayer):
         has_free = free.any(-1)
         slot = torch.where(has_free, free.to(torch.int8).argmax(-1), self.length)  # [B, H]
         if not bool(has_free.all()):
-            self._reserve(self.length + 1, GROWTH)
+            self._reserve(self.length + 1, growth(self.length))
             self._valid[:, :, self.length] = False
             self.length += 1
         idx = slot[..., None]
@@ -177,7 +179,7 @@ class PolicyLayer(DynamicLayer):
             if q == 1 and not self.pristine:
                 self._append_into_free(key_states, value_states, cols)
             else:
-                self._append_at_end(key_states, value_states, cols, slack=GROWTH)
+                self._append_at_end(key_states, value_states, cols, slack=growth(self.length))
             self._pending = "decode" if (self.policy.decode is not None and not in_update) else "done"
         self._sync()
         _active.layer = self
@@ -383,20 +385,40 @@ class PolicyLayer(DynamicLayer):
         return sorted(self._pos[row, head, : self.length][v].tolist())
 
 
+#: input_ids of the forward pass in progress on this thread (set by the hook that ``kvpolicy.attach`` installs)
+_forward_inputs = threading.local()
+
+
+def set_forward_inputs(input_ids: torch.Tensor | None, image_ids: frozenset[int]) -> None:
+    _forward_inputs.input_ids = input_ids
+    _forward_inputs.image_ids = image_ids
+
+
 class _TokenTypes:
-    """Per-row token types of the prompt (text / image), set by the caller before prefill."""
+    """Token types (text / image) of the prompt's columns.
+
+    Set explicitly with :meth:`PolicyCache.set_token_types`, or read from the ``input_ids`` of the forward in progress
+    (an image placeholder id from the model's config marks an image position — LLaVA and Qwen2-VL expand the
+    placeholder to one id per image token before the forward)."""
 
     def __init__(self) -> None:
         self.types: torch.Tensor | None = None  # int8 [B, S_prompt]
 
     def for_columns(self, cols: torch.Tensor, device: torch.device) -> torch.Tensor:
-        if self.types is None:
-            return torch.full((1, 1, cols.numel()), TEXT, dtype=torch.int8, device=device)
-        t = self.types.to(device)
-        inside = cols < t.shape[1]
-        out = torch.full((t.shape[0], cols.numel()), GENERATED, dtype=torch.int8, device=device)
-        out[:, inside] = t[:, cols[inside]]
-        return out[:, None, :]
+        if self.types is not None:
+            t = self.types.to(device)
+            inside = cols < t.shape[1]
+            out = torch.full((t.shape[0], cols.numel()), GENERATED, dtype=torch.int8, device=device)
+            out[:, inside] = t[:, cols[inside]]
+            return out[:, None, :]
+        ids = getattr(_forward_inputs, "input_ids", None)
+        image_ids = getattr(_forward_inputs, "image_ids", frozenset())
+        if ids is not None and image_ids and ids.shape[-1] == cols.numel():
+            is_image = torch.zeros_like(ids, dtype=torch.bool)
+            for i in image_ids:
+                is_image |= ids == i
+            return torch.where(is_image, IMAGE, TEXT).to(torch.int8).to(device)[:, None, :]
+        return torch.full((1, 1, cols.numel()), TEXT, dtype=torch.int8, device=device)
 
 
 class PolicyCache(Cache):

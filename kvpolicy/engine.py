@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from . import attention
-from .cache import PolicyCache, UnsupportedModelError
+from .cache import PolicyCache, UnsupportedModelError, set_forward_inputs
 from .policy import CachePolicy
 
 #: model families whose attention path was checked against the engine's assumptions (cache.update() right before
@@ -49,6 +51,7 @@ def attach(model: Any, backend: str = "sdpa", strict: bool = True) -> Any:
     if strict:
         check_model(model)
     attention.register()
+    _watch_inputs(model)
     name = BACKENDS[backend]
     if "text_config" in getattr(model.config, "sub_configs", {}):
         # only the language model: a vision tower keeps its own attention (it has no cache to compress)
@@ -56,6 +59,35 @@ def attach(model: Any, backend: str = "sdpa", strict: bool = True) -> Any:
     else:
         model.set_attn_implementation(name)
     return model
+
+
+def image_token_ids(config: Any) -> frozenset[int]:
+    """Placeholder ids that mark image/video positions in a vision-language model's input_ids."""
+    ids = set()
+    for attr in ("image_token_id", "image_token_index", "video_token_id"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int):
+            ids.add(value)
+    return frozenset(ids)
+
+
+def _watch_inputs(model: Any) -> None:
+    """Let the cache see each forward's ``input_ids`` (for token types) through forward hooks — read-only, no patching."""
+    if getattr(model, "_kvpolicy_watch", None) is not None:
+        return
+    image_ids = image_token_ids(model.config)
+
+    def before(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        set_forward_inputs(ids if isinstance(ids, torch.Tensor) else None, image_ids)
+
+    def after(module, args, kwargs, output):
+        set_forward_inputs(None, image_ids)
+
+    model._kvpolicy_watch = (
+        model.register_forward_pre_hook(before, with_kwargs=True),
+        model.register_forward_hook(after, with_kwargs=True, always_call=True),
+    )
 
 
 def make_cache(model: Any, policy: CachePolicy) -> PolicyCache:

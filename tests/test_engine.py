@@ -318,3 +318,23 @@ def test_unattached_model_and_unsupported_model_errors():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(kvpolicy.UnsupportedModelError, match="GPT2LMHeadModel"):
         kvpolicy.attach(gpt2)
+
+
+def test_llava_image_positions_are_typed_in_the_cache():
+    model = build_model("llava")
+    kvpolicy.attach(model)
+    pads = [0, 3]
+    batch = make_batch(2, 28, pads, image=True)
+    cache = kvpolicy.make_cache(model, keep_all_policy())
+    model.generate(**batch, past_key_values=cache, max_new_tokens=3, min_new_tokens=3, **GEN)
+    layer = cache.policy_layers[0]
+    for r, p in enumerate(pads):
+        v = layer._valid[r, 0, : layer.length]
+        types = layer._types[r, 0, : layer.length][v].tolist()
+        assert types.count(kvpolicy.IMAGE) == LLAVA_IMAGE_TOKENS
+        assert types[-2:] == [kvpolicy.GENERATED] * 2
+        first_image = p + 2
+        pos = layer._pos[r, 0, : layer.length][v].tolist()
+        assert [t for t, c in zip(types, pos) if first_image <= c < first_image + LLAVA_IMAGE_TOKENS] == [
+            kvpolicy.IMAGE
+        ] * LLAVA_IMAGE_TOKENS
