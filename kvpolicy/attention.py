@@ -114,6 +114,8 @@ def _policy_attention(base: Callable, eager: bool) -> Callable:
         if scaling is None:
             scaling = query.shape[-1] ** -0.5
         q = query.shape[2]
+        if layer.shift is not None and layer.prefilled:
+            query = layer.shift.rotate(query)
         new_valid = layer.resolve_new_tokens(attention_mask, q)
         kv = key.shape[2]
         mask_fits = (attention_mask is not None and attention_mask.shape[-1] == kv) or (

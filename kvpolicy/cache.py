@@ -25,6 +25,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
 
 from .policy import GENERATED, IMAGE, TEXT, AttentionStat, CachePolicy, LayerView, Reduction
+from .positions import RopeShift
 from .selection import ranked_slots
 
 def growth(length: int) -> int:
@@ -56,8 +57,18 @@ class PolicyLayer(DynamicLayer):
 
     is_croppable = False
 
-    def __init__(self, policy: CachePolicy, layer_idx: int, num_layers: int, token_types: _TokenTypes):
+    def __init__(
+        self,
+        policy: CachePolicy,
+        layer_idx: int,
+        num_layers: int,
+        token_types: _TokenTypes,
+        shift: RopeShift | None = None,
+        first_policy_layer: bool = False,
+    ):
         super().__init__()
+        self.shift = shift
+        self._first = first_policy_layer
         self.policy = policy
         self.layer_idx = layer_idx
         self.num_layers = num_layers
@@ -168,6 +179,10 @@ class PolicyLayer(DynamicLayer):
             self._append_at_end(key_states, value_states, cols, slack=0)
             self._pending = "prefill"
         else:
+            if self.shift is not None:
+                if self._first:  # one shift per step for every layer: layer 0's logical minus physical position
+                    self.shift.delta = self.n_tokens - self.held()[:, 0]
+                key_states = self.shift.rotate(key_states)
             self.n_tokens += q  # corrected in resolve_new_tokens if some new token is padding
             in_update = (
                 self.policy.decode is not None
@@ -434,10 +449,12 @@ class PolicyCache(Cache):
         layer_types, layer_kwargs = get_layer_types_and_kwargs(text)
         self.token_types = _TokenTypes()
         self.policy = policy
+        shift = RopeShift(config) if policy.compressed_positions else None
         layers: list[Any] = []
         for i, (kind, kwargs) in enumerate(zip(layer_types[:n], layer_kwargs[:n])):
             if kind == "full_attention":
-                layers.append(PolicyLayer(policy, i, n, self.token_types))
+                first = not any(isinstance(x, PolicyLayer) for x in layers)
+                layers.append(PolicyLayer(policy, i, n, self.token_types, shift, first))
             elif kind == "sliding_attention":
                 layers.append(DynamicSlidingWindowLayer(**kwargs))
             else:

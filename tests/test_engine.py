@@ -86,8 +86,10 @@ def _layer_kv(cache: DynamicCache, layer: int):
     return cache.layers[layer].keys, cache.layers[layer].values
 
 
-def naive_first_last(model, ids: list[int], tokens: list[int], budget: int, first: int):
-    """Logits of each fed token, and the kept positions per step, for one unpadded row under first+recent."""
+def naive_first_last(model, ids: list[int], tokens: list[int], budget: int, first: int, compressed: bool = False):
+    """Logits of each fed token, and the kept positions per step, for one unpadded row under first+recent.
+
+    ``compressed``: the new token's position id is the number of entries held (transformers 4.31 + the authors' code)."""
     n = len(ids)
     full = DynamicCache(config=model.config)
     with torch.no_grad():
@@ -98,6 +100,7 @@ def naive_first_last(model, ids: list[int], tokens: list[int], budget: int, firs
     logits, kept_log = [], []
     for s, tok in enumerate(tokens):
         pos = n + s
+        rope_pos = len(kept) if compressed else pos
         if len(kept) + 1 > budget:
             kept.remove(min(kept - set(range(first))))
         order = sorted(kept)
@@ -108,7 +111,10 @@ def naive_first_last(model, ids: list[int], tokens: list[int], budget: int, firs
             cache.update(k, v, i)
         with torch.no_grad():
             out = model(
-                input_ids=torch.tensor([[tok]]), position_ids=torch.tensor([[pos]]), past_key_values=cache, use_cache=True
+                input_ids=torch.tensor([[tok]]),
+                position_ids=torch.tensor([[rope_pos]]),
+                past_key_values=cache,
+                use_cache=True,
             )
         for i in range(layers):
             k, v = _layer_kv(cache, i)
@@ -338,3 +344,24 @@ def test_llava_image_positions_are_typed_in_the_cache():
         assert [t for t, c in zip(types, pos) if first_image <= c < first_image + LLAVA_IMAGE_TOKENS] == [
             kvpolicy.IMAGE
         ] * LLAVA_IMAGE_TOKENS
+
+
+@pytest.mark.parametrize("pads", [[0], [0, 5]])
+def test_compressed_positions_switch_matches_physical_position_ids(pads):
+    """The authors'-code quirk: new tokens get position = entries held; reproduced by re-rotating q and k."""
+    model = build_model("llama")
+    kvpolicy.attach(model)
+    batch = make_batch(len(pads), 20, pads, seed=4)
+    budget, first, steps = 9, 2, 8
+    policy = first_last_policy(Budget(tokens=budget), first)
+    policy.compressed_positions = True
+    out, _, _ = _run_policy(model, batch, policy, steps)
+    plain, _, _ = _run_policy(model, batch, first_last_policy(Budget(tokens=budget), first), steps)
+    for r, p in enumerate(pads):
+        ids = batch["input_ids"][r, p:].tolist()
+        toks = out.sequences[r, 20:].tolist()[:-1]
+        ref, _ = naive_first_last(model, ids, toks, budget, first, compressed=True)
+        got = torch.stack([out.logits[s][r] for s in range(1, steps)])
+        torch.testing.assert_close(got, ref, atol=5e-5, rtol=1e-4)
+    # and it really differs from logical positions
+    assert not torch.allclose(out.logits[2], plain.logits[2])
