@@ -233,8 +233,10 @@ class CachePolicy:
     #: run decode drops after the step's attention even when the decode scorer needs none (the Elastic Cache
     #: authors' order); by default drops happen inside ``update()`` so the step already attends to the reduced cache
     drop_after_attention: bool = False
-    #: give new tokens RoPE positions counted from the *compressed* length (an authors'-code quirk); see cache.py
+    #: give new tokens RoPE positions counted from the *compressed* length (an authors'-code quirk); see positions.py
     compressed_positions: bool = False
+    #: the validated document this policy was built from (``kvpolicy.config``), kept for result files
+    spec: Any = None
 
     def encode_needs(self) -> frozenset[AttentionStat]:
         return frozenset(self.encode.needs) if self.encode is not None else frozenset()

@@ -24,14 +24,13 @@ from __future__ import annotations
 import difflib
 import enum
 import importlib
-import importlib.metadata as metadata
 import re
 import threading
 import types
 import typing
 from collections.abc import Iterable
 from dataclasses import dataclass
-from types import ModuleType
+from importlib import metadata
 from typing import Any, NamedTuple
 
 import pluggy
@@ -64,7 +63,7 @@ KINDS: tuple[str, ...] = ("encode", "decode", "reducer", "allocator")
 STAGES: dict[str, str] = {
     "encode": "prefill",
     "decode": "decode",
-    "reducer": "prefill (+ decode merges)",
+    "reducer": "prefill+decode",
     "allocator": "prefill",
 }
 #: the distribution whose plugins load first (built-ins)
@@ -157,7 +156,7 @@ class Registry:
         package = source or (canonical_package(dist.name) if dist is not None and dist.name else "unknown")
         try:
             obj = ep.load()
-        except BaseException as exc:  # noqa: BLE001 - a plugin may fail in any way, even SystemExit
+        except BaseException as exc:
             if isinstance(exc, KeyboardInterrupt):
                 raise
             return self._problem(ep.name, package, f"import of {ep.value!r} failed: {_one_line(exc)}")
@@ -173,7 +172,7 @@ class Registry:
         """Import ``module_path`` and register it, with the same isolation as an entry point."""
         try:
             module = importlib.import_module(module_path)
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             if isinstance(exc, KeyboardInterrupt):
                 raise
             return self._problem(module_path, source, f"import of {module_path!r} failed: {_one_line(exc)}")
@@ -189,7 +188,7 @@ class Registry:
             return self._problem(plugin, package, "already registered")
         try:
             self.pm.register(obj, name=pm_name)
-        except Exception as exc:  # pluggy.PluginValidationError: wrong hook signature, ...
+        except Exception as exc:  # noqa: BLE001 - pluggy.PluginValidationError: wrong hook signature, ...
             return self._problem(plugin, package, f"invalid hook implementation: {_one_line(exc)}")
 
         impls: dict[str, list[Any]] = {}
@@ -208,8 +207,9 @@ class Registry:
                     plugin, package, f"unknown hook(s) {', '.join(sorted(unknown))}; the hooks are {expected}"
                 )
             return self._problem(
-                plugin, package, "no @hookimpl found (decorate kvpolicy_parts / kvpolicy_presets with "
-                "kvpolicy.hookspecs.hookimpl)"
+                plugin,
+                package,
+                "no @hookimpl found (decorate kvpolicy_parts / kvpolicy_presets with kvpolicy.hookspecs.hookimpl)",
             )
 
         # call both hooks first: a plugin whose hook raises contributes nothing at all
@@ -219,17 +219,19 @@ class Registry:
             for impl in hook_impls:
                 try:
                     out = impl.function()
-                except BaseException as exc:  # noqa: BLE001
+                    if out is None:
+                        continue
+                    if isinstance(out, (str, bytes, dict)) or not isinstance(out, Iterable):
+                        self.pm.unregister(obj)
+                        return self._problem(
+                            plugin, package, f"hook {hook}() must return a list, got {type(out).__name__}"
+                        )
+                    items.extend(out)  # a generator may raise here too
+                except BaseException as exc:
                     if isinstance(exc, KeyboardInterrupt):
                         raise
                     self.pm.unregister(obj)
                     return self._problem(plugin, package, f"hook {hook}() raised {_one_line(exc)}")
-                if out is None:
-                    continue
-                if isinstance(out, (str, bytes, dict)) or not isinstance(out, Iterable):
-                    self.pm.unregister(obj)
-                    return self._problem(plugin, package, f"hook {hook}() must return a list, got {type(out).__name__}")
-                items.extend(out)
             results[hook] = items
 
         self._plugins[pm_name] = package
@@ -262,8 +264,10 @@ class Registry:
             return f"{label}: factory is not callable"
         for attr in ("provides", "requires"):
             tags = getattr(item, attr)
-            if isinstance(tags, str) or not isinstance(tags, (set, frozenset)) or not all(
-                isinstance(t, str) for t in tags
+            if (
+                isinstance(tags, str)
+                or not isinstance(tags, (set, frozenset))
+                or not all(isinstance(t, str) for t in tags)
             ):
                 return f"{label}: {attr} must be a frozenset of strings, got {_short(tags)}"
         for fname, finfo in item.params.model_fields.items():
@@ -334,7 +338,11 @@ class Registry:
         return dict(self._plugins)
 
     def listing(self) -> dict[str, Any]:
-        """Everything ``kvpolicy plugins --json`` prints: parts (with parameter descriptions), presets, problems."""
+        """Everything ``kvpolicy plugins --json`` prints: parts (with parameter descriptions), presets (each checked
+        against the registered parts), problems."""
+        from .config import preset_problems  # config imports this module
+
+        preset_status = preset_problems(self)
         return {
             "parts": [
                 {
@@ -351,8 +359,13 @@ class Registry:
                 for p in self.parts()
             ],
             "presets": [
-                {"name": n, "summary": p.spec.summary, "source": p.source, "policy": to_jsonable_python(p.spec.policy,
-                 fallback=repr)}
+                {
+                    "name": n,
+                    "summary": p.spec.summary,
+                    "source": p.source,
+                    "policy": to_jsonable_python(p.spec.policy, fallback=repr),
+                    "status": "ok" if preset_status.get(n) is None else f"invalid: {preset_status[n]}",
+                }
                 for n, p in self.presets().items()
             ],
             "problems": [{"plugin": p.plugin, "package": p.package, "error": p.error} for p in self.problems],

@@ -1,0 +1,5 @@
+"""`python -m kvpolicy` runs the CLI."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,127 @@
+"""The ``kvpolicy`` command line. Thin by design: parse arguments, call the library, print.
+
+kvpolicy plugins           # every part, preset and plugin problem, as a table
+kvpolicy plugins --json    # the same, machine-readable
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from .registry import get_registry
+
+app = typer.Typer(
+    name="kvpolicy",
+    help="KV-cache compression policies (Elastic Cache and baselines) as plugins, run inside Hugging Face models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_warned = False
+
+
+def _stdout() -> Console:
+    # built per call so that typer's CliRunner (which swaps sys.stdout) captures the output
+    console = Console()
+    if not console.is_terminal and not os.environ.get("COLUMNS"):  # piped: do not squeeze tables into 80 columns
+        console = Console(width=160)
+    return console
+
+
+def _stderr() -> Console:
+    return Console(stderr=True)
+
+
+@app.callback()
+def _global() -> None:
+    """Loads the plugins once and warns (on stderr) about any that failed."""
+    global _warned
+    registry = get_registry()
+    if registry.problems and not _warned:
+        _warned = True
+        err = _stderr()
+        for problem in registry.problems:
+            err.print(Text(f"warning: {problem}", style="yellow"))
+        err.print(Text("(run `kvpolicy plugins` for the full listing)", style="yellow"))
+
+
+@app.command()
+def plugins(as_json: bool = typer.Option(False, "--json", help="print machine-readable JSON")) -> None:
+    """List every part (with its source package, stage and parameters), every preset and every plugin problem."""
+    data = get_registry().listing()
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    out = _stdout()
+
+    table = Table(title="kvpolicy parts", show_lines=True)
+    for col in ("kind (stage)", "name", "source", "parameters", "summary", "status"):
+        table.add_column(col, overflow="fold", min_width=30 if col == "parameters" else None)
+    for part in data["parts"]:
+        params = "\n".join(_param_line(p) for p in part["params"]) or "-"
+        cells = (
+            f"{part['kind']} ({part['stage']})",
+            part["name"],
+            part["source"],
+            params,
+            part["summary"],
+            part["status"],
+        )
+        table.add_row(*(Text(c) for c in cells))
+    warn = "yellow"
+    for problem in data["problems"]:
+        cells = ("?", problem["plugin"], problem["package"], "", "", "failed: see warning below")
+        table.add_row(*(Text(c, style=warn) for c in cells))
+    out.print(table)
+
+    if data["presets"]:
+        presets = Table(title="presets", show_lines=True)
+        for col in ("name", "source", "summary", "status"):
+            presets.add_column(col, overflow="fold")
+        for preset in data["presets"]:
+            ok = preset["status"] == "ok"
+            cells = (preset["name"], preset["source"], preset["summary"], "ok" if ok else "invalid: see below")
+            presets.add_row(*(Text(c, style="" if ok else warn) for c in cells))
+        out.print(presets)
+    else:
+        out.print(Text("no presets registered"))
+
+    for preset in data["presets"]:
+        if preset["status"] != "ok":
+            out.print(
+                Text(f"warning: preset {preset['name']!r} ({preset['source']}) is {preset['status']}", style=warn)
+            )
+    for problem in data["problems"]:
+        out.print(Text(f"warning: plugin {problem['plugin']!r} ({problem['package']}): {problem['error']}", style=warn))
+
+
+def _param_line(p: dict) -> str:
+    text = f"{p['name']}: {p['type']}"
+    text += " (required)" if p["required"] else f" = {p['default']!r}"
+    if p["range"]:
+        text += f" in {p['range']}" if p["range"][0] in "[(" else f" {p['range']}"
+    if p["description"]:
+        text += f" — {p['description']}"
+    return text
+
+
+# Further commands are added here by their owners, each a thin wrapper around the library:
+#   demo   — run a policy on a small model and show the cache shrinking
+#   run    — evaluate a policy (PPL / ROUGE-L) on a dataset
+#   sweep  — evaluate a grid of policies (parameters addressed by dotted path, e.g. encode.per_head)
+#   bench  — latency / memory benchmark
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
