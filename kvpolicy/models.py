@@ -23,6 +23,7 @@ Vision-language configs (LLaVA, Qwen2-VL, ...) get ``AutoModelForImageTextToText
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
 import importlib.metadata
@@ -232,10 +233,7 @@ def resolve_model(name: str) -> ModelSource:
         return ModelSource(kind="local", name=name, path=path.resolve())
 
     looks_like_path = (
-        name.startswith(("/", ".", "~"))
-        or "\\" in name
-        or name.count("/") > 1
-        or name.lower().endswith(".gguf")
+        name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1 or name.lower().endswith(".gguf")
     )
     if looks_like_path:
         raise FileNotFoundError(f"local model path {str(path)!r} does not exist")
@@ -433,21 +431,48 @@ def ensure_cached(spec: AliasSpec, target: Path | None = None) -> Path:
                 "transformers_version": _transformers_version(),
             }
         (staging / CACHE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        _normal_permissions(staging)
+        _fsync_tree(staging)
         _publish(staging, target, spec)
+        _fsync_tree(parent, recursive=False)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
+def _normal_permissions(directory: Path) -> None:
+    """Give the staged files the modes a plain ``mkdir``/``open`` would have: ``mkdtemp`` makes the directory
+    0700 and safetensors writes 0600, which would hide a shared cache from the other users of a machine."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(directory, 0o777 & ~mask)
+    for path in directory.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def _fsync_tree(directory: Path, recursive: bool = True) -> None:
+    """Flush files, then the directory entries, to disk: without it a crash shortly after the rename could
+    leave a published (renamed) cache whose files are still empty, which the marker would vouch for."""
+    if recursive:
+        for path in directory.rglob("*"):
+            if path.is_file():
+                with open(path, "rb") as handle:
+                    os.fsync(handle.fileno())
+    with contextlib.suppress(OSError):  # some filesystems (and Windows) cannot fsync a directory
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def _publish(staging: Path, target: Path, spec: AliasSpec | None) -> None:
     """Move a complete ``staging`` dir to ``target`` with ``os.rename``, replacing an invalid ``target``."""
     if target.exists() and not _cache_is_valid(target, spec):
         stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale-", dir=target.parent))
-        try:
+        with contextlib.suppress(FileNotFoundError):  # someone else removed it meanwhile
             os.rename(target, stale / "old")
-        except FileNotFoundError:  # someone else removed it meanwhile
-            pass
         shutil.rmtree(stale, ignore_errors=True)
     try:
         os.rename(staging, target)
@@ -472,7 +497,8 @@ def model_info(model: Any) -> dict[str, Any]:
     Keys: ``architecture`` (class name), ``model_type``, ``num_layers``, ``num_q_heads``, ``num_kv_heads``,
     ``kv_groups`` (q heads per kv head, the GQA factor), ``head_dim``, ``sliding_window`` and ``layer_types``
     (``None`` unless some layer is not full attention, e.g. Gemma 3's 5:1 sliding/full pattern or Mistral's
-    window on every layer, where a KV policy must treat the layer kinds differently), ``num_params`` (``None`` for a bare config).
+    window on every layer, where a KV policy must treat the layer kinds differently), ``num_params`` (``None``
+    for a bare config).
     """
     from transformers import PretrainedConfig
 
