@@ -226,7 +226,12 @@ class PolicyLayer(DynamicLayer):
         self._k, self._v = self._k[index], self._v[index]
         self._valid, self._pos, self._types = self._valid[index], self._pos[index], self._types[index]
         self.slot_state = {k: v[index] for k, v in self.slot_state.items()}
+        batch = self.n_tokens.shape[0]
         self.n_tokens = self.n_tokens[index]
+        # per-row tensors a part keeps in layer_state follow their rows too
+        for key, value in list(self.layer_state.items()):
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+                self.layer_state[key] = value[index]
         for name in ("prefill_kept", "prefill_keep"):
             if getattr(self, name) is not None:
                 setattr(self, name, getattr(self, name)[index])

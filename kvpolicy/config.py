@@ -4,7 +4,7 @@ A policy document (YAML or a dict) names its parts and budget::
 
     preset: elastic            # optional: start from a registered preset
     encode: {name: frequency, per_head: true}
-    decode: {name: distance, offset: -25}
+    decode: {name: distance_offset, offset: -25}
     reducer: anchor_merge      # a bare name is the same as {name: anchor_merge}
     ratio: 0.2                 # or tokens: 256 (exactly one)
     decode_budget: fraction    # fraction | fixed | off (default: fraction for a ratio, fixed for tokens)
