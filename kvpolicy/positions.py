@@ -25,11 +25,13 @@ class RopeShift:
         text = config.get_text_config(decoder=True)
         params = getattr(text, "rope_parameters", None) or {}
         rope_type = params.get("rope_type", "default")
-        if rope_type in self.UNSUPPORTED or "mrope_section" in params:
+        if rope_type in self.UNSUPPORTED:
             raise ValueError(
-                f"compressed_positions: rope_type {rope_type!r}{' (M-RoPE)' if 'mrope_section' in params else ''} is "
-                "not supported; it is only defined for 1-D rotary positions with fixed frequencies"
+                f"compressed_positions: rope_type {rope_type!r} is not supported; it needs rotary frequencies that do "
+                "not depend on the sequence length"
             )
+        # M-RoPE (Qwen2-VL) is fine: a generated token has the same position on all three axes, so shifting it by
+        # delta rotates every frequency band by the same angle as 1-D RoPE would
         if rope_type == "default":
             dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
             base = params["rope_theta"]
