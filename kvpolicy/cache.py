@@ -316,11 +316,12 @@ class PolicyLayer(DynamicLayer):
     def _finish_prefill(self, attention: dict) -> None:
         policy = self.policy
         self.prefilled = True
-        view = self.view("prefill", attention)
         keep = policy.budget.prefill_keep(self.n_tokens)
         if policy.allocator is not None:
             keep = policy.allocator.layer_keep(self.layer_idx, self.num_layers, keep, self.n_tokens)
         self.prefill_keep = keep
+        view = self.view("prefill", attention)
+        view.keep = keep
         init_state = getattr(policy.decode, "init_state", None)
         if init_state is not None:
             for name, t in init_state(view).items():
@@ -368,6 +369,7 @@ class PolicyLayer(DynamicLayer):
         excess = self.policy.budget.decode_excess(held, self.n_tokens, self.prefill_keep)
         if not bool((excess > 0).any()):
             return
+        view.excess = excess
         scores = decode.drop_scores(view)
         k_max = int(excess.max())
         victims = ranked_slots(view, -scores.to(torch.float32))[..., :k_max]

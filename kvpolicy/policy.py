@@ -67,6 +67,8 @@ class LayerView:
     slot_state: dict[str, torch.Tensor] = field(default_factory=dict)  #: per-slot tensors [B, H, P] kept by the engine
     layer_state: dict[str, Any] = field(default_factory=dict)  #: free-form, per layer, owned by the policy's parts
     prefill_kept: torch.Tensor | None = None  #: int64 [B, H], entries held right after prefill compression
+    keep: torch.Tensor | None = None  #: prefill: int64 [B], entries this layer will keep per row and head
+    excess: torch.Tensor | None = None  #: decode: int64 [B, H], entries the budget rule drops now
 
     @property
     def batch_size(self) -> int:
@@ -242,9 +244,13 @@ class CachePolicy:
         return frozenset(self.encode.needs) if self.encode is not None else frozenset()
 
     def decode_needs(self) -> frozenset[AttentionStat]:
-        return frozenset(self.decode.needs) if self.decode is not None else frozenset()
+        """Statistics of each decode step: the decode scorer's, plus a reducer's ``needs`` (e.g. CaM's attention)."""
+        if self.decode is None:
+            return frozenset()
+        return frozenset(self.decode.needs) | frozenset(getattr(self.reducer, "needs", ()))
 
     def prefill_needs(self) -> frozenset[AttentionStat]:
-        """What the prefill must compute: the encode scorer's needs plus what a decode scorer seeds its state from."""
+        """What the prefill must compute: the encode scorer's needs, what a decode scorer seeds its state from
+        (``decode.prefill_needs``) and what the reducer itself reads (``reducer.prefill_needs``)."""
         extra = getattr(self.decode, "prefill_needs", frozenset()) if self.decode is not None else frozenset()
-        return self.encode_needs() | frozenset(extra)
+        return self.encode_needs() | frozenset(extra) | frozenset(getattr(self.reducer, "prefill_needs", ()))
