@@ -26,7 +26,7 @@ from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLa
 
 from .policy import GENERATED, IMAGE, TEXT, AttentionStat, CachePolicy, LayerView, Reduction
 from .positions import RopeShift
-from .selection import ranked_slots
+from .selection import lowest_slot, ranked_slots
 
 def growth(length: int) -> int:
     """Slack added when a decode step finds no free slot: 1/32 of the length (at least 8) amortises reallocation to
@@ -372,7 +372,10 @@ class PolicyLayer(DynamicLayer):
         view.excess = excess
         scores = decode.drop_scores(view)
         k_max = int(excess.max())
-        victims = ranked_slots(view, -scores.to(torch.float32))[..., :k_max]
+        if k_max == 1:
+            victims = lowest_slot(view, scores)
+        else:
+            victims = ranked_slots(view, -scores.to(torch.float32))[..., :k_max]
         ok = (torch.arange(k_max, device=self.device) < excess[..., None]) & view.valid.gather(2, victims)
         on_drop = getattr(self.policy.reducer, "on_drop", None)
         if on_drop is not None:

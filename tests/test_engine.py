@@ -365,3 +365,22 @@ def test_compressed_positions_switch_matches_physical_position_ids(pads):
         torch.testing.assert_close(got, ref, atol=5e-5, rtol=1e-4)
     # and it really differs from logical positions
     assert not torch.allclose(out.logits[2], plain.logits[2])
+
+
+def test_lowest_slot_equals_the_head_of_the_full_ranking():
+    from kvpolicy.selection import lowest_slot, ranked_slots
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(50):
+        b, h, p = 3, 2, 17
+        valid = torch.rand(b, h, p, generator=g) > 0.3
+        valid[..., 0] = True
+        positions = torch.stack([torch.randperm(p, generator=g) for _ in range(b * h)]).view(b, h, p)
+        scores = torch.randint(0, 4, (b, 1 if trial % 2 else h, p), generator=g).float()  # many ties
+        scores[..., 3] = float("inf")
+        view = kvpolicy.LayerView(
+            layer_idx=0, num_layers=1, stage="decode", keys=torch.zeros(b, h, p, 1), values=torch.zeros(b, h, p, 1),
+            valid=valid, positions=positions, seen=p, n_tokens=valid[:, 0].sum(-1), new_tokens=1,
+            token_types=torch.zeros(b, h, p, dtype=torch.int8),
+        )
+        assert torch.equal(lowest_slot(view, scores), ranked_slots(view, -scores)[..., :1])
