@@ -65,6 +65,21 @@ def grouped_attention(
     return out.reshape(b, hq, q, value.shape[-1]).transpose(1, 2).contiguous()
 
 
+def bucketed_attention(layer: PolicyLayer, query: torch.Tensor, scaling: float, eager: bool) -> torch.Tensor:
+    """Attention of a layer whose kv heads live in buckets: each bucket's query heads attend to that bucket only."""
+    b, hq, q, d = query.shape
+    g = hq // layer._valid.shape[1]
+    out = query.new_empty(b, q, hq, layer.buckets[0].v.shape[-1])
+    for bucket in layer.buckets:
+        n = bucket.length
+        qh = (bucket.heads[:, None] * g + torch.arange(g, device=query.device)).reshape(-1)
+        mask = layer.own_mask(q, bucket.valid[:, :, :n], bucket.pos[:, :, :n])
+        out[:, :, qh] = grouped_attention(
+            query.index_select(1, qh), bucket.k[:, :, :n], bucket.v[:, :, :n], mask, scaling, eager
+        )
+    return out
+
+
 def attention_received(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -121,7 +136,9 @@ def _policy_attention(base: Callable, eager: bool) -> Callable:
         mask_fits = (attention_mask is not None and attention_mask.shape[-1] == kv) or (
             attention_mask is None and (q == 1 or q == kv)
         )
-        if layer.pristine and mask_fits:
+        if layer.buckets is not None:
+            out = bucketed_attention(layer, query, scaling, eager)
+        elif layer.pristine and mask_fits:
             out, _ = base(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         else:
             out = grouped_attention(query, key, value, layer.own_mask(q), scaling, eager)

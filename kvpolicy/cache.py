@@ -25,6 +25,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
 
 from .policy import GENERATED, IMAGE, TEXT, AttentionStat, CachePolicy, LayerView, Reduction
+from .buckets import SLACK, Bucket, split
 from .positions import RopeShift
 from .selection import lowest_slot, ranked_slots
 
@@ -96,10 +97,16 @@ class PolicyLayer(DynamicLayer):
         self.prefilled = False
         self._pending: str | None = None
         self._new_slots: torch.Tensor | None = None  # [B, H, q] slots written by the current step
+        self.buckets: list[Bucket] | None = None  # per-head budgets: heads stored in buckets (see buckets.py)
         self.is_initialized = True
         self._sync()
 
     def _sync(self) -> None:
+        if self.buckets is not None:  # transformers only needs tensors here; attention reads the buckets
+            first = self.buckets[0]
+            self.length = max(b.length for b in self.buckets)
+            self.keys, self.values = first.k[:, :, : first.length], first.v[:, :, : first.length]
+            return
         self.keys = self._k[:, :, : self.length]
         self.values = self._v[:, :, : self.length]
 
@@ -175,7 +182,12 @@ class PolicyLayer(DynamicLayer):
         q = key_states.shape[2]
         cols = torch.arange(self.seen, self.seen + q, device=self.device)
         self.seen += q
-        if not self.prefilled:
+        if self.buckets is not None:
+            for bucket in self.buckets:
+                bucket.append(key_states, value_states, cols)
+            self.n_tokens += q
+            self._pending = "done"
+        elif not self.prefilled:
             self._append_at_end(key_states, value_states, cols, slack=0)
             self._pending = "prefill"
         else:
@@ -223,7 +235,10 @@ class PolicyLayer(DynamicLayer):
         if not self.is_initialized:
             return
         index = index.to(self.device)
-        self._k, self._v = self._k[index], self._v[index]
+        for bucket in self.buckets or ():
+            bucket.select_rows(index)
+        if self.buckets is None:
+            self._k, self._v = self._k[index], self._v[index]
         self._valid, self._pos, self._types = self._valid[index], self._pos[index], self._types[index]
         self.slot_state = {k: v[index] for k, v in self.slot_state.items()}
         batch = self.n_tokens.shape[0]
@@ -251,13 +266,19 @@ class PolicyLayer(DynamicLayer):
     def resolve_new_tokens(self, mask: torch.Tensor | None, q: int) -> torch.Tensor:
         """Learn which of this step's tokens are padding from transformers' mask (its last query row sees every real
         column), mark them invalid, and return the validity of the new tokens, bool ``[B, q]``."""
-        b = self._k.shape[0]
+        b = self.n_tokens.shape[0]
         if mask is None:  # transformers only drops the mask when there is no padding at all
             new_valid = torch.ones(b, q, dtype=torch.bool, device=self.device)
         else:
             last = mask[:, 0, -1, -q:]
             new_valid = last if last.dtype == torch.bool else last > torch.finfo(last.dtype).min / 2
             new_valid = new_valid.to(self.device).expand(b, q)
+        if self.buckets is not None:
+            if not bool(new_valid.all()):
+                for bucket in self.buckets:
+                    bucket.valid[:, :, bucket.length - q : bucket.length] &= new_valid[:, None, :]
+                self.n_tokens -= (~new_valid).sum(-1)
+            return new_valid
         if not bool(new_valid.all()):
             slots = self._new_slots
             cur = self._valid.gather(2, slots)
@@ -268,13 +289,14 @@ class PolicyLayer(DynamicLayer):
             self.n_tokens += new_valid.sum(-1)
         return new_valid
 
-    def own_mask(self, q: int) -> torch.Tensor | None:
+    def own_mask(self, q: int, valid: torch.Tensor | None = None, pos: torch.Tensor | None = None):
         """bool ``[B, H, q, P]`` from validity and positions; ``None`` when every slot is visible to every query."""
-        valid = self._valid[:, :, : self.length]
+        valid = self._valid[:, :, : self.length] if valid is None else valid
+        pos = self._pos[:, :, : self.length] if pos is None else pos
         if q == 1:
             return None if bool(valid.all()) else valid[:, :, None, :]
         cols = torch.arange(self.seen - q, self.seen, device=self.device)
-        return valid[:, :, None, :] & (self._pos[:, :, None, : self.length] <= cols[:, None])
+        return valid[:, :, None, :] & (pos[:, :, None, :] <= cols[:, None])
 
     def pending_needs(self) -> frozenset[AttentionStat]:
         if self._pending == "prefill":
@@ -354,6 +376,20 @@ class PolicyLayer(DynamicLayer):
         self.length = idx.shape[-1]
         self.pristine = False
         self._new_slots = None
+        if self.policy.decode is None and not self.slot_state:
+            self._maybe_bucket()
+
+    def _maybe_bucket(self) -> None:
+        """Store heads in buckets when their kept counts differ enough that padding would waste memory."""
+        held = self._valid[:, :, : self.length].sum(-1).amax(0)  # longest row per head
+        padded = held.numel() * int(held.max()) if held.numel() else 0
+        if padded <= (1 + SLACK) * int(held.sum()):
+            return
+        self.buckets = split(self._k, self._v, self._valid, self._pos, self._types)
+        b, h = self._valid.shape[:2]
+        self._k = self._v = self._k.new_empty(0)
+        self._valid = self._valid.new_zeros(b, h, 0)
+        self._pos, self._types = self._pos.new_zeros(b, h, 0), self._types.new_zeros(b, h, 0)
 
     def _decode_drop(self, incoming: int, attention: dict | None = None) -> None:
         """Apply the decode-stage budget rule: free the lowest-scored slots (``incoming`` tokens are about to be
@@ -389,25 +425,46 @@ class PolicyLayer(DynamicLayer):
 
     # ------------------------------------------------------------------ reporting
     def nbytes(self) -> int:
-        """Bytes of key/value storage this layer owns (the allocated buffer, not just the used part)."""
+        """Bytes of key/value storage this layer owns (the allocated buffers, not just the used part)."""
         if not self.is_initialized:
             return 0
+        if self.buckets is not None:
+            return sum(b.nbytes() for b in self.buckets)
         return self._k.nbytes + self._v.nbytes
 
     def meta_nbytes(self) -> int:
         if not self.is_initialized:
             return 0
+        if self.buckets is not None:
+            return sum(b.meta_nbytes() for b in self.buckets)
         extra = sum(t.nbytes for t in self.slot_state.values())
         return self._valid.nbytes + self._pos.nbytes + self._types.nbytes + extra
 
     def held(self) -> torch.Tensor:
         """Valid entries per row and kv head, int64 ``[B, H]``."""
+        if self.buckets is not None:
+            out = torch.zeros(self.n_tokens.shape[0], self._valid.shape[1], dtype=torch.long, device=self.device)
+            for b in self.buckets:
+                out[:, b.heads] = b.valid[:, :, : b.length].sum(-1)
+            return out
         return self._valid[:, :, : self.length].sum(-1)
+
+    def slots(self, head: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(valid, positions, token_types)`` of one kv head's slots, ``[B, P_head]`` each (bucketed or not)."""
+        if self.buckets is not None:
+            for b in self.buckets:
+                hits = (b.heads == head).nonzero()
+                if hits.numel():
+                    i = int(hits[0, 0])
+                    return b.valid[:, i, : b.length], b.pos[:, i, : b.length], b.types[:, i, : b.length]
+            raise IndexError(head)
+        n = self.length
+        return self._valid[:, head, :n], self._pos[:, head, :n], self._types[:, head, :n]
 
     def kept_positions(self, row: int, head: int = 0) -> list[int]:
         """Logical positions held by one row and head, sorted: for tests and reports."""
-        v = self._valid[row, head, : self.length]
-        return sorted(self._pos[row, head, : self.length][v].tolist())
+        valid, pos, _ = self.slots(head)
+        return sorted(pos[row][valid[row]].tolist())
 
 
 #: input_ids of the forward pass in progress on this thread (set by the hook that ``kvpolicy.attach`` installs)

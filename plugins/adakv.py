@@ -1,0 +1,118 @@
+"""AdaKV: one layer budget shared by its kv heads, allocated to the heads whose entries score highest.
+
+Feng et al., 2024, "Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation for Efficient LLM Inference"
+(arXiv 2407.11550; authors' code github.com/FFY0/AdaKV).
+
+* ``adakv`` (reducer): per row, the layer keeps ``H * keep`` entries in total. Every kv head first keeps its
+  ``floor(alpha * keep)`` best entries (the paper's safeguard, ``alpha`` = 0.2 in its experiments); the rest of the
+  budget goes to the best-scored remaining entries across *all* heads of the layer, so a head whose attention is
+  concentrated keeps few entries and a head whose attention is spread keeps many. Scores must be per kv head and
+  comparable across heads (attention probabilities are: SnapKV's window votes, H2O's accumulated attention).
+* preset ``adakv``: SnapKV scores (per kv head, window 32, avg pooling) + this reducer, ratio 0.5 — the paper's main
+  configuration ("Ada-SnapKV").
+
+Memory: the kept counts differ per head, and the engine stores the layer's heads in buckets of similar length
+(``kvpolicy/buckets.py``), so the bytes held stay within a few percent of the total budget instead of ``H`` times
+the longest head — the masking-only approach of other frameworks saves nothing.
+
+Deviations: the authors flatten the scores of all heads and take a single top-k after adding the floor entries; the
+selection here is the same set (ties broken toward the older position, then the lower head). Prefill only, as in the
+paper; the authors' code also offers GQA-aware score averaging — here scores are already per kv head (the engine
+averages each group's query heads).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from kvpolicy.hookspecs import PartSpec, PresetSpec, hookimpl
+from kvpolicy.policy import LayerView, Reduction
+from kvpolicy.selection import ranked_slots, sort_by_position
+
+PAPER = 'Feng et al., 2024, "Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation"'
+
+
+class AdaKVParams(BaseModel):
+    """Parameters of the ``adakv`` reducer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    alpha: float = Field(
+        default=0.2,
+        ge=0.0,
+        le=1.0,
+        description="safeguard: fraction of the uniform per-head budget every head keeps (paper: 0.2)",
+    )
+
+
+class AdaKVReducer:
+    """Adaptive per-head budgets, evicting: see the module docstring."""
+
+    def __init__(self, params: AdaKVParams | None = None, **kwargs: Any):
+        self.params = params if params is not None else AdaKVParams(**kwargs)
+
+    def reduce(self, view: LayerView, scores: torch.Tensor, keep: torch.Tensor) -> Reduction:
+        if scores.dim() != 3 or scores.shape[1] != view.num_heads:
+            raise ValueError(
+                f"adakv needs scores per kv head [B, H, P] (H={view.num_heads}); got {tuple(scores.shape)}: "
+                "use an encode scorer with per_head: true"
+            )
+        b, h, p = view.valid.shape
+        held = view.held()  # [B, H]
+        keep = torch.minimum(keep[:, None].expand(b, h), held)  # uniform per-head budget, capped by what exists
+        ranked = ranked_slots(view, scores)  # [B, H, P] best first per head
+        s = scores.to(torch.float32).expand(b, h, p).gather(-1, ranked)  # scores in ranked order
+        ok = view.valid.gather(-1, ranked)
+        floor = torch.tensor(
+            [math.floor(self.params.alpha * int(k)) for k in keep[:, 0].tolist()], device=keep.device
+        )[:, None].expand(b, h)
+        rank = torch.arange(p, device=keep.device).expand(b, h, p)
+        guaranteed = ok & (rank < floor[..., None])
+        # remaining budget of each row, from the best non-guaranteed entries of any head
+        extra = (keep.sum(-1) - guaranteed.sum((-2, -1))).clamp(min=0)  # [B]
+        candidates = ok & ~guaranteed
+        flat = torch.where(candidates, s, float("-inf")).reshape(b, h * p)
+        # order: score desc, then rank (older within a head comes first in ranked order), then head
+        order = flat.argsort(dim=-1, descending=True, stable=True)
+        # candidates before non-candidates even when a candidate scored -inf (a second stable sort)
+        not_candidate = (~candidates).reshape(b, h * p).gather(-1, order).to(torch.int8)
+        order = order.gather(-1, not_candidate.argsort(dim=-1, stable=True))
+        chosen_flat = torch.zeros(b, h * p, dtype=torch.bool, device=keep.device)
+        pick = torch.arange(h * p, device=keep.device)[None, :] < extra[:, None]
+        chosen_flat.scatter_(-1, order, pick)
+        chosen = (chosen_flat.view(b, h, p) & candidates) | guaranteed
+        counts = chosen.sum(-1)  # [B, H]; chosen entries are a prefix of each head's ranking
+        k_max = int(counts.max()) if counts.numel() else 0
+        index = ranked[..., :k_max]
+        valid = torch.arange(k_max, device=keep.device) < counts[..., None]
+        return sort_by_position(view, index, valid)
+
+
+@hookimpl
+def kvpolicy_parts() -> list[PartSpec]:
+    return [
+        PartSpec(
+            name="adakv",
+            kind="reducer",
+            params=AdaKVParams,
+            factory=AdaKVReducer,
+            summary="AdaKV: the layer's budget allocated across kv heads by score (a floor per head), evicting",
+            provides=frozenset(),
+            requires=frozenset({"scores", "per_head_scores"}),
+        ),
+    ]
+
+
+@hookimpl
+def kvpolicy_presets() -> list[PresetSpec]:
+    return [
+        PresetSpec(
+            name="adakv",
+            summary="Ada-SnapKV: SnapKV votes per kv head, budgets allocated across heads (alpha 0.2), half removed",
+            policy={"encode": {"name": "snapkv"}, "reducer": {"name": "adakv"}, "ratio": 0.5},
+        ),
+    ]
