@@ -370,6 +370,34 @@ def test_random_is_seeded_uniform_and_valid_only():
     assert not torch.equal(s1, d.drop_scores(view))
 
 
+def test_random_matches_naive_draws():
+    """Naive reference: the documented seeding (seed, stage, layer, columns seen) drawn by hand, then per row the
+    ``keep`` largest draws among real entries (ties to the older position) — for prefill selection and decode drops."""
+    for per_head in (False, True):
+        view = make_view(shuffle=True, holes=2)
+        keep = keep_half(view)
+        red = Evict().reduce(view, RandomScorer(seed=5, per_head=per_head).score(view), keep)
+        key = ((5 * 1_000_003 + 1) * 1_000_033 + view.layer_idx) * 1_000_037 + view.seen
+        u = torch.rand(3, 2 if per_head else 1, view.num_slots, generator=torch.Generator().manual_seed(key & ((1 << 63) - 1)))
+        for b in range(3):
+            for h in range(2):
+                real = [j for j in range(view.num_slots) if view.valid[b, h, j]]
+                real.sort(key=lambda j: (-float(u[b, h if per_head else 0, j]), int(view.positions[b, h, j])))
+                expected = sorted(int(view.positions[b, h, j]) for j in real[: int(keep[b])])
+                assert kept_by(view, red, b, h) == expected
+        # decode: the victim is the real entry with the lowest draw of the stage-2 generator
+        key = ((5 * 1_000_003 + 2) * 1_000_033 + view.layer_idx) * 1_000_037 + view.seen
+        u = torch.rand(3, 2 if per_head else 1, view.num_slots, generator=torch.Generator().manual_seed(key & ((1 << 63) - 1)))
+        scores = RandomDecode(seed=5, per_head=per_head).drop_scores(view)
+        for b in range(3):
+            for h in range(2):
+                real = [j for j in range(view.num_slots) if view.valid[b, h, j]]
+                victim = min(real, key=lambda j: (float(u[b, h if per_head else 0, j]), int(view.positions[b, h, j])))
+                assert float(scores[b, h if per_head else 0, victim]) == min(
+                    float(scores[b, h if per_head else 0, j]) for j in real
+                )
+
+
 # ---------------------------------------------------------------------------------------------------- pyramidkv
 
 
