@@ -13,7 +13,8 @@ with a mask function under the same name (``AttentionMaskInterface``; without on
 4. hand them to the layer, which compresses right away if its stage asks for it.
 
 Memory bound of the statistics: one chunk of float32 probabilities, ``B * Hq * rows * P * 4`` bytes with ``rows``
-chosen so that this stays under :data:`STATS_CHUNK_ELEMENTS` elements (64 MiB), plus a float32 copy of the layer's keys.
+chosen so that this stays under :data:`STATS_CHUNK_ELEMENTS` elements (4 MiB: small chunks stay in cache and were
+measured 3-7x faster than 64 MiB ones on CPU), plus a float32 copy of the layer's keys.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from .cache import PolicyLayer, take_active_layer
 from .policy import AttentionStat
 
 #: upper bound on the float32 probability block materialised per chunk when computing statistics
-STATS_CHUNK_ELEMENTS = 1 << 24
+STATS_CHUNK_ELEMENTS = 1 << 20
 
 SDPA, EAGER = "kvpolicy", "kvpolicy_eager"
 

@@ -30,9 +30,9 @@ from .positions import RopeShift
 from .selection import lowest_slot, ranked_slots
 
 def growth(length: int) -> int:
-    """Slack added when a decode step finds no free slot: 1/32 of the length (at least 8) amortises reallocation to
-    a few slots' copy per step while keeping unused capacity near 3%."""
-    return max(8, length // 32)
+    """Slack added when a decode step finds no free slot: 1/32 of the length amortises reallocation to a few slots'
+    copy per step while keeping unused capacity near 3% (small caches grow a slot at a time: their copy is cheap)."""
+    return max(1, length // 32)
 
 _active = threading.local()
 

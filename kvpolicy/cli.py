@@ -155,6 +155,14 @@ def demo(
     )
 
 
+def _register_bench() -> None:
+    from .bench import bench_cli
+
+    app.command("bench", help=bench_cli.__doc__)(bench_cli)
+
+
+_register_bench()
+
 # Further commands are added here by their owners, each a thin wrapper around the library:
 #   run    — evaluate a policy (PPL / ROUGE-L) on a dataset
 #   sweep  — evaluate a grid of policies (parameters addressed by dotted path, e.g. encode.per_head)
