@@ -163,6 +163,44 @@ def _register_bench() -> None:
 
 _register_bench()
 
+@app.command()
+def run(
+    policy: str = typer.Option("elastic", help="preset name or policy YAML file"),
+    ratio: float = typer.Option(0.8, help="fraction of the cache removed, in [0, 1)"),
+    model: str = typer.Option("smollm2-135m", help="model alias, local path or hub id"),
+    task: str = typer.Option("continuation", help="continuation, instruct, needle or jsonl"),
+    samples: int = typer.Option(50, help="number of samples (deterministic for a seed)"),
+    seed: int = typer.Option(0, help="sampling seed"),
+    output: str = typer.Option("results.json", "--output", help="result file (written atomically)"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+) -> None:
+    """Evaluate one policy and the full cache side by side (PPL, ROUGE-L, KL, top-1 agreement, bytes, time)."""
+    from .eval.report import run_cli
+
+    run_cli(policy=policy, ratio=ratio, model=model, task=task, samples=samples, seed=seed, out=output,
+            as_json=as_json, quiet=quiet)
+
+
+@app.command()
+def compare(
+    policies: str = typer.Option("full,local,h2o,elastic", help="comma-separated presets"),
+    ratios: str = typer.Option("0.5,0.8,0.9", help="comma-separated ratios"),
+    model: str = typer.Option("smollm2-135m", help="model alias, local path or hub id"),
+    task: str = typer.Option("continuation", help="comma-separated tasks"),
+    samples: int = typer.Option(50, help="samples per cell"),
+    seed: int = typer.Option(0, help="sampling seed"),
+    output: str = typer.Option("compare", "--output", help="folder for cells, compare.json and plots"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress output"),
+) -> None:
+    """Quality vs budget: every policy at every ratio, with bootstrap confidence intervals and one plot per metric."""
+    from .eval.report import compare_cli
+
+    compare_cli(policies=policies, ratios=ratios, model=model, task=task, samples=samples, seed=seed,
+                out_dir=output, as_json=as_json, quiet=quiet)
+
+
 # Further commands are added here by their owners, each a thin wrapper around the library:
 #   run    — evaluate a policy (PPL / ROUGE-L) on a dataset
 #   sweep  — evaluate a grid of policies (parameters addressed by dotted path, e.g. encode.per_head)

@@ -1,0 +1,242 @@
+"""Rebuild the committed evaluation data (``kvpolicy/data/*.jsonl.gz``) from this machine's Python install.
+
+Run ``python -m kvpolicy.eval.build_data`` to regenerate. The output is deterministic for a given CPython version
+(files and windows are chosen with a seeded RNG, gzip headers carry no timestamp); the committed files were built from
+CPython 3.11.7, and every machine evaluates *those* files, not a rebuild, so results stay comparable.
+
+Sources (all under the PSF licence, see ``kvpolicy/data/README.md``):
+
+* **code**: the standard library's ``.py`` files (tests, IDLE, lib2to3, tkinter, encodings excluded);
+* **prose**: the Python reference documentation that ships with CPython as ``pydoc_data.topics`` (what ``help()``
+  prints), long module docstrings, and per-module "pydoc pages" made of the long docstrings of its functions and
+  classes.
+
+Outputs:
+
+* ``continuation.jsonl.gz``: ``{id, kind, source, context, continuation}`` — a window of real text split in two;
+* ``instruct.jsonl.gz``: ``{id, kind, source, document, instruction}`` — a document and an instruction about it;
+* ``haystack.jsonl.gz``: ``{id, source, text}`` — prose paragraphs for the needle task's haystacks.
+"""
+
+from __future__ import annotations
+
+import ast
+import gzip
+import json
+import os
+import random
+import re
+import sys
+from pathlib import Path
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+SKIP_DIRS = {
+    "test",
+    "tests",
+    "idlelib",
+    "lib2to3",
+    "site-packages",
+    "ensurepip",
+    "turtledemo",
+    "__pycache__",
+    "encodings",
+    "pydoc_data",
+    "tkinter",
+    "unittest",
+}
+CONTEXT_CHARS, CONTINUATION_CHARS = 3000, 600
+N_CONTINUATION = {"code": 120, "prose": 120}
+N_INSTRUCT = {"code": 100, "prose": 100}
+
+CODE_INSTRUCTIONS = [
+    "Explain what the following Python code does, in a few sentences.",
+    "Summarise the purpose of this code in one or two sentences.",
+    "What are the inputs and the output of this code? Answer briefly.",
+    "Describe step by step how this code works.",
+    "Write a short docstring that describes this code.",
+]
+PROSE_INSTRUCTIONS = [
+    "Summarise the text above in two sentences.",
+    "What is the main topic of this text? Answer in one sentence.",
+    "List three key points from this text.",
+    "Explain this documentation to a beginner in a few sentences.",
+    "What question does this text answer? State the question and a short answer.",
+]
+
+
+def stdlib_root() -> Path:
+    return Path(sys.base_prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def stdlib_files() -> list[Path]:
+    root = stdlib_root()
+    out = []
+    for d, dirs, files in os.walk(root):
+        dirs[:] = sorted(x for x in dirs if x not in SKIP_DIRS and not x.startswith("test"))
+        for f in sorted(files):
+            if f.endswith(".py") and not f.startswith("test"):
+                out.append(Path(d) / f)
+    return out
+
+
+def rel(path: Path) -> str:
+    return "Lib/" + str(path.relative_to(stdlib_root()))
+
+
+def read(path: Path) -> str:
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def window(text: str, rng: random.Random, min_context: int = 1800) -> tuple[str, str] | None:
+    """A window starting at a line boundary: (context, continuation), the split also at a line boundary. The context
+    is ``CONTEXT_CHARS`` long, or as long as the text allows but at least ``min_context``."""
+    room = len(text) - CONTINUATION_CHARS - 100
+    if room < min_context:
+        return None
+    size = min(CONTEXT_CHARS, room)
+    starts = [0] + [m.end() for m in re.finditer("\n", text[: max(1, room - size)])]
+    start = rng.choice(starts)
+    cut = text.rfind("\n", start + size - 400, start + size)
+    cut = start + size if cut <= start else cut + 1
+    return text[start:cut], text[cut : cut + CONTINUATION_CHARS]
+
+
+def prose_documents() -> list[tuple[str, str]]:
+    """(source, text) prose documents: reference topics, long module docstrings, pydoc-style pages."""
+    import pydoc_data.topics as topics
+
+    docs = [(f"pydoc_data.topics[{k!r}]", v.strip()) for k, v in sorted(topics.topics.items())]
+    for path in stdlib_files():
+        try:
+            tree = ast.parse(read(path))
+        except SyntaxError:
+            continue
+        doc = ast.get_docstring(tree)
+        if doc and len(doc) > 1200:
+            docs.append((f"{rel(path)} (module docstring)", doc.strip()))
+    return docs
+
+
+def pydoc_pages() -> list[tuple[str, str]]:
+    """Per module, the long docstrings of its top-level functions and classes laid out like ``pydoc`` text."""
+    pages = []
+    for path in stdlib_files():
+        try:
+            tree = ast.parse(read(path))
+        except SyntaxError:
+            continue
+        parts = []
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > 300:
+                    head = f"class {node.name}" if isinstance(node, ast.ClassDef) else f"{node.name}(...)"
+                    body = "\n".join("    " + line if line else "" for line in doc.strip().splitlines())
+                    parts.append(f"{head}\n{body}")
+        text = "\n\n".join(parts)
+        if len(text) > 1500:
+            pages.append((f"{rel(path)} (pydoc page)", text))
+    return pages
+
+
+def code_units() -> list[tuple[str, str]]:
+    """Top-level functions and classes of 800-3500 characters, as source."""
+    units = []
+    for path in stdlib_files():
+        src = read(path)
+        try:
+            tree = ast.parse(src)
+        except SyntaxError:
+            continue
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                seg = ast.get_source_segment(src, node)
+                if seg and 800 <= len(seg) <= 3500:
+                    units.append((f"{rel(path)}:{node.lineno} {node.name}", seg))
+    return units
+
+
+def clip(text: str, limit: int = 3500) -> str:
+    if len(text) <= limit:
+        return text
+    cut = text.rfind("\n", 0, limit)
+    return text[: cut if cut > limit // 2 else limit]
+
+
+def build() -> dict[str, list[dict]]:
+    rng = random.Random(20241124)
+    # ---- continuation: code windows from source files, prose windows from documents
+    cont = []
+    files = stdlib_files()
+    rng.shuffle(files)
+    for path in files:
+        if sum(r["kind"] == "code" for r in cont) >= N_CONTINUATION["code"]:
+            break
+        w = window(read(path), rng)
+        if w:
+            cont.append({"kind": "code", "source": rel(path), "context": w[0], "continuation": w[1]})
+    prose = prose_documents()
+    pages = pydoc_pages()
+    rng.shuffle(pages)
+    half = len(pages) // 2
+    pool = prose + pages[:half]
+    rng.shuffle(pool)
+    for source, text in pool:
+        if sum(r["kind"] == "prose" for r in cont) >= N_CONTINUATION["prose"]:
+            break
+        w = window(text, rng)
+        if w:
+            cont.append({"kind": "prose", "source": source, "context": w[0], "continuation": w[1]})
+    for i, r in enumerate(cont):
+        r["id"] = f"cont-{i:04d}"
+    # ---- instruct: code units and prose pages (the other half of the pages) with an instruction each
+    inst = []
+    units = code_units()
+    rng.shuffle(units)
+    for source, text in units[: N_INSTRUCT["code"]]:
+        inst.append({"kind": "code", "source": source, "document": text, "instruction": rng.choice(CODE_INSTRUCTIONS)})
+    prose_pool = [(s, t) for s, t in pages[half:] + prose if len(t) >= 1200]
+    rng.shuffle(prose_pool)
+    for source, text in prose_pool[: N_INSTRUCT["prose"]]:
+        inst.append(
+            {"kind": "prose", "source": source, "document": clip(text), "instruction": rng.choice(PROSE_INSTRUCTIONS)}
+        )
+    for i, r in enumerate(inst):
+        r["id"] = f"inst-{i:04d}"
+    # ---- haystack: plain prose paragraphs of the reference topics (no code blocks, no headings)
+    import pydoc_data.topics as topics
+
+    hay = []
+    for key, text in sorted(topics.topics.items()):
+        for para in re.split(r"\n\s*\n", text):
+            lines = para.strip().splitlines()
+            if len(lines) < 2 or any(line.startswith((" ", "*", "=", "-", ">>>")) for line in lines):
+                continue
+            flat = " ".join(line.strip() for line in lines)
+            if len(flat) >= 200 and flat.rstrip().endswith("."):
+                hay.append({"id": f"hay-{len(hay):04d}", "source": f"pydoc_data.topics[{key!r}]", "text": flat})
+    return {"continuation": cont, "instruct": inst, "haystack": hay}
+
+
+def write(name: str, rows: list[dict]) -> Path:
+    path = DATA_DIR / f"{name}.jsonl.gz"
+    payload = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows).encode("utf-8")
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9) as gz:
+        gz.write(payload)
+    os.replace(tmp, path)
+    return path
+
+
+def main() -> None:
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+    data = build()
+    for name, rows in data.items():
+        path = write(name, rows)
+        print(f"{path}: {len(rows)} rows, {path.stat().st_size:,} bytes")
+    meta = {"python": sys.version.split()[0], "counts": {k: len(v) for k, v in data.items()}}
+    (DATA_DIR / "build_info.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

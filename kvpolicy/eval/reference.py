@@ -1,0 +1,141 @@
+"""The full-cache reference of a sample, computed once and cached on disk.
+
+A reference holds what every policy run of the sample is compared with: the teacher-forced target (the gold text, or
+the full cache's greedy answer when the task has none), the full cache's NLL per target token, its argmax and top-k
+log-probabilities per step (for KL and top-1 agreement), its greedy generation, and its budget and timing.
+
+Key: SHA-256 of the model's fingerprint (name, config, a few weights), dtype, attention backend, the sample's content
+hash (prompt ids, target ids, generation length, extra inputs), ``kl_topk``, the end-of-sequence ids, the package
+versions (numerics may change with them) and :data:`FORMAT`. One file per sample under
+``<cache root>/eval_refs/<key[:2]>/<key>.pt``, written to a temporary file in the same directory and published with
+``os.replace`` (atomic), so concurrent sweeps can share the directory and an interrupted run leaves nothing
+half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = 1
+
+
+@dataclass
+class Reference:
+    id: str
+    target: list[int]  #: teacher-forced tokens (gold, or the full cache's greedy answer)
+    target_kind: str  #: "gold" or "reference"
+    nll: list[float]  #: full cache NLL of each target token
+    argmax: list[int]  #: full cache argmax at each target step
+    topk_ids: torch.Tensor  #: int32 [T, k]
+    topk_logp: torch.Tensor  #: float32 [T, k]
+    generation: list[int] | None  #: full cache greedy generation (when the sample asks for one)
+    prompt_tokens: int
+    kept_per_layer_prefill: list[float]
+    kept_per_layer_end: list[float]
+    bytes_prefill: int
+    bytes_end: int
+    allocated_prefill: float  #: the batch's allocated cache bytes (cache.nbytes()) divided by its rows
+    allocated_end: float
+    seen_end: int  #: real tokens the cache had seen when kept_per_layer_end was measured
+    prefill_s: float
+    decode_s: float
+    decode_steps: int
+    batch: list[str] = field(default_factory=list)  #: ids of the samples it was computed with (batch composition)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["format"] = FORMAT
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Reference:
+        d = dict(d)
+        d.pop("format", None)
+        return cls(**d)
+
+
+def model_fingerprint(model: Any, name: str | None = None) -> str:
+    """Cheap identity of a model's weights: its name, its config and a hash of a few parameter slices."""
+    h = hashlib.sha256()
+    h.update((name or "").encode())
+    h.update(model.config.to_json_string(use_diff=False).encode())
+    params = list(model.named_parameters())
+    for pname, p in params[:2] + params[-2:]:
+        h.update(pname.encode())
+        flat = p.detach().reshape(-1)
+        h.update(flat[:4096].to(torch.float32).cpu().numpy().tobytes())
+        h.update(str(float(flat.to(torch.float32).sum())).encode())
+    return h.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    from .. import __version__
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "kvpolicy": __version__}
+
+
+class ReferenceStore:
+    """Per-sample reference files under ``directory`` (``None``: in memory only)."""
+
+    def __init__(self, directory: str | Path | None, settings: dict[str, Any]):
+        self.directory = Path(directory) if directory is not None else None
+        self.settings = {**settings, "versions": _versions(), "format": FORMAT}
+        self.memory: dict[str, Reference] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def key(self, sample_hash: str) -> str:
+        doc = json.dumps({"sample": sample_hash, **self.settings}, sort_keys=True, default=str)
+        return hashlib.sha256(doc.encode()).hexdigest()
+
+    def path(self, key: str) -> Path:
+        assert self.directory is not None
+        return self.directory / key[:2] / f"{key}.pt"
+
+    def get(self, key: str) -> Reference | None:
+        if key in self.memory:
+            self.hits += 1
+            return self.memory[key]
+        if self.directory is not None:
+            path = self.path(key)
+            if path.exists():
+                try:
+                    ref = Reference.from_dict(torch.load(path, weights_only=True))
+                except Exception:  # unreadable or from another format: recompute
+                    ref = None
+                if ref is not None:
+                    self.memory[key] = ref
+                    self.hits += 1
+                    return ref
+        return None
+
+    def put(self, key: str, ref: Reference) -> None:
+        self.misses += 1
+        self.memory[key] = ref
+        if self.directory is None:
+            return
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".ref-", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                torch.save(ref.to_dict(), fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+__all__ = ["FORMAT", "Reference", "ReferenceStore", "model_fingerprint"]
