@@ -60,6 +60,12 @@ def partition(counts: list[int], slack: float = SLACK, max_buckets: int = MAX_BU
     return groups[::-1]
 
 
+def growth(length: int) -> int:
+    """Slack added when a decode step finds no free slot: 1/32 of the length amortises reallocation to a few slots'
+    copy per step while keeping unused capacity near 3% (small caches grow a slot at a time: their copy is cheap)."""
+    return max(1, length // 32)
+
+
 @dataclass
 class Bucket:
     """The kv heads ``heads`` of one layer, with their own slots."""
@@ -76,7 +82,7 @@ class Bucket:
         """Append this step's tokens (``k``/``v`` of all heads) at the end, growing by 1/32 when full."""
         q = k.shape[2]
         if self.length + q > self.k.shape[2]:
-            cap = self.length + q + max(8, self.length // 32)
+            cap = self.length + q + growth(self.length)
 
             def grow(t: torch.Tensor) -> torch.Tensor:
                 new = t.new_zeros((*t.shape[:2], cap, *t.shape[3:]))

@@ -25,14 +25,10 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
 
 from .policy import GENERATED, IMAGE, TEXT, AttentionStat, CachePolicy, LayerView, Reduction
-from .buckets import SLACK, Bucket, split
+from .buckets import SLACK, Bucket, growth, split
 from .positions import RopeShift
 from .selection import lowest_slot, ranked_slots
 
-def growth(length: int) -> int:
-    """Slack added when a decode step finds no free slot: 1/32 of the length amortises reallocation to a few slots'
-    copy per step while keeping unused capacity near 3% (small caches grow a slot at a time: their copy is cheap)."""
-    return max(1, length // 32)
 
 _active = threading.local()
 
