@@ -261,7 +261,6 @@ def _plot(spec: AblationSpec, rows: Sequence[Mapping[str, Any]], path: Path) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .sweep import _atomic_savefig
 
     with plt.style.context("default"):
         return _draw(spec, rows, path, plt)
