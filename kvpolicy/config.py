@@ -109,9 +109,13 @@ class ConfigIssue:
         return f"{self.path}: {self.message}" if self.path else self.message
 
 
-class PolicyConfigError(ValueError):
-    """A policy document is invalid. ``issues`` lists every problem found; the message names each field path, the
-    value given and what is allowed. ``source`` is the file it came from, if any."""
+class ConfigError(ValueError):
+    """A file or document a user wrote is invalid. ``issues`` lists every problem found; the message names each field
+    path, the value given and what is allowed. ``source`` is the file it came from, if any."""
+
+    def _header(self, count: int) -> str:
+        where = f"{self.source}: " if self.source else ""
+        return f"{where}{count} problems:"
 
     def __init__(self, issues: list[ConfigIssue] | ConfigIssue | str, source: str | None = None):
         if isinstance(issues, str):
@@ -125,12 +129,19 @@ class PolicyConfigError(ValueError):
             msg = f"{where}{self.issues[0]}"
         else:
             lines = "\n".join(f"  - {i}" for i in self.issues)
-            msg = f"invalid policy{' ' + source if source else ''} ({len(self.issues)} problems):\n{lines}"
+            msg = f"{self._header(len(self.issues))}\n{lines}"
         super().__init__(msg)
 
     @property
     def paths(self) -> list[str]:
         return [i.path for i in self.issues]
+
+
+class PolicyConfigError(ConfigError):
+    """A policy document is invalid."""
+
+    def _header(self, count: int) -> str:
+        return f"invalid policy{' ' + self.source if self.source else ''} ({count} problems):"
 
 
 # --------------------------------------------------------------------------------------------------------- models

@@ -56,7 +56,7 @@ from pydantic import (
     model_validator,
 )
 
-from .config import ConfigIssue, PolicyConfigError, read_policy_document, resolve_policy
+from .config import ConfigError, ConfigIssue, PolicyConfigError, read_policy_document, resolve_policy
 
 __all__ = [
     "METRICS",
@@ -133,27 +133,8 @@ def _did_you_mean(name: Any, options: list[str]) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------- errors
-class SweepConfigError(ValueError):
+class SweepConfigError(ConfigError):
     """A sweep or ablation file is invalid. ``issues`` lists every problem (``field.path: message``)."""
-
-    def __init__(self, issues: list[ConfigIssue] | ConfigIssue | str, source: str | None = None):
-        if isinstance(issues, str):
-            issues = [ConfigIssue("", issues)]
-        elif isinstance(issues, ConfigIssue):
-            issues = [issues]
-        self.issues: list[ConfigIssue] = list(issues)
-        self.source = source
-        where = f"{source}: " if source else ""
-        if len(self.issues) == 1:
-            msg = f"{where}{self.issues[0]}"
-        else:
-            lines = "\n".join(f"  - {i}" for i in self.issues)
-            msg = f"{where}{len(self.issues)} problems:\n{lines}"
-        super().__init__(msg)
-
-    @property
-    def paths(self) -> list[str]:
-        return [i.path for i in self.issues]
 
 
 # ---------------------------------------------------------------------------------------------------- the models
