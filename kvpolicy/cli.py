@@ -174,12 +174,13 @@ def run(
     output: str = typer.Option("results.json", "--output", help="result file (written atomically)"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+    threads: int = typer.Option(None, "--threads", min=1, help="torch threads (1 is steadier on a shared machine)"),
 ) -> None:
     """Evaluate one policy and the full cache side by side (PPL, ROUGE-L, KL, top-1 agreement, bytes, time)."""
     from .eval.report import run_cli
 
     run_cli(policy=policy, ratio=ratio, model=model, task=task, samples=samples, seed=seed, out=output,
-            as_json=as_json, quiet=quiet)
+            as_json=as_json, quiet=quiet, threads=threads)
 
 
 @app.command()
@@ -193,12 +194,13 @@ def compare(
     output: str = typer.Option("compare", "--output", help="folder for cells, compare.json and plots"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress output"),
+    threads: int = typer.Option(None, "--threads", min=1, help="torch threads (1 is steadier on a shared machine)"),
 ) -> None:
     """Quality vs budget: every policy at every ratio, with bootstrap confidence intervals and one plot per metric."""
     from .eval.report import compare_cli
 
     compare_cli(policies=policies, ratios=ratios, model=model, task=task, samples=samples, seed=seed,
-                out_dir=output, as_json=as_json, quiet=quiet)
+                out_dir=output, as_json=as_json, quiet=quiet, threads=threads)
 
 
 @app.command()

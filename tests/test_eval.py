@@ -179,6 +179,22 @@ def test_reference_cache_reused_and_atomic(tiny, tmp_path):
     assert sum(f.suffix == ".pt" for f in files) == 6 and not [f for f in files if f.suffix == ".tmp"]
 
 
+def test_model_fingerprint_is_deterministic_across_threads(tiny):
+    from kvpolicy.eval.reference import model_fingerprint
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = model_fingerprint(tiny, "tiny")
+        torch.set_num_threads(2)
+        two = model_fingerprint(tiny, "tiny")
+    finally:
+        torch.set_num_threads(before)
+    assert one == two
+    other = build_model("llama", seed=1)
+    assert model_fingerprint(other, "tiny") != one
+
+
 def test_result_json_carries_config_versions_device(tiny):
     res = run_tiny(tiny, "h2o", 0.5)
     doc = json.loads(res.model_dump_json())

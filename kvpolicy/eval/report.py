@@ -97,7 +97,10 @@ def run_table(result: EvalResult) -> Any:
         f"{result.policy_name} (ratio {spec.ratio if spec.ratio is not None else 'preset'}) vs full cache · "
         f"{result.task['name']} · {len(result.samples)} samples · {result.model.get('name')} ({result.model['dtype']})"
     )
-    t = Table(title=title)
+    caption = None
+    if result.reference.get("hits"):
+        caption = "full-cache timings are those of its cached reference computation (possibly another run)"
+    t = Table(title=title, caption=caption)
     for col in ("metric", "full", "policy", "delta (policy - full)"):
         t.add_column(col, justify="right" if col != "metric" else "left")
     keys = [k for k, _, _ in metrics_for(result.task["name"])]
