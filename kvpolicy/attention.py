@@ -91,21 +91,32 @@ def attention_received(
     scaling: float,
     window: int | None,
     chunk_elements: int = STATS_CHUNK_ELEMENTS,
+    first_slot_col: int | None = None,
 ) -> torch.Tensor:
     """Attention each key receives from the last ``window`` queries, averaged over each group's query heads.
 
     ``query [B, Hq, q, D]``, ``key [B, H, P, D]``, ``valid``/``key_pos [B, H, P]``, ``query_cols [q]`` logical columns
-    of the queries, ``query_valid`` bool ``[B, q]``. Returns float32 ``[B, H, P]``. Rows of queries are processed in
-    chunks so that no more than ``chunk_elements`` probabilities exist at once."""
+    of the queries (contiguous and increasing), ``query_valid`` bool ``[B, q]``. Returns float32 ``[B, H, P]``. Rows of
+    queries are processed in chunks so that no more than ``chunk_elements`` probabilities exist at once.
+
+    ``first_slot_col``: set when slot ``j`` holds column ``first_slot_col + j`` for every slot (an uncompressed layer,
+    e.g. during prefill). Then a chunk of queries only multiplies against the keys at or before its last query
+    (half the work of a whole prompt), the causal mask is a small block on the diagonal rather than a
+    ``[B, H, g, rows, P]`` tensor, and the validity mask and the clean-up of all-masked rows are only applied when the
+    batch really has padding."""
     b, hq, q, d = query.shape
     h, p = key.shape[1], key.shape[2]
     g = hq // h
     start = 0 if window is None else max(0, q - window)
     total = torch.zeros(b, h, p, dtype=torch.float32, device=key.device)
-    if p == 0:
+    if p == 0 or start >= q:
         return total
-    rows = max(1, chunk_elements // max(1, b * hq * p))
     k32 = key.to(torch.float32)
+    if first_slot_col is not None:
+        return _received_causal_prefix(
+            query, k32, valid, query_cols, query_valid, scaling, start, chunk_elements, first_slot_col, total
+        )
+    rows = max(1, chunk_elements // max(1, b * hq * p))
     for i0 in range(start, q, rows):
         i1 = min(q, i0 + rows)
         c = i1 - i0
@@ -117,6 +128,49 @@ def attention_received(
         probs.mul_(query_valid[:, None, None, i0:i1, None].to(probs.dtype))
         total += probs.sum(dim=(2, 3))
         del logits, probs, allowed
+    return total.div_(g)
+
+
+def _received_causal_prefix(
+    query: torch.Tensor,
+    k32: torch.Tensor,
+    valid: torch.Tensor,
+    query_cols: torch.Tensor,
+    query_valid: torch.Tensor,
+    scaling: float,
+    start: int,
+    chunk_elements: int,
+    first_slot_col: int,
+    total: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`attention_received` for slots in column order (see there): keys after a chunk's last query are skipped."""
+    b, hq, q, d = query.shape
+    h, p = k32.shape[1], k32.shape[2]
+    g = hq // h
+    padded = not bool(valid.all())
+    padded_queries = not bool(query_valid[:, start:].all())
+    col0 = int(query_cols[0]) - first_slot_col  # slot of the first query's own column
+    i0 = start
+    while i0 < q:
+        # rows so that rows * (keys seen by the chunk's last query) stays within the budget
+        rows = max(1, min(q - i0, chunk_elements // max(1, b * hq * min(p, col0 + q))))
+        i1 = i0 + rows
+        c = i1 - i0
+        kmax = min(p, col0 + i1)  # the chunk's last query sees slots [0, kmax)
+        lo = col0 + i0 + 1  # from here on, some query of the chunk is before the key
+        qc = query[:, :, i0:i1].to(torch.float32).reshape(b, h, g * c, d)
+        logits = torch.matmul(qc, k32[:, :, :kmax].transpose(2, 3)).mul_(scaling).view(b, h, g, c, kmax)
+        if lo < kmax:
+            future = torch.ones(c, kmax - lo, dtype=torch.bool, device=k32.device).triu_(0)
+            logits[..., lo:kmax].masked_fill_(future, float("-inf"))
+        if padded:
+            logits.masked_fill_(~valid[:, :, None, None, :kmax], float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if padded_queries:
+            probs.nan_to_num_(0.0).mul_(query_valid[:, None, None, i0:i1, None].to(probs.dtype))
+        total[:, :, :kmax] += probs.sum(dim=(2, 3))
+        del logits, probs
+        i0 = i1
     return total.div_(g)
 
 
@@ -148,6 +202,8 @@ def _policy_attention(base: Callable, eager: bool) -> Callable:
         if needs:
             n = layer.length
             cols = torch.arange(layer.seen - q, layer.seen, device=key.device)
+            # an uncompressed layer's slot j holds column (seen - length) + j: the causal-prefix fast path applies
+            first_col = layer.seen - n if layer.pristine and layer.buckets is None else None
             for need in needs:
                 stats[need.window] = attention_received(
                     query,
@@ -158,6 +214,7 @@ def _policy_attention(base: Callable, eager: bool) -> Callable:
                     new_valid,
                     scaling,
                     need.window,
+                    first_slot_col=first_col,
                 )
         layer.finish_step(stats)
         return out, None

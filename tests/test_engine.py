@@ -222,7 +222,8 @@ def naive_attention_received(query, key, valid_keys, pads, window):
 
 @pytest.mark.parametrize("window", [None, 3])
 @pytest.mark.parametrize("chunk", [1, 7, 1 << 20])
-def test_attention_received_matches_naive(window, chunk):
+@pytest.mark.parametrize("prefix", [None, 0])
+def test_attention_received_matches_naive(window, chunk, prefix):
     from kvpolicy.attention import attention_received
 
     torch.manual_seed(0)
@@ -242,10 +243,36 @@ def test_attention_received_matches_naive(window, chunk):
         d**-0.5,
         window,
         chunk_elements=chunk,
+        first_slot_col=prefix,
     )
     expected = naive_attention_received(query, key, valid, pads, window)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert got[valid[:, None].expand(b, h, q).logical_not()].abs().max() == 0  # pads receive nothing
+
+
+@pytest.mark.parametrize("window", [None, 1, 4, 50])
+@pytest.mark.parametrize("chunk", [1, 13, 200, 1 << 20])
+@pytest.mark.parametrize("pads", [[0, 0], [3, 0], [0, 9]])
+def test_causal_prefix_statistics_equal_the_general_masked_ones(window, chunk, pads):
+    """The fast path for uncompressed layers (keys after a chunk's last query skipped, diagonal-block mask) against
+    the general per-slot masked path, for a query block that follows earlier columns (a second prefill chunk) and
+    for left padding that covers keys and queries."""
+    from kvpolicy.attention import attention_received
+
+    torch.manual_seed(1)
+    b, hq, h, p, q, d, first = 2, 6, 2, 23, 9, 8, 5  # slots hold columns 5..27; queries are the last 9 columns
+    query, key = torch.randn(b, hq, q, d), torch.randn(b, h, p, d)
+    valid = torch.ones(b, p, dtype=torch.bool)
+    for r, n_pad in enumerate(pads):
+        valid[r, :n_pad] = False
+    key_pos = (torch.arange(p) + first).expand(b, h, p)
+    cols = torch.arange(first + p - q, first + p)
+    query_valid = valid[:, p - q :]
+    args = (query, key, valid[:, None].expand(b, h, p), key_pos, cols, query_valid, d**-0.5, window)
+    general = attention_received(*args, chunk_elements=chunk)
+    fast = attention_received(*args, chunk_elements=chunk, first_slot_col=first)
+    torch.testing.assert_close(fast, general, atol=1e-6, rtol=1e-5)
+    assert general.sum() > 0
 
 
 class Received:
