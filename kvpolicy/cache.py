@@ -92,6 +92,7 @@ class PolicyLayer(DynamicLayer):
         self.pristine = True  # slots == columns [S-P, S): transformers' own mask is right
         self.prefilled = False
         self._pending: str | None = None
+        self._planned_keep: torch.Tensor | None = None  # see _prefill_budget
         self._new_slots: torch.Tensor | None = None  # [B, H, q] slots written by the current step
         self.buckets: list[Bucket] | None = None  # per-head budgets: heads stored in buckets (see buckets.py)
         self.is_initialized = True
@@ -331,12 +332,32 @@ class PolicyLayer(DynamicLayer):
             prefill_kept=self.prefill_kept,
         )
 
+    def _prefill_budget(self) -> torch.Tensor:
+        """Entries this layer keeps after prefill (budget, then the allocator), computed once per prefill: the
+        attention function asks for it before the outputs (:meth:`prefill_drops`) and the prefill stage after."""
+        if self._planned_keep is None:
+            policy = self.policy
+            keep = policy.budget.prefill_keep(self.n_tokens)
+            if policy.allocator is not None:
+                keep = policy.allocator.layer_keep(self.layer_idx, self.num_layers, keep, self.n_tokens)
+            self._planned_keep = keep
+        return self._planned_keep
+
+    def prefill_drops(self) -> bool:
+        """Whether the pending prefill compression removes entries. When it does, the layer's outputs need not be
+        bit-identical to transformers' own attention (the cache changes anyway), so the attention function may
+        compute outputs and statistics in one pass; when it does not (ratio 0), the plain path keeps the run
+        identical to the full cache."""
+        if self._pending != "prefill" or self.policy.encode is None or self.buckets is not None:
+            return False
+        held = self._valid[:, :, : self.length].sum(-1).amin(-1)
+        return bool((self._prefill_budget() < held).any())
+
     def _finish_prefill(self, attention: dict) -> None:
         policy = self.policy
         self.prefilled = True
-        keep = policy.budget.prefill_keep(self.n_tokens)
-        if policy.allocator is not None:
-            keep = policy.allocator.layer_keep(self.layer_idx, self.num_layers, keep, self.n_tokens)
+        keep = self._prefill_budget()
+        self._planned_keep = None
         self.prefill_keep = keep
         view = self.view("prefill", attention)
         view.keep = keep

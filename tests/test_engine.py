@@ -275,6 +275,40 @@ def test_causal_prefix_statistics_equal_the_general_masked_ones(window, chunk, p
     assert general.sum() > 0
 
 
+@pytest.mark.parametrize("chunk", [1, 13, 1 << 20])
+@pytest.mark.parametrize("pads", [[0, 0], [4, 0], [0, 11]])
+@pytest.mark.parametrize("first", [0, 3])
+def test_one_pass_outputs_and_statistics_equal_sdpa_and_the_naive_loop(chunk, pads, first):
+    """The fused prefill path: outputs equal SDPA under transformers-style causal + padding masking (real query
+    rows), statistics equal the naive loop, for GQA, left padding (keys and queries) and a query block that follows
+    earlier columns."""
+    from kvpolicy.attention import attention_received, attention_with_received
+
+    torch.manual_seed(2)
+    b, hq, h, p, q, d = 2, 6, 2, 17, 12, 8  # the queries are the last 12 of 17 slots
+    query, key, value = torch.randn(b, hq, q, d), torch.randn(b, h, p, d), torch.randn(b, h, p, d)
+    valid = torch.ones(b, p, dtype=torch.bool)
+    for r, n_pad in enumerate(pads):
+        valid[r, :n_pad] = False
+    qvalid = valid[:, p - q :]
+    out, received = attention_with_received(
+        query, key, value, valid[:, None].expand(b, h, p), qvalid, d**-0.5, first, first + p - q, chunk
+    )
+    assert out.shape == (b, q, hq, d)
+    allowed = valid[:, None, None, :] & (torch.arange(p)[None, None, None, :] <= torch.arange(p - q, p)[:, None])
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(hq // h, 1), value.repeat_interleave(hq // h, 1), attn_mask=allowed
+    ).transpose(1, 2)
+    real = qvalid[:, :, None, None].expand_as(out)
+    torch.testing.assert_close(out[real], ref[real], atol=1e-6, rtol=1e-5)
+    assert not out[~real].any()  # padding queries: zero rows
+    general = attention_received(
+        query, key, valid[:, None].expand(b, h, p), (torch.arange(p) + first).expand(b, h, p),
+        torch.arange(first + p - q, first + p), qvalid, d**-0.5, None, chunk_elements=chunk,
+    )
+    torch.testing.assert_close(received, general, atol=1e-6, rtol=1e-5)  # general path: checked against the loop
+
+
 class Received:
     """An attention-statistics scorer for the engine tests (H2O-like, heads averaged), with 2 sinks."""
 

@@ -273,9 +273,10 @@ def test_every_preset_holds_its_budget_and_decodes_like_a_hand_built_cache(famil
                 cols = pos[r][valid[r]][order] - p
                 assert int(cols.min()) >= 0  # no pad kept
                 kk, vv = k[r][valid[r]][order], v[r][valid[r]][order]
-                if not merges:  # evicted caches hold exactly the full-cache entries of the kept positions
-                    torch.testing.assert_close(kk, full.layers[i].keys[0, len(ks)][cols], atol=1e-6, rtol=1e-5)
-                    torch.testing.assert_close(vv, full.layers[i].values[0, len(vs)][cols], atol=1e-6, rtol=1e-5)
+                if not merges:  # evicted caches hold the full-cache entries of the kept positions (up to float32
+                    # rounding: a compressing layer computes its prefill outputs with its statistics, not with SDPA)
+                    torch.testing.assert_close(kk, full.layers[i].keys[0, len(ks)][cols], atol=1e-5, rtol=1e-5)
+                    torch.testing.assert_close(vv, full.layers[i].values[0, len(vs)][cols], atol=1e-5, rtol=1e-5)
                 ks.append(kk)
                 vs.append(vv)
                 counts.add(len(cols))
