@@ -207,6 +207,12 @@ LAYOUTS = [
 ]
 
 
+def with_per_head(layouts: list[dict], order: tuple[bool, bool] = (True, False)) -> list[tuple[dict, bool]]:
+    """(layout, per_head) pairs: a head-mean ranking presumes the heads share a layout, so a per-head layout is only
+    paired with per-head scoring."""
+    return [(lay, ph) for ph in order for lay in layouts if ph or not lay.get("per_head_layout")]
+
+
 # ============================================================================================ parts vs naive
 
 
@@ -233,23 +239,17 @@ def test_local_keeps_sinks_and_newest(layout, start_size):
             assert int(view.positions[b, h, victim[b, h]]) == want
 
 
-@pytest.mark.parametrize("layout", LAYOUTS + [{"quantize": True, "seed": 3}])
-@pytest.mark.parametrize("per_head", [True, False])
+@pytest.mark.parametrize("layout,per_head", with_per_head(LAYOUTS + [{"quantize": True, "seed": 3}]))
 @pytest.mark.parametrize("protect_text", [False, True])
 def test_h2o_encode_matches_naive(layout, per_head, protect_text):
-    if layout.get("per_head_layout") and not per_head:
-        pytest.skip("a head-mean ranking presumes the heads share a layout")
     view = make_view(**layout)
     scorer = H2OScorer(recent=3, per_head=per_head, protect_text=protect_text)
     assert scorer.needs == frozenset({AttentionStat(None)})
     check_selection(view, scorer, naive_h2o, recent=3, per_head=per_head, protect_text=protect_text)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS + [{"quantize": True, "seed": 4}])
-@pytest.mark.parametrize("per_head", [True, False])
+@pytest.mark.parametrize("layout,per_head", with_per_head(LAYOUTS + [{"quantize": True, "seed": 4}]))
 def test_h2o_decode_accumulates_and_evicts_lowest_outside_recent(layout, per_head):
-    if layout.get("per_head_layout") and not per_head:
-        pytest.skip("a head-mean ranking presumes the heads share a layout")
     view = make_view(stage="decode", **layout)
     part = H2ODecode(recent=3, per_head=per_head)
     assert part.needs == frozenset({AttentionStat(1)}) and part.prefill_needs == frozenset({AttentionStat(None)})
@@ -271,11 +271,8 @@ def test_h2o_decode_accumulates_and_evicts_lowest_outside_recent(layout, per_hea
             assert [int(view.positions[b, h, v]) for v in victims[b, h]] == [p for _, p in lowest]
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("layout,per_head", with_per_head(LAYOUTS, (False, True)))
 def test_tova_matches_naive(layout, per_head):
-    if layout.get("per_head_layout") and not per_head:
-        pytest.skip("a head-mean ranking presumes the heads share a layout")
     view = make_view(**layout)
     check_selection(view, TovaScorer(per_head=per_head), naive_tova, per_head=per_head)
     victim = ranked_slots(view, -TovaDecode(per_head=per_head).drop_scores(view))[..., 0]
@@ -286,13 +283,10 @@ def test_tova_matches_naive(layout, per_head):
             assert int(view.positions[b, h, victim[b, h]]) == min(scored, key=lambda sp: (sp[0], sp[1]))[1]
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout,per_head", with_per_head(LAYOUTS))
 @pytest.mark.parametrize("pooling", ["avg", "max"])
 @pytest.mark.parametrize("kernel_size", [1, 3, 5])
-@pytest.mark.parametrize("per_head", [True, False])
 def test_snapkv_matches_naive(layout, pooling, kernel_size, per_head):
-    if layout.get("per_head_layout") and not per_head:
-        pytest.skip("a head-mean ranking presumes the heads share a layout")
     view = make_view(**layout)
     scorer = SnapKVScorer(window=4, kernel_size=kernel_size, pooling=pooling, per_head=per_head)
     assert scorer.needs == frozenset({AttentionStat(4)})
@@ -304,11 +298,8 @@ def test_snapkv_rejects_even_kernel():
         SnapKVScorer(kernel_size=4)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("per_head", [True, False])
+@pytest.mark.parametrize("layout,per_head", with_per_head(LAYOUTS))
 def test_knorm_keeps_lowest_norms(layout, per_head):
-    if layout.get("per_head_layout") and not per_head:
-        pytest.skip("a head-mean ranking presumes the heads share a layout")
     view = make_view(**layout)
     assert KnormScorer().needs == frozenset()
     check_selection(view, KnormScorer(per_head=per_head), naive_knorm, per_head=per_head)
@@ -793,13 +784,17 @@ def merge_lists(values: dict[int, torch.Tensor], victims: set[int], targets: set
     return out
 
 
-@pytest.mark.parametrize("name", NAMES)
+def _merges_at_random(name: str) -> bool:
+    reducer = policies()[name]().reducer
+    return isinstance(reducer, CamReducer) and reducer.params.probability != "always"
+
+
+# random merges are covered against the naive merge in test_cam_*_matches_naive; 'cam_always' runs here
+@pytest.mark.parametrize("name", [n for n in NAMES if not _merges_at_random(n)])
 def test_first_decode_step_matches_hand_built_cache(model, name):
     pads, length = [0, 3], 20  # rows of 20 and 17 tokens: ratio 0.5 also drops at step 1 in the odd row
     batch = make_batch(length, pads, seed=5)
     policy = policies()[name]()
-    if isinstance(policy.reducer, CamReducer) and policy.reducer.params.probability != "always":
-        pytest.skip("random merges: covered against the naive merge in test_cam_*_matches_naive; 'cam_always' here")
     cache = kvpolicy.make_cache(model, policy)
     mask = batch["attention_mask"]
     with torch.no_grad():
