@@ -1693,14 +1693,16 @@ def _baseline(
     )
 
 
-def render(result: BenchResult, console: Any | None = None) -> None:
+def render(result: BenchResult, console: Any | None = None, markdown: bool = False) -> None:
     """Print the tables: one per context (values with their ratio to the full cache; ``xB``: to the promised budget
-    or to the full cache at context B), the long runs, the bytes sweep and the targets."""
+    or to the full cache at context B), the long runs, the bytes sweep and the targets. ``markdown``: the same tables
+    as Markdown (for docs/performance.md, so the documented tables come from the JSON, not from hand copying)."""
     from rich import box
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console()
+    table_box = box.MARKDOWN if markdown else box.SIMPLE_HEAD
     m = result.model
     env = result.environment
     console.print(
@@ -1717,7 +1719,7 @@ def render(result: BenchResult, console: Any | None = None) -> None:
         t = Table(
             title=f"context {n} tokens (ratio = fraction removed, B = entries kept per layer and kv head)",
             title_justify="left",
-            box=box.SIMPLE_HEAD,
+            box=table_box,
             pad_edge=False,
         )
         for col in (
@@ -1863,7 +1865,7 @@ def render(result: BenchResult, console: Any | None = None) -> None:
         t = Table(
             title="long decode with a fixed budget",
             title_justify="left",
-            box=box.SIMPLE_HEAD,
+            box=table_box,
         )
         for col in (
             "policy",
@@ -1899,7 +1901,7 @@ def render(result: BenchResult, console: Any | None = None) -> None:
         t = Table(
             title=f"cache bytes vs ratio (prompt {sweep[0].context} tokens)",
             title_justify="left",
-            box=box.SIMPLE_HEAD,
+            box=table_box,
         )
         ratios = sorted({r.ratio or 0.0 for r in sweep})
         t.add_column("policy")
@@ -1936,7 +1938,7 @@ def render(result: BenchResult, console: Any | None = None) -> None:
             f"[dim]each cell: after prefill / after {sweep[0].decode_steps} decode steps[/]"
         )
     if result.targets:
-        t = Table(title="targets", title_justify="left", box=box.SIMPLE_HEAD)
+        t = Table(title="targets", title_justify="left", box=table_box)
         for col in (
             "target",
             "policy",
@@ -2151,6 +2153,22 @@ def write_outputs(
     return files
 
 
+def write_markdown(result: BenchResult, outdir: str | Path) -> Path:
+    """The report's tables as Markdown in ``outdir/tables.md`` (atomically: temporary file, then rename)."""
+    import io
+
+    from rich.console import Console
+
+    buf = io.StringIO()
+    render(result, Console(file=buf, width=400, color_system=None, soft_wrap=True), markdown=True)
+    path = Path(outdir) / "tables.md"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(buf.getvalue())
+    os.replace(tmp, path)
+    result.files["markdown"] = str(path)
+    return path
+
+
 # ============================================================================================================= CLI
 def _split(text: str | None, cast: Callable[[str], Any]) -> list[Any] | None:
     if text is None:
@@ -2249,6 +2267,10 @@ def bench_cli(
             help="seconds to fit the run into (default 540 with default contexts)",
         ),
     ] = None,
+    markdown: Annotated[
+        bool,
+        _opt("--markdown", help="also write the tables as Markdown (tables.md beside bench.json)"),
+    ] = False,
 ) -> int:
     """Measure what policies really save: cache bytes, prefill and decode time, peak memory vs the full cache."""
     from rich.console import Console
@@ -2258,9 +2280,10 @@ def bench_cli(
         for path in compare or []:
             merge_external(result, path)
         result.targets = evaluate_targets(result)
-        write_outputs(
-            result, output if output is not None else Path(report).parent, plots=True
-        )
+        outdir = output if output is not None else Path(report).parent
+        write_outputs(result, outdir, plots=True)
+        if markdown:
+            write_markdown(result, outdir)
         if json_:
             sys.stdout.write(json.dumps(result_json(result), indent=1) + "\n")
         else:
@@ -2306,6 +2329,8 @@ def bench_cli(
         checkpoint=checkpoint,
     )
     write_outputs(result, outdir, plots=spec.plots)
+    if markdown:
+        write_markdown(result, outdir)
     if json_:
         sys.stdout.write(json.dumps(result_json(result), indent=1) + "\n")
     else:
@@ -2335,6 +2360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--report", type=Path)
     p.add_argument("--threads", type=int)
     p.add_argument("--time-budget", type=float)
+    p.add_argument("--markdown", action="store_true")
     args = p.parse_args(argv)
     return bench_cli(**vars(args))
 

@@ -170,6 +170,20 @@ def test_table_prints(quick):
         assert name in text
 
 
+def test_report_writes_the_tables_as_markdown(quick, tmp_path):
+    out, doc = quick
+    assert bench.bench_cli(report=out / "bench.json", output=tmp_path, markdown=True) == 0
+    text = (tmp_path / "tables.md").read_text()
+    result = BenchResult.model_validate(doc)
+    header = [line for line in text.splitlines() if line.startswith("| policy")]
+    assert len(header) >= len(result.spec["contexts"])  # one table per context, more for the long run and sweep
+    rows = [line for line in text.splitlines() if line.startswith("|") and "---" not in line]
+    for r in result.runs:
+        if r.kind == "prefill+decode" and r.policy != "full":
+            assert any(line.split("|")[1].strip().startswith(r.policy) for line in rows), r.policy
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 def test_report_merges_an_external_result(quick, tmp_path):
     out, _doc = quick
     ext = {
