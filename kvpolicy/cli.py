@@ -6,6 +6,7 @@ kvpolicy plugins --json    # the same, machine-readable
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -163,24 +164,67 @@ def _register_bench() -> None:
 
 _register_bench()
 
+@contextlib.contextmanager
+def _evaluation_errors():
+    """One clear line per problem instead of a traceback: a bad option or policy exits 2 naming the field, an
+    evaluation that cannot report honestly (ratio-0 check failed, NaN) exits 1 with the harness's message."""
+    from pydantic import ValidationError
+
+    from .config import ConfigError
+    from .eval.runner import EvalError
+
+    try:
+        yield
+    except ValidationError as exc:
+        for err in exc.errors():
+            field = ".".join(str(x) for x in err["loc"]) or "options"
+            _stderr().print(Text(f"error: {field}: {err['msg']}", style="red"))
+        raise typer.Exit(2) from exc
+    except ConfigError as exc:
+        _stderr().print(Text(f"error: {exc}", style="red"))
+        raise typer.Exit(2) from exc
+    except EvalError as exc:
+        _stderr().print(Text(f"error: {exc}", style="red"))
+        raise typer.Exit(1) from exc
+
+
+_TASK_OPTION_HELP = "task option key=value (value read as YAML; repeatable; every task of the command gets it)"
+
+
+def _task_options(items: list[str] | None) -> dict:
+    """``--task-option key=value`` items as the task's options dict, or exit 2 naming the malformed item."""
+    from .eval.report import parse_options
+
+    try:
+        return parse_options(items)
+    except ValueError as exc:
+        _stderr().print(Text(f"error: --task-option: {exc}", style="red"))
+        raise typer.Exit(2) from exc
+
+
 @app.command()
 def run(
     policy: str = typer.Option("elastic", help="preset name or policy YAML file"),
     ratio: float = typer.Option(0.8, help="fraction of the cache removed, in [0, 1)"),
     model: str = typer.Option("smollm2-135m", help="model alias, local path or hub id"),
-    task: str = typer.Option("continuation", help="continuation, instruct, needle or jsonl"),
+    task: str = typer.Option("continuation", help="continuation, instruct, needle, jsonl, mmvet or llava_detail"),
     samples: int = typer.Option(50, help="number of samples (deterministic for a seed)"),
     seed: int = typer.Option(0, help="sampling seed"),
     output: str = typer.Option("results.json", "--output", help="result file (written atomically)"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
     threads: int = typer.Option(None, "--threads", min=1, help="torch threads (1 is steadier on a shared machine)"),
+    task_option: list[str] = typer.Option(None, "--task-option", help=_TASK_OPTION_HELP),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="bfloat16, float16 or float32"),
 ) -> None:
     """Evaluate one policy and the full cache side by side (PPL, ROUGE-L, KL, top-1 agreement, bytes, time)."""
     from .eval.report import run_cli
 
-    run_cli(policy=policy, ratio=ratio, model=model, task=task, samples=samples, seed=seed, out=output,
-            as_json=as_json, quiet=quiet, threads=threads)
+    with _evaluation_errors():
+        run_cli(policy=policy, ratio=ratio, model=model, task=task, samples=samples, seed=seed, out=output,
+                as_json=as_json, quiet=quiet, threads=threads, task_options=_task_options(task_option),
+                device=device, dtype=dtype)
 
 
 @app.command()
@@ -195,12 +239,17 @@ def compare(
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress output"),
     threads: int = typer.Option(None, "--threads", min=1, help="torch threads (1 is steadier on a shared machine)"),
+    task_option: list[str] = typer.Option(None, "--task-option", help=_TASK_OPTION_HELP),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="bfloat16, float16 or float32"),
 ) -> None:
     """Quality vs budget: every policy at every ratio, with bootstrap confidence intervals and one plot per metric."""
     from .eval.report import compare_cli
 
-    compare_cli(policies=policies, ratios=ratios, model=model, task=task, samples=samples, seed=seed,
-                out_dir=output, as_json=as_json, quiet=quiet, threads=threads)
+    with _evaluation_errors():
+        compare_cli(policies=policies, ratios=ratios, model=model, task=task, samples=samples, seed=seed,
+                    out_dir=output, as_json=as_json, quiet=quiet, threads=threads,
+                    task_options=_task_options(task_option), device=device, dtype=dtype)
 
 
 @app.command()

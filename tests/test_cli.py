@@ -117,3 +117,20 @@ def test_warning_printed_once(registry):
 def test_no_arguments_shows_help():
     result = CliRunner().invoke(cli.app, [])
     assert "plugins" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, field",
+    [
+        (["run", "--dtype", "float64"], "dtype"),
+        (["run", "--ratio", "1.5"], "ratio"),
+        (["compare", "--ratios", "0.5", "--device", "cpu", "--dtype", "int8"], "dtype"),
+        (["run", "--samples", "0"], "samples"),
+    ],
+)
+def test_evaluation_options_out_of_range_exit_2_naming_the_field(args, field, tmp_path):
+    """Checked before any model loads: one line naming the field, no traceback, no result file."""
+    result = CliRunner().invoke(cli.app, [*args, "--output", str(tmp_path / "out")], env={"COLUMNS": "200"})
+    assert result.exit_code == 2, result.output
+    assert f"error: {field}" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()

@@ -124,6 +124,14 @@ def run_table(result: EvalResult) -> Any:
     t.add_row("PPL, mean of per-sample", fmt(f.ppl_per_sample_mean), fmt(p.ppl_per_sample_mean), "")
     t.add_row("tokens kept / layer (prefill)", fmt(f.kept_tokens_prefill), fmt(p.kept_tokens_prefill), "")
     t.add_row("tokens kept / layer (end)", fmt(f.kept_tokens_end), fmt(p.kept_tokens_end), "")
+    # multimodal prompts: where the kept budget went. The full cache holds the whole prompt, so its column is the
+    # prompt's own image/text positions and the last column says how much of each survived the prefill compression
+    prompt_split, kept_split = p.prompt_tokens_by_type, p.kept_by_type_prefill
+    if prompt_split is not None and kept_split is not None and prompt_split["image"] > 0:
+        for kind in ("image", "text"):
+            whole, kept = prompt_split[kind], kept_split[kind]
+            share = f"{kept / whole:.1%} of the prompt's {kind}" if whole > 0 else ""
+            t.add_row(f"{kind} positions kept / layer (prefill)", fmt(whole), fmt(kept), share)
     t.add_row(
         "ratio achieved (prefill / end)",
         f"{f.ratio_prefill:.3f} / {f.ratio_end:.3f}",
@@ -218,10 +226,10 @@ def compare(
     (also written to ``out_dir/compare.json``). A policy is a preset name / YAML path, or a ``(label, document)``
     pair. ``full`` is not run as a policy: its row is the full-cache side shared by all cells of a task."""
     out = Path(out_dir)
-    (out / "cells").mkdir(parents=True, exist_ok=True)
     base = dict(base or {})
     runs = [p for p in policies if p != "full"]
-    for ratio in ratios:
+    cells: list[tuple[str, str, float, EvalSpec]] = []
+    for ratio in ratios:  # every spec is validated before anything is written
         for task in tasks:
             for item in runs:
                 label, pol = item if isinstance(item, tuple) else (item, item)
@@ -234,25 +242,28 @@ def compare(
                         "task_options": (task_options or {}).get(task, base.get("task_options", {})),
                     }
                 )
-                path = out / "cells" / f"{cell_name(task, label, ratio)}.json"
-                if resume and path.exists():
-                    try:
-                        old = json.loads(path.read_text())
-                        if old.get("complete") and _spec_signature(EvalSpec(**old["spec"])) == _spec_signature(spec):
-                            continue
-                    except (ValueError, KeyError, TypeError):
-                        pass
-                t0 = time.perf_counter()
-                result = evaluate(spec)
-                write_json_atomic(path, {"label": label, **result_json(result)})
-                if log:
-                    m = result.policy_metrics
-                    log(
-                        f"{task:12s} {label:8s} {ratio:.2f}: ppl {m.ppl:.3f} (full {result.full.ppl:.3f}) "
-                        f"rouge {fmt(m.rouge_l)} match {fmt(m.exact_match)} kl {fmt(m.kl, 'kl')} "
-                        f"kept {m.kept_tokens_prefill:.1f}/{m.prompt_tokens:.1f} "
-                        f"{time.perf_counter() - t0:.1f}s"
-                    )
+                cells.append((label, task, ratio, spec))
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    for label, task, ratio, spec in cells:
+        path = out / "cells" / f"{cell_name(task, label, ratio)}.json"
+        if resume and path.exists():
+            try:
+                old = json.loads(path.read_text())
+                if old.get("complete") and _spec_signature(EvalSpec(**old["spec"])) == _spec_signature(spec):
+                    continue
+            except (ValueError, KeyError, TypeError):
+                pass
+        t0 = time.perf_counter()
+        result = evaluate(spec)
+        write_json_atomic(path, {"label": label, **result_json(result)})
+        if log:
+            m = result.policy_metrics
+            log(
+                f"{task:12s} {label:8s} {ratio:.2f}: ppl {m.ppl:.3f} (full {result.full.ppl:.3f}) "
+                f"rouge {fmt(m.rouge_l)} match {fmt(m.exact_match)} kl {fmt(m.kl, 'kl')} "
+                f"kept {m.kept_tokens_prefill:.1f}/{m.prompt_tokens:.1f} "
+                f"{time.perf_counter() - t0:.1f}s"
+            )
     summary = summarize(out, policies, ratios, tasks)
     write_json_atomic(out / "compare.json", summary)
     return summary

@@ -116,6 +116,9 @@ class SampleResult(BaseModel):
     id: str
     kind: str
     prompt_tokens: int
+    #: the prompt's positions by type, ``{"text": n, "image": n}`` (vision-language models only): what the full cache
+    #: holds, against which ``kept_by_type_prefill`` tells how much of the image a policy kept
+    prompt_tokens_by_type: dict[str, int] | None = None
     target_tokens: int
     target_kind: str
     full: SampleSide
@@ -146,6 +149,10 @@ class SideMetrics(BaseModel):
     allocated_bytes_prefill: float
     allocated_bytes_end: float
     kept_by_type_prefill: dict[str, float] | None = None
+    #: mean prompt positions by type (text / image), vision-language models only
+    prompt_tokens_by_type: dict[str, float] | None = None
+    #: image entries kept after prefill (mean over layers) summed over samples / image tokens of the prompts
+    image_kept_fraction: float | None = None
     prefill_s: float
     decode_s: float
     decode_tokens: int
@@ -252,6 +259,7 @@ class Context:
     vlm: bool
     full_layers: list[int]
     entry_bytes: list[int]  #: bytes of one token's key+value, all kv heads, per layer
+    image_ids: frozenset[int] = frozenset()  #: placeholder ids of image/video positions (vision-language models)
 
     def decode(self, ids: list[int]) -> str:
         ids = [i for i in ids if i not in self.eos]
@@ -261,6 +269,7 @@ class Context:
 
 
 def make_context(model: Any, tokenizer: Any, kl_topk: int = 256) -> Context:
+    from ..engine import image_token_ids
     from ..models import is_vision_language_config
 
     text = model.config.get_text_config(decoder=True)
@@ -270,6 +279,7 @@ def make_context(model: Any, tokenizer: Any, kl_topk: int = 256) -> Context:
     head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
     elem = torch.finfo(model.dtype).bits // 8 if model.dtype.is_floating_point else 4
     eos = _eos_ids(model, tokenizer)
+    vlm = is_vision_language_config(model.config)
     return Context(
         model=model,
         tokenizer=tokenizer,
@@ -277,9 +287,10 @@ def make_context(model: Any, tokenizer: Any, kl_topk: int = 256) -> Context:
         pad=_pad_id(model, tokenizer, eos),
         kl_topk=kl_topk,
         device=next(model.parameters()).device,
-        vlm=is_vision_language_config(model.config),
+        vlm=vlm,
         full_layers=[i for i, t in enumerate(types) if t == "full_attention"],
         entry_bytes=[2 * kv * head_dim * elem] * n,
+        image_ids=image_token_ids(model.config) if vlm else frozenset(),
     )
 
 
@@ -371,6 +382,12 @@ class RowRun:
     decode_steps: int = 0
 
 
+def _mrope_model(model: Any) -> Any:
+    """The inner model holding ``rope_deltas`` for M-RoPE models (Qwen2-VL, Qwen2.5-VL), else ``None``."""
+    inner = getattr(model, "model", None)
+    return inner if inner is not None and hasattr(inner, "rope_deltas") else None
+
+
 def _check_finite(logits: torch.Tensor, samples: Sequence[Sample], where: str, label: str) -> None:
     ok = torch.isfinite(logits).all(-1)
     if not bool(ok.all()):
@@ -413,6 +430,9 @@ def run_batch(
         extra = {k: (v.to(ctx.device) if hasattr(v, "to") else v) for k, v in samples[0].extra.items()}
     pass_positions = padded and not ctx.vlm
     n_real = torch.tensor(lens, dtype=torch.long)
+    mrope = _mrope_model(model)
+    if mrope is not None:
+        mrope.rope_deltas = None  # set again by this prefill when it has images; never a previous sample's
 
     cache = make_cache(model, policy) if policy is not None else DynamicCache(config=model.config)
     kwargs: dict[str, Any] = {"past_key_values": cache, "use_cache": True}
@@ -446,12 +466,24 @@ def run_batch(
     gen_cache = copy.deepcopy(cache) if (need_tf and need_gen) else cache
     decode_s, steps_tf, steps_gen = 0.0, 0, 0
 
+    # M-RoPE (Qwen2-VL): without position_ids, transformers derives a decode step's 3-axis positions from the whole
+    # 2-D attention mask (one per mask column instead of one per new token), so they are given: the column the
+    # prefill numbered the token at, plus the offset the image grid introduced (what generate() does)
+    rope_shift = None
+    if mrope is not None:
+        found = mrope.rope_deltas
+        rope_shift = found.to(ctx.device) if isinstance(found, torch.Tensor) else torch.zeros(b, 1, device=ctx.device)
+
     def step(c: Any, tokens: torch.Tensor, msk: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        position_ids = pos[:, None].to(ctx.device) if pass_positions else None
+        if rope_shift is not None:
+            column = (pos - n_real + width)[:, None].to(ctx.device)
+            position_ids = (column + rope_shift).to(torch.long)[None].expand(3, -1, -1)
         with torch.inference_mode():
             o = model(
                 input_ids=tokens[:, None].to(ctx.device),
                 attention_mask=msk,
-                position_ids=pos[:, None].to(ctx.device) if pass_positions else None,
+                position_ids=position_ids,
                 **{"past_key_values": c, "use_cache": True},
             )
         return o.logits[:, -1].to(torch.float32)
@@ -736,11 +768,21 @@ def _side(
     )
 
 
+def prompt_types(ctx: Context, s: Sample) -> dict[str, int] | None:
+    """The prompt's text and image positions, counted from its ids with the model's image placeholder ids (the same
+    rule the cache types its entries by), for vision-language models."""
+    if not ctx.vlm:
+        return None
+    image = sum(1 for i in s.prompt_ids if i in ctx.image_ids)
+    return {"text": len(s.prompt_ids) - image, "image": image}
+
+
 def sample_result(ctx: Context, s: Sample, row: RowRun, ref: Reference, spec: EvalSpec) -> SampleResult:
     return SampleResult(
         id=s.id,
         kind=s.kind,
         prompt_tokens=len(s.prompt_ids),
+        prompt_tokens_by_type=prompt_types(ctx, s),
         target_tokens=len(ref.target),
         target_kind=ref.target_kind,
         full=_side(ctx, s, None, ref, spec.protocol, spec.keep_generations, policy_side=False),
@@ -786,6 +828,14 @@ def side_metrics(samples: Sequence[SampleResult], side: str, n_boot: int, seed: 
     types = [getattr(s, side).kept_by_type_prefill for s in samples]
     if types and all(t is not None for t in types):
         out["kept_by_type_prefill"] = {k: float(np.mean([t[k] for t in types])) for k in TYPE_NAMES}
+    prompt = [s.prompt_tokens_by_type for s in samples]
+    if prompt and all(p is not None for p in prompt):
+        out["prompt_tokens_by_type"] = {k: float(np.mean([p[k] for p in prompt])) for k in ("text", "image")}
+        n_image = sum(p["image"] for p in prompt)
+        if n_image > 0 and side == "full":
+            out["image_kept_fraction"] = 1.0  # the full cache holds every prompt position
+        elif n_image > 0 and "kept_by_type_prefill" in out:
+            out["image_kept_fraction"] = float(sum(t["image"] for t in types) / n_image)
     prefill = float(_arr(samples, side, "prefill_s").sum())
     decode = float(_arr(samples, side, "decode_s").sum())
     # decode tokens: every row of a batch advances one token per step

@@ -24,6 +24,7 @@ import gzip
 import hashlib
 import json
 import random
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -173,6 +174,97 @@ def fit_lines(text: str, budget: int, measure: Callable[[str], int]) -> str:
         else:
             hi = mid - 1
     return "".join(lines[:lo]).rstrip("\n")
+
+
+# ------------------------------------------------------------------------------------------------ image prompts
+#: where the image goes in the user turn: before the text (LLaVA's and Qwen2-VL's usual order) or after it (the Elastic
+#: Cache authors' MM-Vet prompts: ``question + "\n<image>"``). A template that renders images first whatever the order
+#: (llava-hf's LLaVA-1.5 template does) ignores it.
+ImagePosition = Literal["before", "after"]
+
+#: the plain prompt used when a processor has no chat template (or ``chat=False``): the processor's image placeholder
+#: (wrapped in ``<|vision_start|>``/``<|vision_end|>`` when the tokenizer has them, as Qwen2-VL needs) on its own line,
+#: then the text; see docs/vlm.md
+PLAIN_IMAGE_FORMAT = "{image}\n{prompt}\n"
+
+
+def load_image(path: str | Path, what: str = "") -> Any:
+    """An image file opened with PIL and converted to RGB (vision towers take 3 channels; MM-Vet and COCO hold
+    grayscale, palette and RGBA files too). Errors name the file and ``what`` (the sample) instead of a bare OSError."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path).expanduser()
+    where = f" ({what})" if what else ""
+    if not path.is_file():
+        raise TaskError(f"image file {str(path)!r} does not exist{where}")
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise TaskError(f"image file {str(path)!r} cannot be read as an image{where}: {exc}") from exc
+
+
+def _token_in_vocab(tok: Any, token: str) -> bool:
+    vocab = tok.get_vocab() if hasattr(tok, "get_vocab") else {}
+    return token in vocab
+
+
+def image_prompt(
+    processor: Any,
+    image: Any,
+    prompt: str,
+    *,
+    chat: bool | None = None,
+    image_position: ImagePosition = "before",
+) -> tuple[list[int], dict[str, Any]]:
+    """Token ids and the extra model inputs (``pixel_values``, Qwen2-VL's ``image_grid_thw``/``mm_token_type_ids``)
+    of a one-turn prompt made of one image and ``prompt``.
+
+    With a chat template (the processor's, else its tokenizer's) and ``chat`` not ``False``, the template renders one
+    user message whose content is ``[image, text]`` (``[text, image]`` for ``image_position="after"``) and opens the
+    assistant turn; that is how the published checkpoints were prompted (llava-hf LLaVA-1.5: ``USER: <image>\n...
+    ASSISTANT:``; Qwen2-VL: ``<|vision_start|><|image_pad|><|vision_end|>`` inside the ``<|im_start|>user`` turn,
+    after the default system message). Without one the prompt is :data:`PLAIN_IMAGE_FORMAT` and a warning says so,
+    rather than an error: a base checkpoint may ship no template. The processor then expands its single image
+    placeholder into as many image tokens as the vision tower yields, so the ids are exactly what the model sees."""
+    if not hasattr(processor, "image_processor"):
+        raise TaskError(
+            "a sample with an image needs a vision-language model (its processor); this model's loader returned a "
+            "plain tokenizer"
+        )
+    tok = text_tokenizer(processor)
+    template = getattr(processor, "chat_template", None) or getattr(tok, "chat_template", None)
+    use_chat = bool(template) if chat is None else chat
+    if use_chat:
+        if not template:
+            raise TaskError("chat=True but the processor (and its tokenizer) has no chat template")
+        parts: list[dict[str, Any]] = [{"type": "image"}, {"type": "text", "text": prompt}]
+        if image_position == "after":
+            parts.reverse()
+        messages = [{"role": "user", "content": parts}]
+        text = processor.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=True
+        )
+    else:
+        if chat is None:
+            warnings.warn(
+                f"{type(processor).__name__} has no chat template: image prompts use the plain format "
+                f"{PLAIN_IMAGE_FORMAT!r} (see docs/vlm.md)",
+                stacklevel=2,
+            )
+        placeholder = getattr(processor, "image_token", None) or "<image>"
+        if _token_in_vocab(tok, "<|vision_start|>") and _token_in_vocab(tok, "<|vision_end|>"):
+            placeholder = f"<|vision_start|>{placeholder}<|vision_end|>"
+        text = PLAIN_IMAGE_FORMAT.format(image=placeholder, prompt=prompt)
+        if image_position == "after":  # the same two lines, the other way round
+            text = f"{prompt}\n{placeholder}\n"
+    # as transformers' own processor.apply_chat_template(tokenize=True): no second BOS when the text carries one
+    bos = getattr(tok, "bos_token", None)
+    kwargs = {"add_special_tokens": False} if bos and text.startswith(bos) else {}
+    enc = processor(text=[text], images=[image], return_tensors="pt", **kwargs)
+    ids = enc["input_ids"][0].tolist()
+    extra = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+    return ids, extra
 
 
 # ------------------------------------------------------------------------------------------------ continuation
@@ -439,7 +531,8 @@ class Jsonl(Task):
             answer = r.get("answer")
             extra: dict[str, Any] = {}
             if r.get("image"):
-                ids, extra = self._image_prompt(tokenizer, path.parent / r["image"], r["prompt"], options)
+                image = load_image(path.parent / r["image"], f"{path}: sample {r['id']}")
+                ids, extra = image_prompt(tokenizer, image, r["prompt"], chat=options.chat)
             else:
                 ids = chat_prompt(tokenizer, r["prompt"], chat=options.chat)
             out.append(
@@ -455,30 +548,21 @@ class Jsonl(Task):
             )
         return out
 
-    @staticmethod
-    def _image_prompt(processor: Any, image_path: Path, prompt: str, options: JsonlOptions):
-        if not hasattr(processor, "image_processor"):
-            raise TaskError(
-                f"sample with image {str(image_path)!r} needs a vision-language model (its processor); this model's "
-                "loader returned a plain tokenizer"
-            )
-        from PIL import Image
-
-        image = Image.open(image_path).convert("RGB")
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        enc = processor(text=[text], images=[image], return_tensors="pt")
-        ids = enc["input_ids"][0].tolist()
-        extra = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
-        return ids, extra
-
 
 __all__ = [
+    "PLAIN_IMAGE_FORMAT",
     "TASKS",
+    "ImagePosition",
     "Sample",
     "Task",
     "TaskError",
     "get_task",
+    "image_prompt",
+    "load_image",
     "read_data",
     "register_task",
 ]
+
+# the image tasks (MM-Vet, LLaVA instruct/detail) register themselves on import; imported last because they build on
+# the helpers above
+from . import vlm_tasks as _vlm_tasks  # noqa: F401
