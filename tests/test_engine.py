@@ -244,6 +244,7 @@ def test_attention_received_matches_naive(window, chunk, prefix):
         window,
         chunk_elements=chunk,
         first_slot_col=prefix,
+        min_rows=1,
     )
     expected = naive_attention_received(query, key, valid, pads, window)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
@@ -270,7 +271,7 @@ def test_causal_prefix_statistics_equal_the_general_masked_ones(window, chunk, p
     query_valid = valid[:, p - q :]
     args = (query, key, valid[:, None].expand(b, h, p), key_pos, cols, query_valid, d**-0.5, window)
     general = attention_received(*args, chunk_elements=chunk)
-    fast = attention_received(*args, chunk_elements=chunk, first_slot_col=first)
+    fast = attention_received(*args, chunk_elements=chunk, first_slot_col=first, min_rows=1)
     torch.testing.assert_close(fast, general, atol=1e-6, rtol=1e-5)
     assert general.sum() > 0
 
@@ -292,7 +293,7 @@ def test_one_pass_outputs_and_statistics_equal_sdpa_and_the_naive_loop(chunk, pa
         valid[r, :n_pad] = False
     qvalid = valid[:, p - q :]
     out, received = attention_with_received(
-        query, key, value, valid[:, None].expand(b, h, p), qvalid, d**-0.5, first, first + p - q, chunk
+        query, key, value, valid[:, None].expand(b, h, p), qvalid, d**-0.5, first, first + p - q, chunk, min_rows=1
     )
     assert out.shape == (b, q, hq, d)
     allowed = valid[:, None, None, :] & (torch.arange(p)[None, None, None, :] <= torch.arange(p - q, p)[:, None])
