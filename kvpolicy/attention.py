@@ -36,6 +36,8 @@ STATS_CHUNK_ELEMENTS = 1 << 20
 #: element bound alone leaves a handful of rows per chunk (5 at 16384 tokens and 12 heads), and the matmuls of such
 #: thin blocks were measured 20% slower per layer on CPU than 32-row ones (the block then grows to 24 MiB)
 MIN_CHUNK_ROWS = 32
+#: steps of at most this many queries on a compressed layer compute outputs and statistics in one block
+FUSED_DECODE_MAX_QUERIES = 16
 
 SDPA, EAGER = "kvpolicy", "kvpolicy_eager"
 
@@ -238,6 +240,39 @@ def attention_with_received(
     return out_t, total.div_(g)
 
 
+def masked_attention_with_received(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    query_valid: torch.Tensor,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outputs of every query and the attention each key receives from all of them, from one probability block,
+    under the engine's per-slot ``mask [B, H, q, P]`` (``None``: every slot visible).
+
+    For the decode steps of a compressed layer whose policy needs this step's attention (H2O, TOVA): the step
+    already attends under the engine's own mask, so computing outputs and statistics together saves one pass over
+    the cache and an SDPA call per layer and step. Only for small ``q``: the block is ``[B, Hq, q, P]``."""
+    b, hq, q, d = query.shape
+    h, p = key.shape[1], key.shape[2]
+    g = hq // h
+    qg = query.to(torch.float32).reshape(b, h, g * q, d)
+    logits = torch.matmul(qg, key.to(torch.float32).transpose(2, 3)).mul_(scaling)
+    if mask is not None:
+        m = mask[:, :, None].expand(b, h, g, q, p).reshape(b, h, g * q, p)
+        logits.masked_fill_(~m, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if mask is not None:
+        probs.nan_to_num_(0.0)  # a query that sees nothing (padding) attends to nothing
+    out = torch.matmul(probs.to(value.dtype), value)
+    out = out.reshape(b, hq, q, value.shape[-1]).transpose(1, 2).contiguous()
+    pv = probs.view(b, h, g, q, p)
+    if not bool(query_valid.all()):
+        pv = pv * query_valid[:, None, None, :, None].to(pv.dtype)
+    return out, pv.sum(dim=(2, 3)).div_(g)
+
+
 def _policy_attention(base: Callable, eager: bool) -> Callable:
     def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
         layer: PolicyLayer | None = take_active_layer(getattr(module, "layer_idx", None))
@@ -271,6 +306,10 @@ def _policy_attention(base: Callable, eager: bool) -> Callable:
                 stats[need.window] = received
         elif layer.pristine and mask_fits:
             out, _ = base(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        elif whole and q <= FUSED_DECODE_MAX_QUERIES:
+            out, received = masked_attention_with_received(query, key, value, layer.own_mask(q), new_valid, scaling)
+            for need in whole:
+                stats[need.window] = received
         else:
             out = grouped_attention(query, key, value, layer.own_mask(q), scaling, eager)
         needs = frozenset(need for need in needs if need.window not in stats)

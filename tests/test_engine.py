@@ -310,6 +310,34 @@ def test_one_pass_outputs_and_statistics_equal_sdpa_and_the_naive_loop(chunk, pa
     torch.testing.assert_close(received, general, atol=1e-6, rtol=1e-5)  # general path: checked against the loop
 
 
+@pytest.mark.parametrize("q", [1, 3])
+@pytest.mark.parametrize("holes", [False, True])
+def test_one_block_decode_outputs_and_statistics_equal_the_separate_paths(q, holes):
+    """Decode steps on a compressed layer: slots out of column order, some invalid, a padding query row. Outputs
+    equal grouped_attention's, statistics equal attention_received's (itself checked against the naive loop)."""
+    from kvpolicy.attention import attention_received, grouped_attention, masked_attention_with_received
+
+    torch.manual_seed(3)
+    b, hq, h, p, d = 2, 6, 2, 15, 8
+    query, key, value = torch.randn(b, hq, q, d), torch.randn(b, h, p, d), torch.randn(b, h, p, d)
+    key_pos = torch.stack([torch.stack([torch.randperm(p) for _ in range(h)]) for _ in range(b)]) + 20
+    valid = torch.ones(b, h, p, dtype=torch.bool)
+    if holes:
+        valid &= torch.rand(b, h, p) > 0.3
+    valid[:, :, key_pos[0, 0].argmax()] = True  # the newest column is always held
+    cols = torch.arange(20 + p - q, 20 + p)
+    query_valid = torch.ones(b, q, dtype=torch.bool)
+    if q > 1:
+        query_valid[1, 0] = False
+    mask = valid[:, :, None, :] & (key_pos[:, :, None, :] <= cols[:, None])
+    out, received = masked_attention_with_received(query, key, value, mask, query_valid, d**-0.5)
+    ref_out = grouped_attention(query, key, value, mask, d**-0.5, eager=False)
+    real = query_valid[:, :, None, None].expand_as(out) & mask.any(-1).all(1)[:, :, None, None].expand_as(out)
+    torch.testing.assert_close(out[real], ref_out[real], atol=1e-6, rtol=1e-5)
+    ref = attention_received(query, key, valid, key_pos, cols, query_valid, d**-0.5, None)
+    torch.testing.assert_close(received, ref, atol=1e-6, rtol=1e-5)
+
+
 class Received:
     """An attention-statistics scorer for the engine tests (H2O-like, heads averaged), with 2 sinks."""
 
