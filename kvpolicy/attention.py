@@ -19,7 +19,7 @@ measured 3-7x faster than 64 MiB ones on CPU), plus a float32 copy of the layer'
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from transformers import AttentionInterface
@@ -138,26 +138,26 @@ def attention_received(
     return total.div_(g)
 
 
-def _received_causal_prefix(
+def _causal_prefix_blocks(
     query: torch.Tensor,
     k32: torch.Tensor,
     valid: torch.Tensor,
-    query_cols: torch.Tensor,
     query_valid: torch.Tensor,
     scaling: float,
     start: int,
+    col0: int,
     chunk_elements: int,
-    first_slot_col: int,
-    total: torch.Tensor,
     min_rows: int,
-) -> torch.Tensor:
-    """:func:`attention_received` for slots in column order (see there): keys after a chunk's last query are skipped."""
+) -> Iterator[tuple[int, int, int, torch.Tensor]]:
+    """Softmax probabilities of the queries ``start..q`` in chunks, for slots in column order (slot ``j`` holds the
+    column of query ``j - col0``): yields ``(i0, i1, kmax, probs [B, H, g, i1 - i0, kmax])``. A chunk meets only the
+    keys at or before its last query; the causal mask is a block on the diagonal; padding masks and the clean-up of
+    padding rows (zero) run only when there is padding. Shared by the statistics and the one-pass prefill."""
     b, hq, q, d = query.shape
     h, p = k32.shape[1], k32.shape[2]
     g = hq // h
     padded = not bool(valid.all())
     padded_queries = not bool(query_valid[:, start:].all())
-    col0 = int(query_cols[0]) - first_slot_col  # slot of the first query's own column
     i0 = start
     while i0 < q:
         # rows so that rows * (keys seen by the chunk's last query) stays within the budget
@@ -174,11 +174,33 @@ def _received_causal_prefix(
         if padded:
             logits.masked_fill_(~valid[:, :, None, None, :kmax], float("-inf"))
         probs = torch.softmax(logits, dim=-1)
+        del logits
         if padded_queries:
             probs.nan_to_num_(0.0).mul_(query_valid[:, None, None, i0:i1, None].to(probs.dtype))
-        total[:, :, :kmax] += probs.sum(dim=(2, 3))
-        del logits, probs
+        yield i0, i1, kmax, probs
         i0 = i1
+
+
+def _received_causal_prefix(
+    query: torch.Tensor,
+    k32: torch.Tensor,
+    valid: torch.Tensor,
+    query_cols: torch.Tensor,
+    query_valid: torch.Tensor,
+    scaling: float,
+    start: int,
+    chunk_elements: int,
+    first_slot_col: int,
+    total: torch.Tensor,
+    min_rows: int,
+) -> torch.Tensor:
+    """:func:`attention_received` for slots in column order (see there): keys after a chunk's last query are skipped."""
+    g = query.shape[1] // k32.shape[1]
+    col0 = int(query_cols[0]) - first_slot_col  # slot of the first query's own column
+    for _, _, kmax, probs in _causal_prefix_blocks(
+        query, k32, valid, query_valid, scaling, start, col0, chunk_elements, min_rows
+    ):
+        total[:, :, :kmax] += probs.sum(dim=(2, 3))
     return total.div_(g)
 
 
@@ -212,30 +234,12 @@ def attention_with_received(
     k32, v32 = key.to(torch.float32), value.to(torch.float32)
     total = torch.zeros(b, h, p, dtype=torch.float32, device=key.device)
     out = torch.empty(b, h, g, q, dv, dtype=torch.float32, device=query.device)
-    padded = not bool(valid.all())
-    padded_queries = not bool(query_valid.all())
-    col0 = query_col0 - first_slot_col
-    i0 = 0
-    while i0 < q:
-        rows = min(q - i0, max(min_rows, chunk_elements // max(1, b * hq * min(p, col0 + q))))
-        i1 = i0 + rows
-        c = i1 - i0
-        kmax = min(p, col0 + i1)
-        lo = col0 + i0 + 1
-        qc = query[:, :, i0:i1].to(torch.float32).reshape(b, h, g * c, d)
-        logits = torch.matmul(qc, k32[:, :, :kmax].transpose(2, 3)).mul_(scaling).view(b, h, g, c, kmax)
-        if lo < kmax:
-            future = torch.ones(c, kmax - lo, dtype=torch.bool, device=key.device).triu_(0)
-            logits[..., lo:kmax].masked_fill_(future, float("-inf"))
-        if padded:
-            logits.masked_fill_(~valid[:, :, None, None, :kmax], float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        if padded_queries:
-            probs.nan_to_num_(0.0).mul_(query_valid[:, None, None, i0:i1, None].to(probs.dtype))
+    for i0, i1, kmax, probs in _causal_prefix_blocks(
+        query, k32, valid, query_valid, scaling, 0, query_col0 - first_slot_col, chunk_elements, min_rows
+    ):
         total[:, :, :kmax] += probs.sum(dim=(2, 3))
+        c = i1 - i0
         out[:, :, :, i0:i1] = torch.matmul(probs.view(b, h, g * c, kmax), v32[:, :, :kmax]).view(b, h, g, c, dv)
-        del logits, probs
-        i0 = i1
     out_t = out.view(b, hq, q, dv).transpose(1, 2).to(query.dtype).contiguous()
     return out_t, total.div_(g)
 
