@@ -32,10 +32,13 @@ from .policy import AttentionStat
 
 #: upper bound on the float32 probability block materialised per chunk when computing statistics
 STATS_CHUNK_ELEMENTS = 1 << 20
-#: ... except that the causal-prefix paths never take fewer query rows per chunk than this: at long prompts the
+#: ... except that the causal-prefix paths take at least this many query rows per chunk: at long prompts the
 #: element bound alone leaves a handful of rows per chunk (5 at 16384 tokens and 12 heads), and the matmuls of such
-#: thin blocks were measured 20% slower per layer on CPU than 32-row ones (the block then grows to 24 MiB)
+#: thin blocks were measured 20% slower per layer on CPU than 32-row ones (the block then grows to 24 MiB) ...
 MIN_CHUNK_ROWS = 32
+#: ... as long as the block stays under this many elements (32 MiB): a large batch or many heads at a long prompt
+#: fall back to the element bound rather than growing the block without limit
+MAX_CHUNK_ELEMENTS = 8 * STATS_CHUNK_ELEMENTS
 #: steps of at most this many queries on a compressed layer compute outputs and statistics in one block
 FUSED_DECODE_MAX_QUERIES = 16
 
@@ -161,7 +164,8 @@ def _causal_prefix_blocks(
     i0 = start
     while i0 < q:
         # rows so that rows * (keys seen by the chunk's last query) stays within the budget
-        rows = min(q - i0, max(min_rows, chunk_elements // max(1, b * hq * min(p, col0 + q))))
+        per_row = max(1, b * hq * min(p, col0 + q))
+        rows = min(q - i0, max(1, min(min_rows, MAX_CHUNK_ELEMENTS // per_row), chunk_elements // per_row))
         i1 = i0 + rows
         c = i1 - i0
         kmax = min(p, col0 + i1)  # the chunk's last query sees slots [0, kmax)

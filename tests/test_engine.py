@@ -474,3 +474,23 @@ def test_lowest_slot_equals_the_head_of_the_full_ranking():
             token_types=torch.zeros(b, h, p, dtype=torch.int8),
         )
         assert torch.equal(lowest_slot(view, scores), ranked_slots(view, -scores)[..., :1])
+
+
+def test_causal_prefix_blocks_take_min_rows_but_never_exceed_the_block_cap(monkeypatch):
+    """Thin blocks are widened to MIN_CHUNK_ROWS rows, but a large batch x heads x keys falls back to the element
+    bound: no block beyond MAX_CHUNK_ELEMENTS (unless a single row already is)."""
+    from kvpolicy import attention as A
+
+    b, hq, h, n, d = 2, 4, 2, 64, 8
+    query, key = torch.randn(b, hq, n, d), torch.randn(b, h, n, d)
+    valid, qvalid = torch.ones(b, h, n, dtype=torch.bool), torch.ones(b, n, dtype=torch.bool)
+    per_row = b * hq * n
+
+    def sizes(cap: int) -> list[int]:
+        monkeypatch.setattr(A, "MAX_CHUNK_ELEMENTS", cap)
+        blocks = A._causal_prefix_blocks(query, key, valid, qvalid, 0.3, 0, 0, per_row // 2, 32)
+        return [i1 - i0 for i0, i1, _, _ in blocks]
+
+    assert sizes(per_row * 64) == [32, 32]  # widened from the 1 row the element bound allows
+    assert set(sizes(per_row * 4)) == {4}  # capped: 4 rows fit under the cap
+    assert set(sizes(per_row // 4)) == {1}  # not even one row fits: one row at a time
