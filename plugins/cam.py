@@ -19,10 +19,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from kvpolicy.hookspecs import PartSpec, PresetSpec, hookimpl
+from kvpolicy.parts import ATTENTION_SUM, build
 from kvpolicy.policy import LayerView, Reduction
 from kvpolicy.selection import select_top
-
-from .evict import ATTENTION_SUM, build
 
 PAPER = 'Zhang et al., ICML 2024, "CaM: Cache Merging for Memory-efficient LLMs Inference"'
 

@@ -29,19 +29,18 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from kvpolicy.hookspecs import PartSpec, PresetSpec, hookimpl
-from kvpolicy.policy import LayerView, Reduction
-
-from .evict import build
-from .lookm import (
+from kvpolicy.parts import (
     AccumulatedAttention,
     AccumulatedParams,
     HeavyRecentDecode,
+    build,
     heavy_recent_select,
     merge_kv,
     most_similar,
     reduction_from_mask,
     row_mean,
 )
+from kvpolicy.policy import LayerView, Reduction
 
 PAPER = 'Wan et al., 2024, "D2O: Dynamic Discriminative Operations for Efficient Generative Inference of LLMs"'
 
@@ -236,7 +235,7 @@ class D2OReducer:
     As implemented, per row and kv head with ``k`` = the layer's budget (``d2o`` allocator):
 
     1. keep the ``start_size`` oldest entries (4, as the code), the newest ``floor(recent_share * k)`` (the code's
-       recent_ratio) and the best-scored others (:func:`kvpolicy_plugins.lookm.heavy_recent_select`);
+       recent_ratio) and the best-scored others (:func:`kvpolicy.parts.heavy_recent_select`);
     2. each evicted entry ``e`` finds the kept entry ``c`` of the same kv head with the highest key cosine similarity
        ``u_e`` (ties to the older entry);
     3. threshold, per batch row and layer (``layer_state['d2o.threshold']``): ``m`` = the mean of ``u_e`` over the
@@ -339,7 +338,7 @@ class D2ODecode(HeavyRecentDecode):
     attention row is added to each entry's accumulated score, and the lowest-scored entry outside the 4 sinks and
     the recent window (``floor(recent_share * budget)`` newest entries) is evicted; the ``d2o`` reducer's
     ``on_drop`` then merges it (or not) under the running threshold. The same class as the ``lookm`` decode scorer
-    (:class:`kvpolicy_plugins.lookm.HeavyRecentDecode`) with D2O's defaults: sinks, no text prior."""
+    (:class:`kvpolicy.parts.HeavyRecentDecode`) with D2O's defaults: sinks, no text prior."""
 
     params_model = D2ODecodeParams
 

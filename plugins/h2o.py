@@ -21,9 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from kvpolicy.hookspecs import PartSpec, PresetSpec, hookimpl
-from kvpolicy.policy import AttentionStat, LayerView
-
-from .evict import (
+from kvpolicy.parts import (
     ATTENTION_SUM,
     INF,
     PROMPT_ATTENTION,
@@ -36,6 +34,7 @@ from .evict import (
     protect_text,
     recent,
 )
+from kvpolicy.policy import AttentionStat, LayerView
 
 PAPER = 'Zhang et al., NeurIPS 2023, "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of LLMs"'
 

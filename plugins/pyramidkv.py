@@ -19,8 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from kvpolicy.hookspecs import PartSpec, PresetSpec, hookimpl
-
-from .evict import build
+from kvpolicy.parts import build
 
 PAPER = 'Cai et al., 2024, "PyramidKV: Dynamic KV Cache Compression based on Pyramidal Information Funneling"'
 

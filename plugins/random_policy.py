@@ -17,9 +17,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from kvpolicy.hookspecs import PartSpec, PresetSpec, hookimpl
+from kvpolicy.parts import build, protect_text
 from kvpolicy.policy import AttentionStat, LayerView
-
-from .evict import build, protect_text
 
 _MASK = (1 << 63) - 1
 

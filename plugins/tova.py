@@ -16,9 +16,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from kvpolicy.hookspecs import PartSpec, PresetSpec, hookimpl
+from kvpolicy.parts import STEP_ATTENTION, build, check_attention, heads, protect_text
 from kvpolicy.policy import AttentionStat, LayerView
-
-from .evict import STEP_ATTENTION, build, check_attention, heads, protect_text
 
 PAPER = 'Oren et al., EMNLP 2024, "Transformers are Multi-State RNNs"'
 

@@ -30,7 +30,7 @@ from kvpolicy_plugins import random_policy as random_mod
 from kvpolicy_plugins import snapkv as snapkv_mod
 from kvpolicy_plugins import tova as tova_mod
 from kvpolicy_plugins.cam import CamReducer
-from kvpolicy_plugins.evict import ATTENTION_SUM, Evict
+from kvpolicy_plugins.evict import Evict
 from kvpolicy_plugins.h2o import H2ODecode, H2OElasticCode, H2OScorer
 from kvpolicy_plugins.knorm import KnormDecode, KnormScorer
 from kvpolicy_plugins.local import LocalDecode, LocalScorer
@@ -43,6 +43,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 import kvpolicy
 from kvpolicy import IMAGE, TEXT, AttentionStat, Budget, CachePolicy, LayerView
 from kvpolicy.hookspecs import PartSpec, PresetSpec
+from kvpolicy.parts import ATTENTION_SUM
 from kvpolicy.selection import ranked_slots
 
 MODULES = [evict_mod, local_mod, h2o_mod, tova_mod, snapkv_mod, knorm_mod, random_mod, pyramid_mod, cam_mod]

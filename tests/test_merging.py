@@ -31,12 +31,13 @@ from kvpolicy_plugins.d2o import (
     d2o_budgets,
     layer_densities,
 )
-from kvpolicy_plugins.evict import ATTENTION_SUM
-from kvpolicy_plugins.lookm import AccumulatedAttention, HeavyRecentDecode, LookMReducer
+from kvpolicy_plugins.lookm import LookMReducer
 
 import kvpolicy
+import kvpolicy.parts as parts_mod
 from kvpolicy import GENERATED, IMAGE, TEXT, AttentionStat, LayerView
 from kvpolicy.config import load_policy
+from kvpolicy.parts import ATTENTION_SUM, AccumulatedAttention, HeavyRecentDecode
 from kvpolicy.selection import ranked_slots
 
 E = math.e
@@ -335,7 +336,7 @@ def test_similarity_chunks_give_the_same_result(monkeypatch):
     view = make_view(**LAYOUTS["per_head"])
     scores, keep = rand_scores(view, True), keep_of(view, 0.7)
     whole = LookMReducer(merge="weighted").reduce(view, scores, keep)
-    monkeypatch.setattr(lookm_mod, "SIM_CHUNK_ELEMENTS", 3 * 2 * 16 * 2)  # two source rows per chunk
+    monkeypatch.setattr(parts_mod, "SIM_CHUNK_ELEMENTS", 3 * 2 * 16 * 2)  # two source rows per chunk
     chunked = LookMReducer(merge="weighted").reduce(view, scores, keep)
     assert torch.equal(whole.index, chunked.index) and not torch.equal(whole.values, view.values.gather(
         2, whole.index[..., None].expand(*whole.index.shape, 8)))  # something was merged
