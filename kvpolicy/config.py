@@ -30,8 +30,8 @@ Resolution, in order (:func:`resolve_policy`):
    name is an error unless some part of the final policy declares it — except a name inherited from a preset whose
    part the user replaced, which is dropped silently (presets themselves are checked strictly by
    :func:`preset_problems`, which ``kvpolicy plugins`` shows).
-4. **Defaults.** ``reducer`` defaults to the registered part ``evict`` (if there is one). No ``encode`` scorer means
-   no prefill compression; no ``decode`` scorer means no decode-stage drops.
+4. **Defaults.** ``reducer`` defaults to the registered part ``evict`` (an error when none is registered). No
+   ``encode`` scorer means no prefill compression; no ``decode`` scorer means no decode-stage drops.
 
 Only then are parts built (:func:`load_policy`), each by its ``PartSpec.factory(validated_params)``.
 :func:`policy_to_dict` writes a resolved policy back as a plain, fully explicit document (no preset, every parameter
@@ -54,7 +54,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic.fields import FieldInfo
 
 from .hookspecs import PartSpec
-from .policy import Budget, BudgetAllocator, CachePolicy, DecodeScorer, EncodeScorer, Reducer, Reduction
+from .policy import Budget, BudgetAllocator, CachePolicy, DecodeScorer, EncodeScorer, Reducer
 from .registry import KINDS, Registry, UnknownPartError, field_choices, field_range, get_registry, type_name
 
 __all__ = [
@@ -239,7 +239,7 @@ class ResolvedPolicy:
         if issues:
             raise PolicyConfigError(issues)
         policy = CachePolicy(
-            reducer=built.get("reducer") or _FallbackEvict(),
+            reducer=built["reducer"],
             budget=self.budget,
             encode=built.get("encode"),
             decode=built.get("decode"),
@@ -250,16 +250,6 @@ class ResolvedPolicy:
         )
         policy.spec = self.spec  # type: ignore[attr-defined]  # provenance, read by policy_to_dict()
         return policy
-
-
-class _FallbackEvict:
-    """Used only when a policy has no encode scorer, names no reducer and no ``evict`` part is registered: the
-    reducer is then never asked to reduce, but a CachePolicy needs one."""
-
-    def reduce(self, view: Any, scores: Any, keep: Any) -> Reduction:
-        from .selection import select_top
-
-        return select_top(view, scores, keep)
 
 
 # ---------------------------------------------------------------------------------------------------- documents
@@ -636,12 +626,12 @@ def _resolve(
         if registry.has_part("reducer", DEFAULT_REDUCER):
             spec, src = registry.part("reducer", DEFAULT_REDUCER)
             found["reducer"] = (spec, src, {})
-        elif merged.get("encode") is not None:
+        else:
             issues.append(
                 ConfigIssue(
                     "reducer",
-                    f"required with an encode scorer (no {DEFAULT_REDUCER!r} reducer is "
-                    f"registered to default to); available: "
+                    f"required: name a reducer (the default, {DEFAULT_REDUCER!r}, is not registered: kvpolicy's "
+                    f"built-in plugins are not installed); available: "
                     f"{', '.join(registry.names('reducer')) or '(none registered)'}",
                 )
             )

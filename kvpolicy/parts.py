@@ -443,7 +443,9 @@ class HeavyRecentDecode(AttentionAccumulator):
         prm = self.params
         acc = view.slot_state.get(ATTENTION_SUM)
         if acc is None:
-            raise RuntimeError(f"{type(self).__name__}: no accumulated attention (init_state was not called at prefill)")
+            raise RuntimeError(
+                f"{type(self).__name__}: no accumulated attention (init_state was not called at prefill)"
+            )
         acc = acc.to(torch.float32).expand(view.batch_size, view.num_heads, view.num_slots)
         valid = view.valid
         held = view.held()

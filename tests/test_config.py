@@ -161,6 +161,19 @@ def test_defaults_reducer_evict_and_token_budget(reg):
     assert load_policy({"decode": "distance", "ratio": 0.5}, registry=reg).encode is None
 
 
+def test_no_evict_registered_reducer_must_be_named():
+    module = types.ModuleType("test_config_no_evict")
+    module.kvpolicy_parts = hookimpl(lambda: [p for p in PARTS if p.name != "evict"])
+    registry = Registry(entry_points=())
+    assert registry.register_module(module, source="test-pkg") == []
+    for doc in ({"encode": "frequency", "ratio": 0.5}, {"decode": "distance", "ratio": 0.5}):
+        msg = _error(registry, doc)
+        assert msg.startswith("reducer: required") and "'evict'" in msg, msg
+        assert "available: anchor_merge, headmerge" in msg and "\n" not in msg
+    policy = load_policy({"decode": "distance", "reducer": "anchor_merge", "ratio": 0.5}, registry=registry)
+    assert isinstance(policy.reducer, Red) and isinstance(policy.reducer.params, AnchorParams)
+
+
 def test_yaml_file_and_yaml_text(reg, tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text(
