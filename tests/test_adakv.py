@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import kvpolicy
-from conftest import PAD, build_model, make_batch
 from kvpolicy.buckets import partition
 from kvpolicy.config import load_policy
+from kvpolicy.testing import PAD, make_batch
 from kvpolicy_plugins.adakv import AdaKVReducer
 
 

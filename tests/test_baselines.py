@@ -41,10 +41,11 @@ from kvpolicy_plugins.tova import TovaDecode, TovaScorer
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import kvpolicy
-from kvpolicy import IMAGE, TEXT, AttentionStat, Budget, CachePolicy, LayerView
+from kvpolicy import TEXT, AttentionStat, Budget, CachePolicy, LayerView
 from kvpolicy.hookspecs import PartSpec, PresetSpec
 from kvpolicy.parts import ATTENTION_SUM
 from kvpolicy.selection import ranked_slots
+from kvpolicy.testing import make_view
 
 MODULES = [evict_mod, local_mod, h2o_mod, tova_mod, snapkv_mod, knorm_mod, random_mod, pyramid_mod, cam_mod]
 INF = float("inf")
@@ -53,69 +54,6 @@ INF = float("inf")
 # ============================================================================================ random layer views
 
 
-def make_view(
-    *,
-    B: int = 3,
-    H: int = 2,
-    P: int = 14,
-    D: int = 8,
-    pads: tuple[int, ...] = (0, 3, 6),
-    holes: int = 0,
-    shuffle: bool = False,
-    per_head_layout: bool = False,
-    windows: tuple[int | None, ...] = (None, 1, 4),
-    quantize: bool = False,
-    stage: str = "prefill",
-    layer_idx: int = 1,
-    num_layers: int = 4,
-    seed: int = 0,
-) -> LayerView:
-    """A random view: row ``b`` has ``pads[b]`` left pads (invalid), ``holes`` freed slots among its real tokens,
-    slots optionally shuffled (per row, or per row and head); random attention statistics for ``windows`` (0 where
-    invalid; integer-valued with ``quantize`` so that ties occur); token types random TEXT/IMAGE per column."""
-    g = torch.Generator().manual_seed(seed)
-    keys = torch.randn(B, H, P, D, generator=g)
-    values = torch.randn(B, H, P, D, generator=g)
-    valid = torch.ones(B, H, P, dtype=torch.bool)
-    cols = torch.arange(P).expand(B, H, P).clone()
-    for b, pad in enumerate(pads):
-        valid[b, :, :pad] = False
-    lay = H if per_head_layout else 1
-    for b in range(B):
-        for h in range(lay):
-            real = list(range(pads[b], P))
-            for i in torch.randperm(len(real), generator=g)[:holes].tolist():
-                if per_head_layout:
-                    valid[b, h, real[i]] = False
-                else:
-                    valid[b, :, real[i]] = False
-    types = torch.where(torch.rand(B, 1, P, generator=g) < 0.5, TEXT, IMAGE).to(torch.int8).expand(B, H, P).clone()
-    if shuffle:
-        perm = torch.stack([torch.stack([torch.randperm(P, generator=g) for _ in range(lay)]) for _ in range(B)])
-        perm = perm.expand(B, H, P)
-        keys = keys.gather(2, perm[..., None].expand_as(keys))
-        values = values.gather(2, perm[..., None].expand_as(values))
-        valid, cols, types = valid.gather(2, perm), cols.gather(2, perm), types.gather(2, perm)
-    attention = {}
-    for w in windows:
-        a = torch.rand(B, H, P, generator=g)
-        if quantize:
-            a = (a * 3).floor()
-        attention[w] = a.masked_fill(~valid, 0.0)
-    return LayerView(
-        layer_idx=layer_idx,
-        num_layers=num_layers,
-        stage=stage,  # type: ignore[arg-type]
-        keys=keys,
-        values=values,
-        valid=valid,
-        positions=cols,
-        seen=P,
-        n_tokens=valid[:, 0].sum(-1),
-        new_tokens=P if stage == "prefill" else 1,
-        token_types=types,
-        attention=attention,
-    )
 
 
 # ============================================================================================ naive references

@@ -15,48 +15,16 @@ from kvpolicy_plugins import elastic
 from kvpolicy_plugins.elastic import AnchorMerge, DistanceOffset, FrequencyScorer
 
 import kvpolicy
-from kvpolicy import AttentionStat, Budget, CachePolicy, LayerView
+from kvpolicy import AttentionStat, Budget, CachePolicy, LayerView, testing
 
 # ============================================================================================== unit-test views
 
 
-def make_view(
-    batch: int = 3,
-    heads: int = 2,
-    slots: int = 24,
-    dim: int = 8,
-    pads: tuple[int, ...] = (0, 3, 7),
-    seed: int = 0,
-    shuffle: bool = False,
-    stage: str = "prefill",
-) -> LayerView:
-    """A prefill-like view: left-padded rows (``pads[b]`` invalid slots first), random keys/values; with ``shuffle``
-    the slots of every row are permuted (slots are unordered in kvpolicy: only ``positions`` orders them)."""
-    g = torch.Generator().manual_seed(seed)
-    keys = torch.randn(batch, heads, slots, dim, generator=g)
-    values = torch.randn(batch, heads, slots, dim, generator=g)
-    pos = torch.arange(slots).expand(batch, heads, slots).clone()
-    valid = torch.ones(batch, heads, slots, dtype=torch.bool)
-    for b, p in enumerate(pads):
-        valid[b, :, :p] = False
-    if shuffle:
-        for b in range(batch):
-            perm = torch.randperm(slots, generator=g)
-            keys[b], values[b] = keys[b][:, perm], values[b][:, perm]
-            pos[b], valid[b] = pos[b][:, perm], valid[b][:, perm]
-    return LayerView(
-        layer_idx=0,
-        num_layers=1,
-        stage=stage,  # type: ignore[arg-type]
-        keys=keys,
-        values=values,
-        valid=valid,
-        positions=pos,
-        seen=slots,
-        n_tokens=valid[:, 0].sum(-1),
-        new_tokens=slots,
-        token_types=torch.zeros(batch, heads, slots, dtype=torch.int8),
-    )
+def make_view(**kw) -> LayerView:
+    """:func:`kvpolicy.testing.make_view` with this file's defaults: 24 slots, pads (0, 3, 7), text entries only, no
+    attention statistic, layer 0 of 1."""
+    defaults = {"P": 24, "pads": (0, 3, 7), "windows": (), "token_types": "text", "layer_idx": 0, "num_layers": 1}
+    return testing.make_view(**{**defaults, **kw})
 
 
 def row_slots(view: LayerView, b: int, h: int) -> list[int]:
@@ -130,7 +98,7 @@ def test_frequency_matches_naive(per_head, normalize):
     valid = torch.ones(b, p, dtype=torch.bool)
     for r, n in enumerate(pads):
         valid[r, :n] = False
-    view = make_view(b, h, p, d, pads=tuple(pads))
+    view = make_view(B=b, H=h, P=p, D=d, pads=tuple(pads))
     view.keys = key
     att = attention_received(query, key, view.valid, view.positions, torch.arange(p), valid, d**-0.5, None)
     view.attention = {None: att}
@@ -267,7 +235,7 @@ def test_anchor_merge_matches_naive(options, per_head, shuffle, ratio):
 @pytest.mark.parametrize("weighting", ["mean", "score"])
 def test_anchor_merge_ties_and_zero_scores(weighting):
     """Integer scores (many ties: the older position wins) and all-zero scores (weights fall back to the mean)."""
-    view = make_view(seed=5, slots=30, pads=(0, 4, 9))
+    view = make_view(seed=5, P=30, pads=(0, 4, 9))
     g = torch.Generator().manual_seed(2)
     for scores in (torch.randint(0, 3, (3, 1, 30), generator=g).float(), torch.zeros(3, 1, 30)):
         keep = budget_keep(view, 0.6)
@@ -276,7 +244,7 @@ def test_anchor_merge_ties_and_zero_scores(weighting):
 
 
 def test_anchor_merge_protects_sinks_and_last_and_never_keeps_pads():
-    view = make_view(seed=7, slots=20, pads=(0, 5, 12))
+    view = make_view(seed=7, P=20, pads=(0, 5, 12))
     scores = -view.positions[:, :1].float()  # oldest best: the last token would never win on its score
     keep = budget_keep(view, 0.5)
     rows = reduction_rows(view, AnchorMerge(start_size=2).reduce(view, scores, torch.tensor(keep)))
@@ -288,14 +256,14 @@ def test_anchor_merge_protects_sinks_and_last_and_never_keeps_pads():
 @pytest.mark.parametrize("keep", [1, 2, 3])
 def test_anchor_merge_tiny_budgets(keep):
     """Budgets that leave no room for anchors: protected tokens only, truncated to the budget, nothing merged."""
-    view = make_view(seed=8, slots=10, pads=(0, 2, 4))
+    view = make_view(seed=8, P=10, pads=(0, 2, 4))
     scores = torch.rand(3, 1, 10, generator=torch.Generator().manual_seed(0))
     red = AnchorMerge(start_size=2).reduce(view, scores, torch.full((3,), keep))
     assert_same_rows(reduction_rows(view, red), naive_anchor_merge(view, scores, [keep] * 3, start_size=2))
 
 
 def test_anchor_merge_keeps_rows_under_budget_untouched_and_half_precision():
-    view = make_view(seed=9, slots=16, pads=(0, 10, 3))
+    view = make_view(seed=9, P=16, pads=(0, 10, 3))
     view.keys, view.values = view.keys.to(torch.bfloat16), view.values.to(torch.bfloat16)
     scores = torch.rand(3, 1, 16, generator=torch.Generator().manual_seed(1))
     keep = torch.tensor([8, 6, 20])  # row 1 holds 6 real tokens, row 2 holds 13 < 20: both untouched
@@ -367,7 +335,7 @@ ALL_QUIRKS = {"quirk_rank_by_index": True, "quirk_off_by_one": True, "quirk_shif
 @pytest.mark.parametrize("start_size", [1, 4])
 def test_all_quirks_reproduce_the_authors_code(seed, ratio, start_size):
     t = 40 + 7 * seed
-    view = make_view(batch=1, heads=2, slots=t, pads=(0,), seed=seed)
+    view = make_view(B=1, H=2, P=t, pads=(0,), seed=seed)
     score_sum = torch.rand(t, generator=torch.Generator().manual_seed(100 + seed))
     keep = Budget(ratio=ratio).prefill_keep(view.n_tokens)
     red = AnchorMerge(start_size=start_size, **ALL_QUIRKS).reduce(view, score_sum.view(1, 1, t), keep)
@@ -402,7 +370,7 @@ QUIRK_SUBSETS = [
 )
 def test_each_quirk_matches_naive_per_row(quirks, per_head, options):
     """Each quirk on its own and combined, per row of a left-padded batch (the authors' code itself is batch 1)."""
-    view = make_view(seed=21, slots=32, pads=(0, 5, 11), shuffle=True)
+    view = make_view(seed=21, P=32, pads=(0, 5, 11), shuffle=True)
     scores = torch.rand(3, 2 if per_head else 1, 32, generator=torch.Generator().manual_seed(4))
     keep = budget_keep(view, 0.3)
     red = AnchorMerge(**options, **quirks).reduce(view, scores, torch.tensor(keep))
@@ -417,7 +385,7 @@ def test_rank_by_index_is_near_chance_and_paper_rule_is_top_k():
     """The quirk's kept set overlaps the true top-k about as much as a random set would; the default is the top-k."""
     t, trials, overlap = 200, 20, []
     for seed in range(trials):
-        view = make_view(batch=1, heads=1, slots=t, pads=(0,), seed=seed)
+        view = make_view(B=1, H=1, P=t, pads=(0,), seed=seed)
         s = torch.rand(1, 1, t, generator=torch.Generator().manual_seed(seed))
         keep = torch.tensor([100])
         top = set(s[0, 0, 1 : t - 1].argsort(descending=True)[:98].add(1).tolist())
@@ -446,7 +414,7 @@ def test_off_by_one_derivation_is_exact_for_ratios_up_to_half():
 
 
 def test_on_drop_evicts_by_default_and_merges_into_nearest_neighbour():
-    view = make_view(seed=13, slots=18, pads=(0, 3, 6), stage="decode", shuffle=True)
+    view = make_view(seed=13, P=18, pads=(0, 3, 6), stage="decode", shuffle=True)
     # gapped positions, as after a prefill compression
     view.positions = view.positions * 3 + (view.positions % 2)
     victims = torch.tensor([[[7, 2]] * 2, [[9, 10]] * 2, [[12, 0]] * 2])
@@ -484,7 +452,7 @@ def decode_view(prefill_kept: list[int], extra: int, pads=(0, 2, 5), seed=0) -> 
     """A cache after prefill compression (gapped prompt positions) plus ``extra`` generated tokens, slots shuffled."""
     b = len(prefill_kept)
     slots = max(prefill_kept) + extra
-    view = make_view(batch=b, heads=2, slots=slots, pads=(0,) * b, seed=seed, stage="decode")
+    view = make_view(B=b, H=2, P=slots, pads=(0,) * b, seed=seed, stage="decode")
     g = torch.Generator().manual_seed(seed)
     valid = torch.zeros(b, 2, slots, dtype=torch.bool)
     pos = torch.zeros(b, 2, slots, dtype=torch.long)

@@ -7,15 +7,16 @@ import torch
 from transformers import DynamicCache
 
 import kvpolicy
-from conftest import (
+from kvpolicy import Budget
+from kvpolicy.testing import (
     LLAVA_IMAGE_TOKENS,
     PAD,
+    PlainEvict,
     build_model,
     first_last_policy,
     keep_all_policy,
     make_batch,
 )
-from kvpolicy import Budget
 
 GEN = dict(do_sample=False, pad_token_id=PAD)
 
@@ -358,7 +359,7 @@ def test_attention_scored_prefill_matches_gathered_reference_per_row():
     pads = [0, 4, 7]
     batch = make_batch(3, 22, pads, seed=9)
     policy = kvpolicy.CachePolicy(
-        reducer=__import__("conftest").Evict(), budget=Budget(ratio=0.6, decode="off"), encode=Received()
+        reducer=PlainEvict(), budget=Budget(ratio=0.6, decode="off"), encode=Received()
     )
     out, cache, kept = _run_policy(model, batch, policy, 6)
     sets = set()
@@ -395,7 +396,7 @@ def test_half_precision_runs_without_nan(dtype):
     kvpolicy.attach(model)
     batch = make_batch(3, 20, [0, 4, 7], seed=2)
     policy = kvpolicy.CachePolicy(
-        reducer=__import__("conftest").Evict(), budget=Budget(ratio=0.5), encode=Received(), decode=Received()
+        reducer=PlainEvict(), budget=Budget(ratio=0.5), encode=Received(), decode=Received()
     )
     policy.decode.drop_scores = policy.decode.score  # attention-needing decode rule: drops after the step's attention
     out, cache, _ = _run_policy(model, batch, policy, 6)

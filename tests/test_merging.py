@@ -20,7 +20,6 @@ import math
 
 import pytest
 import torch
-from conftest import IMAGE_TOKEN, PAD, build_model, make_batch
 from kvpolicy_plugins import d2o as d2o_mod
 from kvpolicy_plugins import lookm as lookm_mod
 from kvpolicy_plugins.d2o import (
@@ -34,71 +33,21 @@ from kvpolicy_plugins.d2o import (
 from kvpolicy_plugins.lookm import LookMReducer
 
 import kvpolicy
-import kvpolicy.parts as parts_mod
-from kvpolicy import GENERATED, IMAGE, TEXT, AttentionStat, LayerView
+from kvpolicy import GENERATED, IMAGE, TEXT, AttentionStat, LayerView, testing
+from kvpolicy import parts as parts_mod
 from kvpolicy.config import load_policy
 from kvpolicy.parts import ATTENTION_SUM, AccumulatedAttention, HeavyRecentDecode
 from kvpolicy.selection import ranked_slots
+from kvpolicy.testing import IMAGE_TOKEN, PAD, build_model, make_batch
 
 E = math.e
 
 # ============================================================================================== random views
 
 
-def make_view(
-    *,
-    B: int = 3,
-    H: int = 2,
-    P: int = 16,
-    D: int = 8,
-    pads: tuple[int, ...] = (0, 3, 6),
-    holes: int = 0,
-    shuffle: bool = False,
-    per_head_layout: bool = False,
-    stage: str = "prefill",
-    seed: int = 0,
-) -> LayerView:
-    """Row ``b`` has ``pads[b]`` left pads (invalid) and ``holes`` freed slots; slots optionally shuffled per row
-    (or per row and head); token types random TEXT / IMAGE per column; a random prompt attention statistic."""
-    g = torch.Generator().manual_seed(seed)
-    keys = torch.randn(B, H, P, D, generator=g)
-    values = torch.randn(B, H, P, D, generator=g)
-    valid = torch.ones(B, H, P, dtype=torch.bool)
-    cols = torch.arange(P).expand(B, H, P).clone()
-    for b, pad in enumerate(pads):
-        valid[b, :, :pad] = False
-    lay = H if per_head_layout else 1
-    for b in range(B):
-        for h in range(lay):
-            real = list(range(pads[b], P))
-            for i in torch.randperm(len(real), generator=g)[:holes].tolist():
-                if per_head_layout:
-                    valid[b, h, real[i]] = False
-                else:
-                    valid[b, :, real[i]] = False
-    types = torch.where(torch.rand(B, 1, P, generator=g) < 0.5, TEXT, IMAGE).to(torch.int8).expand(B, H, P).clone()
-    if shuffle:
-        perm = torch.stack([torch.stack([torch.randperm(P, generator=g) for _ in range(lay)]) for _ in range(B)])
-        perm = perm.expand(B, H, P)
-        keys = keys.gather(2, perm[..., None].expand_as(keys))
-        values = values.gather(2, perm[..., None].expand_as(values))
-        valid, cols, types = valid.gather(2, perm), cols.gather(2, perm), types.gather(2, perm)
-    att = torch.rand(B, H, P, generator=g).masked_fill(~valid, 0.0)
-    return LayerView(
-        layer_idx=1,
-        num_layers=4,
-        stage=stage,  # type: ignore[arg-type]
-        keys=keys,
-        values=values,
-        valid=valid,
-        positions=cols,
-        seen=P,
-        n_tokens=valid[:, 0].sum(-1),
-        new_tokens=P if stage == "prefill" else 1,
-        token_types=types,
-        attention={None: att},
-        layer_state={},
-    )
+def make_view(**kw) -> LayerView:
+    """:func:`kvpolicy.testing.make_view` with this file's defaults: 16 slots, the prompt attention statistic only."""
+    return testing.make_view(**{"P": 16, "windows": (None,), **kw})
 
 
 LAYOUTS = {
