@@ -14,7 +14,8 @@ evaluation, sweep, bench or CLI layers, so a plugin that uses it pulls in nothin
   :func:`protect_text`, :func:`check_attention`;
 * part construction: :func:`build` (a params model, a mapping or keywords -> the validated params model);
 * accumulated attention (H2O's statistic): :data:`ATTENTION_SUM`, :class:`AttentionAccumulator`;
-* heavy hitters + recent window (LOOK-M, D2O): :func:`heavy_recent_select`, :func:`reduction_from_mask`;
+* heavy hitters + recent window (LOOK-M, D2O): :func:`heavy_recent_select`, :func:`reduction_from_mask`,
+  :func:`victim_mask`;
 * merging evicted entries into similar kept ones (LOOK-M, D2O): :func:`most_similar`, :func:`merge_kv`,
   :func:`row_mean`;
 * whole scorers shared by LOOK-M and D2O: :class:`AccumulatedAttention`, :class:`HeavyRecentDecode`.
@@ -50,7 +51,9 @@ SIM_CHUNK_ELEMENTS = 1 << 24
 #: merge strategies: LOOK-M's three (and ``none`` = evict), plus D2O's similarity-softmax weights
 MergeStrategy = Literal["average", "pivotal", "weighted", "softmax", "none"]
 
+
 # ======================================================================================= scores, windows, protection
+
 
 def heads(t: torch.Tensor, per_head: bool) -> torch.Tensor:
     """``t`` ``[B, H, P]`` as float32, or its mean over kv heads ``[B, 1, P]`` (one decision shared by the heads).
@@ -99,7 +102,9 @@ def check_attention(view: LayerView, window: int | None, who: str) -> torch.Tens
         )
     return att
 
+
 # ================================================================================================= part construction
+
 
 def build(cls: type, params_cls: type[BaseModel], params: Any, kwargs: dict[str, Any]) -> Any:
     """Validated parameters for a part constructor that accepts ``params`` (a model or a mapping) or keywords.
@@ -116,7 +121,9 @@ def build(cls: type, params_cls: type[BaseModel], params: Any, kwargs: dict[str,
         return params_cls.model_validate(params.model_dump())
     return params_cls.model_validate(dict(params))
 
+
 # ============================================================================================= accumulated attention
+
 
 class AttentionAccumulator:
     """Mixin for decode scorers that keep the cumulative attention each entry received (H2O's statistic).
@@ -132,14 +139,24 @@ class AttentionAccumulator:
         att = check_attention(view, None, type(self).__name__)
         return {ATTENTION_SUM: heads(att, self.accumulate_per_head)}
 
-    def observe(self, view: LayerView) -> None:
+    def accumulated(self, view: LayerView) -> torch.Tensor:
+        """The cumulative attention the engine keeps for this scorer, float32 ``[B, H or 1, P]`` (its storage: edit
+        a copy), or an error naming the scorer when it is missing (``init_state`` did not run at prefill)."""
         acc = view.slot_state.get(ATTENTION_SUM)
         if acc is None:
-            raise RuntimeError(f"{type(self).__name__}: the engine did not keep the '{ATTENTION_SUM}' slot state")
+            raise RuntimeError(
+                f"{type(self).__name__}: no '{ATTENTION_SUM}' slot state (init_state was not called at prefill)"
+            )
+        return acc
+
+    def observe(self, view: LayerView) -> None:
+        acc = self.accumulated(view)
         att = check_attention(view, 1, type(self).__name__)
         acc.add_(heads(att, self.accumulate_per_head).masked_fill(~view.valid, 0.0))  # in place: engine storage
 
+
 # ======================================================================= heavy hitters + recent window (LOOK-M, D2O)
+
 
 def expand_scores(view: LayerView, scores: torch.Tensor, who: str) -> torch.Tensor:
     """``scores`` ``[B, H or 1, P]`` as float32 ``[B, H, P]``; NaN is an error, never silently ranked."""
@@ -234,7 +251,18 @@ def heavy_recent_select(
     return sink | in_recent | heavy
 
 
-def reduction_from_mask(view: LayerView, kept: torch.Tensor, keys=None, values=None) -> Reduction:
+def victim_mask(view: LayerView, victims: torch.Tensor, victim_valid: torch.Tensor) -> torch.Tensor:
+    """bool ``[B, H, P]``: the valid slots a decode-time drop names (``on_drop``'s ``victims`` int64 ``[B, H, V]``
+    with ``victim_valid``).
+
+    Why: the engine hands ``on_drop`` slot indices, while selection and merging (:func:`most_similar`,
+    :func:`merge_kv`) work on masks; every merging reducer needs this conversion, stated once here."""
+    return torch.zeros_like(view.valid).scatter_(-1, victims, victim_valid) & view.valid
+
+
+def reduction_from_mask(
+    view: LayerView, kept: torch.Tensor, keys: torch.Tensor | None = None, values: torch.Tensor | None = None
+) -> Reduction:
     """A :class:`Reduction` keeping the ``kept`` slots in positional order (``keys``/``values``: full merged
     tensors to gather from, or ``None`` to evict)."""
     order = view.order()
@@ -250,7 +278,9 @@ def reduction_from_mask(view: LayerView, kept: torch.Tensor, keys=None, values=N
         red.values = values.gather(2, red.index[..., None].expand(*red.index.shape, values.shape[-1]))
     return red
 
+
 # ============================================================================= merging evicted entries (LOOK-M, D2O)
+
 
 # LOOK-M and D2O differ in which evicted entries they merge (all of them / those above a running similarity threshold)
 # and in the weights, not in the mechanics: find each evicted entry's most similar kept key, then fold it into that
@@ -357,7 +387,9 @@ def merge_kv(
     keys = merged(view.keys) if merge_keys else view.keys
     return keys, merged(view.values)
 
+
 # ================================================================================== scorers shared by LOOK-M and D2O
+
 
 class AccumulatedParams(BaseModel):
     """Parameters of the ``lookm`` and ``d2o`` encode scorers."""
@@ -441,12 +473,7 @@ class HeavyRecentDecode(AttentionAccumulator):
 
     def drop_scores(self, view: LayerView) -> torch.Tensor:
         prm = self.params
-        acc = view.slot_state.get(ATTENTION_SUM)
-        if acc is None:
-            raise RuntimeError(
-                f"{type(self).__name__}: no accumulated attention (init_state was not called at prefill)"
-            )
-        acc = acc.to(torch.float32).expand(view.batch_size, view.num_heads, view.num_slots)
+        acc = self.accumulated(view).to(torch.float32).expand(view.batch_size, view.num_heads, view.num_slots)
         valid = view.valid
         held = view.held()
         budget = view.prefill_kept if view.prefill_kept is not None else held

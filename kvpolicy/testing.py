@@ -64,12 +64,7 @@ def build_model(family: str, seed: int = 0, attn: str = "sdpa") -> torch.nn.Modu
         model = MistralForCausalLM(MistralConfig(**_text_kwargs(), sliding_window=None))
     elif family == "llava":
         vision = CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=28,
-            patch_size=7,
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=7
         )
         text = LlamaConfig(**_text_kwargs())
         config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN)

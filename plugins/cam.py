@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from kvpolicy.hookspecs import PartSpec, PresetSpec, hookimpl
-from kvpolicy.parts import ATTENTION_SUM, build
+from kvpolicy.parts import ATTENTION_SUM, build, victim_mask
 from kvpolicy.policy import LayerView, Reduction
 from kvpolicy.selection import select_top
 
@@ -108,7 +108,7 @@ class CamReducer:
     def on_drop(
         self, view: LayerView, victims: torch.Tensor, victim_valid: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        vmask = torch.zeros_like(view.valid).scatter_(-1, victims, victim_valid) & view.valid
+        vmask = victim_mask(view, victims, victim_valid)
         if not bool(vmask.any()):
             return None
         att = None

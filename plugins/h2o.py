@@ -22,7 +22,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kvpolicy.hookspecs import PartSpec, PresetSpec, hookimpl
 from kvpolicy.parts import (
-    ATTENTION_SUM,
     INF,
     PROMPT_ATTENTION,
     STEP_ATTENTION,
@@ -100,10 +99,7 @@ class H2ODecode(AttentionAccumulator):
 
     def drop_scores(self, view: LayerView) -> torch.Tensor:
         prm = self.params
-        acc = view.slot_state.get(ATTENTION_SUM)
-        if acc is None:
-            raise RuntimeError("h2o: no accumulated attention in slot_state (init_state was not called at prefill)")
-        scores = protect(view, acc, recent(view, prm.recent))
+        scores = protect(view, self.accumulated(view), recent(view, prm.recent))
         return protect_text(view, scores, prm.protect_text)
 
 

@@ -40,6 +40,7 @@ from kvpolicy.parts import (
     most_similar,
     reduction_from_mask,
     row_mean,
+    victim_mask,
 )
 from kvpolicy.policy import LayerView, Reduction
 
@@ -186,16 +187,14 @@ class LookMReducer:
         merged = None
         if self.params.merge != "none" and bool(evicted.any()):
             merged = self._merge(view, evicted, kept)
-        if merged is None:
-            return reduction_from_mask(view, kept)
-        return reduction_from_mask(view, kept, *merged)
+        return reduction_from_mask(view, kept, *(merged or (None, None)))
 
     def on_drop(
         self, view: LayerView, victims: torch.Tensor, victim_valid: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.params.merge == "none" or not self.params.decode_merge:
             return None
-        drop = torch.zeros_like(view.valid).scatter_(-1, victims, victim_valid) & view.valid
+        drop = victim_mask(view, victims, victim_valid)
         if not bool(drop.any()):
             return None
         return self._merge(view, drop, view.valid & ~drop)
