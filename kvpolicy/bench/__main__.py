@@ -1,5 +1,5 @@
 """``python -m kvpolicy.bench``: the argparse twin of ``kvpolicy bench``."""
 
-from kvpolicy.bench.run import main
+from kvpolicy.bench.command import main
 
 raise SystemExit(main())
