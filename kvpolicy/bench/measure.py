@@ -128,6 +128,19 @@ def _set_decode(res: RunResult, times: list[float], batch: int) -> None:
     res.decode_tokens_per_s = batch / res.decode_median_s if res.decode_median_s else None
 
 
+def _policy_run(name: str, kind: str, ratio: float, n: int, stats: dict[str, bool], **fields: Any) -> RunResult:
+    """A result for policy ``name`` at ``ratio`` after an ``n``-token prompt (B = its budget at ``n``)."""
+    return RunResult(
+        policy=name,
+        kind=kind,
+        ratio=ratio,
+        context=n,
+        budget_tokens=budget_tokens(n, ratio),
+        attention_stats=stats.get(name, False),
+        **fields,
+    )
+
+
 def _measure_once(runner: Runner, res: RunResult, ids: torch.Tensor, rep: int, reps: int) -> None:
     """Repeat ``rep`` of one configuration: a timed prefill; on the last repeat also the bytes, the decode steps and
     the peak memory (measured from just before the cache is made)."""
@@ -217,15 +230,7 @@ def measure_sweep(runner: Runner, nb: int, policies: list[str], stats: dict[str,
         for ratio in spec.bytes_ratios or []:
             cache = runner.new_cache(resolve_policy(name, ratio))
             _, tok = runner.prefill(ids, cache)
-            res = RunResult(
-                policy=name,
-                kind="bytes-sweep",
-                ratio=ratio,
-                context=nb,
-                budget_tokens=budget_tokens(nb, ratio),
-                attention_stats=stats[name],
-            )
-            res.bytes_prefill = cache_bytes(cache)
+            res = _policy_run(name, "bytes-sweep", ratio, nb, stats, bytes_prefill=cache_bytes(cache))
             if spec.bytes_steps:
                 runner.decode(cache, tok, spec.bytes_steps)
                 res.decode_steps = spec.bytes_steps
@@ -245,13 +250,12 @@ def measure_long(runner: Runner, name: str, n: int, long_steps: int, stats: dict
     _, tok = runner.prefill(runner.prompt(n), cache)
     t0 = time.perf_counter()
     times = runner.decode(cache, tok, long_steps)
-    res = RunResult(
-        policy=name,
-        kind="long-decode",
-        ratio=ratio,
-        context=n,
-        budget_tokens=budget_tokens(n, ratio),
-        attention_stats=stats.get(name, False),
+    res = _policy_run(
+        name,
+        "long-decode",
+        ratio,
+        n,
+        stats,
         policy_doc=policy_doc(policy),
         bytes_decode=cache_bytes(cache, len(times)),
         notes=["decode_budget: fixed"],

@@ -4,30 +4,14 @@ length (matplotlib, headless)."""
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .spec import MiB, BenchResult, budget_tokens
+from .spec import MiB, BenchResult, RunResult, budget_tokens
 
 
-def _save(fig: Any, ax: Any, path: Path) -> str:
-    import matplotlib.pyplot as plt
-
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
-
-
-def _decode_vs_context(result: BenchResult, outdir: Path) -> str | None:
-    import matplotlib.pyplot as plt
-
-    main = [r for r in result.runs if r.kind == "prefill+decode" and r.decode_median_s]
-    if not main:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+def _decode_vs_context(ax: Any, result: BenchResult, main: list[RunResult]) -> None:
     keys = sorted({(r.framework, r.policy, r.ratio) for r in main}, key=lambda k: (k[0], k[1] != "full", k[1]))
     for fw, pol, ratio in keys:
         pts = sorted(
@@ -46,16 +30,9 @@ def _decode_vs_context(result: BenchResult, outdir: Path) -> str | None:
     ax.set_xlabel("prompt length (tokens); baseline: cache length B")
     ax.set_ylabel("decode step (ms, median)")
     ax.set_title(f"decode step time vs context ({result.model.get('name')}, {result.environment.get('device')})")
-    return _save(fig, ax, outdir / "decode_vs_context.png")
 
 
-def _bytes_vs_ratio(result: BenchResult, outdir: Path) -> str | None:
-    import matplotlib.pyplot as plt
-
-    sweep = [r for r in result.runs if r.kind == "bytes-sweep" and r.bytes_prefill]
-    if not sweep:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+def _bytes_vs_ratio(ax: Any, result: BenchResult, sweep: list[RunResult]) -> None:
     for fw, pol in sorted({(r.framework, r.policy) for r in sweep}):
         rs = sorted((r for r in sweep if (r.framework, r.policy) == (fw, pol)), key=lambda r: r.ratio or 0)
         ratios = [r.ratio for r in rs]
@@ -78,26 +55,26 @@ def _bytes_vs_ratio(result: BenchResult, outdir: Path) -> str | None:
     ax.set_xlabel("ratio (fraction of the cache removed)")
     ax.set_ylabel("key/value bytes held (MiB)")
     ax.set_title(f"cache bytes vs ratio (prompt {n} tokens)")
-    return _save(fig, ax, outdir / "bytes_vs_ratio.png")
 
 
-def _decode_vs_generated(result: BenchResult, outdir: Path) -> str | None:
-    import matplotlib.pyplot as plt
-
-    longs = [r for r in result.runs if r.kind == "long-decode" and r.decode_step_s]
-    if not longs:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+def _decode_vs_generated(ax: Any, result: BenchResult, longs: list[RunResult]) -> None:
     for r in longs:
         xs = list(range(1, len(r.decode_step_s) + 1))
         w = max(1, len(xs) // 50)
         sm = [1e3 * statistics.median(r.decode_step_s[max(0, i - w) : i + 1]) for i in range(len(xs))]
         ax.plot(xs, sm, label=f"{r.framework}:{r.policy} B={r.budget_tokens} (rolling median of {w + 1})")
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("generated tokens")
     ax.set_ylabel("decode step (ms)")
-    ax.set_ylim(bottom=0)
     ax.set_title(f"decode step vs generated length, fixed budget (prompt {longs[0].context})")
-    return _save(fig, ax, outdir / "decode_vs_generated.png")
+
+
+#: file stem -> which runs it shows (the plot is made only when there are any) and how it draws them
+PLOTS: dict[str, tuple[Callable[[RunResult], bool], Callable[[Any, BenchResult, list[RunResult]], None]]] = {
+    "decode_vs_context": (lambda r: r.kind == "prefill+decode" and bool(r.decode_median_s), _decode_vs_context),
+    "bytes_vs_ratio": (lambda r: r.kind == "bytes-sweep" and r.bytes_prefill is not None, _bytes_vs_ratio),
+    "decode_vs_generated": (lambda r: r.kind == "long-decode" and bool(r.decode_step_s), _decode_vs_generated),
+}
 
 
 def plot(result: BenchResult, outdir: Path) -> dict[str, str]:
@@ -105,13 +82,20 @@ def plot(result: BenchResult, outdir: Path) -> dict[str, str]:
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     files: dict[str, str] = {}
-    for name, draw in (
-        ("decode_vs_context", _decode_vs_context),
-        ("bytes_vs_ratio", _bytes_vs_ratio),
-        ("decode_vs_generated", _decode_vs_generated),
-    ):
-        path = draw(result, outdir)
-        if path is not None:
-            files[name] = path
+    for name, (shows, draw) in PLOTS.items():
+        runs = [r for r in result.runs if shows(r)]
+        if not runs:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        draw(ax, result, runs)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = outdir / f"{name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files[name] = str(path)
     return files

@@ -34,6 +34,19 @@ def baseline_at_budget(result: BenchResult, b: int | None, framework: str = "kvp
     )
 
 
+def _target(r: RunResult, name: str, threshold: float, value: float | None, met: bool | None, detail: str) -> Target:
+    return Target(
+        name=name,
+        policy=r.policy,
+        ratio=r.ratio,
+        context=r.context,
+        value=value,
+        threshold=threshold,
+        met=met,
+        detail=detail,
+    )
+
+
 def _bytes_target(r: RunResult) -> Target:
     """1. Cache bytes == budget bytes: the worst allocated/budget of a layer, or held/promised of a kv head."""
     worst, where = 0.0, ""
@@ -47,16 +60,7 @@ def _bytes_target(r: RunResult) -> Target:
                 for hh, pp in zip(hrow, prow):
                     if pp and hh / pp > worst:
                         worst, where = hh / pp, f"layer {lb.layer} after {stage}: held/promised per head"
-    return Target(
-        name="KV bytes <= 1.05x budget",
-        policy=r.policy,
-        ratio=r.ratio,
-        context=r.context,
-        value=worst,
-        threshold=TARGET_BYTES,
-        met=worst <= TARGET_BYTES,
-        detail=f"worst: {where}",
-    )
+    return _target(r, "KV bytes <= 1.05x budget", TARGET_BYTES, worst, worst <= TARGET_BYTES, f"worst: {where}")
 
 
 def _decode_target(r: RunResult, base: RunResult | None) -> Target | None:
@@ -64,16 +68,8 @@ def _decode_target(r: RunResult, base: RunResult | None) -> Target | None:
     if not (base and base.decode_median_s and r.decode_median_s):
         return None
     q = r.decode_median_s / base.decode_median_s
-    return Target(
-        name="decode at B <= 1.1x full at B",
-        policy=r.policy,
-        ratio=r.ratio,
-        context=r.context,
-        value=q,
-        threshold=TARGET_DECODE_AT_BUDGET,
-        met=q <= TARGET_DECODE_AT_BUDGET,
-        detail=f"{1e3 * r.decode_median_s:.2f} ms vs {1e3 * base.decode_median_s:.2f} ms (B={base.context})",
-    )
+    detail = f"{1e3 * r.decode_median_s:.2f} ms vs {1e3 * base.decode_median_s:.2f} ms (B={base.context})"
+    return _target(r, "decode at B <= 1.1x full at B", TARGET_DECODE_AT_BUDGET, q, q <= TARGET_DECODE_AT_BUDGET, detail)
 
 
 def _prefill_target(r: RunResult, full: RunResult | None) -> Target | None:
@@ -81,33 +77,21 @@ def _prefill_target(r: RunResult, full: RunResult | None) -> Target | None:
     if not (full and full.prefill_median_s and r.prefill_median_s):
         return None
     q = r.prefill_median_s / full.prefill_median_s
-    return Target(
-        name="prefill (attn stats) <= 1.15x full" if r.attention_stats else "prefill <= 1.15x full (info)",
-        policy=r.policy,
-        ratio=r.ratio,
-        context=r.context,
-        value=q,
-        threshold=TARGET_PREFILL,
-        met=q <= TARGET_PREFILL,
-        detail=f"median of {len(r.prefill_s)}: {r.prefill_median_s:.3f} s vs {full.prefill_median_s:.3f} s",
-    )
+    name = "prefill (attn stats) <= 1.15x full" if r.attention_stats else "prefill <= 1.15x full (info)"
+    detail = f"median of {len(r.prefill_s)}: {r.prefill_median_s:.3f} s vs {full.prefill_median_s:.3f} s"
+    return _target(r, name, TARGET_PREFILL, q, q <= TARGET_PREFILL, detail)
 
 
 def _peak_target(r: RunResult, full: RunResult | None) -> Target | None:
     """5. Peak memory above the configuration's start vs the full cache's."""
     if not (full and full.peak_delta_bytes is not None and r.peak_delta_bytes is not None):
         return None
-    return Target(
-        name="peak memory <= full",
-        policy=r.policy,
-        ratio=r.ratio,
-        context=r.context,
-        value=r.peak_delta_bytes / max(1, full.peak_delta_bytes),
-        threshold=TARGET_PEAK,
-        met=r.peak_delta_bytes <= full.peak_delta_bytes,
-        detail=f"{r.peak_delta_bytes / MiB:.1f} MiB vs {full.peak_delta_bytes / MiB:.1f} MiB above the "
-        f"configuration's starting memory",
+    detail = (
+        f"{r.peak_delta_bytes / MiB:.1f} MiB vs {full.peak_delta_bytes / MiB:.1f} MiB above the "
+        f"configuration's starting memory"
     )
+    q = r.peak_delta_bytes / max(1, full.peak_delta_bytes)
+    return _target(r, "peak memory <= full", TARGET_PEAK, q, r.peak_delta_bytes <= full.peak_delta_bytes, detail)
 
 
 def _flat_target(r: RunResult) -> Target:
@@ -115,26 +99,10 @@ def _flat_target(r: RunResult) -> Target:
     name = "decode flat (late/early <= 1.1)"
     le = late_early(r.decode_step_s)
     if le is None:
-        return Target(
-            name=name,
-            policy=r.policy,
-            ratio=r.ratio,
-            context=r.context,
-            threshold=TARGET_FLAT,
-            met=None,
-            detail="run too short",
-        )
+        return _target(r, name, TARGET_FLAT, None, None, "run too short")
     early, late, where = le
-    return Target(
-        name=name,
-        policy=r.policy,
-        ratio=r.ratio,
-        context=r.context,
-        value=late / early,
-        threshold=TARGET_FLAT,
-        met=late / early <= TARGET_FLAT,
-        detail=f"{where}: {1e3 * early:.2f} -> {1e3 * late:.2f} ms",
-    )
+    detail = f"{where}: {1e3 * early:.2f} -> {1e3 * late:.2f} ms"
+    return _target(r, name, TARGET_FLAT, late / early, late / early <= TARGET_FLAT, detail)
 
 
 def evaluate_targets(result: BenchResult) -> list[Target]:
