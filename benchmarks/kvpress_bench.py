@@ -17,7 +17,7 @@ prefill; needs eager attention with the ``[heads, n, n]`` weights materialised, 
 memory). kvpress compresses at prefill only: during decoding its cache is a plain ``DynamicCache`` that grows by one
 entry per token (``torch.cat`` of each layer per step), so its figures after decode are prefill budget + steps.
 
-Measured exactly as ``kvpolicy/bench.py`` does (this file does not import kvpolicy, whose transformers pin differs):
+Measured exactly as ``kvpolicy/bench/`` does (this file does not import kvpolicy, whose transformers pin differs):
 prefill repeats interleaved with the full cache, median; decode steps after the last repeat, median without the first
 steps; cache bytes = sum of each layer's key/value tensor sizes; peak memory = RSS high-water mark reset per
 configuration (``malloc_trim`` + ``/proc/self/clear_refs``).
@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 SCHEMA = "kvpolicy.bench/1"
-#: the same shapes as kvpolicy.bench.BUILTIN_CONFIGS (kept in step by tests/test_bench.py)
+#: the same shapes as kvpolicy.bench.shapes.BUILTIN_CONFIGS (kept in step by tests/test_bench.py)
 BUILTIN_CONFIGS = {
     "llama-tiny": {
         "hidden_size": 64,

@@ -449,6 +449,14 @@ class PolicyLayer(DynamicLayer):
             return sum(b.nbytes() for b in self.buckets)
         return self._k.nbytes + self._v.nbytes
 
+    def slot_nbytes(self) -> int:
+        """Key + value bytes of one physical slot across rows and kv heads (``nbytes() == capacity * slot_nbytes()``
+        when the heads are not in buckets), so a report can price the slots in use without reading the buffers."""
+        if not self.is_initialized:
+            return 0
+        b, h = self._k.shape[:2]
+        return b * h * (self._k.shape[-1] * self._k.element_size() + self._v.shape[-1] * self._v.element_size())
+
     def meta_nbytes(self) -> int:
         if not self.is_initialized:
             return 0

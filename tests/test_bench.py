@@ -6,6 +6,9 @@ import importlib.util
 import io
 import json
 import math
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -14,8 +17,14 @@ from rich.console import Console
 from transformers import DynamicCache
 
 import kvpolicy
-from kvpolicy import bench
-from kvpolicy.bench import SCHEMA, BenchResult, BenchSpec, cache_bytes
+from kvpolicy.bench import bench_cli
+from kvpolicy.bench.external import merge_external
+from kvpolicy.bench.memory import cache_bytes
+from kvpolicy.bench.output import load_result, write_json_atomic
+from kvpolicy.bench.plan import make_plan, plan_lookup
+from kvpolicy.bench.shapes import BUILTIN_CONFIGS
+from kvpolicy.bench.spec import SCHEMA, BenchResult, BenchSpec
+from kvpolicy.bench.tables import render
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +37,7 @@ def quick(tmp_path_factory):
     import contextlib
 
     with contextlib.redirect_stdout(buf):
-        rc = bench.bench_cli(quick=True, output=out, json_=True, long_steps=40)
+        rc = bench_cli(quick=True, output=out, json_=True, long_steps=40)
     assert rc == 0
     return out, json.loads(buf.getvalue())
 
@@ -155,11 +164,65 @@ def test_cache_bytes_matches_live_tensors():
     )  # layers x (k, v) x batch x kv heads x n x head_dim x fp32
 
 
+@pytest.mark.parametrize("ratio", [0.5, 0.6, 0.75])
+def test_promised_entries_follow_the_fraction_rule_while_decoding(ratio):
+    """Promised entries after k decode steps under the paper's fraction rule, against the rule written out here:
+    the most a layer may hold after n tokens is the largest h with int(h - n (1 - ratio)) < 1."""
+    from conftest import build_model, first_last_policy
+
+    model = build_model("llama")
+    kvpolicy.attach(model)
+    n0, steps = 20, 7
+    ids = torch.randint(3, 100, (1, n0), generator=torch.Generator().manual_seed(0))
+    cache = kvpolicy.make_cache(model, first_last_policy(kvpolicy.Budget(ratio=ratio)))
+    with torch.no_grad():
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        tok = out.logits[:, -1:].argmax(-1)
+        for _ in range(steps):
+            out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+            tok = out.logits[:, -1:].argmax(-1)
+    n = n0 + steps
+    target = n * (1 - ratio)
+    expected = math.floor(target) if float(target).is_integer() else math.floor(target) + 1
+    got = cache_bytes(cache, generated=steps)
+    for lb in got.layers:
+        assert lb.promised == [[expected, expected]]
+        assert all(h <= p for row_h, row_p in zip(lb.held, lb.promised) for h, p in zip(row_h, row_p))
+        assert lb.used_bytes == lb.slots * 2 * 16 * 4 * 2  # kv heads x head_dim x fp32 x (k, v)
+
+
+def test_package_and_command_import_no_torch():
+    """``kvpolicy.bench`` and its command module load with torch and transformers unavailable (kvpolicy's own
+    ``__init__`` is bypassed here: it is another module's job to be torch-free), and bench_cli keeps its signature."""
+    code = textwrap.dedent(
+        f"""
+        import importlib.abc, sys, types
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "transformers"):
+                    raise ImportError("blocked: " + name)
+        sys.meta_path.insert(0, Block())
+        pkg = types.ModuleType("kvpolicy")
+        pkg.__path__ = [{str(ROOT / "kvpolicy")!r}]
+        sys.modules["kvpolicy"] = pkg
+        import kvpolicy.bench
+        from kvpolicy.bench import bench_cli
+        import inspect
+        assert "quick" in inspect.signature(bench_cli).parameters
+        heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "pydantic"))
+        print("heavy:", heavy)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "heavy: []"
+
+
 def test_table_prints(quick):
     _, doc = quick
     result = BenchResult.model_validate(doc)
     buf = io.StringIO()
-    bench.render(result, Console(file=buf, width=160, color_system=None))
+    render(result, Console(file=buf, width=160, color_system=None))
     text = buf.getvalue()
     for n in result.spec["contexts"]:
         assert f"context {n} tokens" in text
@@ -172,7 +235,7 @@ def test_table_prints(quick):
 
 def test_report_writes_the_tables_as_markdown(quick, tmp_path):
     out, doc = quick
-    assert bench.bench_cli(report=out / "bench.json", output=tmp_path, markdown=True) == 0
+    assert bench_cli(report=out / "bench.json", output=tmp_path, markdown=True) == 0
     text = (tmp_path / "tables.md").read_text()
     result = BenchResult.model_validate(doc)
     header = [line for line in text.splitlines() if line.startswith("| policy")]
@@ -217,7 +280,7 @@ def test_report_merges_an_external_result(quick, tmp_path):
     import contextlib
 
     with contextlib.redirect_stdout(buf):
-        bench.bench_cli(
+        bench_cli(
             report=out / "bench.json",
             compare=[tmp_path / "kvpress.json"],
             output=tmp_path,
@@ -227,15 +290,15 @@ def test_report_merges_an_external_result(quick, tmp_path):
     assert {r["framework"] for r in merged["runs"]} == {"kvpolicy", "kvpress"}
     assert merged["external"][0]["framework"] == "kvpress"
     # merging the same framework again replaces its runs
-    again = bench.load_result(tmp_path / "bench.json")
-    bench.merge_external(again, tmp_path / "kvpress.json")
+    again = load_result(tmp_path / "bench.json")
+    merge_external(again, tmp_path / "kvpress.json")
     assert sum(r.framework == "kvpress" for r in again.runs) == 2
 
 
 def test_atomic_write_replaces(tmp_path):
     target = tmp_path / "r.json"
-    bench.write_json_atomic(target, {"a": 1})
-    bench.write_json_atomic(target, {"a": 2})
+    write_json_atomic(target, {"a": 1})
+    write_json_atomic(target, {"a": 2})
     assert json.loads(target.read_text()) == {"a": 2}
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
 
@@ -264,7 +327,7 @@ def test_planner_keeps_priorities_within_the_budget():
         repeats=3,
         time_budget_s=90,
     )
-    plan = bench._make_plan(spec, list(needs), needs, _FakeCost(), spent_s=0)
+    plan = make_plan(spec, list(needs), needs, _FakeCost(), spent_s=0)
     included = [p for p in plan if p.included]
     assert (
         included[0].item == "context"
@@ -277,13 +340,13 @@ def test_planner_keeps_priorities_within_the_budget():
     assert larger and larger[0].policies == [
         "h2o"
     ]  # the whole-prompt attention scorer first
-    lookup = bench._plan_lookup(plan)
+    lookup = plan_lookup(plan)
     assert lookup["policies"][1000] == list(needs)
     # no budget: everything
     spec.time_budget_s = None
-    plan = bench._make_plan(spec, list(needs), needs, _FakeCost(), spent_s=0)
+    plan = make_plan(spec, list(needs), needs, _FakeCost(), spent_s=0)
     assert all(p.included for p in plan)
-    assert bench._plan_lookup(plan)["reps"] == {1000: 3, 4000: 3, 16000: 3}
+    assert plan_lookup(plan)["reps"] == {1000: 3, 4000: 3, 16000: 3}
 
 
 def test_spec_defaults_and_validation():
@@ -306,5 +369,5 @@ def test_kvpress_script_uses_the_same_shapes():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     for name, shape in mod.BUILTIN_CONFIGS.items():
-        assert bench.BUILTIN_CONFIGS[name] == shape
+        assert BUILTIN_CONFIGS[name] == shape
     assert mod.SCHEMA == SCHEMA

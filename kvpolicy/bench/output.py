@@ -1,0 +1,78 @@
+"""Result files: ``bench.json`` (written atomically, read back against the schema), the plots beside it and the
+tables as Markdown."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .spec import SCHEMA, BenchResult
+
+
+def read_document(path: str | Path) -> dict[str, Any]:
+    """A JSON file in this schema, as a dict (``ValueError`` naming the file when the schema differs)."""
+    doc = json.loads(Path(path).read_text())
+    if doc.get("schema") != SCHEMA:
+        raise ValueError(f"{path}: schema {doc.get('schema')!r}, expected {SCHEMA!r}")
+    return doc
+
+
+def load_result(path: str | Path) -> BenchResult:
+    """Read a bench.json back (validated against the schema)."""
+    return BenchResult.model_validate(read_document(path))
+
+
+def write_json_atomic(path: Path, doc: Any) -> None:
+    """Write ``doc`` as JSON to a temporary file in the same directory, then ``os.replace`` it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def result_json(result: BenchResult) -> dict[str, Any]:
+    return result.model_dump(mode="json", by_alias=True)
+
+
+def write_outputs(result: BenchResult, outdir: str | Path, plots: bool = True) -> dict[str, str]:
+    """``bench.json`` and (``plots``) the PNG plots in ``outdir``; the file paths are recorded in ``result.files``."""
+    from .plots import plot
+
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    files = plot(result, outdir) if plots else {}
+    files["json"] = str(outdir / "bench.json")
+    result.files = files
+    write_json_atomic(outdir / "bench.json", result_json(result))
+    return files
+
+
+def write_markdown(result: BenchResult, outdir: str | Path) -> Path:
+    """The report's tables as Markdown in ``outdir/tables.md`` (atomically: temporary file, then rename)."""
+    import io
+
+    from rich.console import Console
+
+    from .tables import render
+
+    buf = io.StringIO()
+    render(result, Console(file=buf, width=400, color_system=None, soft_wrap=True), markdown=True)
+    path = Path(outdir) / "tables.md"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(buf.getvalue())
+    os.replace(tmp, path)
+    result.files["markdown"] = str(path)
+    return path
