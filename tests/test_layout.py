@@ -76,3 +76,16 @@ def test_make_view_statistics_types_and_stage():
     assert text.attention == {} and bool((text.token_types == TEXT).all())
     assert (text.stage, text.new_tokens, text.layer_idx, text.num_layers) == ("decode", 1, 0, 1)
     assert make_view().new_tokens == 14 and make_view(new_tokens=5).new_tokens == 5
+
+
+def test_every_subpackage_is_listed_for_the_wheel():
+    """pyproject lists its packages by hand (plugins/ installs as kvpolicy_plugins); an editable install finds a
+    new subpackage anyway, so only a wheel would miss one - this keeps the list in step with the folders."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "kvpolicy").rglob("__init__.py")
+    }
+    found |= {"kvpolicy.data"} if (ROOT / "kvpolicy" / "data").is_dir() else set()
+    assert found - listed == set(), f"add {sorted(found - listed)} to [tool.setuptools] packages in pyproject.toml"
