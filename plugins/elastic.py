@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from kvpolicy.hookspecs import PartSpec, PresetSpec, hookimpl
 from kvpolicy.policy import AttentionStat, LayerView, Reduction
 from kvpolicy.selection import ranked_slots, sort_by_position
+from kvpolicy.sinks import POLICY_SINKS
 
 #: the prefill statistic the frequency scorer needs: attention received from every query of the prompt
 PROMPT_ATTENTION = AttentionStat(window=None)
@@ -190,7 +191,9 @@ class AnchorMergeParams(BaseModel):
         ge=0,
         le=4096,
         description="attention sinks: the first real tokens of each row, always kept, never merged into "
-        "(authors' class default 4, every evaluation script passes 1)",
+        "(authors' class default 4, every evaluation script passes 1). Repeats the policy's `sinks`: filled from it, "
+        "or checked against it",
+        json_schema_extra={POLICY_SINKS: True},
     )
     keep_last: bool = Field(default=True, description="always keep the last prompt token (the paper's protected token)")
     assign: Literal["position", "cosine"] = Field(
@@ -265,6 +268,12 @@ class AnchorMerge:
 
     def __init__(self, params: AnchorMergeParams | None = None, **kwargs: Any):
         self.params = params if params is not None else AnchorMergeParams(**kwargs)
+
+    @property
+    def protected_sinks(self) -> int:
+        """The sinks this reducer protects (``start_size``), stated so that the policy's ``sinks`` (what the decode
+        scorer reads as ``view.sinks``) is derived from it or checked against it."""
+        return self.params.start_size
 
     # -------------------------------------------------------------------------------------------- prefill
     def reduce(self, view: LayerView, scores: torch.Tensor, keep: torch.Tensor) -> Reduction:
@@ -390,13 +399,13 @@ class AnchorMerge:
     def on_drop(
         self, view: LayerView, victims: torch.Tensor, victim_valid: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """With ``decode_merge``: merge each victim into its positionally nearest surviving entry (ties to the
-        older one): that entry's key and value become the mean of itself and the victims assigned to it. Without it,
-        evict (return ``None``)."""
+        """With ``decode_merge``: merge each victim into its positionally nearest surviving entry that is not one of
+        the policy's sinks (ties to the older one): that entry's key and value become the mean of itself and the
+        victims assigned to it. Without it, evict (return ``None``)."""
         if not self.params.decode_merge:
             return None
         drop = torch.zeros_like(view.valid).scatter_(-1, victims, victim_valid) & view.valid
-        survivors = view.valid & ~drop
+        survivors = view.valid & ~drop & ~view.sink_mask()  # the policy's sinks are never merged into
         target, has = _nearest_by_position(view.positions, view.order(), view.rank(), survivors)
         sources = drop & has[..., None]
         if not bool(sources.any()):
@@ -429,7 +438,14 @@ class DistanceOffsetParams(BaseModel):
         ge=-(1 << 20),
         le=1 << 20,
         description="drop index: prefill_kept + 1 + offset for offset < 0 (frozen at the end of prefill), the index "
-        "itself for offset > 0; 0 is not allowed",
+        "itself for offset > 0; 0 is not allowed. Never below the policy's sinks (unless quirk_raw_index)",
+    )
+    quirk_raw_index: bool = Field(
+        default=False,
+        description="authors' code: the frozen index is used as their slicing uses it, with no floor at the sinks; a "
+        "negative index idx with -S <= idx <= -2 (S entries held, the step's new token included) drops the |idx|-th "
+        "newest entry. Where their code has no defined result (idx = -1 duplicates the cache, idx < -S drops nothing "
+        "and their next call fails an assert) the paper rule applies",
     )
 
     @field_validator("offset")
@@ -449,10 +465,12 @@ class DistanceOffset:
 
     No attention is needed. At the end of prefill the drop index of every row is frozen as
     ``prefill_kept + 1 + offset`` (``offset < 0``; default ``-25`` keeps the newest 24 prompt entries and everything
-    after them as a FIFO window) or ``offset`` (``offset > 0``). Whenever the budget rule asks for a drop, the entry at
-    that positional rank among the row's valid entries goes: everything before it (sinks, instruction anchors) is
-    frozen. ``drop_scores`` is 0 at the index, then 1, 2, ... for the newer entries, then larger values for the older
-    ones, so that dropping ``k`` entries at once equals ``k`` successive drops at the same index.
+    after them as a FIFO window) or ``offset`` (``offset > 0``), and never below the policy's protected sinks
+    (``view.sinks``): a short prompt would otherwise put the index on the BOS sink. Whenever the budget rule asks for
+    a drop, the entry at that positional rank among the row's valid entries goes: everything before it (sinks,
+    instruction anchors) is frozen. ``drop_scores`` is 0 at the index, then 1, 2, ... for the newer entries, then
+    larger values for the older ones, so that dropping ``k`` entries at once equals ``k`` successive drops at the same
+    index.
 
     When (and how many) entries go is the engine's :class:`~kvpolicy.policy.Budget` rule: ``decode="fraction"``
     (the paper: ``int(P - n * (1 - ratio)) >= 1``) or ``"fixed"`` (one per token once full).
@@ -460,42 +478,65 @@ class DistanceOffset:
     Deviations from the authors' code: their index is ``T - forget_num + distance``, which is
     ``prefill_kept + 1 + offset`` once their off-by-one prefill is reproduced (``anchor_merge.quirk_off_by_one``);
     their drop runs after the step's attention and the new tokens' RoPE positions count from the compressed length
-    (engine switches ``CachePolicy.drop_after_attention`` / ``compressed_positions``). Guards kvpolicy adds: an index
-    below 0 (prompt shorter than ``-offset``) is clamped to 0; an index at or past the newest entry drops the newest
-    entry (the authors' slicing would silently drop nothing and let the cache grow).
+    (engine switches ``CachePolicy.drop_after_attention`` / ``compressed_positions``). They slice with the raw index:
+    below the sinks it drops a sink, and a negative one counts from the newest entry (``quirk_raw_index`` reproduces
+    both where their code defines a result). An index at or past the newest entry drops the newest entry here (their
+    slicing drops nothing, the cache grows and their next call fails an assert).
     """
 
     def __init__(self, params: DistanceOffsetParams | None = None, **kwargs: Any):
         self.params = params if params is not None else DistanceOffsetParams(**kwargs)
         self.needs: frozenset[AttentionStat] = frozenset()
 
-    def drop_index(self, prefill_kept: torch.Tensor) -> torch.Tensor:
-        """The frozen drop index, int64 ``[B, H]``, from the entries held right after prefill compression."""
+    def drop_index(self, prefill_kept: torch.Tensor, sinks: int = 0) -> torch.Tensor:
+        """The frozen drop index, int64 ``[B, H]``, from the entries held right after prefill compression: at least
+        ``sinks`` (the policy's protected sinks), or the authors' raw index with ``quirk_raw_index``."""
         off = self.params.offset
-        if off > 0:
-            return torch.full_like(prefill_kept, off)
-        return (prefill_kept + 1 + off).clamp(min=0)
+        idx = torch.full_like(prefill_kept, off) if off > 0 else prefill_kept + 1 + off
+        if self.params.quirk_raw_index:
+            return idx
+        return idx.clamp(min=max(0, sinks))
 
     def after_prefill(self, view: LayerView) -> None:
         kept = view.prefill_kept if view.prefill_kept is not None else view.held()
-        view.layer_state[DROP_INDEX_KEY] = self.drop_index(kept).clone()
+        view.layer_state[DROP_INDEX_KEY] = self.drop_index(kept, view.sinks).clone()
 
     def drop_scores(self, view: LayerView) -> torch.Tensor:
         # The engine keeps ``prefill_kept`` aligned with the batch rows (beam reorders, row selection); the copy in
         # layer_state is for inspection, so recompute from the engine's tensor whenever it is there.
         if view.prefill_kept is not None:
-            idx = self.drop_index(view.prefill_kept)
+            idx = self.drop_index(view.prefill_kept, view.sinks)
         elif DROP_INDEX_KEY in view.layer_state:
             idx = view.layer_state[DROP_INDEX_KEY]
         else:
             raise RuntimeError("distance_offset: no frozen drop index (after_prefill was not called)")
         idx = idx.to(view.positions.device)
         held = view.held()
-        idx = torch.minimum(idx, (held - 1).clamp(min=0))[..., None]
         rank = view.rank()
         big = float(view.num_slots)
-        scores = torch.where(rank >= idx, (rank - idx).to(torch.float32), big + (idx - rank).to(torch.float32))
-        return scores
+        backward = torch.zeros_like(held, dtype=torch.bool)
+        if self.params.quirk_raw_index:
+            idx, backward = _raw_target(view, idx, held)
+        idx = torch.minimum(idx, (held - 1).clamp(min=0))[..., None]
+        back = backward[..., None]
+        # forward (a fixed index): the entries after the victim move down onto it, so the next victim is the next newer
+        # one; backward (the |idx|-th newest): the next victim is the next older one
+        ahead = torch.where(back, idx - rank, rank - idx)
+        return torch.where(ahead >= 0, ahead.to(torch.float32), big + (-ahead).to(torch.float32))
+
+
+def _raw_target(view: LayerView, idx: torch.Tensor, held: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The authors' slicing ``cat(k[:idx], k[idx+1:])`` on their cache of ``S`` entries (the step's new token
+    included, whether or not it is already in ``view``): a non-negative ``idx`` is a rank as it is; ``-S <= idx <=
+    -2`` is the entry at rank ``S + idx`` (``backward``: the next drop goes one older). ``idx = -1`` (their code
+    duplicates the cache) and ``idx < -S`` (drops nothing, then fails) have no defined result: the paper's rule
+    (the index floored at the policy's sinks) applies. Returns (rank in ``view``, backward) ``[B, H]``."""
+    newest = torch.where(view.valid, view.positions, -1).amax(-1) if view.num_slots else torch.full_like(held, -1)
+    incoming = (newest < view.seen - 1).to(held.dtype)  # drop before the new token is written (kvpolicy's default)
+    s = held + incoming
+    defined = (idx <= -2) & (idx >= -s)
+    target = torch.where(defined, s + idx, idx.clamp(min=max(0, view.sinks)))
+    return target, defined
 
 
 # ===================================================================================================== registration
@@ -533,12 +574,15 @@ def kvpolicy_parts() -> list[PartSpec]:
 
 
 #: The authors' evaluation settings: ratio 0.2 is the fraction *removed* (their forget_num = int(T - T*(1-ratio))),
-#: i.e. the cache keeps 80% of the tokens seen; start_size 1 (every script's --start-size), offset -25 (class default).
+#: i.e. the cache keeps 80% of the tokens seen; 1 sink (every script's --start-size, stated once as the policy's
+#: ``sinks``: anchor_merge's start_size is filled from it and distance_offset never drops below it), offset -25
+#: (class default).
 ELASTIC_POLICY: dict[str, Any] = {
     "encode": {"name": "frequency"},
-    "reducer": {"name": "anchor_merge", "start_size": 1},
+    "reducer": {"name": "anchor_merge"},
     "decode": {"name": "distance_offset", "offset": -25},
     "ratio": 0.2,
+    "sinks": 1,
 }
 
 #: The same settings with every quirk of the authors' code switched on (see docs/elastic.md). Quirks are named in
@@ -546,13 +590,15 @@ ELASTIC_POLICY: dict[str, Any] = {
 #: over this preset turns exactly that one off.
 ELASTIC_REFERENCE_POLICY: dict[str, Any] = {
     "encode": {"name": "frequency"},
-    "reducer": {"name": "anchor_merge", "start_size": 1},
+    "reducer": {"name": "anchor_merge"},
     "decode": {"name": "distance_offset", "offset": -25},
     "ratio": 0.2,
+    "sinks": 1,
     "reference_quirks": {
         "rank_by_index": True,
         "off_by_one": True,
         "shifted_merge": True,
+        "raw_index": True,
         "drop_after_attention": True,
         "compressed_positions": True,
     },
@@ -571,7 +617,7 @@ def kvpolicy_presets() -> list[PresetSpec]:
         PresetSpec(
             name="elastic_reference",
             summary="Elastic Cache as the authors' code runs it (index-vs-rank selection, off-by-one, shifted merge, "
-            "drop after attention, positions from the compressed length), ratio 0.2",
+            "raw drop index, drop after attention, positions from the compressed length), ratio 0.2",
             policy=ELASTIC_REFERENCE_POLICY,
         ),
     ]

@@ -794,9 +794,10 @@ def test_hooks_through_pluggy():
     presets = {p.name: p for group in pm.hook.kvpolicy_presets() for p in group}
     assert presets["elastic"].policy == {
         "encode": {"name": "frequency"},
-        "reducer": {"name": "anchor_merge", "start_size": 1},
+        "reducer": {"name": "anchor_merge"},
         "decode": {"name": "distance_offset", "offset": -25},
         "ratio": 0.2,
+        "sinks": 1,
     }
 
 
