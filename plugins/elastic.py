@@ -535,7 +535,7 @@ def _raw_target(view: LayerView, idx: torch.Tensor, held: torch.Tensor) -> tuple
     incoming = (newest < view.seen - 1).to(held.dtype)  # drop before the new token is written (kvpolicy's default)
     s = held + incoming
     defined = (idx <= -2) & (idx >= -s)
-    target = torch.where(defined, s + idx, idx.clamp(min=max(0, view.sinks)))
+    target = torch.where(defined, s + idx, torch.where(idx >= 0, idx, max(0, view.sinks)))
     return target, defined
 
 

@@ -362,11 +362,11 @@ def authors_prefill(k, v, score_sum, ratio, start_size, distance=-25):
 ALL_QUIRKS = {"quirk_rank_by_index": True, "quirk_off_by_one": True, "quirk_shifted_merge": True}
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(8))
 @pytest.mark.parametrize("ratio", [0.2, 0.35, 0.5])
 @pytest.mark.parametrize("start_size", [1, 4])
 def test_all_quirks_reproduce_the_authors_code(seed, ratio, start_size):
-    t = 40 + 7 * seed
+    t = 40 + 7 * seed if seed < 6 else 12 + 5 * seed  # the last two: short prompts, a negative frozen index
     view = make_view(batch=1, heads=2, slots=t, pads=(0,), seed=seed)
     score_sum = torch.rand(t, generator=torch.Generator().manual_seed(100 + seed))
     keep = Budget(ratio=ratio).prefill_keep(view.n_tokens)
@@ -381,10 +381,35 @@ def test_all_quirks_reproduce_the_authors_code(seed, ratio, start_size):
     expected = naive_anchor_merge(view, score_sum.view(1, 1, t), keep.tolist(), start_size, rank_by_index=True,
                                   off_by_one=True, shifted=True)
     assert_same_rows(reduction_rows(view, red), expected)
-    # and the decode index: the authors' `seq_len - forget_num + distance` (kvpolicy clamps a negative one to 0;
-    # the authors' slicing would count it from the end, see docs/elastic.md)
+    # and the decode index: the authors' `seq_len - forget_num + distance` as it is with quirk_raw_index; in paper
+    # mode never below the sinks (a negative one would count from the newest entry in their slicing)
     prefill_kept = red.valid.sum(-1)
-    assert DistanceOffset(offset=-25).drop_index(prefill_kept).tolist() == [[max(0, drop_index)] * 2]
+    assert DistanceOffset(offset=-25, quirk_raw_index=True).drop_index(prefill_kept).tolist() == [[drop_index] * 2]
+    assert DistanceOffset(offset=-25).drop_index(prefill_kept, start_size).tolist() == [
+        [max(start_size, drop_index)] * 2
+    ]
+
+
+@pytest.mark.parametrize("start_size", [1, 4])
+@pytest.mark.parametrize("t", [6, 9, 14])
+def test_authors_prefill_crashes_without_room_for_anchors(start_size, t):
+    """Their prefill needs an anchor: with keep <= start_size + 2 (keep = T - forget_num) `selected_idx` is empty
+    and `argmin` on it raises. kvpolicy keeps the protected tokens (the paper's edge rule) instead."""
+    ratio = 0.75
+    keep = Budget(ratio=ratio).prefill_keep(torch.tensor([t]))
+    forget_num = int(t - t * (1 - ratio))
+    assert forget_num > 1 and int(keep) == t - forget_num
+    view = make_view(batch=1, heads=2, slots=t, pads=(0,), seed=t)
+    score_sum = torch.rand(t, generator=torch.Generator().manual_seed(t))
+    if int(keep) <= start_size + 2:
+        with pytest.raises((RuntimeError, IndexError)):
+            authors_prefill(view.keys, view.values, score_sum, ratio, start_size)
+    else:
+        authors_prefill(view.keys, view.values, score_sum, ratio, start_size)
+    red = AnchorMerge(start_size=start_size, **ALL_QUIRKS).reduce(view, score_sum.view(1, 1, t), keep)
+    expected = naive_anchor_merge(view, score_sum.view(1, 1, t), keep.tolist(), start_size, rank_by_index=True,
+                                  off_by_one=True, shifted=True)
+    assert_same_rows(reduction_rows(view, red), expected)
 
 
 QUIRK_SUBSETS = [
@@ -522,6 +547,84 @@ def test_distance_offset_freezes_index_and_scores_it_lowest(offset):
                 target = remaining[min(idx, len(remaining) - 1)]
                 assert by_score[step] == target
                 remaining.remove(target)
+
+
+def authors_decode(past_key_values, selected_idx):
+    """The decode branch (``forget_num == 1``) of ``ElasticCache.__call__`` of liuzuyan/ElasticCache@3138e03, line by
+    line (``k_seq_dim = v_seq_dim = 2``, ``self.k_slice = slice2d``): ``selected_idx`` is the index frozen at prefill,
+    ``past_key_values`` the cache *after* the step's forward (the new token included)."""
+
+    def slice2d(x, start, end):
+        return x[:, :, start:end, ...]
+
+    seq_len = past_key_values[0][0].size(2)
+    return [[torch.cat([slice2d(k, 0, selected_idx), slice2d(k, (selected_idx + 1), seq_len)], dim=2),
+             torch.cat([slice2d(v, 0, selected_idx), slice2d(v, (selected_idx + 1), seq_len)], dim=2)]
+            for k, v in past_key_values]
+
+
+def lowest_valid(view: LayerView, scores: torch.Tensor, b: int, h: int) -> int:
+    slots = row_slots(view, b, h)
+    return min(slots, key=lambda j: (float(scores[b, h if scores.shape[1] > 1 else 0, j]), j))
+
+
+@pytest.mark.parametrize("incoming", [0, 1], ids=["after_attention", "in_update"])
+def test_raw_index_reproduces_the_authors_slicing(incoming):
+    """quirk_raw_index against the authors' decode branch on a cache of S entries (new token included), for every
+    frozen index from -S-3 to S+2: where their slicing drops one entry, kvpolicy drops the same one (the new token
+    already in the view, or about to be written: then their dropping the new token itself is the newest written
+    entry here); where it has no defined result (idx = -1 duplicates the cache,
+    idx < -S and idx >= S drop nothing and their next call fails) the paper rule applies."""
+    kept = [9, 14, 6]
+    for extra in (1, 4):
+        view = decode_view(kept, extra=extra, seed=extra)
+        newest = torch.where(view.valid, view.positions, -1).amax(-1, keepdim=True)
+        view.positions = view.positions + (newest.max() - newest)  # rows end at the same column, as in a batch
+        view.seen = int(newest.max()) + 1 + incoming  # the new column is counted before it is written
+        for raw in range(-max(kept) - extra - 4, max(kept) + extra + 3):
+            prefill = torch.full_like(view.prefill_kept, raw - 1 + 25)  # prefill_kept + 1 - 25 == raw
+            v = dataclasses.replace(view, prefill_kept=prefill, sinks=1)
+            scores = DistanceOffset(offset=-25, quirk_raw_index=True).drop_scores(v)
+            paper = DistanceOffset(offset=-25).drop_scores(v)
+            for b in range(3):
+                slots = row_slots(v, b, 0)
+                s = len(slots) + incoming
+                cache = torch.arange(s, dtype=torch.float32).view(1, 1, s, 1)  # ranks, the new token last
+                (k_out, _), = authors_decode([(cache, cache)], raw)
+                got = lowest_valid(v, scores, b, 0)
+                if k_out.shape[2] == s - 1:  # their slicing drops exactly one entry
+                    gone = sorted(set(range(s)) - set(k_out.flatten().long().tolist()))
+                    assert len(gone) == 1, (raw, b)
+                    # their victim is the new token itself (raw == S - 1): it is not written yet when kvpolicy drops
+                    # in update(), so the newest written entry goes (with drop_after_attention it is the same)
+                    assert got == slots[min(gone[0], len(slots) - 1)], (raw, b, s)
+                    assert gone[0] < len(slots) or (incoming and raw == s - 1)
+                    assert -s <= raw <= -2 or 0 <= raw < s
+                else:  # no defined result: duplicated (2S - 1) or nothing dropped (S)
+                    assert k_out.shape[2] in (s, 2 * s - 1) and (raw == -1 or raw < -s or raw >= s)
+                    assert got == lowest_valid(v, paper, b, 0), (raw, b)
+
+
+@pytest.mark.parametrize("sinks", [0, 1, 4])
+def test_paper_index_never_below_the_sinks(sinks):
+    """Paper mode: the frozen index is max(prefill_kept + 1 + offset, sinks) (or the positive offset, floored the
+    same way); the lowest score never falls on one of the sinks whatever the offset and prompt length."""
+    kept = [3, 8, 30]
+    view = decode_view(kept, extra=3)
+    view.sinks = sinks
+    for offset in (-40, -25, -9, -5, -1, 1, 2, 3, 6, 200):
+        scorer = DistanceOffset(offset=offset)
+        scorer.after_prefill(view)
+        raw = [k + 1 + offset if offset < 0 else offset for k in kept]
+        assert view.layer_state[elastic.DROP_INDEX_KEY][:, 0].tolist() == [max(sinks, r) for r in raw]
+        scores = scorer.drop_scores(view)
+        for b in range(3):
+            slots = row_slots(view, b, 0)
+            by_score = sorted(slots, key=lambda j: float(scores[b, 0, j]))
+            rank = min(max(sinks, raw[b]), len(slots) - 1)
+            assert by_score[0] == slots[rank]
+            if len(slots) > sinks:
+                assert slots.index(by_score[0]) >= sinks
 
 
 def test_distance_offset_params():
