@@ -871,6 +871,123 @@ def test_reference_quirks_end_to_end(llava):
     assert expected[0][0][0] == length - forget_num - 1
 
 
+# ============================================================================================== sinks: property tests
+
+_GQA_MODELS: dict[int, torch.nn.Module] = {}
+
+
+def gqa_llama(group: int):
+    """A tiny 2-layer Llama with 2 kv heads and ``group`` query heads per kv head, attached to kvpolicy."""
+    if group not in _GQA_MODELS:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(group)
+        config = LlamaConfig(
+            vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2 * group,
+            num_key_value_heads=2, head_dim=8, max_position_embeddings=512, pad_token_id=PAD,
+        )
+        model = LlamaForCausalLM(config).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() >= 2:
+                    p.normal_(0.0, 0.15)
+        kvpolicy.attach(model)
+        _GQA_MODELS[group] = model
+    return _GQA_MODELS[group]
+
+
+def text_batch(pads: list[int], length: int, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB - 2, (len(pads), length), generator=g)
+    mask = torch.ones(len(pads), length, dtype=torch.long)
+    for r, p in enumerate(pads):
+        ids[r, :p], mask[r, :p] = PAD, 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def sink_cases(n: int) -> list[dict]:
+    """Random cases: offsets (the class default, the issue's -5 and +3, random ones), ratios 0.3-0.9, 1 or 4 sinks,
+    1-4 query heads per kv head, 3 left-padded rows whose real prompts are 3-60 tokens long (many short enough for a
+    negative frozen index), fraction or fixed decode budgets. Only budgets that hold the sinks and the last token
+    (keep > sinks): below that the reducer's edge rule keeps the last token first (docs/elastic.md)."""
+    rng = torch.Generator().manual_seed(2024)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=rng))]
+
+    cases = []
+    while len(cases) < n:
+        sinks = pick([1, 4])
+        ratio = round(0.3 + 0.6 * float(torch.rand(1, generator=rng)), 2)
+        reals = [int(torch.randint(3, 61, (1,), generator=rng)) for _ in range(3)]
+        if any(math.ceil(t * (1 - ratio)) <= sinks for t in reals):
+            continue
+        offset = pick([-25, -5, 3, int(torch.randint(-40, -1, (1,), generator=rng)), int(torch.randint(1, 9, (1,),
+                                                                                                     generator=rng))])
+        length = max(reals) + int(torch.randint(0, 3, (1,), generator=rng))
+        cases.append(dict(sinks=sinks, ratio=ratio, offset=offset, group=pick([1, 2, 3, 4]), length=length,
+                          pads=[length - t for t in reals], fixed=bool(len(cases) % 4 == 3), seed=len(cases)))
+    return cases
+
+
+def check_paper_drops(trace, pads, length, sinks, offset, expected) -> None:
+    """Every row of every layer: the first ``sinks`` real tokens are kept at every step, and each drop removes the
+    entry at max(frozen index, sinks) (the newest entry if the index is past it)."""
+    for layer in range(len(trace[0])):
+        for r, p in enumerate(pads):
+            held, drops = expected[r]
+            raw = held[0] + 1 + offset if offset < 0 else offset
+            sink_cols = set(range(p, p + sinks))
+            for s in range(len(trace)):
+                kept = trace[s][layer][1][r]
+                assert all(k == kept[0] for k in kept) and trace[s][layer][0][r] == [held[s]] * len(kept)
+                kept = kept[0]
+                assert sink_cols <= set(kept), (layer, r, s, "a sink was evicted")
+                if s == 0:
+                    assert kept[-1] == length - 1
+                    continue
+                before = trace[s - 1][layer][1][r][0]
+                dropped = set(before) - set(kept)
+                if drops[s]:
+                    assert dropped == {before[min(max(raw, sinks), len(before) - 1)]}, (layer, r, s)
+                else:
+                    assert not dropped
+
+
+@pytest.mark.parametrize("case", sink_cases(16), ids=lambda c: f"s{c['sinks']}-r{c['ratio']}-o{c['offset']}-g"
+                         f"{c['group']}-{'fixed' if c['fixed'] else 'frac'}")
+def test_paper_mode_never_evicts_a_sink(case):
+    """Elastic in paper mode, end to end (GQA, a left-padded batch of 3, 24 decode steps): no sink is ever evicted,
+    whatever the offset, ratio and prompt length; the policy's sinks come from anchor_merge's start_size."""
+    model = gqa_llama(case["group"])
+    sinks, ratio, offset, length, pads = case["sinks"], case["ratio"], case["offset"], case["length"], case["pads"]
+    keeps = [math.ceil((length - p) * (1 - ratio)) for p in pads]
+    budget = Budget(ratio=ratio, decode="fixed" if case["fixed"] else "fraction")
+    policy = CachePolicy(reducer=AnchorMerge(start_size=sinks), budget=budget, encode=FrequencyScorer(),
+                         decode=DistanceOffset(offset=offset))
+    assert policy.sinks == sinks
+    _, _, trace = run_generate(model, text_batch(pads, length, case["seed"]), policy, steps=24)
+    if case["fixed"]:
+        expected = [([k] * 24, [False] + [True] * 23) for k in keeps]
+    else:
+        expected = [expected_held(length - p, ratio, 24) for p in pads]
+    check_paper_drops(trace, pads, length, sinks, offset, expected)
+
+
+def test_sink_cases_reach_the_index_of_the_issue():
+    """The random cases above do exercise a frozen index below the sinks (negative, or a positive offset under 4
+    sinks) on many rows, with several GQA groups and both budget modes."""
+    cases = sink_cases(16)
+    below = [
+        (c["group"], c["fixed"])
+        for c in cases
+        for p in c["pads"]
+        if (math.ceil((c["length"] - p) * (1 - c["ratio"])) + 1 + c["offset"] if c["offset"] < 0 else c["offset"])
+        < c["sinks"]
+    ]
+    assert len(below) >= 12 and len({g for g, _ in below}) >= 3 and {f for _, f in below} == {False, True}
+
+
 # ============================================================================================== plugin registration
 
 
