@@ -988,6 +988,54 @@ def test_sink_cases_reach_the_index_of_the_issue():
     assert len(below) >= 12 and len({g for g, _ in below}) >= 3 and {f for _, f in below} == {False, True}
 
 
+def authors_decode_positions(prefill: list[int], length: int, ratio: float, drop_index: int, steps: int):
+    """Simulate the authors' cache on positions from the prefill they kept: each step appends the new column and
+    calls their decode branch when ``forget_num == 1``. Returns the kept positions per step until their code has no
+    defined result (the slicing duplicated the cache or dropped nothing, after which their next call fails), and
+    how many negative-index drops happened."""
+    cache = torch.tensor(prefill, dtype=torch.float32).view(1, 1, -1, 1)
+    out, negative = [list(prefill)], 0
+    for s in range(1, steps):
+        cache = torch.cat([cache, torch.tensor([[[[float(length + s - 1)]]]])], dim=2)
+        held = cache.shape[2]
+        forget_num = int(held - (length + s) * (1 - ratio))
+        assert forget_num <= 1  # their prefill branch (forget_num > 1) would assert
+        if forget_num == 1:
+            (cache, _), = authors_decode([(cache, cache)], drop_index)
+            if cache.shape[2] != held - 1:
+                break
+            negative += drop_index < 0
+        out.append(cache.flatten().long().tolist())
+    return out, negative
+
+
+REFERENCE_CASES = [(t, r, start, off) for t in (13, 17, 22) for r in (0.2, 0.4) for start in (1, 4) for off in (-25, -12)]
+
+
+def test_reference_negative_index_end_to_end():
+    """Every quirk on (the elastic_reference preset), batch 1, prompts short enough for a negative frozen index: the
+    engine's kept positions follow the authors' decode branch step by step wherever their code defines a result
+    (checked against the copied code, fed with the prefill kvpolicy kept, itself checked against theirs above)."""
+    config = pytest.importorskip("kvpolicy.config")
+    model, negative, compared = gqa_llama(2), 0, 0
+    for t, ratio, start, offset in REFERENCE_CASES:
+        policy = config.load_policy(
+            {"preset": "elastic_reference", "ratio": ratio, "sinks": start, "decode": {"offset": offset}}
+        )
+        assert policy.decode.params.quirk_raw_index and policy.reducer.params.start_size == start
+        _, _, trace = run_generate(model, text_batch([0], t, seed=t), policy, steps=30)
+        forget_num = int(t - t * (1 - ratio))
+        drop_index = t - forget_num + offset  # the authors' self.selected_idx
+        for layer in range(len(trace[0])):
+            got = [trace[s][layer][1][0][0] for s in range(len(trace))]
+            assert len(got[0]) == t - forget_num - 1  # their prefill keeps keep - 1 entries
+            expected, neg = authors_decode_positions(got[0], t, ratio, drop_index, len(trace))
+            assert got[: len(expected)] == expected, (t, ratio, start, offset, layer)
+            negative += neg
+            compared += len(expected)
+    assert negative >= 100 and compared >= 30 * len(REFERENCE_CASES) * 2 // 2  # 144 and 1032 of 1440 steps
+
+
 # ============================================================================================== plugin registration
 
 
