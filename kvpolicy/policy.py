@@ -266,8 +266,8 @@ class CachePolicy:
         for where, n in stated.items():
             if n != self.sinks:
                 raise ValueError(
-                    f"the {where} ({type(getattr(self, where)).__name__}) protects {n} sinks but the policy states sinks={self.sinks}; state the number once "
-                    f"(CachePolicy(sinks=...)) or give the part the same value"
+                    f"the {where} ({type(getattr(self, where)).__name__}) protects {n} sinks but the policy states "
+                    f"sinks={self.sinks}; state the number once (CachePolicy(sinks=...)) or give the part the same value"
                 )
 
     def encode_needs(self) -> frozenset[AttentionStat]:

@@ -37,7 +37,7 @@ class DistanceOffsetParams(BaseModel):
         description="authors' code: the frozen index is used as their slicing uses it, with no floor at the sinks; a "
         "negative index idx with -S <= idx <= -2 (S entries held, the step's new token included) drops the |idx|-th "
         "newest entry. Where their code has no defined result (idx = -1 duplicates the cache, idx < -S drops nothing "
-        "and their next call fails an assert) the paper rule applies",
+        "and a later call fails an assert) the paper rule applies",
     )
 
     @field_validator("offset")
@@ -73,7 +73,7 @@ class DistanceOffset:
     (engine switches ``CachePolicy.drop_after_attention`` / ``compressed_positions``). They slice with the raw index:
     below the sinks it drops a sink, and a negative one counts from the newest entry (``quirk_raw_index`` reproduces
     both where their code defines a result). An index at or past the newest entry drops the newest entry here (their
-    slicing drops nothing, the cache grows and their next call fails an assert).
+    slicing drops nothing, the cache grows and a later call fails an assert).
     """
 
     def __init__(self, params: DistanceOffsetParams | None = None, **kwargs: Any):

@@ -239,16 +239,20 @@ def authors_decode_positions(prefill: list[int], length: int, ratio: float, drop
 REFERENCE_CASES = [(t, r, start, off) for t in (13, 17, 22) for r in (0.2, 0.4) for start in (1, 4) for off in (-25, -12)]
 
 
-def test_reference_negative_index_end_to_end():
-    """Every quirk on (the elastic_reference preset), batch 1, prompts short enough for a negative frozen index: the
-    engine's kept positions follow the authors' decode branch step by step wherever their code defines a result
-    (checked against the copied code, fed with the prefill kvpolicy kept, itself checked against theirs above)."""
+@pytest.mark.parametrize("after_attention", [True, False], ids=["drop_after_attention", "drop_in_update"])
+def test_reference_negative_index_end_to_end(after_attention):
+    """Every quirk on (the elastic_reference preset; also with the drop inside update(), where the new token is not
+    in the view yet), batch 1, prompts short enough for a negative frozen index: the engine's kept positions follow
+    the authors' decode branch step by step wherever their code defines a result (checked against the copied code,
+    fed with the prefill kvpolicy kept, itself checked against theirs in test_elastic)."""
     config = pytest.importorskip("kvpolicy.config")
     model, negative, compared = gqa_llama(2), 0, 0
     for t, ratio, start, offset in REFERENCE_CASES:
         policy = config.load_policy(
-            {"preset": "elastic_reference", "ratio": ratio, "sinks": start, "decode": {"offset": offset}}
+            {"preset": "elastic_reference", "ratio": ratio, "sinks": start, "decode": {"offset": offset},
+             "reference_quirks": {"drop_after_attention": after_attention}}
         )
+        assert policy.drop_after_attention == after_attention
         assert policy.decode.params.quirk_raw_index and policy.reducer.params.start_size == start
         _, _, trace = run_generate(model, text_batch([0], t, seed=t), policy, steps=30)
         forget_num = int(t - t * (1 - ratio))
