@@ -330,6 +330,7 @@ class PolicyLayer(DynamicLayer):
             slot_state={k: v[:, :, :n] for k, v in self.slot_state.items()},
             layer_state=self.layer_state,
             prefill_kept=self.prefill_kept,
+            sinks=self.policy.sinks or 0,
         )
 
     def _prefill_budget(self) -> torch.Tensor:

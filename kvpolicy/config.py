@@ -56,6 +56,7 @@ from pydantic.fields import FieldInfo
 from .hookspecs import PartSpec
 from .policy import Budget, BudgetAllocator, CachePolicy, DecodeScorer, EncodeScorer, Reducer
 from .registry import KINDS, Registry, UnknownPartError, field_choices, field_range, get_registry, type_name
+from .sinks import SinksResolution, resolve_sinks, sinks_params
 
 __all__ = [
     "BUDGET_FIELDS",
@@ -187,6 +188,13 @@ class PolicySpec(BaseModel):
     reference_quirks: bool | dict[str, bool] = Field(
         default=False, description="reproduce the original code's behaviour: true (all quirks) or {quirk: bool}"
     )
+    sinks: int | None = Field(
+        default=None,
+        ge=0,
+        le=1 << 20,
+        description="protected sinks: the first real tokens of each row that no part drops or merges away (default: "
+        "what the parts state, e.g. anchor_merge.start_size; 0 if none does)",
+    )
 
 
 @dataclass
@@ -238,7 +246,15 @@ class ResolvedPolicy:
             built[fname] = obj
         if issues:
             raise PolicyConfigError(issues)
-        policy = CachePolicy(
+        try:
+            policy = self._policy(built)
+        except ValueError as exc:  # sinks a part states about itself that differ from the policy's
+            raise PolicyConfigError([ConfigIssue("sinks", str(exc))]) from None
+        policy.spec = self.spec  # type: ignore[attr-defined]  # provenance, read by policy_to_dict()
+        return policy
+
+    def _policy(self, built: dict[str, Any]) -> CachePolicy:
+        return CachePolicy(
             reducer=built["reducer"],
             budget=self.budget,
             encode=built.get("encode"),
@@ -247,9 +263,8 @@ class ResolvedPolicy:
             name=self.name,
             drop_after_attention=self.engine_quirks.get("drop_after_attention", False),
             compressed_positions=self.engine_quirks.get("compressed_positions", False),
+            sinks=self.spec.sinks,
         )
-        policy.spec = self.spec  # type: ignore[attr-defined]  # provenance, read by policy_to_dict()
-        return policy
 
 
 # ---------------------------------------------------------------------------------------------------- documents
@@ -666,9 +681,13 @@ def _resolve(
                 for t in targets:
                     quirk_set[t] = bool(on)
 
+    # 3b. protected sinks: the policy's `sinks` and the part parameters that repeat it become one number
+    sinks = _resolve_sinks(top, merged, found, bad_fields, issues)
+
     # 4. part parameters
     parts: dict[str, ResolvedPart] = {}
     for fname, (spec, src, given) in found.items():
+        given = {**given, **{p: v for (f, p), v in sinks.params.items() if f == fname}}
         model = spec.params
         fields = list(model.model_fields)
         unknown = [k for k in given if k not in fields and not _is_alias(model, k)]
@@ -759,9 +778,35 @@ def _resolve(
         tokens=budget.tokens,
         decode_budget=None if budget.decode == ("fraction" if budget.ratio is not None else "fixed") else budget.decode,
         reference_quirks={q: True for q, on in engine.items() if on} or False,
+        sinks=sinks.sinks,
         **{f: PartRef(name=p.spec.name, **p.params.model_dump(by_alias=True)) for f, p in parts.items()},
     )
     return ResolvedPolicy(name=name, spec=spec, budget=budget, parts=parts, engine_quirks=engine, quirks=quirks)
+
+
+def _resolve_sinks(
+    top: Mapping[str, Any],
+    merged: Mapping[str, Any],
+    found: dict[str, tuple[PartSpec, str, dict[str, Any]]],
+    bad_fields: set[str],
+    issues: list[ConfigIssue],
+) -> SinksResolution:
+    """See :mod:`kvpolicy.sinks`: the user's document (``top``) wins over its presets (``merged`` minus ``top``)."""
+    marked: dict[tuple[str, str], Any] = {}
+    user: dict[tuple[str, str], Any] = {}
+    given: dict[tuple[str, str], Any] = {}
+    for fname, (spec, _, params) in found.items():
+        top_part = _part_dict(top.get(fname))
+        for p in sinks_params(spec.params):
+            marked[fname, p] = spec.params.model_fields[p].default
+            if p in params:
+                given[fname, p] = params[p]
+            if isinstance(top_part, Mapping) and p in top_part:
+                user[fname, p] = top_part[p]
+    ok = "sinks" not in bad_fields
+    res = resolve_sinks(top.get("sinks") if ok else None, merged.get("sinks") if ok else None, user, given, marked)
+    issues.extend(ConfigIssue(path, message) for path, message in res.issues)
+    return res
 
 
 def _is_alias(model: type[BaseModel], key: str) -> bool:
@@ -791,7 +836,7 @@ def _capability_issue(field_: str, spec: PartSpec, sfield: str, sspec: PartSpec,
 
 
 # ------------------------------------------------------------------------------------------------------- writing
-_KEY_ORDER = ("name", "preset", *PART_FIELDS, "ratio", "tokens", "decode_budget", "reference_quirks")
+_KEY_ORDER = ("name", "preset", *PART_FIELDS, "ratio", "tokens", "decode_budget", "reference_quirks", "sinks")
 
 
 def policy_to_dict(spec: PolicySpec | ResolvedPolicy | CachePolicy) -> dict[str, Any]:

@@ -69,6 +69,9 @@ class LayerView:
     prefill_kept: torch.Tensor | None = None  #: int64 [B, H], entries held right after prefill compression
     keep: torch.Tensor | None = None  #: prefill: int64 [B], entries this layer will keep per row and head
     excess: torch.Tensor | None = None  #: decode: int64 [B, H], entries the budget rule drops now
+    #: the policy's protected sinks (:attr:`CachePolicy.sinks`): the first ``sinks`` real tokens of each row, which no
+    #: part should drop or merge away. Stated once by the policy so that every part reads the same number.
+    sinks: int = 0
 
     @property
     def batch_size(self) -> int:
@@ -99,6 +102,13 @@ class LayerView:
     def held(self) -> torch.Tensor:
         """Valid entries per row and head: int64 ``[B, H]``."""
         return self.valid.sum(-1)
+
+    def sink_mask(self) -> torch.Tensor:
+        """bool ``[B, H, P]``: the slots holding the policy's protected sinks (the ``sinks`` oldest valid entries of
+        each row and head, by positional rank)."""
+        if self.sinks <= 0:
+            return torch.zeros_like(self.valid)
+        return self.valid & (self.rank() < self.sinks)
 
 
 @dataclass
@@ -239,6 +249,26 @@ class CachePolicy:
     compressed_positions: bool = False
     #: the validated document this policy was built from (``kvpolicy.config``), kept for result files
     spec: Any = None
+    #: protected sinks: the first ``sinks`` real tokens of every row, which no part may drop or merge away. Stated once
+    #: here and handed to every part as ``view.sinks``, so a decode scorer knows what the reducer protected. ``None``:
+    #: derived from the parts that state their own (a ``protected_sinks`` int attribute, e.g. Elastic's
+    #: ``anchor_merge`` from its ``start_size``), the largest of them, 0 if none does. A stated value is checked
+    #: against every part that states one: they must agree.
+    sinks: int | None = None
+
+    def __post_init__(self) -> None:
+        stated = part_sinks(self)
+        if self.sinks is None:
+            self.sinks = max(stated.values(), default=0)
+            return
+        if isinstance(self.sinks, bool) or not isinstance(self.sinks, int) or self.sinks < 0:
+            raise ValueError(f"sinks must be an int >= 0 (protected first tokens per row), got {self.sinks!r}")
+        for where, n in stated.items():
+            if n != self.sinks:
+                raise ValueError(
+                    f"the {where} ({type(getattr(self, where)).__name__}) protects {n} sinks but the policy states "
+                    f"sinks={self.sinks}; state the number once (CachePolicy(sinks=...)) or give the part the same value"
+                )
 
     def encode_needs(self) -> frozenset[AttentionStat]:
         return frozenset(self.encode.needs) if self.encode is not None else frozenset()
@@ -254,3 +284,15 @@ class CachePolicy:
         (``decode.prefill_needs``) and what the reducer itself reads (``reducer.prefill_needs``)."""
         extra = getattr(self.decode, "prefill_needs", frozenset()) if self.decode is not None else frozenset()
         return self.encode_needs() | frozenset(extra) | frozenset(getattr(self.reducer, "prefill_needs", ()))
+
+
+def part_sinks(policy: CachePolicy) -> dict[str, int]:
+    """The sinks each part of ``policy`` states about itself (``protected_sinks``, an int attribute), by part field:
+    a part that protects the first tokens on its own states how many, so the policy can derive or check its
+    :attr:`CachePolicy.sinks`. Parts without the attribute (every third-party part so far) state nothing."""
+    out: dict[str, int] = {}
+    for name in ("encode", "decode", "reducer", "allocator"):
+        n = getattr(getattr(policy, name), "protected_sinks", None)
+        if isinstance(n, int) and not isinstance(n, bool):
+            out[name] = n
+    return out

@@ -330,11 +330,11 @@ def authors_prefill(k, v, score_sum, ratio, start_size, distance=-25):
 ALL_QUIRKS = {"quirk_rank_by_index": True, "quirk_off_by_one": True, "quirk_shifted_merge": True}
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(8))
 @pytest.mark.parametrize("ratio", [0.2, 0.35, 0.5])
 @pytest.mark.parametrize("start_size", [1, 4])
 def test_all_quirks_reproduce_the_authors_code(seed, ratio, start_size):
-    t = 40 + 7 * seed
+    t = 40 + 7 * seed if seed < 6 else 12 + 5 * seed  # the last two: short prompts, a negative frozen index
     view = make_view(B=1, H=2, P=t, pads=(0,), seed=seed)
     score_sum = torch.rand(t, generator=torch.Generator().manual_seed(100 + seed))
     keep = Budget(ratio=ratio).prefill_keep(view.n_tokens)
@@ -349,10 +349,35 @@ def test_all_quirks_reproduce_the_authors_code(seed, ratio, start_size):
     expected = naive_anchor_merge(view, score_sum.view(1, 1, t), keep.tolist(), start_size, rank_by_index=True,
                                   off_by_one=True, shifted=True)
     assert_same_rows(reduction_rows(view, red), expected)
-    # and the decode index: the authors' `seq_len - forget_num + distance` (kvpolicy clamps a negative one to 0;
-    # the authors' slicing would count it from the end, see docs/elastic.md)
+    # and the decode index: the authors' `seq_len - forget_num + distance` as it is with quirk_raw_index; in paper
+    # mode never below the sinks (a negative one would count from the newest entry in their slicing)
     prefill_kept = red.valid.sum(-1)
-    assert DistanceOffset(offset=-25).drop_index(prefill_kept).tolist() == [[max(0, drop_index)] * 2]
+    assert DistanceOffset(offset=-25, quirk_raw_index=True).drop_index(prefill_kept).tolist() == [[drop_index] * 2]
+    assert DistanceOffset(offset=-25).drop_index(prefill_kept, start_size).tolist() == [
+        [max(start_size, drop_index)] * 2
+    ]
+
+
+@pytest.mark.parametrize("start_size", [1, 4])
+@pytest.mark.parametrize("t", [6, 9, 14])
+def test_authors_prefill_crashes_without_room_for_anchors(start_size, t):
+    """Their prefill needs an anchor: with keep <= start_size + 2 (keep = T - forget_num) `selected_idx` is empty
+    and `argmin` on it raises. kvpolicy keeps the protected tokens (the paper's edge rule) instead."""
+    ratio = 0.75
+    keep = Budget(ratio=ratio).prefill_keep(torch.tensor([t]))
+    forget_num = int(t - t * (1 - ratio))
+    assert forget_num > 1 and int(keep) == t - forget_num
+    view = make_view(B=1, H=2, P=t, pads=(0,), seed=t)
+    score_sum = torch.rand(t, generator=torch.Generator().manual_seed(t))
+    if int(keep) <= start_size + 2:
+        with pytest.raises((RuntimeError, IndexError)):
+            authors_prefill(view.keys, view.values, score_sum, ratio, start_size)
+    else:
+        authors_prefill(view.keys, view.values, score_sum, ratio, start_size)
+    red = AnchorMerge(start_size=start_size, **ALL_QUIRKS).reduce(view, score_sum.view(1, 1, t), keep)
+    expected = naive_anchor_merge(view, score_sum.view(1, 1, t), keep.tolist(), start_size, rank_by_index=True,
+                                  off_by_one=True, shifted=True)
+    assert_same_rows(reduction_rows(view, red), expected)
 
 
 QUIRK_SUBSETS = [
@@ -762,9 +787,10 @@ def test_hooks_through_pluggy():
     presets = {p.name: p for group in pm.hook.kvpolicy_presets() for p in group}
     assert presets["elastic"].policy == {
         "encode": {"name": "frequency"},
-        "reducer": {"name": "anchor_merge", "start_size": 1},
+        "reducer": {"name": "anchor_merge"},
         "decode": {"name": "distance_offset", "offset": -25},
         "ratio": 0.2,
+        "sinks": 1,
     }
 
 

@@ -14,8 +14,10 @@ Three parts and two presets:
 * presets ``elastic`` (the paper's method, the authors' evaluation settings) and ``elastic_reference`` (the authors'
   code, quirks and all).
 
-kvpolicy implements the method as the paper describes it by default; every place where the authors' code departs
-from it is a ``quirk_*`` switch (default off) on the part that implements it, see ``docs/elastic.md``.
+The decode scorer lives in :mod:`kvpolicy_plugins.elastic.decode` (re-exported here). kvpolicy implements the method
+as the paper describes it by default; every place where the authors' code departs from it is a ``quirk_*`` switch
+(default off) on the part that implements it, see ``docs/elastic.md``. The number of sinks is the policy's
+(``sinks``, preset value 1): ``anchor_merge.start_size`` repeats it and ``distance_offset`` reads it.
 """
 
 from __future__ import annotations
@@ -24,17 +26,29 @@ import dataclasses
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from kvpolicy.hookspecs import PartSpec, PresetSpec, hookimpl
 from kvpolicy.policy import AttentionStat, LayerView, Reduction
 from kvpolicy.selection import ranked_slots, sort_by_position
+from kvpolicy.sinks import POLICY_SINKS
+
+from .decode import DROP_INDEX_KEY, DistanceOffset, DistanceOffsetParams
+
+__all__ = [
+    "DROP_INDEX_KEY",
+    "AnchorMerge",
+    "AnchorMergeParams",
+    "DistanceOffset",
+    "DistanceOffsetParams",
+    "FrequencyParams",
+    "FrequencyScorer",
+    "kvpolicy_parts",
+    "kvpolicy_presets",
+]
 
 #: the prefill statistic the frequency scorer needs: attention received from every query of the prompt
 PROMPT_ATTENTION = AttentionStat(window=None)
-
-#: ``layer_state`` key under which ``distance_offset`` stores the frozen drop index (int64 ``[B, H]``)
-DROP_INDEX_KEY = "elastic.drop_index"
 
 #: bound on the float32 similarity block of the cosine assignment (elements), like the engine's statistics chunks
 COSINE_CHUNK_ELEMENTS = 1 << 24
@@ -190,7 +204,9 @@ class AnchorMergeParams(BaseModel):
         ge=0,
         le=4096,
         description="attention sinks: the first real tokens of each row, always kept, never merged into "
-        "(authors' class default 4, every evaluation script passes 1)",
+        "(authors' class default 4, every evaluation script passes 1). Repeats the policy's `sinks`: filled from it, "
+        "or checked against it",
+        json_schema_extra={POLICY_SINKS: True},
     )
     keep_last: bool = Field(default=True, description="always keep the last prompt token (the paper's protected token)")
     assign: Literal["position", "cosine"] = Field(
@@ -265,6 +281,12 @@ class AnchorMerge:
 
     def __init__(self, params: AnchorMergeParams | None = None, **kwargs: Any):
         self.params = params if params is not None else AnchorMergeParams(**kwargs)
+
+    @property
+    def protected_sinks(self) -> int:
+        """The sinks this reducer protects (``start_size``), stated so that the policy's ``sinks`` (what the decode
+        scorer reads as ``view.sinks``) is derived from it or checked against it."""
+        return self.params.start_size
 
     # -------------------------------------------------------------------------------------------- prefill
     def reduce(self, view: LayerView, scores: torch.Tensor, keep: torch.Tensor) -> Reduction:
@@ -390,13 +412,13 @@ class AnchorMerge:
     def on_drop(
         self, view: LayerView, victims: torch.Tensor, victim_valid: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """With ``decode_merge``: merge each victim into its positionally nearest surviving entry (ties to the
-        older one): that entry's key and value become the mean of itself and the victims assigned to it. Without it,
-        evict (return ``None``)."""
+        """With ``decode_merge``: merge each victim into its positionally nearest surviving entry that is not one of
+        the policy's sinks (ties to the older one): that entry's key and value become the mean of itself and the
+        victims assigned to it. Without it, evict (return ``None``)."""
         if not self.params.decode_merge:
             return None
         drop = torch.zeros_like(view.valid).scatter_(-1, victims, victim_valid) & view.valid
-        survivors = view.valid & ~drop
+        survivors = view.valid & ~drop & ~view.sink_mask()  # the policy's sinks are never merged into
         target, has = _nearest_by_position(view.positions, view.order(), view.rank(), survivors)
         sources = drop & has[..., None]
         if not bool(sources.any()):
@@ -414,88 +436,6 @@ class AnchorMerge:
             return torch.where(received[..., None], out, x32).to(x.dtype)
 
         return merged(view.keys), merged(view.values)
-
-
-# ===================================================================================================== distance_offset
-
-
-class DistanceOffsetParams(BaseModel):
-    """Parameters of the ``distance_offset`` decode scorer."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    offset: int = Field(
-        default=-25,
-        ge=-(1 << 20),
-        le=1 << 20,
-        description="drop index: prefill_kept + 1 + offset for offset < 0 (frozen at the end of prefill), the index "
-        "itself for offset > 0; 0 is not allowed",
-    )
-
-    @field_validator("offset")
-    @classmethod
-    def _non_zero(cls, v: int) -> int:
-        if v == 0:
-            raise ValueError("offset must be non-zero (negative: counted back from the compressed prompt's end)")
-        return v
-
-
-class DistanceOffset:
-    """Elastic Cache's decode rule (``distance_offset``).
-
-    Liu et al., ECCV 2024, "Efficient Inference of Vision Instruction-Following Models with Elastic Cache": in the
-    output-generation stage the cache is kept at a fixed fraction of the tokens seen by dropping entries at a fixed
-    distance offset, so both the initial (instruction) entries and the most recent ones are retained.
-
-    No attention is needed. At the end of prefill the drop index of every row is frozen as
-    ``prefill_kept + 1 + offset`` (``offset < 0``; default ``-25`` keeps the newest 24 prompt entries and everything
-    after them as a FIFO window) or ``offset`` (``offset > 0``). Whenever the budget rule asks for a drop, the entry at
-    that positional rank among the row's valid entries goes: everything before it (sinks, instruction anchors) is
-    frozen. ``drop_scores`` is 0 at the index, then 1, 2, ... for the newer entries, then larger values for the older
-    ones, so that dropping ``k`` entries at once equals ``k`` successive drops at the same index.
-
-    When (and how many) entries go is the engine's :class:`~kvpolicy.policy.Budget` rule: ``decode="fraction"``
-    (the paper: ``int(P - n * (1 - ratio)) >= 1``) or ``"fixed"`` (one per token once full).
-
-    Deviations from the authors' code: their index is ``T - forget_num + distance``, which is
-    ``prefill_kept + 1 + offset`` once their off-by-one prefill is reproduced (``anchor_merge.quirk_off_by_one``);
-    their drop runs after the step's attention and the new tokens' RoPE positions count from the compressed length
-    (engine switches ``CachePolicy.drop_after_attention`` / ``compressed_positions``). Guards kvpolicy adds: an index
-    below 0 (prompt shorter than ``-offset``) is clamped to 0; an index at or past the newest entry drops the newest
-    entry (the authors' slicing would silently drop nothing and let the cache grow).
-    """
-
-    def __init__(self, params: DistanceOffsetParams | None = None, **kwargs: Any):
-        self.params = params if params is not None else DistanceOffsetParams(**kwargs)
-        self.needs: frozenset[AttentionStat] = frozenset()
-
-    def drop_index(self, prefill_kept: torch.Tensor) -> torch.Tensor:
-        """The frozen drop index, int64 ``[B, H]``, from the entries held right after prefill compression."""
-        off = self.params.offset
-        if off > 0:
-            return torch.full_like(prefill_kept, off)
-        return (prefill_kept + 1 + off).clamp(min=0)
-
-    def after_prefill(self, view: LayerView) -> None:
-        kept = view.prefill_kept if view.prefill_kept is not None else view.held()
-        view.layer_state[DROP_INDEX_KEY] = self.drop_index(kept).clone()
-
-    def drop_scores(self, view: LayerView) -> torch.Tensor:
-        # The engine keeps ``prefill_kept`` aligned with the batch rows (beam reorders, row selection); the copy in
-        # layer_state is for inspection, so recompute from the engine's tensor whenever it is there.
-        if view.prefill_kept is not None:
-            idx = self.drop_index(view.prefill_kept)
-        elif DROP_INDEX_KEY in view.layer_state:
-            idx = view.layer_state[DROP_INDEX_KEY]
-        else:
-            raise RuntimeError("distance_offset: no frozen drop index (after_prefill was not called)")
-        idx = idx.to(view.positions.device)
-        held = view.held()
-        idx = torch.minimum(idx, (held - 1).clamp(min=0))[..., None]
-        rank = view.rank()
-        big = float(view.num_slots)
-        scores = torch.where(rank >= idx, (rank - idx).to(torch.float32), big + (idx - rank).to(torch.float32))
-        return scores
 
 
 # ===================================================================================================== registration
@@ -533,12 +473,15 @@ def kvpolicy_parts() -> list[PartSpec]:
 
 
 #: The authors' evaluation settings: ratio 0.2 is the fraction *removed* (their forget_num = int(T - T*(1-ratio))),
-#: i.e. the cache keeps 80% of the tokens seen; start_size 1 (every script's --start-size), offset -25 (class default).
+#: i.e. the cache keeps 80% of the tokens seen; 1 sink (every script's --start-size, stated once as the policy's
+#: ``sinks``: anchor_merge's start_size is filled from it and distance_offset never drops below it), offset -25
+#: (class default).
 ELASTIC_POLICY: dict[str, Any] = {
     "encode": {"name": "frequency"},
-    "reducer": {"name": "anchor_merge", "start_size": 1},
+    "reducer": {"name": "anchor_merge"},
     "decode": {"name": "distance_offset", "offset": -25},
     "ratio": 0.2,
+    "sinks": 1,
 }
 
 #: The same settings with every quirk of the authors' code switched on (see docs/elastic.md). Quirks are named in
@@ -546,13 +489,15 @@ ELASTIC_POLICY: dict[str, Any] = {
 #: over this preset turns exactly that one off.
 ELASTIC_REFERENCE_POLICY: dict[str, Any] = {
     "encode": {"name": "frequency"},
-    "reducer": {"name": "anchor_merge", "start_size": 1},
+    "reducer": {"name": "anchor_merge"},
     "decode": {"name": "distance_offset", "offset": -25},
     "ratio": 0.2,
+    "sinks": 1,
     "reference_quirks": {
         "rank_by_index": True,
         "off_by_one": True,
         "shifted_merge": True,
+        "raw_index": True,
         "drop_after_attention": True,
         "compressed_positions": True,
     },
@@ -571,7 +516,7 @@ def kvpolicy_presets() -> list[PresetSpec]:
         PresetSpec(
             name="elastic_reference",
             summary="Elastic Cache as the authors' code runs it (index-vs-rank selection, off-by-one, shifted merge, "
-            "drop after attention, positions from the compressed length), ratio 0.2",
+            "raw drop index, drop after attention, positions from the compressed length), ratio 0.2",
             policy=ELASTIC_REFERENCE_POLICY,
         ),
     ]
