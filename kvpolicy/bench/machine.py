@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
-import platform
-import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,63 +11,6 @@ import torch
 
 from .shapes import BUILTIN_CONFIGS
 from .spec import BenchSpec, jsonable
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment(device: str) -> dict[str, Any]:
-    """Package versions and the device, recorded with every result."""
-    env: dict[str, Any] = {
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "packages": {
-            p: _version(p)
-            for p in (
-                "kvpolicy",
-                "torch",
-                "transformers",
-                "pydantic",
-                "rich",
-                "matplotlib",
-            )
-        },
-        "device": device,
-        "cpu": _cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "memory_total_bytes": _mem_total(),
-    }
-    try:
-        env["loadavg_start"] = list(os.getloadavg())
-    except OSError:
-        pass
-    if device == "cuda" and torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name()
-        env["cuda"] = torch.version.cuda
-    return env
-
-
-def _mem_total() -> int | None:
-    try:
-        m = re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text())
-        return int(m.group(1)) * 1024 if m else None
-    except OSError:
-        return None
 
 
 def load_warning(env: dict[str, Any]) -> str | None:

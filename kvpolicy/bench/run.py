@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from .external import merge_external
-from .machine import build_model, environment, load_warning
+from ..provenance import environment
+from .machine import build_model, load_warning
 from .measure import Runner, measure_baseline, measure_context, measure_long, measure_sweep
 from .plan import PlanItem, bytes_context, calibrate, make_plan, plan_lookup
 from .policies import default_policies, policy_doc, resolve_policy
