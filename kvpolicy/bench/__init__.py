@@ -68,7 +68,7 @@ _EXPORTS: dict[str, str] = {
     "plot": "plots",
     "load_result": "output",
     "result_json": "output",
-    "write_json_atomic": "output",
+    "write_json_atomic": "output",  # kvpolicy.io.write_json_atomic, re-exported by output
     "write_outputs": "output",
     "write_markdown": "output",
     "merge_external": "external",

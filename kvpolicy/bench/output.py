@@ -3,13 +3,11 @@ tables as Markdown."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..io import atomic_write_text, write_json_atomic
 from .spec import SCHEMA, BenchResult
 
 
@@ -24,23 +22,6 @@ def read_document(path: str | Path) -> dict[str, Any]:
 def load_result(path: str | Path) -> BenchResult:
     """Read a bench.json back (validated against the schema)."""
     return BenchResult.model_validate(read_document(path))
-
-
-def write_json_atomic(path: Path, doc: Any) -> None:
-    """Write ``doc`` as JSON to a temporary file in the same directory, then ``os.replace`` it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def result_json(result: BenchResult) -> dict[str, Any]:
@@ -70,9 +51,6 @@ def write_markdown(result: BenchResult, outdir: str | Path) -> Path:
 
     buf = io.StringIO()
     render(result, Console(file=buf, width=400, color_system=None, soft_wrap=True), markdown=True)
-    path = Path(outdir) / "tables.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, path)
+    path = atomic_write_text(Path(outdir) / "tables.md", buf.getvalue())
     result.files["markdown"] = str(path)
     return path

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..io import atomic_savefig
 from .spec import MiB, BenchResult, RunResult, budget_tokens
 
 
@@ -95,7 +96,7 @@ def plot(result: BenchResult, outdir: Path) -> dict[str, str]:
         ax.legend(fontsize=7)
         fig.tight_layout()
         path = outdir / f"{name}.png"
-        fig.savefig(path, dpi=110)
+        atomic_savefig(fig, path, dpi=110, bbox_inches=None)
         plt.close(fig)
         files[name] = str(path)
     return files
