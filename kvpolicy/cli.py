@@ -55,7 +55,9 @@ class LazyGroup(TyperGroup):
         for name, (_module, _attr, summary) in LAZY_COMMANDS.items():
             self.commands.setdefault(name, _LazyCommand(name, help=summary, short_help=summary))
 
-    def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple[str | None, click.Command | None, list[str]]:
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
         name, cmd, rest = super().resolve_command(ctx, args)
         if name is not None and isinstance(cmd, _LazyCommand):
             cmd = self.commands[name] = load_lazy_command(name)
@@ -214,7 +216,6 @@ def demo(
         f"entries held per layer: {result.held_per_layer_prefill} after prefill, {result.held_per_layer_end} at the "
         f"end; wall time {result.full_seconds:.2f} s full vs {result.policy_seconds:.2f} s policy"
     )
-
 
 
 @contextlib.contextmanager

@@ -208,7 +208,7 @@ def cell_name(task: str, policy: str, ratio: float) -> str:
 def _spec_signature(spec: EvalSpec, dtype: str | None = None) -> dict[str, Any]:
     """What makes two cells the same computation: the spec without display/threading settings, with ``dtype`` the
     resolved one (``dtype``, else ``spec.dtype`` resolved here), so an ``auto`` cell computed in bfloat16 is not
-    taken as done on a machine where ``auto`` means float32 (and an explicit ``float32`` cell matches ``auto`` there)."""
+    taken as done on a machine where ``auto`` means float32 (an explicit ``float32`` cell matches ``auto`` there)."""
     from ..hardware import dtype_name, resolve_dtype
 
     d = spec.model_dump(mode="json")
