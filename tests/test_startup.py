@@ -59,6 +59,7 @@ def test_public_api_loads_on_first_use():
         "import kvpolicy.engine as e, kvpolicy.cache as c\n"
         "assert attach is e.attach and make_cache is e.make_cache and PolicyCache is c.PolicyCache\n"
         "assert set(kvpolicy.__all__) <= set(dir(kvpolicy))\n"
+        "assert all(getattr(kvpolicy, n) is not None for n in kvpolicy.__all__)\n"
         "try:\n    kvpolicy.no_such_name\nexcept AttributeError:\n    print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
