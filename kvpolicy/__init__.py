@@ -4,23 +4,54 @@ The public API in one place: build a :class:`CachePolicy` from parts, ``attach(m
 ``model.generate(..., past_key_values=make_cache(model, policy))``.
 """
 
-from .cache import PolicyCache, PolicyLayer, UnsupportedModelError
-from .engine import attach, check_model, make_cache
-from .policy import (
-    GENERATED,
-    IMAGE,
-    TEXT,
-    AttentionStat,
-    Budget,
-    BudgetAllocator,
-    CachePolicy,
-    DecodeScorer,
-    EncodeScorer,
-    LayerView,
-    Reducer,
-    Reduction,
-)
-from .selection import ranked_slots, select_top
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the names below, for type checkers and IDEs; at run time they load on first use
+    from .cache import PolicyCache, PolicyLayer, UnsupportedModelError
+    from .engine import attach, check_model, make_cache
+    from .policy import (
+        GENERATED,
+        IMAGE,
+        TEXT,
+        AttentionStat,
+        Budget,
+        BudgetAllocator,
+        CachePolicy,
+        DecodeScorer,
+        EncodeScorer,
+        LayerView,
+        Reducer,
+        Reduction,
+    )
+    from .selection import ranked_slots, select_top
+
+#: public name -> the submodule defining it. Imported lazily (PEP 562) because these modules import torch and
+#: transformers (seconds), and the command line imports this package just to answer ``--help``.
+_LAZY = {
+    **dict.fromkeys(("PolicyCache", "PolicyLayer", "UnsupportedModelError"), "cache"),
+    **dict.fromkeys(("attach", "check_model", "make_cache"), "engine"),
+    **dict.fromkeys(
+        (
+            "GENERATED",
+            "IMAGE",
+            "TEXT",
+            "AttentionStat",
+            "Budget",
+            "BudgetAllocator",
+            "CachePolicy",
+            "DecodeScorer",
+            "EncodeScorer",
+            "LayerView",
+            "Reducer",
+            "Reduction",
+        ),
+        "policy",
+    ),
+    **dict.fromkeys(("ranked_slots", "select_top"), "selection"),
+}
 
 __version__ = "0.1.0"
 
@@ -46,3 +77,17 @@ __all__ = [
     "ranked_slots",
     "select_top",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Load a public name from its submodule on first access (then cache it in the package namespace)."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

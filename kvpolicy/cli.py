@@ -7,15 +7,73 @@ kvpolicy plugins --json    # the same, machine-readable
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
+from typing import Any
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+from typer.core import TyperCommand, TyperGroup
 
-from .registry import get_registry
+# Startup: nothing here imports torch, transformers or the plugins, so ``kvpolicy --help`` and ``kvpolicy <command>
+# --help`` answer in well under a second; each command imports what it needs when it runs (see docs/performance.md).
+
+#: commands whose module is imported only when the command is run or asked for its own ``--help``:
+#: name -> (module, attribute holding the typer-signature function, one-line summary shown by ``kvpolicy --help``)
+LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
+    "bench": (
+        "kvpolicy.bench",
+        "bench_cli",
+        "Measure what policies really save: cache bytes, prefill and decode time, peak memory vs the full cache.",
+    ),
+}
+
+
+class PluginCommand(TyperCommand):
+    """A command that uses parts from plugins: the registry loads (and failed plugins are reported) when the command
+    runs, after its arguments are parsed, so ``<command> --help`` never imports the plugins (they import torch)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        _warn_plugin_problems()
+        return super().invoke(ctx)
+
+
+class _LazyCommand(click.Command):
+    """Stands in for a :data:`LAZY_COMMANDS` entry in the command listing until the command is resolved."""
+
+
+class LazyGroup(TyperGroup):
+    """The top-level group: lists :data:`LAZY_COMMANDS` from their summary and imports one only when it is the
+    command being run (``resolve_command``), never to draw ``kvpolicy --help``."""
+
+    def __init__(self, **attrs: Any) -> None:
+        super().__init__(**attrs)
+        for name, (_module, _attr, summary) in LAZY_COMMANDS.items():
+            self.commands.setdefault(name, _LazyCommand(name, help=summary, short_help=summary))
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        name, cmd, rest = super().resolve_command(ctx, args)
+        if name is not None and isinstance(cmd, _LazyCommand):
+            cmd = self.commands[name] = load_lazy_command(name)
+        return name, cmd, rest
+
+
+def load_lazy_command(name: str) -> click.Command:
+    """The real click command of a :data:`LAZY_COMMANDS` entry (imports its module)."""
+    module, attr, _summary = LAZY_COMMANDS[name]
+    func = getattr(importlib.import_module(module), attr)
+    single = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    single.command(name, help=func.__doc__, cls=PluginCommand)(func)
+    command = typer.main.get_command(single)
+    command.name = name
+    return command
+
 
 app = typer.Typer(
     name="kvpolicy",
@@ -23,6 +81,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=LazyGroup,
 )
 
 _warned = False
@@ -40,9 +99,10 @@ def _stderr() -> Console:
     return Console(stderr=True)
 
 
-@app.callback()
-def _global() -> None:
-    """Loads the plugins once and warns (on stderr) about any that failed."""
+def _warn_plugin_problems() -> None:
+    """Loads the plugins (once per process) and warns, on stderr and only the first time, about any that failed."""
+    from .registry import get_registry
+
     global _warned
     registry = get_registry()
     if registry.problems and not _warned:
@@ -53,9 +113,11 @@ def _global() -> None:
         err.print(Text("(run `kvpolicy plugins` for the full listing)", style="yellow"))
 
 
-@app.command()
+@app.command(cls=PluginCommand)
 def plugins(as_json: bool = typer.Option(False, "--json", help="print machine-readable JSON")) -> None:
     """List every part (with its source package, stage and parameters), every preset and every plugin problem."""
+    from .registry import get_registry
+
     data = get_registry().listing()
     if as_json:
         typer.echo(json.dumps(data, indent=2))
@@ -113,7 +175,7 @@ def _param_line(p: dict) -> str:
     return text
 
 
-@app.command()
+@app.command(cls=PluginCommand)
 def demo(
     policy: str = typer.Option("elastic", help="a preset name or a policy YAML file"),
     ratio: float = typer.Option(0.8, help="fraction of the cache removed, in [0, 1)"),
@@ -156,14 +218,6 @@ def demo(
     )
 
 
-def _register_bench() -> None:
-    from .bench import bench_cli
-
-    app.command("bench", help=bench_cli.__doc__)(bench_cli)
-
-
-_register_bench()
-
 @contextlib.contextmanager
 def _evaluation_errors():
     """One clear line per problem instead of a traceback: a bad option or policy exits 2 naming the field, an
@@ -188,6 +242,7 @@ def _evaluation_errors():
         raise typer.Exit(1) from exc
 
 
+_DTYPE_HELP = "auto (bfloat16 where the device computes it natively, else float32), bfloat16, float16 or float32"
 _TASK_OPTION_HELP = "task option key=value (value read as YAML; repeatable; every task of the command gets it)"
 
 
@@ -202,7 +257,7 @@ def _task_options(items: list[str] | None) -> dict:
         raise typer.Exit(2) from exc
 
 
-@app.command()
+@app.command(cls=PluginCommand)
 def run(
     policy: str = typer.Option("elastic", help="preset name or policy YAML file"),
     ratio: float = typer.Option(0.8, help="fraction of the cache removed, in [0, 1)"),
@@ -216,7 +271,7 @@ def run(
     threads: int = typer.Option(None, "--threads", min=1, help="torch threads (1 is steadier on a shared machine)"),
     task_option: list[str] = typer.Option(None, "--task-option", help=_TASK_OPTION_HELP),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
-    dtype: str = typer.Option("bfloat16", "--dtype", help="bfloat16, float16 or float32"),
+    dtype: str = typer.Option("auto", "--dtype", help=_DTYPE_HELP),
 ) -> None:
     """Evaluate one policy and the full cache side by side (PPL, ROUGE-L, KL, top-1 agreement, bytes, time)."""
     from .eval.report import run_cli
@@ -227,7 +282,7 @@ def run(
                 device=device, dtype=dtype)
 
 
-@app.command()
+@app.command(cls=PluginCommand)
 def compare(
     policies: str = typer.Option("full,local,h2o,elastic", help="comma-separated presets"),
     ratios: str = typer.Option("0.5,0.8,0.9", help="comma-separated ratios"),
@@ -241,7 +296,7 @@ def compare(
     threads: int = typer.Option(None, "--threads", min=1, help="torch threads (1 is steadier on a shared machine)"),
     task_option: list[str] = typer.Option(None, "--task-option", help=_TASK_OPTION_HELP),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
-    dtype: str = typer.Option("bfloat16", "--dtype", help="bfloat16, float16 or float32"),
+    dtype: str = typer.Option("auto", "--dtype", help=_DTYPE_HELP),
 ) -> None:
     """Quality vs budget: every policy at every ratio, with bootstrap confidence intervals and one plot per metric."""
     from .eval.report import compare_cli
@@ -252,7 +307,7 @@ def compare(
                     task_options=_task_options(task_option), device=device, dtype=dtype)
 
 
-@app.command()
+@app.command(cls=PluginCommand)
 def sweep(
     file: str = typer.Argument(..., help="sweep YAML file (e.g. sweeps/elastic.yaml)"),
     n_trials: int = typer.Option(None, "--n-trials", help="override the file's number of trials"),
@@ -271,7 +326,7 @@ def sweep(
               wandb_project=wandb_project, no_wandb=no_wandb, quiet=quiet)
 
 
-@app.command()
+@app.command(cls=PluginCommand)
 def ablate(
     file: str = typer.Argument(..., help="ablation YAML file (e.g. sweeps/ablations.yaml)"),
     samples: int = typer.Option(None, "--samples", help="override the file's samples"),

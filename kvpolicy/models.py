@@ -37,9 +37,10 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
+if TYPE_CHECKING:  # torch loads inside the loaders: resolving a model name (sweep validation) must not import it
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -252,15 +253,19 @@ def resolve_model(name: str) -> ModelSource:
 def load_model(
     name: str | None = None,
     *,
-    dtype: torch.dtype | str = torch.float32,
+    dtype: torch.dtype | str = "float32",
     device: str | torch.device = "cpu",
 ) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` for an alias, local path or Hub id, in eval mode on ``device``.
 
     ``name=None`` means :data:`DEFAULT_MODEL`. For a vision-language model the second element is the
     processor (it carries the tokenizer as ``.tokenizer``), because its inputs need the image processor too.
-    Float32 is the default because policies compare attention scores, and on CPU half precision is slow.
+    Float32 is the default because policies compare attention scores, and on CPU half precision is slow;
+    ``dtype="auto"`` picks bfloat16 where ``device`` computes it natively (:func:`kvpolicy.hardware.resolve_dtype`).
     """
+    from .hardware import resolve_dtype
+
+    dtype = resolve_dtype(dtype, device)
     source = resolve_model(name or DEFAULT_MODEL)
     if source.kind == "alias":
         assert source.alias is not None and source.path is not None
@@ -310,6 +315,7 @@ def _load_pretrained(
     name_or_path: str, *, dtype: torch.dtype | str, device: str | torch.device, local_only: bool
 ) -> tuple[Any, Any]:
     """Plain ``from_pretrained`` of model + tokenizer (or processor), choosing the Auto class from the config."""
+    import torch
     from transformers import (
         AutoConfig,
         AutoModelForCausalLM,
@@ -331,7 +337,7 @@ def _load_pretrained(
     return model, AutoTokenizer.from_pretrained(name_or_path, **kwargs)
 
 
-def _load_gguf(gguf_path: Path, *, dtype: torch.dtype | str = torch.float32) -> tuple[Any, Any]:
+def _load_gguf(gguf_path: Path, *, dtype: torch.dtype | str = "float32") -> tuple[Any, Any]:
     """De-quantise a GGUF file into a plain dense model and its tokenizer.
 
     ``GgufConfig(dequantize=True)`` matters: without it transformers may keep the weights packed (when the
@@ -341,6 +347,9 @@ def _load_gguf(gguf_path: Path, *, dtype: torch.dtype | str = torch.float32) -> 
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
+    from .hardware import resolve_dtype
+
+    dtype = resolve_dtype(dtype)
     directory, filename = str(gguf_path.parent), gguf_path.name
     model = AutoModelForCausalLM.from_pretrained(
         directory, gguf_file=filename, dtype=dtype, quantization_config=GgufConfig(dequantize=True)
@@ -390,6 +399,8 @@ def _dequantise_into(gguf_path: Path, out_dir: Path) -> None:
 
     Float32 whatever dtype the caller wants: the cache is shared by all dtypes, and casting at load is cheap.
     """
+    import torch
+
     model, tokenizer = _load_gguf(gguf_path, dtype=torch.float32)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

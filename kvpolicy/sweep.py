@@ -495,6 +495,8 @@ def evaluation_from_result(result: Any) -> Evaluation:
         "honesty": {k: v for k, v in result.honesty.items() if k in ("checked", "passed", "memoised", "reason")},
         "reference": result.reference,
         "complete": result.complete,
+        # the dtype the trial computed in (``auto`` resolved on the machine that ran it)
+        "dtype": result.dtype,
         "wall_s": result.wall_s,
     }
     ev = Evaluation(metrics=metrics, per_sample=per, details=details)

@@ -357,6 +357,48 @@ def test_compare_cli_grid_resumes_and_plots(tiny_loader, tmp_path):
     assert stamp == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cells").iterdir()}
 
 
+def test_compare_recomputes_an_auto_cell_where_auto_resolves_differently(monkeypatch, tiny, tmp_path):
+    """``dtype: auto`` resolves per machine, so the resume signature uses the resolved dtype: a cell computed on an
+    AMX CPU (bfloat16) is recomputed on an AVX2-only one (float32); one computed there resumes, also for an explicit
+    ``float32``. The reference for "computed" is the model dtype the loader was asked for."""
+    import copy
+
+    from kvpolicy import hardware
+    from kvpolicy.eval.report import compare
+
+    loaded: list[torch.dtype] = []
+
+    def loader(name, dtype="auto", device="cpu"):
+        want = hardware.resolve_dtype(dtype, device)
+        loaded.append(want)
+        return copy.deepcopy(tiny).to(want), CharTokenizer()
+
+    monkeypatch.setattr(runner, "load_eval_model", loader)
+    base = dict(samples=4, batch_size=4, use_reference_cache=False, bootstrap=0, quiet=True, dtype="auto")
+    cell = tmp_path / "cells" / "tiny-synthetic__local__0.5.json"
+
+    def grid(**over):
+        return compare(["local"], [0.5], ["tiny-synthetic"], tmp_path, base={**base, **over})
+
+    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: True)  # an AMX machine
+    grid()
+    doc = json.loads(cell.read_text())
+    assert loaded == [torch.bfloat16] and doc["dtype"] == "bfloat16" and doc["spec"]["dtype"] == "auto"
+    grid()  # same machine: resumed
+    assert len(loaded) == 1
+
+    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: False)  # an AVX2-only machine
+    grid()
+    doc = json.loads(cell.read_text())
+    assert loaded == [torch.bfloat16, torch.float32] and doc["dtype"] == "float32"
+    assert doc["model"]["dtype"] == "torch.float32"
+    grid()
+    grid(dtype="float32")  # the same computation as auto here
+    assert len(loaded) == 2
+    grid(dtype="bfloat16")  # an explicit bfloat16 differs from what the cell holds
+    assert loaded[-1] == torch.bfloat16 and json.loads(cell.read_text())["dtype"] == "bfloat16"
+
+
 # ------------------------------------------------------------------------------------------ default model
 @pytest.mark.slow
 def test_local_090_worse_than_full_on_default_model():

@@ -595,6 +595,7 @@ def test_sweep_on_a_tiny_model_through_the_evaluation_harness(tmp_path):
         assert doc["spec"]["samples"] == 4 and doc["policy"]["ratio"] == pytest.approx(r["params.ratio"])
     first = json.loads((tmp_path / "out" / "trials" / "trial-0000.json").read_text())
     assert first["details"]["honesty"]["passed"] is True  # the ratio-0 check ran on the first evaluation
+    assert first["details"]["dtype"] == "float32"  # the dtype the trial computed in is recorded with it
     assert [h["done"] for h in first["history"]] == [2, 4]  # one report per batch (what pruning looks at)
 
 

@@ -422,6 +422,7 @@ def test_docs_commands_run_on_the_tiny_models(built, monkeypatch, tmp_path):
     from typer.testing import CliRunner
 
     from kvpolicy import cli
+    from kvpolicy.hardware import resolve_dtype
 
     text = DOC.read_text()
     swaps = {
@@ -439,11 +440,12 @@ def test_docs_commands_run_on_the_tiny_models(built, monkeypatch, tmp_path):
     monkeypatch.setenv("KVPOLICY_CACHE", str(tmp_path / "cache"))
     models: dict[tuple[str, str], Any] = {}
 
-    def load(name: str, dtype: str = "bfloat16", device: str = "cpu") -> Any:
+    def load(name: str, dtype: str = "auto", device: str = "cpu") -> Any:
         assert device == "cpu"
-        if (name, dtype) not in models:
-            models[(name, dtype)] = tiny.load_tiny(name, dtype=getattr(torch, dtype))
-        return models[(name, dtype)]
+        want = resolve_dtype(dtype, device)  # like load_eval_model: "auto" (the default) resolved for the device
+        if (name, want) not in models:
+            models[(name, want)] = tiny.load_tiny(name, dtype=want)
+        return models[(name, want)]
 
     monkeypatch.setattr(runner, "load_eval_model", load)
     real_evaluate = report.evaluate

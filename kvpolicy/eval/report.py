@@ -205,11 +205,23 @@ def cell_name(task: str, policy: str, ratio: float) -> str:
     return f"{task}__{policy}__{ratio:g}"
 
 
-def _spec_signature(spec: EvalSpec) -> dict[str, Any]:
+def _spec_signature(spec: EvalSpec, dtype: str | None = None) -> dict[str, Any]:
+    """What makes two cells the same computation: the spec without display/threading settings, with ``dtype`` the
+    resolved one (``dtype``, else ``spec.dtype`` resolved here), so an ``auto`` cell computed in bfloat16 is not
+    taken as done on a machine where ``auto`` means float32 (an explicit ``float32`` cell matches ``auto`` there)."""
+    from ..hardware import dtype_name, resolve_dtype
+
     d = spec.model_dump(mode="json")
     for k in ("quiet", "threads"):
         d.pop(k, None)
+    d["dtype"] = dtype or dtype_name(resolve_dtype(spec.dtype, spec.device))
     return d
+
+
+def _cell_dtype(doc: dict[str, Any]) -> str | None:
+    """The dtype a cell file was computed in: its ``dtype``, or (older files) its model's ``torch.<name>``."""
+    recorded = doc.get("dtype") or (doc.get("model") or {}).get("dtype")
+    return str(recorded).removeprefix("torch.") if recorded else None
 
 
 def compare(
@@ -249,7 +261,8 @@ def compare(
         if resume and path.exists():
             try:
                 old = json.loads(path.read_text())
-                if old.get("complete") and _spec_signature(EvalSpec(**old["spec"])) == _spec_signature(spec):
+                old_signature = _spec_signature(EvalSpec(**old["spec"]), dtype=_cell_dtype(old))
+                if old.get("complete") and old_signature == _spec_signature(spec):
                     continue
             except (ValueError, KeyError, TypeError):
                 pass

@@ -72,7 +72,11 @@ class EvalSpec(BaseModel):
     protocol: Literal["kvpolicy", "authors"] = Field(
         default="kvpolicy", description="'authors': the last target token is not scored in PPL (their quirk)"
     )
-    dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
+    dtype: Literal["auto", "bfloat16", "float32", "float16"] = Field(
+        default="auto",
+        description="auto: bfloat16 where the device computes it natively (CUDA >= 8.0, CPUs with AMX or AVX-512 "
+        "BF16), float32 elsewhere (kvpolicy.hardware); the result's ``dtype`` records what it resolved to",
+    )
     backend: Literal["sdpa", "eager"] = "sdpa"
     device: str = "cpu"
     threads: int | None = Field(default=None, ge=1, description="torch threads (None: leave torch's setting)")
@@ -178,6 +182,9 @@ class EvalResult(BaseModel):
     honesty: dict[str, Any]
     reference: dict[str, Any]
     complete: bool = True
+    #: the dtype the evaluation computed in (``spec.dtype`` with ``auto`` resolved on this machine); None in result
+    #: files written before it was recorded (their ``model["dtype"]`` says the same as ``torch.<name>``)
+    dtype: str | None = None
     wall_s: float
     created: str
 
@@ -197,14 +204,18 @@ class BatchUpdate:
 _MODELS: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 
 
-def load_eval_model(name: str, dtype: str = "bfloat16", device: str = "cpu") -> tuple[Any, Any]:
-    """``kvpolicy.models.load_model`` memoised per process (a sweep calls :func:`evaluate` many times)."""
-    key = (name, dtype, device)
+def load_eval_model(name: str, dtype: str = "auto", device: str = "cpu") -> tuple[Any, Any]:
+    """``kvpolicy.models.load_model`` memoised per process (a sweep calls :func:`evaluate` many times); ``dtype``
+    ``auto`` is resolved for ``device`` first (:func:`kvpolicy.hardware.resolve_dtype`)."""
+    from ..hardware import dtype_name, resolve_dtype
+
+    resolved = resolve_dtype(dtype, device)
+    key = (name, dtype_name(resolved), device)
     if key not in _MODELS:
         from ..models import load_model
 
         _MODELS.clear()
-        _MODELS[key] = load_model(name, dtype=getattr(torch, dtype), device=device)
+        _MODELS[key] = load_model(name, dtype=resolved, device=device)
     return _MODELS[key]
 
 
@@ -952,6 +963,7 @@ def evaluate(
 def _evaluate(spec, callback, model, tokenizer, samples, policy, policy_ratio0) -> EvalResult:
     t_start = time.perf_counter()
     from ..engine import attach
+    from ..hardware import dtype_name
     from ..models import cache_root, model_info
 
     if model is None:
@@ -1047,6 +1059,7 @@ def _evaluate(spec, callback, model, tokenizer, samples, policy, policy_ratio0) 
             "other_batch": mismatched,
         },
         complete=complete,
+        dtype=dtype_name(model.dtype),
         wall_s=time.perf_counter() - t_start,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     )
