@@ -92,9 +92,9 @@ def test_quick_json_schema_and_files(quick):
 
 
 def _per_slot(model: dict, batch: int = 1) -> int:
-    return (
-        batch * model["kv_heads"] * model["head_dim"] * 2 * 4
-    )  # keys + values, float32
+    """Bytes of one slot: keys + values in the dtype the run resolved (``auto`` is bf16 on AMX CPUs)."""
+    itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[model["dtype"]]
+    return batch * model["kv_heads"] * model["head_dim"] * 2 * itemsize
 
 
 def test_bytes_are_consistent_with_cache_shapes(quick):

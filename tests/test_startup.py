@@ -50,6 +50,14 @@ def test_help_imports_no_torch_and_loads_no_plugins(command):
     assert _probe(args) == {"code": 0, "loaded": []}
 
 
+def test_bench_help_imports_its_command_module_only():
+    """``bench --help`` imports ``kvpolicy.bench`` (its options are ``bench_cli``'s signature) but nothing heavy: the
+    package and its ``command`` module import torch only inside the command."""
+    out = _probe(["bench", "--help"])
+    assert out["code"] == 0
+    assert set(out["loaded"]) <= {"kvpolicy.bench", "kvpolicy.bench.command"}, out["loaded"]
+
+
 def test_public_api_loads_on_first_use():
     """``kvpolicy.attach`` & co. are still there (PEP 562 ``__getattr__``), the same objects as in their modules."""
     code = (

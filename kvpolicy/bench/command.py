@@ -101,7 +101,7 @@ def bench_cli(
     json_: Annotated[bool, _opt("--json", help="print the JSON result to stdout instead of the tables")] = False,
     output: Annotated[Path | None, _opt("--output", help="directory for bench.json and the plots")] = None,
     device: Annotated[str, _opt("--device", help="cpu or cuda")] = "cpu",
-    dtype: Annotated[str, _opt("--dtype", help="float32, bfloat16 or float16")] = "float32",
+    dtype: Annotated[str, _opt("--dtype", help="auto (bf16 where native, else float32), float32, bfloat16 or float16")] = "auto",
     repeats: Annotated[int | None, _opt("--repeats", help="prefill repeats (median)")] = None,
     long_steps: Annotated[
         int | None, _opt("--long-steps", help="tokens of the long fixed-budget run (0: none)")
@@ -154,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", dest="json_", action="store_true")
     p.add_argument("--output", type=Path)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="auto")
     p.add_argument("--repeats", type=int)
     p.add_argument("--long-steps", type=int)
     p.add_argument("--compare", type=Path, action="append")

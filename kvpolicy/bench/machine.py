@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ..hardware import resolve_dtype
 from .shapes import BUILTIN_CONFIGS
 from .spec import BenchSpec, jsonable
 
@@ -26,7 +27,7 @@ def load_warning(env: dict[str, Any]) -> str | None:
 
 def build_model(spec: BenchSpec) -> tuple[Any, dict[str, Any]]:
     """The model (eval mode, on the device, in the dtype) and a description of it for the result."""
-    dtype = getattr(torch, spec.dtype)
+    dtype = resolve_dtype(spec.dtype, spec.device)
     if spec.model is not None:
         from ..models import load_model
 
@@ -74,7 +75,7 @@ def build_model(spec: BenchSpec) -> tuple[Any, dict[str, Any]]:
         kv_heads=getattr(text, "num_key_value_heads", text.num_attention_heads),
         head_dim=head_dim,
         vocab_size=text.vocab_size,
-        dtype=spec.dtype,
+        dtype=str(dtype).removeprefix("torch."),
         config=jsonable(model.config.to_dict()),
     )
     return model, info

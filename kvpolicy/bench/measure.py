@@ -48,7 +48,7 @@ class Runner:
         self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         self.layers = text.num_hidden_layers
         self.q_heads = text.num_attention_heads
-        self.dtype = getattr(torch, spec.dtype)
+        self.dtype = next(model.parameters()).dtype  # what build_model resolved spec.dtype to
         engine.attach(model)  # registers kvpolicy's attention; full-cache runs switch back to plain sdpa
         self.policy_attention = True
 

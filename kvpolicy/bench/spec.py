@@ -96,7 +96,11 @@ class BenchSpec(BaseModel):
         description="decode steps before the sweep's second bytes reading",
     )
     device: Literal["cpu", "cuda"] = "cpu"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto",
+        description="auto: bfloat16 where the device multiplies it natively (CUDA >= 8.0, AMX/AVX-512 BF16 CPUs), "
+        "float32 elsewhere; the result records what it resolved to",
+    )
     batch: int = Field(default=1, ge=1)
     seed: int = 0
     quick: bool = Field(
