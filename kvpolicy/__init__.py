@@ -6,6 +6,7 @@ The public API in one place: build a :class:`CachePolicy` from parts, ``attach(m
 
 from .cache import PolicyCache, PolicyLayer, UnsupportedModelError
 from .engine import attach, check_model, make_cache
+from .partcheck import PartError
 from .policy import (
     GENERATED,
     IMAGE,
@@ -35,6 +36,7 @@ __all__ = [
     "DecodeScorer",
     "EncodeScorer",
     "LayerView",
+    "PartError",
     "PolicyCache",
     "PolicyLayer",
     "Reducer",
