@@ -1,0 +1,233 @@
+"""A plugin part that returns something unusable fails with one line naming the part and its package (PartError).
+
+The parts below come from an in-process plugin registered as package ``kvpolicy-myplugin``; each has a ``mode``
+parameter that makes it misbehave in one way. Expected messages are written out literally from the tiny model's
+dimensions (batch 2, left padding, 2 kv heads, head dim 16, 16 prompt columns)."""
+
+from __future__ import annotations
+
+import types
+from typing import Literal
+
+import pytest
+import torch
+from pydantic import BaseModel
+
+import kvpolicy
+from conftest import PAD, build_model, make_batch
+from kvpolicy import PartError, Reduction, select_top
+from kvpolicy.config import load_policy
+from kvpolicy.hookspecs import PartSpec, hookimpl
+from kvpolicy.registry import Registry
+
+PACKAGE = "kvpolicy-myplugin"
+B, H, P, D = 2, 2, 16, 16  # batch, kv heads, prompt columns (= prefill slots), head dim of the tiny model
+
+
+class Mode(BaseModel):
+    mode: str = "ok"
+
+
+def _recency(view) -> torch.Tensor:
+    return view.positions.to(torch.float32)
+
+
+class Encode:
+    needs = frozenset()
+
+    def __init__(self, p: Mode):
+        self.mode = p.mode
+
+    def score(self, view):
+        s = _recency(view)
+        if self.mode == "flat":  # [B, P]: the head axis forgotten
+            return s[:, 0]
+        if self.mode == "short":  # one slot short
+            return s[..., :-1]
+        if self.mode == "nan":
+            s = s.clone()
+            s[0, 0, :3] = float("nan")
+            return s
+        if self.mode == "list":
+            return s.tolist()
+        if self.mode == "bool":
+            return s > 3
+        return s
+
+
+class Decode(Encode):
+    def drop_scores(self, view):
+        s = _recency(view)
+        if self.mode == "nan":
+            return torch.full_like(s, float("nan"))
+        if self.mode == "wide":  # three heads on a two-head cache
+            return s[:, :1].expand(B, 3, s.shape[-1])
+        return s
+
+
+class Reducer:
+    def __init__(self, p: Mode):
+        self.mode = p.mode
+
+    def reduce(self, view, scores, keep):
+        red = select_top(view, scores, keep)
+        if self.mode == "range":
+            return Reduction(index=torch.full_like(red.index, view.num_slots), valid=red.valid)
+        if self.mode == "int32":
+            return Reduction(index=red.index.to(torch.int32), valid=red.valid)
+        if self.mode == "pads":  # keep the first slots, which are padding in row 1
+            return Reduction(index=torch.arange(4).expand(B, H, 4).clone(), valid=torch.ones(B, H, 4, dtype=torch.bool))
+        if self.mode == "nan_keys":
+            keys = view.keys.gather(2, red.index[..., None].expand(*red.index.shape, view.keys.shape[-1])).clone()
+            keys[1, 0, 0, 0] = float("nan")
+            return Reduction(index=red.index, valid=red.valid, keys=keys)
+        if self.mode == "float_values":
+            values = view.values.gather(2, red.index[..., None].expand(*red.index.shape, view.values.shape[-1]))
+            return Reduction(index=red.index, valid=red.valid, values=values.to(torch.float64))
+        if self.mode == "tuple":
+            return red.index, red.valid
+        return red
+
+    def on_drop(self, view, victims, victim_valid):
+        if self.mode == "drop_inf":
+            keys = view.keys.clone()
+            keys[0, 1, 2, 3] = float("inf")
+            return keys, view.values
+        if self.mode == "drop_short":
+            return view.keys[:, :, :-1], view.values
+        return None
+
+
+class Allocator:
+    def __init__(self, p: Mode):
+        self.mode = p.mode
+
+    def layer_keep(self, layer_idx, num_layers, keep, n_tokens):
+        if self.mode == "float":
+            return keep.to(torch.float32)
+        if self.mode == "per_head":
+            return keep[:, None].expand(B, H)
+        if self.mode == "negative":
+            return keep - 100
+        return keep
+
+
+@hookimpl
+def kvpolicy_parts() -> list[PartSpec]:
+    return [
+        PartSpec("vnorm_recent", "encode", Mode, Encode, "recency, with a way to fail"),
+        PartSpec("vnorm_drop", "decode", Mode, Decode, "recency drops, with a way to fail"),
+        PartSpec("shaky_reduce", "reducer", Mode, Reducer, "top-k with a way to fail"),
+        PartSpec("shaky_alloc", "allocator", Mode, Allocator, "identity allocator with a way to fail"),
+    ]
+
+
+@pytest.fixture(scope="module")
+def registry() -> Registry:
+    reg = Registry(entry_points=())
+    mod = types.ModuleType("myplugin")
+    mod.kvpolicy_parts = kvpolicy_parts
+    assert reg.register_module(mod, source=PACKAGE) == []
+    return reg
+
+
+@pytest.fixture(scope="module")
+def model():
+    return kvpolicy.attach(build_model("llama"))
+
+
+def _policy(registry, encode="ok", decode="ok", reducer="ok", allocator: str | None = None):
+    doc = {
+        "encode": {"name": "vnorm_recent", "mode": encode},
+        "decode": {"name": "vnorm_drop", "mode": decode},
+        "reducer": {"name": "shaky_reduce", "mode": reducer},
+        "ratio": 0.5,
+    }
+    if allocator is not None:
+        doc["allocator"] = {"name": "shaky_alloc", "mode": allocator}
+    return load_policy(doc, registry=registry)
+
+
+def _generate(model, policy, n: int = 6):
+    batch = make_batch(B, P, [0, 3])
+    cache = kvpolicy.make_cache(model, policy)
+    return model.generate(**batch, past_key_values=cache, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                          pad_token_id=PAD)
+
+
+def _error(model, policy) -> PartError:
+    with pytest.raises(PartError) as info:
+        _generate(model, policy)
+    msg = str(info.value)
+    assert "\n" not in msg
+    return info.value
+
+
+ENC = f"encode scorer 'vnorm_recent' from package {PACKAGE}"
+DEC = f"decode scorer 'vnorm_drop' from package {PACKAGE}"
+RED = f"reducer 'shaky_reduce' from package {PACKAGE}"
+ALLOC = f"allocator 'shaky_alloc' from package {PACKAGE}"
+
+CASES: list[tuple[dict[str, str], str]] = [
+    ({"encode": "flat"}, f"{ENC} returned shape ({B}, {P}); expected scores [B, H or 1, P] = [{B}, {H}, {P}] "
+                         "(layer 0, prefill)"),
+    ({"encode": "short"}, f"{ENC} returned shape ({B}, {H}, {P - 1}); expected scores [B, H or 1, P] = "
+                          f"[{B}, {H}, {P}] (layer 0, prefill)"),
+    ({"encode": "nan"}, f"{ENC} returned NaN in 3 of {B * H * P} scores; scores must not be NaN (+inf marks a slot "
+                        "that must never be dropped) (layer 0, prefill)"),
+    ({"encode": "list"}, f"{ENC} returned list; expected scores [B, H or 1, P] = [{B}, {H}, {P}] as a torch.Tensor "
+                         "(layer 0, prefill)"),
+    ({"encode": "bool"}, f"{ENC} returned dtype torch.bool; scores must be real numbers (float) (layer 0, prefill)"),
+    ({"decode": "nan"}, f"{DEC} returned NaN in {B * H * (P // 2)} of {B * H * (P // 2)} drop scores; drop scores "
+                        "must not be NaN (+inf marks a slot that must never be dropped) (layer 0, decode)"),
+    ({"decode": "wide"}, f"{DEC} returned shape ({B}, 3, {P // 2}); expected drop scores [B, H or 1, P] = "
+                         f"[{B}, {H}, {P // 2}] (layer 0, decode)"),
+    ({"reducer": "range"}, f"{RED} returned slot indices in [{P}, {P}]; the view has slots [0, {P}) "
+                           "(layer 0, prefill)"),
+    ({"reducer": "int32"}, f"{RED} returned index as torch.int32 on cpu; expected int64 slot indices on cpu "
+                           "(layer 0, prefill)"),
+    ({"reducer": "pads"}, f"{RED} kept an invalid (padding or freed) slot (layer 0, prefill)"),
+    ({"reducer": "nan_keys"}, f"{RED} reduce returned keys with 1 NaN/inf of {B * H * (P // 2) * D} entries "
+                              "(layer 0, prefill)"),
+    ({"reducer": "float_values"}, f"{RED} reduce returned values as torch.float64 on cpu; the cache holds "
+                                  "torch.float32 on cpu (layer 0, prefill)"),
+    ({"reducer": "tuple"}, f"{RED} reduce returned tuple; expected a kvpolicy.Reduction (layer 0, prefill)"),
+    ({"reducer": "drop_inf"}, f"{RED} on_drop returned keys with 1 NaN/inf of {B * H * (P // 2) * D} entries "
+                              "(layer 0, decode)"),
+    ({"reducer": "drop_short"}, f"{RED} on_drop returned keys of shape ({B}, {H}, {P // 2 - 1}, {D}); expected "
+                                f"[B, H, K, D] = [{B}, {H}, {P // 2}, {D}] (layer 0, decode)"),
+    ({"allocator": "float"}, f"{ALLOC} returned dtype torch.float32; expected int64 [B] = [{B}] entries to keep per "
+                             "row (layer 0)"),
+    ({"allocator": "per_head"}, f"{ALLOC} returned shape ({B}, {H}); expected int64 [B] = [{B}] entries to keep per "
+                                "row (layer 0)"),
+    ({"allocator": "negative"}, f"{ALLOC} returned negative budgets [-92, -93] (layer 0)"),
+]
+
+
+@pytest.mark.parametrize("modes, expected", CASES, ids=[next(iter(m.values())) for m, _ in CASES])
+def test_part_output_errors_name_the_part_and_package(registry, model, modes, expected):
+    err = _error(model, _policy(registry, **modes))
+    assert str(err) == expected
+    assert err.part.endswith(f"from package {PACKAGE}") and err.layer == 0
+
+
+def test_well_behaved_parts_of_the_same_plugin_run(registry, model):
+    """The checks do not fire on valid outputs: with every mode ``ok`` the run completes under the budget."""
+    out = _generate(model, _policy(registry, allocator="ok"))
+    assert out.shape == (B, P + 6)
+
+
+def test_hand_built_part_is_named_by_class_and_module(model):
+    """A policy built in code (no registry) names the part by its class."""
+    policy = kvpolicy.CachePolicy(
+        reducer=Reducer(Mode()), budget=kvpolicy.Budget(ratio=0.5), encode=Encode(Mode(mode="flat")), name="code"
+    )
+    err = _error(model, policy)
+    assert str(err).startswith(f"encode scorer Encode (module {__name__}) returned shape ({B}, {P});")
+
+
+def test_part_error_is_a_runtime_error_with_its_fields():
+    err = PartError("encode scorer 'x' from package p", "returned shape (1,)", layer=3, stage="decode")
+    assert isinstance(err, RuntimeError)
+    assert str(err) == "encode scorer 'x' from package p returned shape (1,) (layer 3, decode)"
+    assert (err.part, err.problem, err.layer) == ("encode scorer 'x' from package p", "returned shape (1,)", 3)
