@@ -7,7 +7,7 @@ dimensions (batch 2, left padding, 2 kv heads, head dim 16, 16 prompt columns)."
 from __future__ import annotations
 
 import types
-from typing import Literal
+from importlib.metadata import EntryPoint
 
 import pytest
 import torch
@@ -16,9 +16,9 @@ from pydantic import BaseModel
 import kvpolicy
 from conftest import PAD, build_model, make_batch
 from kvpolicy import PartError, Reduction, select_top
-from kvpolicy.config import load_policy
-from kvpolicy.hookspecs import PartSpec, hookimpl
-from kvpolicy.registry import Registry
+from kvpolicy.config import PolicyConfigError, load_policy
+from kvpolicy.hookspecs import ENTRY_POINT_GROUP, PartSpec, hookimpl
+from kvpolicy.registry import Registry, UnknownPartError
 
 PACKAGE = "kvpolicy-myplugin"
 B, H, P, D = 2, 2, 16, 16  # batch, kv heads, prompt columns (= prefill slots), head dim of the tiny model
@@ -231,3 +231,79 @@ def test_part_error_is_a_runtime_error_with_its_fields():
     assert isinstance(err, RuntimeError)
     assert str(err) == "encode scorer 'x' from package p returned shape (1,) (layer 3, decode)"
     assert (err.part, err.problem, err.layer) == ("encode scorer 'x' from package p", "returned shape (1,)", 3)
+
+
+# ------------------------------------------------------------------------- unknown parts from plugins that failed
+def _broken_plugin_registry(tmp_path, monkeypatch) -> Registry:
+    """A registry where plugin 'myplugin' of kvpolicy-myplugin raised on import and a healthy one loaded."""
+    (tmp_path / "kvp_h2_broken_plugin.py").write_text("import kvp_h2_missing_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reg = Registry(entry_points=())
+    (problem,) = reg.load_entry_point(
+        EntryPoint("myplugin", "kvp_h2_broken_plugin", ENTRY_POINT_GROUP), source=PACKAGE
+    )
+    assert not problem.loaded and problem.part is None
+    healthy = types.ModuleType("healthy")
+    healthy.kvpolicy_parts = kvpolicy_parts
+    assert reg.register_module(healthy, source="kvpolicy-healthy") == []
+    return reg
+
+
+IMPORT_ERROR = (
+    f"plugin 'myplugin' (package {PACKAGE}) failed to load: import of 'kvp_h2_broken_plugin' failed: "
+    "ModuleNotFoundError: No module named 'kvp_h2_missing_dependency'"
+)
+
+
+def test_unknown_part_says_which_plugin_failed_to_load(tmp_path, monkeypatch):
+    reg = _broken_plugin_registry(tmp_path, monkeypatch)
+    with pytest.raises(UnknownPartError) as info:
+        reg.part("encode", "snapkv")
+    assert str(info.value) == f"unknown encode 'snapkv': {IMPORT_ERROR}; available: vnorm_recent"
+    # through a policy document: one issue on the field, with the kind spelled out
+    with pytest.raises(PolicyConfigError) as info:
+        load_policy({"encode": "snapkv", "reducer": "shaky_reduce", "ratio": 0.5}, registry=reg)
+    assert str(info.value) == f"encode.name: unknown encode scorer 'snapkv': {IMPORT_ERROR}; available: vnorm_recent"
+
+
+def test_unknown_part_names_a_plugin_whose_hook_raised():
+    reg = Registry(entry_points=())
+    mod = types.ModuleType("myplugin")
+
+    @hookimpl
+    def kvpolicy_parts_raising():
+        raise ImportError("torch_scatter is required")
+
+    mod.kvpolicy_parts = kvpolicy_parts_raising
+    (problem,) = reg.register_module(mod, source=PACKAGE, name="myplugin")
+    with pytest.raises(UnknownPartError) as info:
+        reg.part("decode", "vnorm_drop")
+    assert str(info.value) == (
+        f"unknown decode 'vnorm_drop': plugin 'myplugin' (package {PACKAGE}) failed to load: hook kvpolicy_parts() "
+        "raised ImportError: torch_scatter is required; available: (none registered)"
+    )
+
+
+def test_rejected_part_of_that_name_is_named_instead_of_other_failures(tmp_path, monkeypatch):
+    """A plugin that loaded but whose part of that name was rejected is the one to blame, not an unrelated plugin
+    that failed to import."""
+    reg = _broken_plugin_registry(tmp_path, monkeypatch)
+    bad = types.ModuleType("otherplugin")
+
+    @hookimpl
+    def kvpolicy_parts_bad():
+        return [PartSpec("needs_fix", "reducer", dict, Reducer, "params is not a pydantic model")]
+
+    bad.kvpolicy_parts = kvpolicy_parts_bad
+    (problem,) = reg.register_module(bad, source="kvpolicy-other", name="otherplugin")
+    assert problem.loaded and problem.part == ("reducer", "needs_fix")
+    with pytest.raises(UnknownPartError) as info:
+        reg.part("reducer", "needs_fix")
+    assert str(info.value) == (
+        "unknown reducer 'needs_fix': plugin 'otherplugin' (package kvpolicy-other) could not register it: part "
+        "'needs_fix': params must be a pydantic BaseModel subclass, got <class 'dict'>; available: shaky_reduce"
+    )
+    # a name nobody tried to contribute: every plugin that failed to load is a suspect, rejected parts are not
+    with pytest.raises(UnknownPartError) as info:
+        reg.part("reducer", "anything")
+    assert str(info.value) == f"unknown reducer 'anything': {IMPORT_ERROR}; available: shaky_reduce"
