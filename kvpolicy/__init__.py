@@ -4,7 +4,7 @@ The public API in one place: build a :class:`CachePolicy` from parts, ``attach(m
 ``model.generate(..., past_key_values=make_cache(model, policy))``.
 """
 
-from .cache import PolicyCache, PolicyLayer, UnsupportedModelError
+from .cache import CacheReuseError, PolicyCache, PolicyLayer, UnsupportedModelError
 from .engine import attach, check_model, make_cache
 from .partcheck import PartError
 from .policy import (
@@ -33,6 +33,7 @@ __all__ = [
     "Budget",
     "BudgetAllocator",
     "CachePolicy",
+    "CacheReuseError",
     "DecodeScorer",
     "EncodeScorer",
     "LayerView",
