@@ -8,9 +8,11 @@ device, NaN / non-finite values) and a violation raises one :class:`PartError` w
     encode scorer 'vnorm_recent' from package kvpolicy-myplugin returned shape (1, 512); expected [B, H or 1, P] =
     [1, 3, 512] (layer 0, prefill)
 
-Cost: shape/dtype checks read tensor metadata only; value checks are one reduction each (``isnan(...).any()`` on
-scores, ``isfinite(...).all()`` on merged keys/values), so a decode step pays one extra small reduction per layer.
-Labels are only formatted when a check fails.
+Cost: shape/dtype checks read tensor metadata only. Value checks are exact but take one ``sum`` in the common case:
+a NaN anywhere makes the sum NaN, an inf makes it inf or NaN, so a finite (NaN-free) sum proves the tensor finite
+(NaN-free) and only a suspicious sum pays for the element-wise test. ``torch.isfinite(t).all()`` alone was measured
+20x slower on CPU (1.0 ms vs 47 us for one layer's keys [1, 3, 820, 64] in float32). Labels are only formatted when a
+check fails.
 """
 
 from __future__ import annotations
@@ -22,8 +24,18 @@ import torch
 
 from .policy import CachePolicy, LayerView, Reduction
 
-__all__ = ["KIND_WORDS", "PartError", "check_keep", "check_merge", "check_reduction", "check_scores", "check_state",
-           "part_label"]
+__all__ = [
+    "KIND_WORDS",
+    "PartError",
+    "all_finite",
+    "check_keep",
+    "check_merge",
+    "check_reduction",
+    "check_scores",
+    "check_state",
+    "has_nan",
+    "part_label",
+]
 
 #: how a policy field is called in messages
 KIND_WORDS = {"encode": "encode scorer", "decode": "decode scorer", "reducer": "reducer", "allocator": "allocator"}
@@ -59,6 +71,20 @@ def part_label(policy: CachePolicy, field: str) -> str:
     return f"{kind} {cls.__qualname__} (module {cls.__module__})"
 
 
+def has_nan(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds a NaN (exact): one sum, and the element-wise test only when the sum is NaN (which a mix of
+    ``+inf`` and ``-inf`` also gives)."""
+    if not t.is_floating_point():
+        return False
+    return bool(torch.isnan(t.sum(dtype=torch.float32))) and bool(torch.isnan(t).any())
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every entry of ``t`` is finite (exact): a finite float32 sum proves it; otherwise test element-wise
+    (a sum can also overflow)."""
+    return bool(torch.isfinite(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t).all())
+
+
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
@@ -87,7 +113,7 @@ def check_scores(policy: CachePolicy, field: str, scores: Any, view: LayerView, 
         raise _fail(policy, field, f"returned dtype {scores.dtype}; {what} must be real numbers (float)", view)
     if scores.device != view.valid.device:
         raise _fail(policy, field, f"returned a tensor on {scores.device}; the cache is on {view.valid.device}", view)
-    if scores.is_floating_point() and bool(torch.isnan(scores).any()):
+    if has_nan(scores):
         n = int(torch.isnan(scores).sum())
         raise _fail(
             policy, field, f"returned NaN in {n} of {scores.numel()} {what}; {what} must not be NaN (+inf marks a "
@@ -118,7 +144,7 @@ def _check_kv(policy: CachePolicy, field: str, name: str, t: Any, shape: tuple[i
             policy, field, f"{hook} returned {name} as {t.dtype} on {t.device}; the cache holds {like.dtype} on "
             f"{like.device}", view,
         )
-    if not bool(torch.isfinite(t).all()):
+    if not all_finite(t):
         n = int((~torch.isfinite(t)).sum())
         raise _fail(policy, field, f"{hook} returned {name} with {n} NaN/inf of {t.numel()} entries", view)
 

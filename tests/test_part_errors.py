@@ -18,6 +18,7 @@ from conftest import PAD, build_model, make_batch
 from kvpolicy import PartError, Reduction, select_top
 from kvpolicy.config import PolicyConfigError, load_policy
 from kvpolicy.hookspecs import ENTRY_POINT_GROUP, PartSpec, hookimpl
+from kvpolicy.partcheck import all_finite, has_nan
 from kvpolicy.registry import Registry, UnknownPartError
 
 PACKAGE = "kvpolicy-myplugin"
@@ -307,3 +308,22 @@ def test_rejected_part_of_that_name_is_named_instead_of_other_failures(tmp_path,
     with pytest.raises(UnknownPartError) as info:
         reg.part("reducer", "anything")
     assert str(info.value) == f"unknown reducer 'anything': {IMPORT_ERROR}; available: shaky_reduce"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_value_checks_are_exact(dtype):
+    """The one-sum fast paths agree with the element-wise tests, including sums that overflow or mix infinities."""
+    big = torch.finfo(dtype).max
+    cases = [
+        [1.0, 2.0, 3.0],
+        [1.0, float("nan"), 3.0],
+        [float("inf"), 1.0],
+        [float("inf"), float("-inf"), 1.0],  # sum NaN, no NaN entry
+        [float("-inf"), float("nan")],
+        [big, big, big],  # finite entries whose sum may overflow
+    ]
+    for values in cases:
+        t = torch.tensor(values, dtype=dtype)
+        assert has_nan(t) == bool(torch.isnan(t).any()), values
+        assert all_finite(t) == bool(torch.isfinite(t).all()), values
+    assert not has_nan(torch.tensor([1, 2], dtype=torch.long)) and all_finite(torch.tensor([1, 2]))
