@@ -4,9 +4,10 @@ The public API in one place: build a :class:`CachePolicy` from parts, ``attach(m
 ``model.generate(..., past_key_values=make_cache(model, policy))``.
 """
 
-from .cache import CacheReuseError, PolicyCache, PolicyLayer, UnsupportedModelError
+from .cache import PolicyCache, PolicyLayer, UnsupportedModelError
 from .engine import attach, check_model, make_cache
 from .partcheck import PartError
+from .reuse import CacheReuseError
 from .policy import (
     GENERATED,
     IMAGE,

@@ -28,6 +28,7 @@ from .policy import GENERATED, IMAGE, TEXT, AttentionStat, CachePolicy, LayerVie
 from .buckets import SLACK, Bucket, growth, split
 from .partcheck import check_keep, check_merge, check_reduction, check_scores, check_state
 from .positions import RopeShift
+from .reuse import check_batch, check_inputs
 from .selection import lowest_slot, ranked_slots
 
 
@@ -36,19 +37,6 @@ _active = threading.local()
 
 class UnsupportedModelError(ValueError):
     """The engine cannot run this model (names the model class and the reason)."""
-
-
-class CacheReuseError(ValueError):
-    """A :class:`PolicyCache` that already holds a generation was handed inputs of another batch, or a prompt that
-    does not extend what it holds. transformers reads a non-empty cache as the beginning of the same sequences
-    (``DynamicCache`` then fails inside torch or silently continues the old ones), so the message names the fix: a
-    fresh cache per ``generate()`` call."""
-
-
-#: the fix a :class:`CacheReuseError` names
-FRESH_CACHE_FIX = (
-    "a PolicyCache serves one generation: pass a fresh kvpolicy.make_cache(model, policy) to each generate() call"
-)
 
 
 def take_active_layer(layer_idx: int | None) -> PolicyLayer | None:
@@ -185,11 +173,7 @@ class PolicyLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if key_states.shape[0] != self.n_tokens.shape[0]:
-            raise CacheReuseError(
-                f"kvpolicy: this cache holds {self.n_tokens.shape[0]} rows (layer {self.layer_idx}, {self.seen} columns "
-                f"seen) and was given a batch of {key_states.shape[0]}; {FRESH_CACHE_FIX}"
-            )
+        check_batch(self.n_tokens.shape[0], self.seen, key_states.shape[0], self.layer_idx)
         if self._pending is not None:
             raise RuntimeError(
                 "kvpolicy: the model did not call kvpolicy's attention function after the cache update. Attach the "
@@ -568,24 +552,9 @@ class PolicyCache(Cache):
         super().__init__(layers=layers)
 
     def check_inputs(self, batch: int, new_tokens: int) -> None:
-        """Raise :class:`CacheReuseError` when this cache already holds a generation and a forward brings a batch of
-        another size, or no new token (generate() slices the prompt after the columns the cache has seen, so a
-        prompt no longer than that arrives empty). Called before the model runs by the hook ``kvpolicy.attach``
-        installs; a same-size batch that extends the sequences is a continuation, as with ``DynamicCache``."""
-        layer = next((x for x in self.policy_layers if x.is_initialized), None)
-        if layer is None:
-            return
-        held = layer.n_tokens.shape[0]
-        if batch != held:
-            raise CacheReuseError(
-                f"kvpolicy: this cache already holds a generation of {held} rows ({layer.seen} columns seen) and was "
-                f"given a batch of {batch}; {FRESH_CACHE_FIX}"
-            )
-        if new_tokens == 0:
-            raise CacheReuseError(
-                f"kvpolicy: this cache already holds a generation ({layer.seen} columns seen) and the forward brings no "
-                f"new token (generate() only feeds the prompt columns after those the cache has seen); {FRESH_CACHE_FIX}"
-            )
+        """Raise :class:`~kvpolicy.reuse.CacheReuseError` when this cache already holds a generation and a forward
+        brings another batch size or no new token (see :mod:`kvpolicy.reuse`)."""
+        check_inputs(self.policy_layers, batch, new_tokens)
 
     def set_token_types(self, types: torch.Tensor) -> None:
         """Tell the cache which prompt columns hold image tokens (int ``[B, S]``, see ``kvpolicy.policy``)."""
