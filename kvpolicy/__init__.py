@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the names below, for type checkers and IDEs; at run time they load on first use
     from .cache import PolicyCache, PolicyLayer, UnsupportedModelError
     from .engine import attach, check_model, make_cache
+    from .partcheck import PartError
     from .policy import (
         GENERATED,
         IMAGE,
@@ -26,6 +27,7 @@ if TYPE_CHECKING:  # the names below, for type checkers and IDEs; at run time th
         Reducer,
         Reduction,
     )
+    from .reuse import CacheReuseError
     from .selection import ranked_slots, select_top
 
 #: public name -> the submodule defining it. Imported lazily (PEP 562) because these modules import torch and
@@ -33,6 +35,8 @@ if TYPE_CHECKING:  # the names below, for type checkers and IDEs; at run time th
 _LAZY = {
     **dict.fromkeys(("PolicyCache", "PolicyLayer", "UnsupportedModelError"), "cache"),
     **dict.fromkeys(("attach", "check_model", "make_cache"), "engine"),
+    "PartError": "partcheck",
+    "CacheReuseError": "reuse",
     **dict.fromkeys(
         (
             "GENERATED",
@@ -63,9 +67,11 @@ __all__ = [
     "Budget",
     "BudgetAllocator",
     "CachePolicy",
+    "CacheReuseError",
     "DecodeScorer",
     "EncodeScorer",
     "LayerView",
+    "PartError",
     "PolicyCache",
     "PolicyLayer",
     "Reducer",

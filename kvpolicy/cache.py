@@ -26,7 +26,9 @@ from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLa
 
 from .policy import GENERATED, IMAGE, TEXT, AttentionStat, CachePolicy, LayerView, Reduction
 from .buckets import SLACK, Bucket, growth, split
+from .partcheck import check_keep, check_merge, check_reduction, check_scores, check_state
 from .positions import RopeShift
+from .reuse import check_batch, check_inputs
 from .selection import lowest_slot, ranked_slots
 
 
@@ -171,6 +173,7 @@ class PolicyLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        check_batch(self.n_tokens.shape[0], self.seen, key_states.shape[0], self.layer_idx)
         if self._pending is not None:
             raise RuntimeError(
                 "kvpolicy: the model did not call kvpolicy's attention function after the cache update. Attach the "
@@ -340,7 +343,9 @@ class PolicyLayer(DynamicLayer):
             policy = self.policy
             keep = policy.budget.prefill_keep(self.n_tokens)
             if policy.allocator is not None:
+                given = keep
                 keep = policy.allocator.layer_keep(self.layer_idx, self.num_layers, keep, self.n_tokens)
+                keep = check_keep(policy, keep, given, self.layer_idx)
             self._planned_keep = keep
         return self._planned_keep
 
@@ -364,11 +369,11 @@ class PolicyLayer(DynamicLayer):
         view.keep = keep
         init_state = getattr(policy.decode, "init_state", None)
         if init_state is not None:
-            for name, t in init_state(view).items():
+            for name, t in check_state(policy, init_state(view), view).items():
                 self.slot_state[name] = t.to(torch.float32).expand_as(view.valid).clone()
         if policy.encode is not None and bool((keep < view.held().amin(-1)).any()):
-            scores = policy.encode.score(view)
-            self._apply(policy.reducer.reduce(view, scores, keep))
+            scores = check_scores(policy, "encode", policy.encode.score(view), view)
+            self._apply(check_reduction(policy, policy.reducer.reduce(view, scores, keep), view))
         self.prefill_kept = self._valid[:, :, : self.length].sum(-1)
         after = getattr(policy.decode, "after_prefill", None)
         if after is not None:
@@ -385,8 +390,6 @@ class PolicyLayer(DynamicLayer):
             if red.values is not None
             else self._v[:, :, :n].gather(2, idx[..., None].expand(*idx.shape, self._v.shape[-1]))
         )
-        if not bool((red.valid <= self._valid[:, :, :n].gather(2, idx)).all()):
-            raise RuntimeError(f"layer {self.layer_idx}: the reducer kept an invalid (padding or freed) slot")
         self._k, self._v = keys.contiguous(), values.contiguous()
         self._valid = red.valid.clone()
         self._pos, self._types = gather(self._pos), gather(self._types)
@@ -424,7 +427,7 @@ class PolicyLayer(DynamicLayer):
         if not bool((excess > 0).any()):
             return
         view.excess = excess
-        scores = decode.drop_scores(view)
+        scores = check_scores(self.policy, "decode", decode.drop_scores(view), view, what="drop scores")
         k_max = int(excess.max())
         if k_max == 1:
             victims = lowest_slot(view, scores)
@@ -436,7 +439,7 @@ class PolicyLayer(DynamicLayer):
             merged = on_drop(view, victims, ok)
             if merged is not None:
                 n = self.length
-                self._k[:, :, :n], self._v[:, :, :n] = merged
+                self._k[:, :, :n], self._v[:, :, :n] = check_merge(self.policy, merged, view)
         cur = self._valid.gather(2, victims)
         self._valid.scatter_(2, victims, cur & ~ok)
         self.pristine = False
@@ -556,6 +559,11 @@ class PolicyCache(Cache):
                     "only 'full_attention' and 'sliding_attention' layers are supported"
                 )
         super().__init__(layers=layers)
+
+    def check_inputs(self, batch: int, new_tokens: int) -> None:
+        """Raise :class:`~kvpolicy.reuse.CacheReuseError` when this cache already holds a generation and a forward
+        brings another batch size or no new token (see :mod:`kvpolicy.reuse`)."""
+        check_inputs(self.policy_layers, batch, new_tokens)
 
     def set_token_types(self, types: torch.Tensor) -> None:
         """Tell the cache which prompt columns hold image tokens (int ``[B, S]``, see ``kvpolicy.policy``)."""

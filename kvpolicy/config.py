@@ -260,6 +260,7 @@ class ResolvedPolicy:
             encode=built.get("encode"),
             decode=built.get("decode"),
             allocator=built.get("allocator"),
+            origins={fname: (part.spec.name, part.source) for fname, part in self.parts.items()},
             name=self.name,
             drop_after_attention=self.engine_quirks.get("drop_after_attention", False),
             compressed_positions=self.engine_quirks.get("compressed_positions", False),

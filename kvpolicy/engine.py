@@ -79,6 +79,11 @@ def _watch_inputs(model: Any) -> None:
 
     def before(module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get("past_key_values")
+        if isinstance(cache, PolicyCache):  # a reused cache fails here, naming the fix, not deep inside the model
+            new = ids if isinstance(ids, torch.Tensor) else kwargs.get("inputs_embeds")
+            if isinstance(new, torch.Tensor) and new.dim() >= 2:
+                cache.check_inputs(new.shape[0], new.shape[1])
         set_forward_inputs(ids if isinstance(ids, torch.Tensor) else None, image_ids)
 
     def after(module, args, kwargs, output):

@@ -241,6 +241,9 @@ class CachePolicy:
     encode: EncodeScorer | None = None
     decode: DecodeScorer | None = None
     allocator: BudgetAllocator | None = None
+    #: where each part came from, ``{"encode": ("frequency", "kvpolicy"), ...}`` (part name, plugin package; set by
+    #: ``kvpolicy.config``), so that an error about a part's output names the part and its package (empty: hand-built)
+    origins: dict[str, tuple[str, str]] = field(default_factory=dict)
     name: str = "custom"
     #: run decode drops after the step's attention even when the decode scorer needs none (the Elastic Cache
     #: authors' order); by default drops happen inside ``update()`` so the step already attends to the reduced cache

@@ -78,6 +78,10 @@ class PluginProblem:
     plugin: str
     package: str
     error: str
+    #: the contribution the problem is about, ``(kind, name)`` (kind ``"preset"`` for a preset), when known
+    part: tuple[str, str] | None = None
+    #: whether the plugin itself loaded (only one of its contributions was rejected); ``False``: it contributed nothing
+    loaded: bool = False
 
     def __str__(self) -> str:
         return f"plugin {self.plugin!r} from {self.package}: {self.error}"
@@ -98,14 +102,22 @@ class RegisteredPreset(NamedTuple):
 
 
 class UnknownPartError(LookupError):
-    """No part of that kind has that name. The message lists the available names (and a close match, if any)."""
+    """No part of that kind has that name. The message lists the available names (and a close match, if any).
 
-    def __init__(self, kind: str, name: Any, available: Iterable[str]):
+    ``problems``: plugins that failed to load (or a rejected contribution of that very name): one of them may be
+    where the part was meant to come from, so the message says so before listing what is available."""
+
+    def __init__(self, kind: str, name: Any, available: Iterable[str], problems: Iterable[PluginProblem] = ()):
         self.kind = kind
         self.name = name
         self.available = sorted(available)
+        self.problems = list(problems)
         listed = ", ".join(self.available) if self.available else "(none registered)"
-        msg = f"unknown {kind} {name!r}; available: {listed}"
+        msg = f"unknown {kind} {name!r}"
+        for p in self.problems:
+            what = "could not register it" if p.loaded else "failed to load"
+            msg += f": plugin {p.plugin!r} (package {p.package}) {what}: {p.error}"
+        msg += f"; available: {listed}"
         if isinstance(name, str):
             close = difflib.get_close_matches(name, self.available, n=1)
             if close:
@@ -178,14 +190,16 @@ class Registry:
             return self._problem(module_path, source, f"import of {module_path!r} failed: {_one_line(exc)}")
         return self.register_module(module, source=source)
 
-    def _problem(self, plugin: str, package: str, error: str) -> list[PluginProblem]:
-        problem = PluginProblem(plugin=plugin, package=package, error=error)
+    def _problem(
+        self, plugin: str, package: str, error: str, part: tuple[str, str] | None = None, loaded: bool = False
+    ) -> list[PluginProblem]:
+        problem = PluginProblem(plugin=plugin, package=package, error=error, part=part, loaded=loaded)
         self.problems.append(problem)
         return [problem]
 
     def _register(self, obj: Any, plugin: str, package: str, pm_name: str) -> list[PluginProblem]:
         if self.pm.is_registered(obj) or self.pm.has_plugin(pm_name):
-            return self._problem(plugin, package, "already registered")
+            return self._problem(plugin, package, "already registered", loaded=True)
         try:
             self.pm.register(obj, name=pm_name)
         except Exception as exc:  # noqa: BLE001 - pluggy.PluginValidationError: wrong hook signature, ...
@@ -239,13 +253,15 @@ class Registry:
         for item in results.get("kvpolicy_parts", []):
             error = self._check_part(item, package)
             if error:
-                found += self._problem(plugin, package, error)
+                part = (str(item.kind), str(item.name)) if isinstance(item, PartSpec) else None
+                found += self._problem(plugin, package, error, part=part, loaded=True)
             elif item.name not in self._parts[item.kind]:
                 self._parts[item.kind][item.name] = RegisteredPart(item, package)
         for item in results.get("kvpolicy_presets", []):
             error = self._check_preset(item, package)
             if error:
-                found += self._problem(plugin, package, error)
+                part = ("preset", str(item.name)) if isinstance(item, PresetSpec) else None
+                found += self._problem(plugin, package, error, part=part, loaded=True)
             elif item.name not in self._presets:
                 self._presets[item.name] = RegisteredPreset(item, package)
         return found
@@ -309,7 +325,7 @@ class Registry:
         try:
             return self._parts[kind][name]
         except (KeyError, TypeError):
-            raise UnknownPartError(kind, name, self._parts[kind]) from None
+            raise UnknownPartError(kind, name, self._parts[kind], self.suspects(kind, name)) from None
 
     def has_part(self, kind: str, name: str) -> bool:
         return name in self._parts.get(kind, {})
@@ -331,7 +347,13 @@ class Registry:
         try:
             return self._presets[name]
         except (KeyError, TypeError):
-            raise UnknownPartError("preset", name, self._presets) from None
+            raise UnknownPartError("preset", name, self._presets, self.suspects("preset", name)) from None
+
+    def suspects(self, kind: str, name: Any) -> list[PluginProblem]:
+        """Problems that may explain why ``name`` of ``kind`` is unknown: its own rejected contribution if there is
+        one, otherwise every plugin that failed to load (their parts are unknown, so any of them may be it)."""
+        own = [p for p in self.problems if p.part == (kind, name)]
+        return own or [p for p in self.problems if not p.loaded]
 
     def plugins(self) -> dict[str, str]:
         """Loaded plugins: pluggy name (``package:plugin``) -> package."""
