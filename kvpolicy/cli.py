@@ -40,6 +40,24 @@ def _stderr() -> Console:
     return Console(stderr=True)
 
 
+def _error(message: str, code: int = 2) -> typer.Exit:
+    """Print ``error: message`` on stderr without wrapping it at the terminal width (one problem, one line) and return
+    the exit to raise."""
+    _stderr().print(Text(f"error: {message}", style="red"), soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _given(ctx: typer.Context) -> set[str]:
+    """The parameters the user typed on the command line (not left at their defaults)."""
+    from click.core import ParameterSource
+
+    return {
+        name
+        for name in ctx.params
+        if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
+    }
+
+
 @app.callback()
 def _global() -> None:
     """Loads the plugins once and warns (on stderr) about any that failed."""
@@ -116,7 +134,7 @@ def _param_line(p: dict) -> str:
 @app.command()
 def demo(
     policy: str = typer.Option("elastic", help="a preset name or a policy YAML file"),
-    ratio: float = typer.Option(0.8, help="fraction of the cache removed, in [0, 1)"),
+    ratio: float = typer.Option(None, help="fraction of the cache removed, in [0, 1) (default: the policy's own)"),
     prompt_tokens: int = typer.Option(512, help="prompt length"),
     new_tokens: int = typer.Option(32, help="tokens generated after the prompt"),
     as_json: bool = typer.Option(False, "--json", help="print machine-readable JSON"),
@@ -128,17 +146,16 @@ def demo(
     from .demo import run_demo
 
     try:
-        built = load_policy(policy, overrides={"ratio": ratio})
+        built = load_policy(policy, overrides={"ratio": ratio} if ratio is not None else None)
     except PolicyConfigError as exc:
-        _stderr().print(Text(f"error: {exc}", style="red"))
-        raise typer.Exit(2) from exc
+        raise _error(str(exc)) from exc
     result = run_demo(built, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
     if as_json:
         typer.echo(json.dumps(asdict(result), indent=2))
         return
     out = _stdout()
     out.print(
-        f"policy [bold]{result.policy}[/] at ratio {ratio} on a 4-layer Llama config (8 q / 2 kv heads, random "
+        f"policy [bold]{result.policy}[/] at ratio {built.budget.ratio} on a 4-layer Llama config (8 q / 2 kv heads, random "
         f"weights): {result.prompt_tokens}-token prompt, {result.new_tokens} new tokens"
     )
     table = Table(title="KV cache held (bytes of key/value tensors)")
@@ -173,19 +190,19 @@ def _evaluation_errors():
     from .config import ConfigError
     from .eval.runner import EvalError
 
+    from .eval.tasks import TaskError
+
     try:
         yield
     except ValidationError as exc:
         for err in exc.errors():
             field = ".".join(str(x) for x in err["loc"]) or "options"
-            _stderr().print(Text(f"error: {field}: {err['msg']}", style="red"))
+            _stderr().print(Text(f"error: {field}: {err['msg']}", style="red"), soft_wrap=True)
         raise typer.Exit(2) from exc
-    except ConfigError as exc:
-        _stderr().print(Text(f"error: {exc}", style="red"))
-        raise typer.Exit(2) from exc
+    except (ConfigError, TaskError) as exc:  # a task that cannot give the samples asked for: a bad input too
+        raise _error(str(exc)) from exc
     except EvalError as exc:
-        _stderr().print(Text(f"error: {exc}", style="red"))
-        raise typer.Exit(1) from exc
+        raise _error(str(exc), 1) from exc
 
 
 _TASK_OPTION_HELP = "task option key=value (value read as YAML; repeatable; every task of the command gets it)"
@@ -198,18 +215,19 @@ def _task_options(items: list[str] | None) -> dict:
     try:
         return parse_options(items)
     except ValueError as exc:
-        _stderr().print(Text(f"error: --task-option: {exc}", style="red"))
-        raise typer.Exit(2) from exc
+        raise _error(f"--task-option: {exc}") from exc
 
 
 @app.command()
 def run(
+    ctx: typer.Context,
     policy: str = typer.Option("elastic", help="preset name or policy YAML file"),
-    ratio: float = typer.Option(0.8, help="fraction of the cache removed, in [0, 1)"),
+    ratio: float = typer.Option(None, help="fraction of the cache removed, in [0, 1) (default: the policy's own)"),
     model: str = typer.Option("smollm2-135m", help="model alias, local path or hub id"),
     task: str = typer.Option("continuation", help="continuation, instruct, needle, jsonl, mmvet or llava_detail"),
     samples: int = typer.Option(50, help="number of samples (deterministic for a seed)"),
     seed: int = typer.Option(0, help="sampling seed"),
+    batch_size: int = typer.Option(16, "--batch-size", help="samples per batch (left-padded)"),
     output: str = typer.Option("results.json", "--output", help="result file (written atomically)"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
@@ -218,19 +236,30 @@ def run(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
     dtype: str = typer.Option("bfloat16", "--dtype", help="bfloat16, float16 or float32"),
 ) -> None:
-    """Evaluate one policy and the full cache side by side (PPL, ROUGE-L, KL, top-1 agreement, bytes, time)."""
+    """Evaluate one policy and the full cache side by side (PPL, ROUGE-L, KL, top-1 agreement, bytes, time).
+
+    A policy file's own ratio is kept unless --ratio is given; a file with an `evaluation:` section (a sweep's
+    best_policy.yaml) is measured as it says (model, task, samples, seed, batch size, dtype, ...) unless a flag is
+    given on the command line."""
+    from .eval.preflight import policy_evaluation
     from .eval.report import run_cli
 
     with _evaluation_errors():
-        run_cli(policy=policy, ratio=ratio, model=model, task=task, samples=samples, seed=seed, out=output,
-                as_json=as_json, quiet=quiet, threads=threads, task_options=_task_options(task_option),
-                device=device, dtype=dtype)
+        flags = dict(model=model, task=task, samples=samples, seed=seed, batch_size=batch_size, threads=threads,
+                     task_options=_task_options(task_option), device=device, dtype=dtype)
+        given, measured = _given(ctx), policy_evaluation(policy)
+        settings = {**flags, **{k: v for k, v in measured.items() if k not in given}}
+        if "task" in given:  # the file's options belong to the file's task
+            settings["task_options"] = flags["task_options"]
+        elif task_option:
+            settings["task_options"] = {**measured.get("task_options", {}), **flags["task_options"]}
+        run_cli(policy=policy, ratio=ratio, out=output, as_json=as_json, quiet=quiet, **settings)
 
 
 @app.command()
 def compare(
     policies: str = typer.Option("full,local,h2o,elastic", help="comma-separated presets"),
-    ratios: str = typer.Option("0.5,0.8,0.9", help="comma-separated ratios"),
+    ratios: str = typer.Option(None, help="comma-separated ratios (default: each policy at its own ratio)"),
     model: str = typer.Option("smollm2-135m", help="model alias, local path or hub id"),
     task: str = typer.Option("continuation", help="comma-separated tasks"),
     samples: int = typer.Option(50, help="samples per cell"),

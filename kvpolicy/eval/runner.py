@@ -954,25 +954,22 @@ def _evaluate(spec, callback, model, tokenizer, samples, policy, policy_ratio0) 
     from ..engine import attach
     from ..models import cache_root, model_info
 
+    from .preflight import prepare
+
+    ready = prepare(
+        spec, check_model=model is None, need_task=samples is None, policy=policy, policy_ratio0=policy_ratio0
+    )
+    policy, policy_ratio0 = ready.policy, ready.policy_ratio0
     if model is None:
         model, tokenizer = load_eval_model(spec.model, spec.dtype, spec.device)
     attach(model, backend=spec.backend)
     task_info: dict[str, Any] = {"name": spec.task}
     if samples is None:
-        task = get_task(spec.task)
-        opts = task.options(spec.task_options)
-        task_info["options"] = opts.model_dump()
-        samples = task.load(tokenizer, spec.samples, spec.seed, opts)
+        task_info["options"] = ready.options.model_dump()
+        samples = ready.task.load(tokenizer, spec.samples, spec.seed, ready.options)
     else:
         samples = list(samples)[: spec.samples]
         task_info["options"] = dict(spec.task_options)
-    if policy is None:
-        policy = build_policy(spec.policy, spec.ratio, spec.overrides)
-    if policy_ratio0 is None and spec.check_ratio0:
-        if isinstance(spec.policy, (str, dict)) and policy.spec is not None:
-            policy_ratio0 = build_policy(spec.policy, 0.0, spec.overrides)
-        else:
-            raise EvalError("a policy passed as an object needs policy_ratio0 for the ratio-0 check")
     ctx = make_context(model, tokenizer, spec.kl_topk)
     fingerprint = model_fingerprint(model, spec.model)
     settings = {
