@@ -49,13 +49,8 @@ def _error(message: str, code: int = 2) -> typer.Exit:
 
 def _given(ctx: typer.Context) -> set[str]:
     """The parameters the user typed on the command line (not left at their defaults)."""
-    from click.core import ParameterSource
-
-    return {
-        name
-        for name in ctx.params
-        if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
-    }
+    unset = (None, "DEFAULT", "DEFAULT_MAP")  # by name: typer may ship its own copy of click's ParameterSource
+    return {name for name in ctx.params if getattr(ctx.get_parameter_source(name), "name", None) not in unset}
 
 
 @app.callback()
