@@ -169,9 +169,62 @@ def demo(
 
 
 def _register_bench() -> None:
+    import functools
+
     from .bench import bench_cli
 
-    app.command("bench", help=bench_cli.__doc__)(bench_cli)
+    @functools.wraps(bench_cli)  # typer reads bench_cli's signature and hints through __wrapped__
+    def bench(**kwargs: object) -> int:
+        with _bench_errors(kwargs):
+            return bench_cli(**kwargs)
+
+    app.command("bench", help=bench_cli.__doc__)(bench)
+
+
+@contextlib.contextmanager
+def _bench_errors(kwargs: dict):
+    """``kvpolicy bench`` inputs checked before anything is measured or written (model name, policies, --report file),
+    and its settings' validation errors, as one line each, exit 2."""
+    from pydantic import ValidationError
+
+    from .bench import BUILTIN_CONFIGS, resolve_policy
+    from .config import ConfigError
+    from .eval.preflight import check_model_name
+
+    try:
+        if kwargs.get("model"):
+            check_model_name(str(kwargs["model"]))
+        config = kwargs.get("config")
+        if config and config not in BUILTIN_CONFIGS and not os.path.isfile(config):
+            raise _error(f"--config: {config!r} is neither a file nor a built-in shape ({', '.join(BUILTIN_CONFIGS)})")
+        for flag, cast in (("contexts", int), ("ratios", float)):
+            try:
+                [cast(x) for x in str(kwargs.get(flag) or "").split(",") if x.strip()]
+            except ValueError as exc:
+                raise _error(f"--{flag}: expected comma-separated {cast.__name__}s, got {kwargs[flag]!r}") from exc
+        report = kwargs.get("report")
+        if report is not None and not os.path.isfile(report):
+            raise _error(f"--report: no such file {str(report)!r} (a bench.json written by kvpolicy bench)")
+        for name in str(kwargs.get("policies") or "").split(","):
+            if name.strip():
+                try:
+                    resolve_policy(name.strip(), 0.5)
+                except ValueError as exc:  # PolicyConfigError included
+                    raise _error(f"policies: {exc}") from exc
+        yield
+    except ValidationError as exc:
+        _validation_lines(exc)
+        raise typer.Exit(2) from exc
+    except ConfigError as exc:
+        raise _error(str(exc)) from exc
+
+
+def _validation_lines(exc: Exception) -> None:
+    """A pydantic ValidationError as one ``error: field: message`` line per problem."""
+    for err in exc.errors():  # type: ignore[attr-defined]
+        field = ".".join(str(x) for x in err["loc"]) or "options"
+        msg = err["msg"].removeprefix("Value error, ")
+        _stderr().print(Text(f"error: {field}: {msg}", style="red"), soft_wrap=True)
 
 
 _register_bench()
@@ -190,9 +243,7 @@ def _evaluation_errors():
     try:
         yield
     except ValidationError as exc:
-        for err in exc.errors():
-            field = ".".join(str(x) for x in err["loc"]) or "options"
-            _stderr().print(Text(f"error: {field}: {err['msg']}", style="red"), soft_wrap=True)
+        _validation_lines(exc)
         raise typer.Exit(2) from exc
     except (ConfigError, TaskError) as exc:  # a task that cannot give the samples asked for: a bad input too
         raise _error(str(exc)) from exc
