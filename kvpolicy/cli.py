@@ -67,63 +67,30 @@ def _global() -> None:
 
 
 @app.command()
-def plugins(as_json: bool = typer.Option(False, "--json", help="print machine-readable JSON")) -> None:
-    """List every part (with its source package, stage and parameters), every preset and every plugin problem."""
-    data = get_registry().listing()
+def plugins(
+    name: str = typer.Argument(None, help="one part or preset, shown in detail"),
+    kind: str = typer.Option(None, "--kind", help="only parts of this kind: encode, decode, reducer or allocator"),
+    verbose: bool = typer.Option(False, "--verbose", help="full tables: every parameter, every whole message"),
+    as_json: bool = typer.Option(False, "--json", help="print machine-readable JSON"),
+) -> None:
+    """List every part and preset, one line each (problems first); NAME for one in detail."""
+    from . import listing
+    from .registry import KINDS
+
+    if kind is not None and kind not in KINDS:
+        raise _error(f"--kind: {kind!r} is not a kind of part; allowed: {', '.join(KINDS)}")
+    data = listing.filter_kind(get_registry().listing(), kind)
     if as_json:
         typer.echo(json.dumps(data, indent=2))
         return
     out = _stdout()
-
-    table = Table(title="kvpolicy parts", show_lines=True)
-    for col in ("kind (stage)", "name", "source", "parameters", "summary", "status"):
-        table.add_column(col, overflow="fold", min_width=30 if col == "parameters" else None)
-    for part in data["parts"]:
-        params = "\n".join(_param_line(p) for p in part["params"]) or "-"
-        cells = (
-            f"{part['kind']} ({part['stage']})",
-            part["name"],
-            part["source"],
-            params,
-            part["summary"],
-            part["status"],
-        )
-        table.add_row(*(Text(c) for c in cells))
-    warn = "yellow"
-    for problem in data["problems"]:
-        cells = ("?", problem["plugin"], problem["package"], "", "", "failed: see warning below")
-        table.add_row(*(Text(c, style=warn) for c in cells))
-    out.print(table)
-
-    if data["presets"]:
-        presets = Table(title="presets", show_lines=True)
-        for col in ("name", "source", "summary", "status"):
-            presets.add_column(col, overflow="fold")
-        for preset in data["presets"]:
-            ok = preset["status"] == "ok"
-            cells = (preset["name"], preset["source"], preset["summary"], "ok" if ok else "invalid: see below")
-            presets.add_row(*(Text(c, style="" if ok else warn) for c in cells))
-        out.print(presets)
+    if name is not None:
+        if not listing.print_detail(out, data, name):
+            raise _error(listing.unknown_name(data, name))
+    elif verbose:
+        listing.print_verbose(out, data, with_presets=kind is None)
     else:
-        out.print(Text("no presets registered"))
-
-    for preset in data["presets"]:
-        if preset["status"] != "ok":
-            out.print(
-                Text(f"warning: preset {preset['name']!r} ({preset['source']}) is {preset['status']}", style=warn)
-            )
-    for problem in data["problems"]:
-        out.print(Text(f"warning: plugin {problem['plugin']!r} ({problem['package']}): {problem['error']}", style=warn))
-
-
-def _param_line(p: dict) -> str:
-    text = f"{p['name']}: {p['type']}"
-    text += " (required)" if p["required"] else f" = {p['default']!r}"
-    if p["range"]:
-        text += f" in {p['range']}" if p["range"][0] in "[(" else f" {p['range']}"
-    if p["description"]:
-        text += f" — {p['description']}"
-    return text
+        listing.print_compact(out, data)
 
 
 @app.command()
