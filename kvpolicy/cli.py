@@ -116,8 +116,9 @@ def demo(
         typer.echo(json.dumps(asdict(result), indent=2))
         return
     out = _stdout()
+    budget = f"ratio {built.budget.ratio}" if built.budget.ratio is not None else f"{built.budget.tokens} tokens"
     out.print(
-        f"policy [bold]{result.policy}[/] at ratio {built.budget.ratio} on a 4-layer Llama config (8 q / 2 kv heads, random "
+        f"policy [bold]{result.policy}[/] at {budget} on a 4-layer Llama config (8 q / 2 kv heads, random "
         f"weights): {result.prompt_tokens}-token prompt, {result.new_tokens} new tokens"
     )
     table = Table(title="KV cache held (bytes of key/value tensors)")

@@ -151,7 +151,8 @@ def print_verbose(out: Console, data: dict[str, Any], with_presets: bool = True)
 
     for preset in data["presets"]:
         if preset["status"] != "ok":
-            out.print(Text(f"warning: preset {preset['name']!r} ({preset['source']}) is {preset['status']}", style=WARN))
+            text = f"warning: preset {preset['name']!r} ({preset['source']}) is {preset['status']}"
+            out.print(Text(text, style=WARN))
     for p in data["problems"]:
         out.print(Text(f"warning: plugin {p['plugin']!r} ({p['package']}): {p['error']}", style=WARN))
 

@@ -59,7 +59,8 @@ def test_best_policy_yaml_reproduces_its_trial(tmp_path):
     assert ran.returncode == 0, ran.stderr
     result = json.loads((tmp_path / "run.json").read_text())
     assert result["policy_metrics"]["ppl"] == pytest.approx(chosen["ppl"], rel=1e-6)
-    assert result["spec"]["samples"] == 4 and result["spec"]["seed"] == 1 and result["model"]["dtype"] == "torch.float32"
+    assert result["spec"]["samples"] == 4 and result["spec"]["seed"] == 1
+    assert result["model"]["dtype"] == "torch.float32" and result["spec"]["batch_size"] == 2
     assert result["policy_name"] == f"repro-trial-{chosen['number']}"  # its name: field, not 'elastic'
 
     # a flag given on the command line still wins over the file: a different measurement, recorded as such
