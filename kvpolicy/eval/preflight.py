@@ -141,9 +141,10 @@ def plan_cells(
                 spec = EvalSpec(**{**base, "task": task, "policy": pol, "ratio": ratio, "task_options": options})
                 built = prepare(spec, check_model=False).policy
                 label = label or built.name
-                if sources.setdefault(label, pol) != pol:
-                    raise ConfigError(ConfigIssue("policies", f"{sources[label]!r} and {pol!r} are both named "
-                                                              f"{label!r}; give one a name: field"))
+                if label == "full" or sources.setdefault(label, pol) != pol:  # "full" is the full-cache row
+                    raise ConfigError(ConfigIssue("policies", f"{sources.get(label, 'the full cache')!r} and "
+                                                              f"{pol!r} are both named {label!r}; give one a name: "
+                                                              "field"))
                 own = built.budget.ratio if ratio is None else ratio
                 if own is None:
                     raise ConfigError(ConfigIssue("ratios", f"policy {label!r} has a token budget, not a ratio; "
