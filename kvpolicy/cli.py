@@ -107,6 +107,9 @@ def demo(
     from .config import PolicyConfigError, load_policy
     from .demo import run_demo
 
+    for flag, value in (("--prompt-tokens", prompt_tokens), ("--new-tokens", new_tokens)):
+        if value < 1:
+            raise _error(f"{flag}: {value} is out of range; allowed: >= 1")
     try:
         built = load_policy(policy, overrides={"ratio": ratio} if ratio is not None else None)
     except PolicyConfigError as exc:

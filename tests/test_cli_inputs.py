@@ -54,6 +54,7 @@ def workdir(tmp_path: Path) -> Path:
         (["compare", "--task", "continuation,nosuch"], "error: task: unknown task 'nosuch'"),
         (["compare", "--ratios", "0.5,x"], "error: ratios: expected comma-separated numbers"),
         (["demo", "--policy", "empty.yaml"], "error: empty.yaml: ratio: no budget"),
+        (["demo", "--prompt-tokens", "0"], "error: --prompt-tokens: 0 is out of range; allowed: >= 1"),
         (["bench", "--policies", "elastic,nosuch", "--quick"], "error: policies: unknown policy 'nosuch'"),
         (["bench", "--model", "/nonexistent/model"], "error: model: local model path '/nonexistent/model'"),
         (["sweep", "sweep.yaml"], "local model path '/nonexistent/model' does not exist"),
