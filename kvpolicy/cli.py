@@ -266,13 +266,14 @@ def _validation_lines(exc: Exception) -> None:
 @contextlib.contextmanager
 def _evaluation_errors():
     """One clear line per problem instead of a traceback: a bad option or policy exits 2 naming the field, an
-    evaluation that cannot report honestly (ratio-0 check failed, NaN) exits 1 with the harness's message."""
+    evaluation that cannot report honestly (ratio-0 check failed, NaN) or a plugin part that returned something
+    malformed exits 1 with the message (which names the part and its package)."""
     from pydantic import ValidationError
 
     from .config import ConfigError
     from .eval.runner import EvalError
-
     from .eval.tasks import TaskError
+    from .partcheck import PartError
 
     try:
         yield
@@ -281,7 +282,7 @@ def _evaluation_errors():
         raise typer.Exit(2) from exc
     except (ConfigError, TaskError) as exc:  # a task that cannot give the samples asked for: a bad input too
         raise _error(str(exc)) from exc
-    except EvalError as exc:
+    except (EvalError, PartError) as exc:
         raise _error(str(exc), 1) from exc
 
 
