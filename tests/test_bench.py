@@ -17,7 +17,7 @@ from rich.console import Console
 from transformers import DynamicCache
 
 import kvpolicy
-from kvpolicy.bench import bench_cli
+from kvpolicy.cli.bench import bench as bench_cli
 from kvpolicy.bench.external import merge_external
 from kvpolicy.bench.memory import cache_bytes
 from kvpolicy.bench.output import load_result, write_json_atomic
@@ -37,8 +37,7 @@ def quick(tmp_path_factory):
     import contextlib
 
     with contextlib.redirect_stdout(buf):
-        rc = bench_cli(quick=True, output=out, json_=True, long_steps=40)
-    assert rc == 0
+        bench_cli(quick=True, output=out, as_json=True, long_steps=40)
     return out, json.loads(buf.getvalue())
 
 
@@ -192,8 +191,9 @@ def test_promised_entries_follow_the_fraction_rule_while_decoding(ratio):
 
 
 def test_package_and_command_import_no_torch():
-    """``kvpolicy.bench`` and its command module load with torch and transformers unavailable (kvpolicy's own
-    ``__init__`` is bypassed here: it is another module's job to be torch-free), and bench_cli keeps its signature."""
+    """``kvpolicy.bench`` and the ``bench`` command's module load with torch and transformers unavailable
+    (kvpolicy's own ``__init__`` is bypassed here: it is another module's job to be torch-free), and the command keeps
+    its signature."""
     code = textwrap.dedent(
         f"""
         import importlib.abc, sys, types
@@ -206,7 +206,7 @@ def test_package_and_command_import_no_torch():
         pkg.__path__ = [{str(ROOT / "kvpolicy")!r}]
         sys.modules["kvpolicy"] = pkg
         import kvpolicy.bench
-        from kvpolicy.bench import bench_cli
+        from kvpolicy.cli.bench import bench as bench_cli
         import inspect
         assert "quick" in inspect.signature(bench_cli).parameters
         heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "pydantic"))
@@ -235,7 +235,7 @@ def test_table_prints(quick):
 
 def test_report_writes_the_tables_as_markdown(quick, tmp_path):
     out, doc = quick
-    assert bench_cli(report=out / "bench.json", output=tmp_path, markdown=True) == 0
+    bench_cli(report=out / "bench.json", output=tmp_path, markdown=True)
     text = (tmp_path / "tables.md").read_text()
     result = BenchResult.model_validate(doc)
     header = [line for line in text.splitlines() if line.startswith("| policy")]
@@ -284,7 +284,7 @@ def test_report_merges_an_external_result(quick, tmp_path):
             report=out / "bench.json",
             compare=[tmp_path / "kvpress.json"],
             output=tmp_path,
-            json_=True,
+            as_json=True,
         )
     merged = json.loads(buf.getvalue())
     assert {r["framework"] for r in merged["runs"]} == {"kvpolicy", "kvpress"}

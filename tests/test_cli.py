@@ -52,11 +52,9 @@ def registry():
     reg = Registry(entry_points=())
     reg.register_module(good, source="cli-test-pkg")
     reg.register_module(broken, source="broken-pkg")
-    reset_registry(reg)
-    cli._warned = False
+    reset_registry(reg)  # a new registry: the CLI reports its problems once again
     yield reg
     reset_registry()
-    cli._warned = False
 
 
 def test_plugins_verbose_table(registry):

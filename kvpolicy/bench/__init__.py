@@ -27,8 +27,8 @@ schema), :mod:`.machine` (machine, packages, model), :mod:`.policies` (registere
 :mod:`.memory` (bytes held, peak), :mod:`.measure` (timing one configuration), :mod:`.plan` (calibration and the
 time-budget planner), :mod:`.run` (orchestration: :func:`run_bench`), :mod:`.targets`, :mod:`.tables` (rich /
 Markdown tables: :func:`render`), :mod:`.plots`, :mod:`.output` (bench.json, tables.md), :mod:`.external` (kvpress
-side by side) and :mod:`.command` (:func:`bench_cli` for ``kvpolicy bench``, :func:`main` for
-``python -m kvpolicy.bench``).
+side by side) and :mod:`.jobs` (a whole job: measure and write, or re-render). The command itself is
+``kvpolicy.cli.bench``.
 
 This module imports nothing heavy: the names below are loaded from their module on first use, so ``kvpolicy --help``
 can register the command without importing torch.
@@ -41,8 +41,6 @@ from typing import Any
 
 #: public name -> the module of this package that defines it
 _EXPORTS: dict[str, str] = {
-    "bench_cli": "command",
-    "main": "command",
     "BUILTIN_CONFIGS": "shapes",
     "DEFAULT_CONFIG": "shapes",
     "QUICK_CONFIG": "shapes",
@@ -71,6 +69,8 @@ _EXPORTS: dict[str, str] = {
     "write_outputs": "output",
     "write_markdown": "output",
     "merge_external": "external",
+    "measure": "jobs",
+    "rerender": "jobs",
 }
 
 __all__ = sorted(_EXPORTS)

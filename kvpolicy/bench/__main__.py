@@ -1,5 +1,7 @@
-"""``python -m kvpolicy.bench``: the argparse twin of ``kvpolicy bench``."""
+"""``python -m kvpolicy.bench ...`` is ``kvpolicy bench ...``."""
 
-from kvpolicy.bench.command import main
+import sys
 
-raise SystemExit(main())
+from kvpolicy.cli import main
+
+main(["bench", *sys.argv[1:]])

@@ -1,0 +1,5 @@
+"""``python -m kvpolicy.cli ...`` is ``kvpolicy ...``."""
+
+from kvpolicy.cli import main
+
+main()

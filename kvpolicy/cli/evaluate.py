@@ -1,0 +1,157 @@
+"""``kvpolicy demo``, ``run`` and ``compare``: a policy against the full cache, on a built or a real model."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import typer
+from rich.table import Table
+
+from .common import PluginCommand, app, fail, given, stdout_console, validation_lines
+
+
+@app.command(cls=PluginCommand)
+def demo(
+    policy: str = typer.Option("elastic", help="a preset name or a policy YAML file"),
+    ratio: float = typer.Option(None, help="fraction of the cache removed, in [0, 1) (default: the policy's own)"),
+    prompt_tokens: int = typer.Option(512, help="prompt length"),
+    new_tokens: int = typer.Option(32, help="tokens generated after the prompt"),
+    as_json: bool = typer.Option(False, "--json", help="print machine-readable JSON"),
+) -> None:
+    """Run a policy on a locally built model (random weights, no download) and show the cache shrinking."""
+    from dataclasses import asdict
+
+    from ..config import PolicyConfigError, load_policy
+    from ..demo import run_demo
+
+    for flag, value in (("--prompt-tokens", prompt_tokens), ("--new-tokens", new_tokens)):
+        if value < 1:
+            raise fail(f"{flag}: {value} is out of range; allowed: >= 1")
+    try:
+        built = load_policy(policy, overrides={"ratio": ratio} if ratio is not None else None)
+    except PolicyConfigError as exc:
+        raise fail(str(exc)) from exc
+    result = run_demo(built, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
+    if as_json:
+        typer.echo(json.dumps(asdict(result), indent=2))
+        return
+    out = stdout_console()
+    budget = f"ratio {built.budget.ratio}" if built.budget.ratio is not None else f"{built.budget.tokens} tokens"
+    out.print(
+        f"policy [bold]{result.policy}[/] at {budget} on a 4-layer Llama config (8 q / 2 kv heads, random "
+        f"weights): {result.prompt_tokens}-token prompt, {result.new_tokens} new tokens"
+    )
+    table = Table(title="KV cache held (bytes of key/value tensors)")
+    for col in ("", "full cache", "policy", "policy / full"):
+        table.add_column(col, justify="right")
+    for label, full, pol in (
+        ("after prefill", result.full_bytes_prefill, result.policy_bytes_prefill),
+        ("after decoding", result.full_bytes_end, result.policy_bytes_end),
+    ):
+        table.add_row(label, f"{full:,}", f"{pol:,}", f"{pol / full:.3f}")
+    out.print(table)
+    out.print(
+        f"entries held per layer: {result.held_per_layer_prefill} after prefill, {result.held_per_layer_end} at the "
+        f"end; wall time {result.full_seconds:.2f} s full vs {result.policy_seconds:.2f} s policy"
+    )
+
+
+@contextlib.contextmanager
+def evaluation_errors():
+    """One clear line per problem instead of a traceback: a bad option or policy exits 2 naming the field, an
+    evaluation that cannot report honestly (ratio-0 check failed, NaN) or a plugin part that returned something
+    malformed exits 1 with the message (which names the part and its package)."""
+    from pydantic import ValidationError
+
+    from ..config import ConfigError
+    from ..eval.runner import EvalError
+    from ..eval.tasks import TaskError
+    from ..partcheck import PartError
+
+    try:
+        yield
+    except ValidationError as exc:
+        validation_lines(exc)
+        raise typer.Exit(2) from exc
+    except (ConfigError, TaskError) as exc:  # a task that cannot give the samples asked for: a bad input too
+        raise fail(str(exc)) from exc
+    except (EvalError, PartError) as exc:
+        raise fail(str(exc), 1) from exc
+
+
+_DTYPE_HELP = "auto (bfloat16 where the device computes it natively, else float32), bfloat16, float16 or float32"
+_TASK_OPTION_HELP = "task option key=value (value read as YAML; repeatable; every task of the command gets it)"
+
+
+def task_options(items: list[str] | None) -> dict:
+    """``--task-option key=value`` items as the task's options dict, or exit 2 naming the malformed item."""
+    from ..eval.report import parse_options
+
+    try:
+        return parse_options(items)
+    except ValueError as exc:
+        raise fail(f"--task-option: {exc}") from exc
+
+
+@app.command(cls=PluginCommand)
+def run(
+    ctx: typer.Context,
+    policy: str = typer.Option("elastic", help="preset name or policy YAML file"),
+    ratio: float = typer.Option(None, help="fraction of the cache removed, in [0, 1) (default: the policy's own)"),
+    model: str = typer.Option("smollm2-135m", help="model alias, local path or hub id"),
+    task: str = typer.Option("continuation", help="continuation, instruct, needle, jsonl, mmvet or llava_detail"),
+    samples: int = typer.Option(50, help="number of samples (deterministic for a seed)"),
+    seed: int = typer.Option(0, help="sampling seed"),
+    batch_size: int = typer.Option(16, "--batch-size", help="samples per batch (left-padded)"),
+    output: str = typer.Option("results.json", "--output", help="result file (written atomically)"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+    threads: int = typer.Option(None, "--threads", min=1, help="torch threads (1 is steadier on a shared machine)"),
+    task_option: list[str] = typer.Option(None, "--task-option", help=_TASK_OPTION_HELP),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    dtype: str = typer.Option("auto", "--dtype", help=_DTYPE_HELP),
+) -> None:
+    """Evaluate one policy and the full cache side by side (PPL, ROUGE-L, KL, top-1 agreement, bytes, time).
+
+    A policy file's own ratio is kept unless --ratio is given; a file with an `evaluation:` section (a sweep's
+    best_policy.yaml) is measured as it says (model, task, samples, seed, batch size, dtype, ...) unless a flag is
+    given on the command line."""
+    from ..eval.preflight import policy_evaluation
+    from ..eval.report import run_cli
+
+    with evaluation_errors():
+        flags = dict(model=model, task=task, samples=samples, seed=seed, batch_size=batch_size, threads=threads,
+                     task_options=task_options(task_option), device=device, dtype=dtype)
+        typed, measured = given(ctx), policy_evaluation(policy)
+        settings = {**flags, **{k: v for k, v in measured.items() if k not in typed}}
+        if "task" in typed:  # the file's options belong to the file's task
+            settings["task_options"] = flags["task_options"]
+        elif task_option:
+            settings["task_options"] = {**measured.get("task_options", {}), **flags["task_options"]}
+        run_cli(policy=policy, ratio=ratio, out=output, as_json=as_json, quiet=quiet, **settings)
+
+
+@app.command(cls=PluginCommand)
+def compare(
+    policies: str = typer.Option("full,local,h2o,elastic", help="comma-separated presets"),
+    ratios: str = typer.Option(None, help="comma-separated ratios (default: each policy at its own ratio)"),
+    model: str = typer.Option("smollm2-135m", help="model alias, local path or hub id"),
+    task: str = typer.Option("continuation", help="comma-separated tasks"),
+    samples: int = typer.Option(50, help="samples per cell"),
+    seed: int = typer.Option(0, help="sampling seed"),
+    output: str = typer.Option("compare", "--output", help="folder for cells, compare.json and plots"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress output"),
+    threads: int = typer.Option(None, "--threads", min=1, help="torch threads (1 is steadier on a shared machine)"),
+    task_option: list[str] = typer.Option(None, "--task-option", help=_TASK_OPTION_HELP),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    dtype: str = typer.Option("auto", "--dtype", help=_DTYPE_HELP),
+) -> None:
+    """Quality vs budget: every policy at every ratio, with bootstrap confidence intervals and one plot per metric."""
+    from ..eval.report import compare_cli
+
+    with evaluation_errors():
+        compare_cli(policies=policies, ratios=ratios, model=model, task=task, samples=samples, seed=seed,
+                    out_dir=output, as_json=as_json, quiet=quiet, threads=threads,
+                    task_options=task_options(task_option), device=device, dtype=dtype)
