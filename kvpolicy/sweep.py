@@ -28,7 +28,9 @@ the machinery (storage, resume, workers, W&B, plots) without a model; ``module:a
 
 Exit codes of :func:`sweep_cli`: 0 the study holds its trials (or the timeout stopped the loop), 1 trials failed /
 nothing could be evaluated, 2 the sweep file or options are invalid (or the study was created by a different sweep),
-130 interrupted (Ctrl-C / SIGTERM: the running trial is marked failed and re-queued for the next run).
+130 interrupted (Ctrl-C / SIGTERM: the running trial is marked failed and re-queued for the next run; the worker
+writes the tables and ``summary.json`` but leaves the plots and the W&B summary run to the run that completes the
+study, and exits within ``$KVPOLICY_STOP_TIMEOUT_S`` seconds (default 5) whatever W&B does: :mod:`kvpolicy.stopping`).
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ from .sweep_config import (
     expand_params,
     load_sweep,
 )
+from .stopping import CRITICAL, arm_stop_deadline, stop_requested, stop_timeout_s
 
 __all__ = [
     "BatchReport",
@@ -755,8 +758,8 @@ class _Heartbeat:
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
+        if self._thread.is_alive():  # a heartbeat write under way finishes on its own (daemon thread, harmless)
+            self._thread.join(timeout=2)
 
 
 # ============================================================================================================ files
@@ -1152,12 +1155,16 @@ class _Interrupted(Exception):
 
 @contextlib.contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (a scheduler stopping the worker) is handled like Ctrl-C: the running trial is failed and re-queued."""
+    """SIGTERM (a scheduler stopping the worker) is handled like Ctrl-C: the running trial is failed and re-queued,
+    and the process exits within :func:`kvpolicy.stopping.stop_timeout_s` seconds (see :mod:`kvpolicy.stopping`)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, frame: Any) -> None:
+        if stop_requested():  # already stopping: the deadline bounds the exit, do not cut the cleanup short
+            return
+        arm_stop_deadline()  # whatever W&B does from here, the process is gone within the stop timeout
         raise KeyboardInterrupt(f"signal {signum}")
 
     old = signal.signal(signal.SIGTERM, handler)
@@ -1200,6 +1207,10 @@ def _run_sweep(
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     console = console or Console(stderr=True, quiet=quiet)
+    try:
+        stop_limit = stop_timeout_s()
+    except ValueError as exc:  # before anything is written
+        raise SweepConfigError(str(exc)) from None
     out = spec.output_dir()
     out.mkdir(parents=True, exist_ok=True)
     url = spec.storage_url()
@@ -1301,15 +1312,19 @@ def _run_sweep(
             progress.update(samples_task, visible=False)
 
     summary = None
+    stopping = stopped == "interrupted"
     try:
-        summary = write_study_outputs(study, spec, out, plots=plots)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            tracker.log_summary(study, spec, summary, out)
+        # a stopping worker writes only the fast outputs: the plots and the W&B summary run (seconds, unbounded under
+        # load) come with the run that completes the study, or from `kvpolicy report`
+        summary = write_study_outputs(study, spec, out, plots=plots and not stopping)
+        if not stopping:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                tracker.log_summary(study, spec, summary, out)
     except KeyboardInterrupt:
         stopped = "interrupted"
     finally:
-        tracker.close()
+        _close_tracker(tracker, stop_limit if stopped == "interrupted" else None)
         if evaluator is not None and evaluator_ready:
             with contextlib.suppress(Exception):
                 evaluator.close()
@@ -1317,6 +1332,22 @@ def _run_sweep(
     return SweepOutcome(study=spec.name, output=out, storage=_safe_url(url), target=target, finished=finished,
                         ran_here=ran, failed_here=failed_here, reused_here=reused, reaped=reaped, stopped=stopped,
                         summary=summary)
+
+
+def _close_tracker(tracker: Any, limit_s: float | None) -> None:
+    """``tracker.close()``; when stopping, in a daemon thread given ``limit_s`` seconds: W&B's ``finish`` can wait on
+    its service process without a timeout, and a stop must not (what it did not log is caught up on resume)."""
+    if limit_s is None:
+        tracker.close()
+        return
+
+    def close() -> None:
+        with contextlib.suppress(Exception):
+            tracker.close()
+
+    thread = threading.Thread(target=close, name="kvpolicy-tracker-close", daemon=True)
+    thread.start()
+    thread.join(limit_s)
 
 
 def _make_progress(console: Any, quiet: bool) -> Any:
@@ -1381,7 +1412,8 @@ def _signals_deferred() -> Iterator[None]:
     if can:
         old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
-        yield
+        with CRITICAL:  # the stop deadline waits for these writes (kvpolicy.stopping)
+            yield
     finally:
         if can:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
@@ -1681,6 +1713,8 @@ def sweep_cli(
     }[outcome.stopped]
     if not quiet or outcome.exit_code:
         err.print(Text(msg, style="red" if outcome.exit_code else ""))
+    if outcome.stopped == "interrupted":
+        arm_stop_deadline()  # the process is ending: W&B's exit hook must not hold it (kvpolicy.stopping)
     if outcome.exit_code:
         _exit(outcome.exit_code)
     return outcome

@@ -1,0 +1,87 @@
+"""A bounded graceful stop for sweep workers: after SIGTERM the process is gone within a known time.
+
+Why: schedulers (SLURM, Kubernetes) send SIGTERM, wait a grace period (often 30 s) and then SIGKILL. The sweep's
+graceful stop (fail and re-queue the running trial, rewrite the tables) takes well under a second, but what comes
+after it is not ours to bound: W&B's teardown waits, without a timeout, for its service process to flush and exit
+(``ServiceConnection.teardown`` joins the process), a ``run.finish()`` the signal interrupted can leave that service
+waiting, and on a loaded machine each of those can take longer than the grace period. So once a stop is requested a
+daemon *deadline* thread is started: if the process has not exited ``stop_timeout_s()`` seconds later, it waits for
+any storage writes that must happen together (:data:`CRITICAL`, held by the sweep around them, so a study is never
+left half-updated), says why on stderr and ends the process with ``os._exit(130)``. Everything that matters is in the
+study and the results files by then; W&B catches up on the next run (``logged.json``).
+
+Only a process that is stopping anyway arms it: the SIGTERM handler of a sweep, and the ``kvpolicy sweep`` command
+when it returns after an interruption. ``run_sweep`` called from Python and stopped by Ctrl-C never arms it, so an
+interactive session is not killed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+
+__all__ = ["CRITICAL", "DEFAULT_STOP_TIMEOUT_S", "STOP_TIMEOUT_ENV", "arm_stop_deadline", "stop_requested",
+           "stop_timeout_s"]
+
+#: environment variable: seconds a stopping worker may take before it is ended (default
+#: :data:`DEFAULT_STOP_TIMEOUT_S`); below a scheduler's grace period, so the stop stays ours and not a SIGKILL
+STOP_TIMEOUT_ENV = "KVPOLICY_STOP_TIMEOUT_S"
+DEFAULT_STOP_TIMEOUT_S = 5.0
+
+#: held by the sweep around storage writes that must happen together (a trial and its owner; failing a trial and
+#: queuing its retry); the deadline thread takes it before ending the process
+CRITICAL = threading.RLock()
+
+_armed = threading.Event()
+_EXIT_CODE = 130
+
+
+def stop_timeout_s() -> float:
+    """The stop deadline in seconds, from ``$KVPOLICY_STOP_TIMEOUT_S``. Raises ``ValueError`` naming the variable
+    for a value that is not a positive number (the sweep reports it before anything runs)."""
+    raw = os.environ.get(STOP_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_STOP_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{STOP_TIMEOUT_ENV}: {raw!r} is not allowed; give a number of seconds > 0 "
+                         f"(default {DEFAULT_STOP_TIMEOUT_S:g})")
+    return value
+
+
+def stop_requested() -> bool:
+    """Whether a stop deadline is running in this process."""
+    return _armed.is_set()
+
+
+def arm_stop_deadline(seconds: float | None = None) -> bool:
+    """Start the deadline thread (once per process; later calls do nothing and return False)."""
+    if _armed.is_set():
+        return False
+    _armed.set()
+    limit = stop_timeout_s() if seconds is None else seconds
+    thread = threading.Thread(target=_deadline, args=(limit,), name="kvpolicy-stop-deadline", daemon=True)
+    thread.start()
+    return True
+
+
+def _deadline(limit: float) -> None:
+    time.sleep(limit)
+    # a storage write in progress gets at most the same time again; SQLite/PostgreSQL transactions are atomic anyway
+    CRITICAL.acquire(timeout=limit)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001,S110 - the process is ending; a closed stream must not stop that
+            pass
+    try:
+        os.write(2, (f"kvpolicy: still running {limit:g} s after the stop request (W&B or another cleanup did not "
+                     f"finish); exiting now. The study and the results files are saved; run the same command again "
+                     f"to resume (set {STOP_TIMEOUT_ENV} to wait longer)\n").encode())
+    finally:
+        os._exit(_EXIT_CODE)
