@@ -6,6 +6,7 @@ The public API in one place: build a :class:`CachePolicy` from parts, ``attach(m
 
 from .cache import PolicyCache, PolicyLayer, UnsupportedModelError
 from .engine import attach, check_model, make_cache
+from .models import load_model
 from .policy import (
     GENERATED,
     IMAGE,
@@ -42,6 +43,7 @@ __all__ = [
     "UnsupportedModelError",
     "attach",
     "check_model",
+    "load_model",
     "make_cache",
     "ranked_slots",
     "select_top",
