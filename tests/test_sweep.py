@@ -417,6 +417,15 @@ def test_killed_sweep_resumes_and_keeps_every_finished_trial_once(tmp_path, case
     assert {f"t/{t['number']}" for t in complete} <= set(logged)
 
 
+@pytest.mark.parametrize("value", ["soon", "0", "-3", "inf"])
+def test_a_bad_stop_timeout_is_refused_before_anything_is_written(tmp_path, value):
+    f = write_yaml(tmp_path / "s.yaml", sweep_doc(output=str(tmp_path / "out"), n_trials=1))
+    r = run_cli([str(f), "--quiet"], env_extra={"KVPOLICY_STOP_TIMEOUT_S": value})
+    assert r.returncode == 2
+    assert "KVPOLICY_STOP_TIMEOUT_S" in r.stderr and repr(value) in r.stderr and "> 0" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_wandb_failure_never_loses_a_trial(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     import wandb
