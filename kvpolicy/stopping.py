@@ -5,9 +5,9 @@ graceful stop (fail and re-queue the running trial, rewrite the tables) takes we
 after it is not ours to bound: W&B's teardown waits, without a timeout, for its service process to flush and exit
 (``ServiceConnection.teardown`` joins the process), a ``run.finish()`` the signal interrupted can leave that service
 waiting, and on a loaded machine each of those can take longer than the grace period. So once a stop is requested a
-daemon *deadline* thread is started: if the process has not exited ``stop_timeout_s()`` seconds later, it waits for
-any storage writes that must happen together (:data:`CRITICAL`, held by the sweep around them, so a study is never
-left half-updated), says why on stderr and ends the process with ``os._exit(130)``. Everything that matters is in the
+daemon *deadline* thread is started: if the process has not exited ``stop_timeout_s()`` seconds later, it waits (at
+most as long again) for any storage writes that must happen together (:data:`CRITICAL`, held by the sweep around
+them, so a study is never left half-updated), says why on stderr and ends the process with ``os._exit(130)``. Everything that matters is in the
 study and the results files by then; W&B catches up on the next run (``logged.json``).
 
 Only a process that is stopping anyway arms it: the SIGTERM handler of a sweep, and the ``kvpolicy sweep`` command
@@ -73,15 +73,18 @@ def arm_stop_deadline(seconds: float | None = None) -> bool:
 def _deadline(limit: float) -> None:
     time.sleep(limit)
     # a storage write in progress gets at most the same time again; SQLite/PostgreSQL transactions are atomic anyway
+    t0 = time.monotonic()
     CRITICAL.acquire(timeout=limit)
+    waited = time.monotonic() - t0
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except Exception:  # noqa: BLE001,S110 - the process is ending; a closed stream must not stop that
             pass
     try:
-        os.write(2, (f"kvpolicy: still running {limit:g} s after the stop request (W&B or another cleanup did not "
-                     f"finish); exiting now. The study and the results files are saved; run the same command again "
-                     f"to resume (set {STOP_TIMEOUT_ENV} to wait longer)\n").encode())
+        storage = f" (then waited {waited:.1f} s for a storage write to finish)" if waited >= 0.1 else ""
+        os.write(2, (f"kvpolicy: still running {limit:g} s after the stop request{storage}: W&B or another cleanup "
+                     f"did not finish; exiting now. The study and the results files are saved; run the same command "
+                     f"again to resume (set {STOP_TIMEOUT_ENV} to wait longer)\n").encode())
     finally:
         os._exit(_EXIT_CODE)
