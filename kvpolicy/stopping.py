@@ -10,20 +10,32 @@ most as long again) for any storage writes that must happen together (:data:`CRI
 them, so a study is never left half-updated), says why on stderr and ends the process with ``os._exit(130)``. Everything that matters is in the
 study and the results files by then; W&B catches up on the next run (``logged.json``).
 
-Only a process that is stopping anyway arms it: the SIGTERM handler of a sweep, and the ``kvpolicy sweep`` command
+Interrupts are *held*, not just bounded, while the main thread is inside a storage transaction
+(:func:`hold_interrupts` / :func:`release_interrupts`; the sweep wraps every Optuna session with them): a
+``KeyboardInterrupt`` raised inside an SQLite call leaves a read open in the process, and the stop's own writes (fail
+and re-queue the trial) then wait on it for SQLite's busy timeout (120 s) — what held a worker past 60 s after
+SIGTERM on a loaded machine, where a signal often lands in a storage call. A held signal is raised as soon as the
+transaction closes. This is done in Python, not with ``pthread_sigmask``: a signal blocked in the main thread is
+still delivered through any other thread (the heartbeat, W&B's), and Python runs its handler in the main thread.
+
+Only a process that is stopping anyway arms the deadline: the SIGTERM handler of a sweep, and the ``kvpolicy sweep`` command
 when it returns after an interruption. ``run_sweep`` called from Python and stopped by Ctrl-C never arms it, so an
 interactive session is not killed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from typing import Any
 
-__all__ = ["CRITICAL", "DEFAULT_STOP_TIMEOUT_S", "STOP_TIMEOUT_ENV", "arm_stop_deadline", "stop_requested",
-           "stop_timeout_s"]
+__all__ = ["CRITICAL", "DEFAULT_STOP_TIMEOUT_S", "STOP_TIMEOUT_ENV", "arm_stop_deadline", "held_interrupts",
+           "hold_interrupts", "interrupt_handler", "release_interrupts", "stop_requested", "stop_timeout_s"]
 
 #: environment variable: seconds a stopping worker may take before it is ended (default
 #: :data:`DEFAULT_STOP_TIMEOUT_S`); below a scheduler's grace period, so the stop stays ours and not a SIGKILL
@@ -36,6 +48,68 @@ CRITICAL = threading.RLock()
 
 _armed = threading.Event()
 _EXIT_CODE = 130
+
+
+class _Held:
+    """Main-thread state of held interrupts: nesting depth, the first signal that arrived meanwhile, and whether a
+    SIGTERM has already been raised (a second one must not cut the stop's own cleanup short)."""
+
+    depth = 0
+    pending: int | None = None
+    term_raised = False
+
+
+def _main() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def hold_interrupts() -> None:
+    """Enter a section (main thread; nests) in which SIGINT/SIGTERM are held; the stop deadline waits for it."""
+    if _main():
+        CRITICAL.acquire()
+        _Held.depth += 1
+
+
+def release_interrupts() -> None:
+    """Leave a held section; leaving the outermost one raises ``KeyboardInterrupt`` if a signal arrived meanwhile."""
+    if not _main() or _Held.depth == 0:
+        return
+    _Held.depth -= 1
+    CRITICAL.release()
+    if _Held.depth == 0 and _Held.pending is not None:
+        signum, _Held.pending = _Held.pending, None
+        _raise_for(signum)
+
+
+@contextlib.contextmanager
+def held_interrupts() -> Iterator[None]:
+    """``with held_interrupts():`` storage writes that must happen together."""
+    hold_interrupts()
+    try:
+        yield
+    finally:
+        release_interrupts()
+
+
+def interrupt_handler(signum: int, frame: Any) -> None:
+    """SIGINT/SIGTERM handler of a running sweep: ``KeyboardInterrupt`` (the running trial is failed and re-queued),
+    held until a storage transaction closes; a SIGTERM also arms the stop deadline at once, so the process ends in
+    bounded time even if something holds the interrupt too long."""
+    if signum == signal.SIGTERM:
+        arm_stop_deadline()
+        if _Held.term_raised:
+            return
+    if _Held.depth > 0:
+        if _Held.pending is None:
+            _Held.pending = signum
+        return
+    _raise_for(signum)
+
+
+def _raise_for(signum: int) -> None:
+    if signum == signal.SIGTERM:
+        _Held.term_raised = True
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def stop_timeout_s() -> float:

@@ -73,7 +73,14 @@ from .sweep_config import (
     expand_params,
     load_sweep,
 )
-from .stopping import CRITICAL, arm_stop_deadline, stop_requested, stop_timeout_s
+from .stopping import (
+    arm_stop_deadline,
+    held_interrupts,
+    hold_interrupts,
+    interrupt_handler,
+    release_interrupts,
+    stop_timeout_s,
+)
 
 __all__ = [
     "BatchReport",
@@ -549,13 +556,15 @@ def open_storage(url: str, heartbeat_s: int = 15, grace_s: int | None = None, ma
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return RDBStorage(
+                storage = RDBStorage(
                     url,
                     engine_kwargs=engine_kwargs,
                     heartbeat_interval=heartbeat_s,
                     grace_period=grace_s or 4 * heartbeat_s,
                     **{stale_kwarg: _retry_callback(max_retries)},
                 )
+                _hold_interrupts_in_transactions(storage)
+                return storage
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.OperationalError):
             # workers starting together on an empty database race to create Optuna's tables; the loser retries
             # (and a database that is still starting gets a few seconds)
@@ -636,6 +645,37 @@ def open_study(spec: SweepSpec, storage: Any, seed_offset: int | None = None) ->
         seed_offset = len(study.get_trials(deepcopy=False))
     return optuna.load_study(study_name=spec.name, storage=storage, sampler=_make_sampler(spec, seed_offset),
                              pruner=_make_pruner(spec))
+
+
+def _hold_interrupts_in_transactions(storage: Any) -> None:
+    """Make every Optuna session of ``storage`` hold SIGINT/SIGTERM from its first statement until it is closed (main
+    thread): a ``KeyboardInterrupt`` inside an SQLite call left a read open, on which the stop's own writes then
+    waited for the busy timeout (:mod:`kvpolicy.stopping`). The held interrupt is raised when ``close()`` returns."""
+    from sqlalchemy import event
+
+    registry = getattr(storage, "scoped_session", None)
+    factory = getattr(registry, "session_factory", None)
+    if factory is None or getattr(factory.class_, "holds_interrupts", False):
+        return
+
+    class HoldingSession(factory.class_):  # type: ignore[misc,name-defined]
+        holds_interrupts = True
+
+        def close(self) -> None:
+            try:
+                super().close()
+            finally:
+                if self.info.pop("kvpolicy.held", False):
+                    release_interrupts()
+
+    def after_begin(session: Any, transaction: Any, connection: Any) -> None:
+        if threading.current_thread() is threading.main_thread() and not session.info.get("kvpolicy.held"):
+            session.info["kvpolicy.held"] = True
+            hold_interrupts()
+
+    event.listen(HoldingSession, "after_begin", after_begin)
+    factory.class_ = HoldingSession
+    registry.remove()  # this thread's session was made from the old class
 
 
 def _safe_url(storage: Any) -> str:
@@ -1160,18 +1200,13 @@ def _sigterm_as_interrupt() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def handler(signum: int, frame: Any) -> None:
-        if stop_requested():  # already stopping: the deadline bounds the exit, do not cut the cleanup short
-            return
-        arm_stop_deadline()  # whatever W&B does from here, the process is gone within the stop timeout
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    old = signal.signal(signal.SIGTERM, handler)
+    # SIGINT too: its KeyboardInterrupt is held while a storage transaction is open, like SIGTERM's
+    old = {sig: signal.signal(sig, interrupt_handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def run_sweep(spec: SweepSpec, **kwargs: Any) -> SweepOutcome:
@@ -1407,16 +1442,10 @@ def _fail_and_requeue(study: Any, trial: Any, spec: SweepSpec, out: Path, reason
 
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM for the duration of a few storage calls that must happen together (main thread only)."""
-    can = threading.current_thread() is threading.main_thread() and hasattr(signal, "pthread_sigmask")
-    if can:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
-        with CRITICAL:  # the stop deadline waits for these writes (kvpolicy.stopping)
-            yield
-    finally:
-        if can:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    """Hold SIGINT/SIGTERM for the duration of a few storage calls that must happen together (main thread only; the
+    stop deadline waits for them too: :mod:`kvpolicy.stopping`)."""
+    with held_interrupts():
+        yield
 
 
 def _tell(study: Any, trial: Any, values: Sequence[float] | None = None, state: Any = None) -> None:

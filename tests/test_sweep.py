@@ -346,7 +346,10 @@ def test_killed_sweep_resumes_and_keeps_every_finished_trial_once(tmp_path, case
     f = write_yaml(tmp_path / "s.yaml", sweep_doc(output=str(out), n_trials=n, task={"sleep_s": 0.15},
                                                   wandb={"project": "kvpolicy-test"}))
     db = out / "study.db"
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", "KVPOLICY_STOP_TIMEOUT_S": "3"}
+    # its own W&B service, as a worker on a cluster has (an in-process test before may have left this process's
+    # service in WANDB_SERVICE, which a child would join instead of starting and tearing down its own)
+    env = {**{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}, "WANDB_MODE": "offline",
+           "PYTHONUNBUFFERED": "1", "KVPOLICY_STOP_TIMEOUT_S": "3"}
     cmd = [sys.executable, "-m", "kvpolicy.sweep", str(f), "--quiet"]
     if case != "sigkill":
         (tmp_path / "stalled_wandb.py").write_text(STALLED_WANDB)
@@ -382,6 +385,9 @@ def test_killed_sweep_resumes_and_keeps_every_finished_trial_once(tmp_path, case
         assert rc == 130, (rc, stderr)  # graceful: the trial is failed and re-queued by the worker itself
         assert stop_s < STOP_BOUND_S, f"the worker took {stop_s:.1f} s to exit after SIGTERM"
         assert "exiting now" in stderr, stderr  # the hung W&B was cut short by the worker's deadline
+        # ... and no storage transaction was left open by the interrupt (one used to hold the stop's own writes for
+        # SQLite's busy timeout, 120 s)
+        assert "storage write" not in stderr, stderr
         if killed is not None:
             assert next(t["state"] for t in before if t["number"] == killed) == "FAIL"
         else:  # the signal hit W&B after trial 2 was recorded: nothing was failed
