@@ -1,8 +1,8 @@
 """A bounded graceful stop for sweep workers: after SIGTERM the process is gone within a known time.
 
 Why: schedulers (SLURM, Kubernetes) send SIGTERM, wait a grace period (often 30 s) and then SIGKILL. The sweep's
-graceful stop (fail and re-queue the running trial, rewrite the tables) takes well under a second, but what comes
-after it is not ours to bound: W&B's teardown waits, without a timeout, for its service process to flush and exit
+graceful stop (fail and re-queue the running trial, rewrite the tables) is quick (the whole stop took 1.9-3.9 s on
+a loaded 2-core machine, interpreter exit and W&B included), but what comes after it is not ours to bound: W&B's teardown waits, without a timeout, for its service process to flush and exit
 (``ServiceConnection.teardown`` joins the process), a ``run.finish()`` the signal interrupted can leave that service
 waiting, and on a loaded machine each of those can take longer than the grace period. So once a stop is requested a
 daemon *deadline* thread is started: if the process has not exited ``stop_timeout_s()`` seconds later, it waits (at
