@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the names below, for type checkers and IDEs; at run time they load on first use
     from .cache import PolicyCache, PolicyLayer, UnsupportedModelError
     from .engine import attach, check_model, make_cache
+    from .models import load_model
     from .partcheck import PartError
     from .policy import (
         GENERATED,
@@ -37,6 +38,7 @@ _LAZY = {
     **dict.fromkeys(("attach", "check_model", "make_cache"), "engine"),
     "PartError": "partcheck",
     "CacheReuseError": "reuse",
+    "load_model": "models",
     **dict.fromkeys(
         (
             "GENERATED",
@@ -79,6 +81,7 @@ __all__ = [
     "UnsupportedModelError",
     "attach",
     "check_model",
+    "load_model",
     "make_cache",
     "ranked_slots",
     "select_top",

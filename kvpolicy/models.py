@@ -262,11 +262,37 @@ def load_model(
     processor (it carries the tokenizer as ``.tokenizer``), because its inputs need the image processor too.
     Float32 is the default because policies compare attention scores, and on CPU half precision is slow;
     ``dtype="auto"`` picks bfloat16 where ``device`` computes it natively (:func:`kvpolicy.hardware.resolve_dtype`).
+    The tokenizer is ready for batched generation (:func:`prepare_for_batches`): ``tokenizer(prompts,
+    padding=True, return_tensors="pt")`` pads on the left, so ``model.generate(**inputs)`` is right for every row.
     """
     from .hardware import resolve_dtype
 
     dtype = resolve_dtype(dtype, device)
-    source = resolve_model(name or DEFAULT_MODEL)
+    model, tokenizer = _load(resolve_model(name or DEFAULT_MODEL), dtype=dtype, device=device)
+    return model, prepare_for_batches(model, tokenizer)
+
+
+def prepare_for_batches(model: Any, tokenizer: Any) -> Any:
+    """Set ``tokenizer`` (or a processor's ``.tokenizer``) up for batched generation with a decoder-only model.
+
+    Why: ``generate`` appends new tokens after the last position of every row, so the prompts of a batch must end
+    at the same place: padding goes on the *left* (most checkpoints ship ``padding_side="right"``, which makes a
+    batched ``generate`` continue the padding of the shorter prompts). A tokenizer without a pad token gets its
+    EOS token as one (no new embedding), and the model's generation config learns that id so ``generate`` does not
+    warn. Returns the same object, changed in place.
+    """
+    tok = getattr(tokenizer, "tokenizer", tokenizer)  # a VLM processor pads through its tokenizer
+    tok.padding_side = "left"
+    if getattr(tok, "pad_token", None) is None and getattr(tok, "eos_token", None) is not None:
+        tok.pad_token = tok.eos_token
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and gen.pad_token_id is None and getattr(tok, "pad_token_id", None) is not None:
+        gen.pad_token_id = tok.pad_token_id
+    return tokenizer
+
+
+def _load(source: ModelSource, *, dtype: torch.dtype | str, device: str | torch.device) -> tuple[Any, Any]:
+    """``(model, tokenizer or processor)`` as the checkpoint ships them, for each kind of source."""
     if source.kind == "alias":
         assert source.alias is not None and source.path is not None
         ensure_cached(source.alias, source.path)
@@ -556,5 +582,6 @@ __all__ = [
     "load_model",
     "model_cache_dir",
     "model_info",
+    "prepare_for_batches",
     "resolve_model",
 ]

@@ -28,7 +28,9 @@ the machinery (storage, resume, workers, W&B, plots) without a model; ``module:a
 
 Exit codes of :func:`sweep_cli`: 0 the study holds its trials (or the timeout stopped the loop), 1 trials failed /
 nothing could be evaluated, 2 the sweep file or options are invalid (or the study was created by a different sweep),
-130 interrupted (Ctrl-C / SIGTERM: the running trial is marked failed and re-queued for the next run).
+130 interrupted (Ctrl-C / SIGTERM: the running trial is marked failed and re-queued for the next run; the worker
+writes the tables and ``summary.json`` but leaves the plots and the W&B summary run to the run that completes the
+study, and exits within ``$KVPOLICY_STOP_TIMEOUT_S`` seconds (default 5) whatever W&B does: :mod:`kvpolicy.stopping`).
 """
 
 from __future__ import annotations
@@ -70,6 +72,14 @@ from .sweep_config import (
     SweepSpec,
     expand_params,
     load_sweep,
+)
+from .stopping import (
+    arm_stop_deadline,
+    held_interrupts,
+    hold_interrupts,
+    interrupt_handler,
+    release_interrupts,
+    stop_timeout_s,
 )
 
 __all__ = [
@@ -549,13 +559,15 @@ def open_storage(url: str, heartbeat_s: int = 15, grace_s: int | None = None, ma
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return RDBStorage(
+                storage = RDBStorage(
                     url,
                     engine_kwargs=engine_kwargs,
                     heartbeat_interval=heartbeat_s,
                     grace_period=grace_s or 4 * heartbeat_s,
                     **{stale_kwarg: _retry_callback(max_retries)},
                 )
+                _hold_interrupts_in_transactions(storage)
+                return storage
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.OperationalError):
             # workers starting together on an empty database race to create Optuna's tables; the loser retries
             # (and a database that is still starting gets a few seconds)
@@ -636,6 +648,37 @@ def open_study(spec: SweepSpec, storage: Any, seed_offset: int | None = None) ->
         seed_offset = len(study.get_trials(deepcopy=False))
     return optuna.load_study(study_name=spec.name, storage=storage, sampler=_make_sampler(spec, seed_offset),
                              pruner=_make_pruner(spec))
+
+
+def _hold_interrupts_in_transactions(storage: Any) -> None:
+    """Make every Optuna session of ``storage`` hold SIGINT/SIGTERM from its first statement until it is closed (main
+    thread): a ``KeyboardInterrupt`` inside an SQLite call left a read open, on which the stop's own writes then
+    waited for the busy timeout (:mod:`kvpolicy.stopping`). The held interrupt is raised when ``close()`` returns."""
+    from sqlalchemy import event
+
+    registry = getattr(storage, "scoped_session", None)
+    factory = getattr(registry, "session_factory", None)
+    if factory is None or getattr(factory.class_, "holds_interrupts", False):
+        return
+
+    class HoldingSession(factory.class_):  # type: ignore[misc,name-defined]
+        holds_interrupts = True
+
+        def close(self) -> None:
+            try:
+                super().close()
+            finally:
+                if self.info.pop("kvpolicy.held", False):
+                    release_interrupts()
+
+    def after_begin(session: Any, transaction: Any, connection: Any) -> None:
+        if threading.current_thread() is threading.main_thread() and not session.info.get("kvpolicy.held"):
+            session.info["kvpolicy.held"] = True
+            hold_interrupts()
+
+    event.listen(HoldingSession, "after_begin", after_begin)
+    factory.class_ = HoldingSession
+    registry.remove()  # this thread's session was made from the old class
 
 
 def _safe_url(storage: Any) -> str:
@@ -758,8 +801,8 @@ class _Heartbeat:
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
+        if self._thread.is_alive():  # a heartbeat write under way finishes on its own (daemon thread, harmless)
+            self._thread.join(timeout=2)
 
 
 # ============================================================================================================ files
@@ -1176,19 +1219,18 @@ class _Interrupted(Exception):
 
 @contextlib.contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (a scheduler stopping the worker) is handled like Ctrl-C: the running trial is failed and re-queued."""
+    """SIGTERM (a scheduler stopping the worker) is handled like Ctrl-C: the running trial is failed and re-queued,
+    and the process exits within :func:`kvpolicy.stopping.stop_timeout_s` seconds (see :mod:`kvpolicy.stopping`)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    old = signal.signal(signal.SIGTERM, handler)
+    # SIGINT too: its KeyboardInterrupt is held while a storage transaction is open, like SIGTERM's
+    old = {sig: signal.signal(sig, interrupt_handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def run_sweep(spec: SweepSpec, **kwargs: Any) -> SweepOutcome:
@@ -1224,6 +1266,10 @@ def _run_sweep(
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     console = console or Console(stderr=True, quiet=quiet)
+    try:
+        stop_limit = stop_timeout_s()
+    except ValueError as exc:  # before anything is written
+        raise SweepConfigError(str(exc)) from None
     out = spec.output_dir()
     out.mkdir(parents=True, exist_ok=True)
     url = spec.storage_url()
@@ -1325,15 +1371,19 @@ def _run_sweep(
             progress.update(samples_task, visible=False)
 
     summary = None
+    stopping = stopped == "interrupted"
     try:
-        summary = write_study_outputs(study, spec, out, plots=plots)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            tracker.log_summary(study, spec, summary, out)
+        # a stopping worker writes only the fast outputs: the plots and the W&B summary run (seconds, unbounded under
+        # load) come with the run that completes the study, or from `kvpolicy report`
+        summary = write_study_outputs(study, spec, out, plots=plots and not stopping)
+        if not stopping:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                tracker.log_summary(study, spec, summary, out)
     except KeyboardInterrupt:
         stopped = "interrupted"
     finally:
-        tracker.close()
+        _close_tracker(tracker, stop_limit if stopped == "interrupted" else None)
         if evaluator is not None and evaluator_ready:
             with contextlib.suppress(Exception):
                 evaluator.close()
@@ -1341,6 +1391,22 @@ def _run_sweep(
     return SweepOutcome(study=spec.name, output=out, storage=_safe_url(url), target=target, finished=finished,
                         ran_here=ran, failed_here=failed_here, reused_here=reused, reaped=reaped, stopped=stopped,
                         summary=summary)
+
+
+def _close_tracker(tracker: Any, limit_s: float | None) -> None:
+    """``tracker.close()``; when stopping, in a daemon thread given ``limit_s`` seconds: W&B's ``finish`` can wait on
+    its service process without a timeout, and a stop must not (what it did not log is caught up on resume)."""
+    if limit_s is None:
+        tracker.close()
+        return
+
+    def close() -> None:
+        with contextlib.suppress(Exception):
+            tracker.close()
+
+    thread = threading.Thread(target=close, name="kvpolicy-tracker-close", daemon=True)
+    thread.start()
+    thread.join(limit_s)
 
 
 def _make_progress(console: Any, quiet: bool) -> Any:
@@ -1400,15 +1466,10 @@ def _fail_and_requeue(study: Any, trial: Any, spec: SweepSpec, out: Path, reason
 
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM for the duration of a few storage calls that must happen together (main thread only)."""
-    can = threading.current_thread() is threading.main_thread() and hasattr(signal, "pthread_sigmask")
-    if can:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
+    """Hold SIGINT/SIGTERM for the duration of a few storage calls that must happen together (main thread only; the
+    stop deadline waits for them too: :mod:`kvpolicy.stopping`)."""
+    with held_interrupts():
         yield
-    finally:
-        if can:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _tell(study: Any, trial: Any, values: Sequence[float] | None = None, state: Any = None) -> None:
@@ -1705,6 +1766,8 @@ def sweep_cli(
     }[outcome.stopped]
     if not quiet or outcome.exit_code:
         err.print(Text(msg, style="red" if outcome.exit_code else ""))
+    if outcome.stopped == "interrupted":
+        arm_stop_deadline()  # the process is ending: W&B's exit hook must not hold it (kvpolicy.stopping)
     if outcome.exit_code:
         _exit(outcome.exit_code)
     return outcome
