@@ -10,16 +10,16 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the names below, for type checkers and IDEs; at run time they load on first use
-    from .cache import PolicyCache, PolicyLayer, UnsupportedModelError
-    from .engine import attach, check_model, make_cache
-    from .partcheck import PartError
-    from .policy import (
+    from .core.budget import Budget, BudgetAllocator
+    from .core.cache import PolicyCache, UnsupportedModelError
+    from .core.engine import attach, check_model, make_cache
+    from .core.layer import PolicyLayer
+    from .core.partcheck import PartError
+    from .core.policy import (
         GENERATED,
         IMAGE,
         TEXT,
         AttentionStat,
-        Budget,
-        BudgetAllocator,
         CachePolicy,
         DecodeScorer,
         EncodeScorer,
@@ -27,24 +27,24 @@ if TYPE_CHECKING:  # the names below, for type checkers and IDEs; at run time th
         Reducer,
         Reduction,
     )
-    from .reuse import CacheReuseError
-    from .selection import ranked_slots, select_top
+    from .core.reuse import CacheReuseError
+    from .core.selection import ranked_slots, select_top
 
 #: public name -> the submodule defining it. Imported lazily (PEP 562) because these modules import torch and
 #: transformers (seconds), and the command line imports this package just to answer ``--help``.
 _LAZY = {
-    **dict.fromkeys(("PolicyCache", "PolicyLayer", "UnsupportedModelError"), "cache"),
-    **dict.fromkeys(("attach", "check_model", "make_cache"), "engine"),
-    "PartError": "partcheck",
-    "CacheReuseError": "reuse",
+    **dict.fromkeys(("PolicyCache", "UnsupportedModelError"), "core.cache"),
+    "PolicyLayer": "core.layer",
+    **dict.fromkeys(("attach", "check_model", "make_cache"), "core.engine"),
+    "PartError": "core.partcheck",
+    "CacheReuseError": "core.reuse",
+    **dict.fromkeys(("Budget", "BudgetAllocator"), "core.budget"),
     **dict.fromkeys(
         (
             "GENERATED",
             "IMAGE",
             "TEXT",
             "AttentionStat",
-            "Budget",
-            "BudgetAllocator",
             "CachePolicy",
             "DecodeScorer",
             "EncodeScorer",
@@ -52,9 +52,9 @@ _LAZY = {
             "Reducer",
             "Reduction",
         ),
-        "policy",
+        "core.policy",
     ),
-    **dict.fromkeys(("ranked_slots", "select_top"), "selection"),
+    **dict.fromkeys(("ranked_slots", "select_top"), "core.selection"),
 }
 
 __version__ = "0.1.0"

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import kvpolicy
-from kvpolicy.buckets import partition
+import kvpolicy.core.layer
+from kvpolicy.core.buckets import BucketedStorage, partition
 from kvpolicy.config import load_policy
 from kvpolicy.testing import PAD, make_batch
 from kvpolicy_plugins.adakv import AdaKVReducer
@@ -116,14 +117,14 @@ def test_adakv_holds_its_budget_bytes_and_attends_like_the_padded_layout(monkeyp
         prompt_held = held - 5
         assert prompt_held.sum(-1).tolist() == (8 * keep).tolist()
         assert (prompt_held.amax(-1) > prompt_held.amin(-1)).any()  # budgets really differ per head
-        bucketed += layer.buckets is not None
+        bucketed += isinstance(layer.storage, BucketedStorage)
         for r, p in enumerate(pads):
             for h in range(8):
                 assert min(layer.kept_positions(r, h)) >= p  # pads never kept
     assert bucketed == len(cache.policy_layers)
 
     # the same policy in the padded layout (no buckets): identical logits
-    monkeypatch.setattr(kvpolicy.cache.PolicyLayer, "_maybe_bucket", lambda self: None)
+    monkeypatch.setattr(kvpolicy.core.layer, "bucketed_if_uneven", lambda storage: storage)
     padded_out, padded_cache = run()
     for a, b in zip(out.logits, padded_out.logits):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)

@@ -1,19 +1,18 @@
-"""Where the memory lives: a transformers ``Cache`` whose layers apply a :class:`~kvpolicy.policy.CachePolicy`.
+"""One decoder layer's cache under a policy: transformers' ``DynamicLayer`` interface and the stage machine.
 
-Storage model of one :class:`PolicyLayer` (see ``docs/architecture.md``):
+A :class:`PolicyLayer` owns its entries through one storage object (:mod:`kvpolicy.core.storage`: padded, or
+bucketed after a prefill with per-head budgets) and runs the policy's two stages on it:
 
-* ``keys``/``values`` ``[B, H, P, D]`` (kv heads, post-RoPE) in a buffer with capacity ``C >= P``;
-* per slot: ``valid`` (a real token is there), ``positions`` (its logical column in the full, padded sequence),
-  ``token_types`` (text / image / generated) and any per-slot state a decode scorer asked for.
+* **prefill**: the prompt is appended; right after this layer's own attention (:meth:`PolicyLayer.finish_step`) the
+  budget and allocator fix how many entries each row keeps, the encode scorer ranks them and the reducer compresses;
+* **decode**: each new token is written into a free slot; the budget rule frees the lowest-scored slots, inside
+  ``update()`` (the step then attends to the reduced cache) or after the step's attention when the decode scorer
+  needs it.
 
-Slots are unordered: a compressed layer attends through a mask built from ``valid`` and ``positions`` by the engine's
-attention function (:mod:`kvpolicy.attention`), never through transformers' mask, whose padding columns are only
-right for an uncompressed ("pristine") layer. This is what lets rows of a left-padded batch keep different positions
-and different numbers of entries, and lets a decode step overwrite the dropped slot in place (O(budget) work per
-step, no ``torch.cat`` of the cache, and tensors that stay exactly at the budget).
-
-Logical vs physical length: ``get_seq_length()`` returns the columns seen ``S`` (transformers derives RoPE positions
-from it), ``get_mask_sizes(q)`` returns ``(P + q, S - P)`` for the physical length ``P``.
+Slots are unordered: a compressed layer attends through a mask built from per-slot validity and logical positions
+(:mod:`kvpolicy.core.masks`), never through transformers' mask, whose padding columns are only right for an
+uncompressed ("pristine") layer. This is what lets rows of a left-padded batch keep different positions and different
+numbers of entries, and lets a decode step overwrite the dropped slot in place.
 """
 
 from __future__ import annotations
@@ -22,21 +21,21 @@ import threading
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
+from transformers.cache_utils import DynamicLayer
 
-from .policy import GENERATED, IMAGE, TEXT, AttentionStat, CachePolicy, LayerView, Reduction
-from .buckets import SLACK, Bucket, growth, split
+from .buckets import bucketed_if_uneven
+from .masks import new_token_validity
 from .partcheck import check_keep, check_merge, check_reduction, check_scores, check_state
+from .policy import GENERATED, AttentionStat, CachePolicy, LayerView
 from .positions import RopeShift
-from .reuse import check_batch, check_inputs
+from .reuse import check_batch
 from .selection import lowest_slot, ranked_slots
+from .storage import PaddedStorage, SlotStorage, growth
+from .token_types import TokenTypes
 
+__all__ = ["PolicyLayer", "take_active_layer"]
 
 _active = threading.local()
-
-
-class UnsupportedModelError(ValueError):
-    """The engine cannot run this model (names the model class and the reason)."""
 
 
 def take_active_layer(layer_idx: int | None) -> PolicyLayer | None:
@@ -61,7 +60,7 @@ class PolicyLayer(DynamicLayer):
         policy: CachePolicy,
         layer_idx: int,
         num_layers: int,
-        token_types: _TokenTypes,
+        token_types: TokenTypes,
         shift: RopeShift | None = None,
         first_policy_layer: bool = False,
     ):
@@ -75,99 +74,67 @@ class PolicyLayer(DynamicLayer):
         self.seen = 0
         self.is_initialized = False
 
-    # ------------------------------------------------------------------ storage
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        b, h, _, d = key_states.shape
-        self._k = key_states.new_empty(b, h, 0, d)
-        self._v = value_states.new_empty(b, h, 0, value_states.shape[-1])
-        self._valid = torch.zeros(b, h, 0, dtype=torch.bool, device=self.device)
-        self._pos = torch.zeros(b, h, 0, dtype=torch.long, device=self.device)
-        self._types = torch.zeros(b, h, 0, dtype=torch.int8, device=self.device)
-        self.slot_state: dict[str, torch.Tensor] = {}
+        #: where the entries live; a :class:`PaddedStorage` until a prefill with per-head budgets may bucket it
+        self.storage: SlotStorage = PaddedStorage(key_states, value_states)
         self.layer_state: dict[str, Any] = {}
-        self.n_tokens = torch.zeros(b, dtype=torch.long, device=self.device)
+        self.n_tokens = torch.zeros(key_states.shape[0], dtype=torch.long, device=self.device)
         self.prefill_kept: torch.Tensor | None = None
         self.prefill_keep: torch.Tensor | None = None
-        self.length = 0
         self.seen = 0
-        self.pristine = True  # slots == columns [S-P, S): transformers' own mask is right
         self.prefilled = False
         self._pending: str | None = None
         self._planned_keep: torch.Tensor | None = None  # see _prefill_budget
-        self._new_slots: torch.Tensor | None = None  # [B, H, q] slots written by the current step
-        self.buckets: list[Bucket] | None = None  # per-head budgets: heads stored in buckets (see buckets.py)
         self.is_initialized = True
         self._sync()
 
     def _sync(self) -> None:
-        if self.buckets is not None:  # transformers only needs tensors here; attention reads the buckets
-            first = self.buckets[0]
-            self.length = max(b.length for b in self.buckets)
-            self.keys, self.values = first.k[:, :, : first.length], first.v[:, :, : first.length]
-            return
-        self.keys = self._k[:, :, : self.length]
-        self.values = self._v[:, :, : self.length]
+        """Point transformers' ``keys``/``values`` at the storage's used slots."""
+        self.keys, self.values = self.storage.keys, self.storage.values
+
+    # ------------------------------------------------------------------ public read-only state
+    @property
+    def length(self) -> int:
+        """Physical slots in use ``P``."""
+        return self.storage.length
 
     @property
     def capacity(self) -> int:
-        return self._k.shape[2]
+        return self.storage.capacity
 
-    def _reserve(self, n: int, slack: int = 0) -> None:
-        """Make room for ``n`` slots; reallocates (one copy) only when the buffer is full."""
-        if n <= self.capacity:
-            return
-        cap = n + slack
-        b, h, _, d = self._k.shape
+    @property
+    def pristine(self) -> bool:
+        """Slots hold columns ``[S - P, S)`` in order (nothing dropped yet): transformers' own mask is right."""
+        return self.storage.pristine
 
-        def grow(t: torch.Tensor, fill: Any) -> torch.Tensor:
-            new = t.new_full((*t.shape[:2], cap, *t.shape[3:]), fill)
-            new[:, :, : self.length] = t[:, :, : self.length]
-            return new
+    def _padded(self) -> PaddedStorage:
+        """The layout the policy's stages act on. A bucketed layer runs no stage (its policy has no decode scorer
+        and no per-slot state): reaching here with one is an engine bug, not a user error."""
+        storage = self.storage
+        if not isinstance(storage, PaddedStorage):
+            raise TypeError(f"layer {self.layer_idx}: per-slot tensors of a {type(storage).__name__} are per bucket")
+        return storage
 
-        self._k, self._v = grow(self._k, 0), grow(self._v, 0)
-        self._valid, self._pos, self._types = grow(self._valid, False), grow(self._pos, 0), grow(self._types, 0)
-        self.slot_state = {k: grow(v, 0) for k, v in self.slot_state.items()}
+    @property
+    def valid(self) -> torch.Tensor:
+        """bool ``[B, H, P]`` (padded layout): the slot holds a real token. Read-only."""
+        return self._padded().valid
 
-    def _append_at_end(self, k: torch.Tensor, v: torch.Tensor, cols: torch.Tensor, slack: int) -> None:
-        q = k.shape[2]
-        start = self.length
-        self._reserve(start + q, slack)
-        self._k[:, :, start : start + q] = k
-        self._v[:, :, start : start + q] = v
-        self._valid[:, :, start : start + q] = True
-        self._pos[:, :, start : start + q] = cols
-        self._types[:, :, start : start + q] = self._new_types(cols)
-        for t in self.slot_state.values():
-            t[:, :, start : start + q] = 0
-        self.length = start + q
-        b, h = k.shape[:2]
-        self._new_slots = torch.arange(start, start + q, device=k.device).expand(b, h, q)
+    @property
+    def positions(self) -> torch.Tensor:
+        """int64 ``[B, H, P]`` (padded layout): logical column of each slot. Read-only."""
+        return self._padded().positions
 
-    def _append_into_free(self, k: torch.Tensor, v: torch.Tensor, cols: torch.Tensor) -> None:
-        """One new token per row, written into the row's first free slot (grows by one only if a row has none)."""
-        free = ~self._valid[:, :, : self.length]
-        has_free = free.any(-1)
-        slot = torch.where(has_free, free.to(torch.int8).argmax(-1), self.length)  # [B, H]
-        if not bool(has_free.all()):
-            self._reserve(self.length + 1, growth(self.length))
-            self._valid[:, :, self.length] = False
-            self.length += 1
-        idx = slot[..., None]
-        d_idx = idx[..., None]
-        self._k.scatter_(2, d_idx.expand(*idx.shape, self._k.shape[-1]), k)
-        self._v.scatter_(2, d_idx.expand(*idx.shape, self._v.shape[-1]), v)
-        self._valid.scatter_(2, idx, True)
-        self._pos.scatter_(2, idx, cols.view(1, 1, 1).expand_as(idx))
-        self._types.scatter_(2, idx, self._new_types(cols).view(1, 1, 1).expand_as(idx).to(torch.int8))
-        for t in self.slot_state.values():
-            t.scatter_(2, idx, 0)
-        self._new_slots = idx
+    @property
+    def token_types(self) -> torch.Tensor:
+        """int8 ``[B, H, P]`` (padded layout): TEXT / IMAGE / GENERATED per slot. Read-only."""
+        return self._padded().token_types
 
-    def _new_types(self, cols: torch.Tensor) -> torch.Tensor:
-        if self.prefilled:
-            return torch.full_like(cols, GENERATED, dtype=torch.int8)
-        return self._token_types_source.for_columns(cols, self.device)
+    @property
+    def slot_state(self) -> dict[str, torch.Tensor]:
+        """Per-slot state ``[B, H, P]`` a decode scorer keeps (padded layout). Read-only."""
+        return self._padded().slot_state
 
     # ------------------------------------------------------------------ transformers' interface
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -182,35 +149,35 @@ class PolicyLayer(DynamicLayer):
         q = key_states.shape[2]
         cols = torch.arange(self.seen, self.seen + q, device=self.device)
         self.seen += q
-        if self.buckets is not None:
-            for bucket in self.buckets:
-                bucket.append(key_states, value_states, cols)
-            self.n_tokens += q
-            self._pending = "done"
-        elif not self.prefilled:
-            self._append_at_end(key_states, value_states, cols, slack=0)
+        if not self.prefilled:
+            self.storage.append(key_states, value_states, cols, self._new_types(cols), slack=0)
             self._pending = "prefill"
         else:
-            if self.shift is not None:
-                if self._first:  # one shift per step for every layer: layer 0's logical minus physical position
-                    self.shift.delta = self.n_tokens - self.held()[:, 0]
-                key_states = self.shift.rotate(key_states)
-            self.n_tokens += q  # corrected in resolve_new_tokens if some new token is padding
-            in_update = (
-                self.policy.decode is not None
-                and not self.policy.decode_needs()
-                and not self.policy.drop_after_attention
-            )
-            if in_update:
-                self._decode_drop(incoming=q)
-            if q == 1 and not self.pristine:
-                self._append_into_free(key_states, value_states, cols)
-            else:
-                self._append_at_end(key_states, value_states, cols, slack=growth(self.length))
-            self._pending = "decode" if (self.policy.decode is not None and not in_update) else "done"
+            self._pending = self._decode_update(key_states, value_states, cols)
         self._sync()
         _active.layer = self
         return self.keys, self.values
+
+    def _decode_update(self, key_states: torch.Tensor, value_states: torch.Tensor, cols: torch.Tensor) -> str:
+        """Store a decode step's tokens (dropping first when the decode rule needs no attention); returns the stage
+        left pending for :meth:`finish_step`."""
+        q = key_states.shape[2]
+        if self.shift is not None:
+            if self._first:  # one shift per step for every layer: layer 0's logical minus physical position
+                self.shift.delta = self.n_tokens - self.held()[:, 0]
+            key_states = self.shift.rotate(key_states)
+        self.n_tokens += q  # corrected in resolve_new_tokens if some new token is padding
+        policy = self.policy
+        in_update = policy.decode is not None and not policy.decode_needs() and not policy.drop_after_attention
+        if in_update:
+            self._decode_drop(incoming=q)
+        self.storage.append(key_states, value_states, cols, self._new_types(cols), slack=growth(self.length))
+        return "decode" if (policy.decode is not None and not in_update) else "done"
+
+    def _new_types(self, cols: torch.Tensor) -> torch.Tensor:
+        if self.prefilled:
+            return torch.full_like(cols, GENERATED, dtype=torch.int8)
+        return self._token_types_source.for_columns(cols, self.device)
 
     def get_seq_length(self) -> int:
         return self.seen if self.is_initialized else 0
@@ -235,12 +202,7 @@ class PolicyLayer(DynamicLayer):
         if not self.is_initialized:
             return
         index = index.to(self.device)
-        for bucket in self.buckets or ():
-            bucket.select_rows(index)
-        if self.buckets is None:
-            self._k, self._v = self._k[index], self._v[index]
-        self._valid, self._pos, self._types = self._valid[index], self._pos[index], self._types[index]
-        self.slot_state = {k: v[index] for k, v in self.slot_state.items()}
+        self.storage.select_rows(index)
         batch = self.n_tokens.shape[0]
         self.n_tokens = self.n_tokens[index]
         # per-row tensors a part keeps in layer_state follow their rows too
@@ -260,43 +222,28 @@ class PolicyLayer(DynamicLayer):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
-            self._select_rows(torch.arange(self._k.shape[0], device=self.device).repeat_interleave(repeats))
+            self._select_rows(torch.arange(self.n_tokens.shape[0], device=self.device).repeat_interleave(repeats))
 
     # ------------------------------------------------------------------ used by the attention function
     def resolve_new_tokens(self, mask: torch.Tensor | None, q: int) -> torch.Tensor:
         """Learn which of this step's tokens are padding from transformers' mask (its last query row sees every real
         column), mark them invalid, and return the validity of the new tokens, bool ``[B, q]``."""
-        b = self.n_tokens.shape[0]
-        if mask is None:  # transformers only drops the mask when there is no padding at all
-            new_valid = torch.ones(b, q, dtype=torch.bool, device=self.device)
-        else:
-            last = mask[:, 0, -1, -q:]
-            new_valid = last if last.dtype == torch.bool else last > torch.finfo(last.dtype).min / 2
-            new_valid = new_valid.to(self.device).expand(b, q)
-        if self.buckets is not None:
-            if not bool(new_valid.all()):
-                for bucket in self.buckets:
-                    bucket.valid[:, :, bucket.length - q : bucket.length] &= new_valid[:, None, :]
-                self.n_tokens -= (~new_valid).sum(-1)
-            return new_valid
+        new_valid = new_token_validity(mask, q, self.n_tokens.shape[0], self.device)
         if not bool(new_valid.all()):
-            slots = self._new_slots
-            cur = self._valid.gather(2, slots)
-            self._valid.scatter_(2, slots, cur & new_valid[:, None, :])
+            self.storage.invalidate_new(new_valid)
             if self.prefilled:
                 self.n_tokens -= (~new_valid).sum(-1)
         if not self.prefilled:
             self.n_tokens += new_valid.sum(-1)
         return new_valid
 
-    def own_mask(self, q: int, valid: torch.Tensor | None = None, pos: torch.Tensor | None = None):
-        """bool ``[B, H, q, P]`` from validity and positions; ``None`` when every slot is visible to every query."""
-        valid = self._valid[:, :, : self.length] if valid is None else valid
-        pos = self._pos[:, :, : self.length] if pos is None else pos
-        if q == 1:
-            return None if bool(valid.all()) else valid[:, :, None, :]
-        cols = torch.arange(self.seen - q, self.seen, device=self.device)
-        return valid[:, :, None, :] & (pos[:, :, None, :] <= cols[:, None])
+    def mask(self, q: int) -> torch.Tensor | None:
+        """The engine's per-slot mask (:func:`~kvpolicy.core.masks.slot_mask`) of this step's ``q`` queries."""
+        return self._padded().mask(q, self.seen)
+
+    def attend(self, query: torch.Tensor, scaling: float, eager: bool) -> torch.Tensor:
+        """Outputs of this step's ``query`` over the stored entries under the engine's mask (any layout)."""
+        return self.storage.attend(query, self.seen, scaling, eager)
 
     def pending_needs(self) -> frozenset[AttentionStat]:
         if self._pending == "prefill":
@@ -316,21 +263,21 @@ class PolicyLayer(DynamicLayer):
 
     # ------------------------------------------------------------------ the policy's stages
     def view(self, stage: str, attention: dict | None = None) -> LayerView:
-        n = self.length
+        storage = self._padded()
         return LayerView(
             layer_idx=self.layer_idx,
             num_layers=self.num_layers,
             stage=stage,  # type: ignore[arg-type]
-            keys=self._k[:, :, :n],
-            values=self._v[:, :, :n],
-            valid=self._valid[:, :, :n],
-            positions=self._pos[:, :, :n],
+            keys=storage.keys,
+            values=storage.values,
+            valid=storage.valid,
+            positions=storage.positions,
             seen=self.seen,
             n_tokens=self.n_tokens,
-            new_tokens=0 if self._new_slots is None else self._new_slots.shape[-1],
-            token_types=self._types[:, :, :n],
+            new_tokens=0 if storage.new_slots is None else storage.new_slots.shape[-1],
+            token_types=storage.token_types,
             attention=attention or {},
-            slot_state={k: v[:, :, :n] for k, v in self.slot_state.items()},
+            slot_state=storage.slot_state,
             layer_state=self.layer_state,
             prefill_kept=self.prefill_kept,
             sinks=self.policy.sinks or 0,
@@ -354,13 +301,14 @@ class PolicyLayer(DynamicLayer):
         bit-identical to transformers' own attention (the cache changes anyway), so the attention function may
         compute outputs and statistics in one pass; when it does not (ratio 0), the plain path keeps the run
         identical to the full cache."""
-        if self._pending != "prefill" or self.policy.encode is None or self.buckets is not None:
+        if self._pending != "prefill" or self.policy.encode is None:
             return False
-        held = self._valid[:, :, : self.length].sum(-1).amin(-1)
+        held = self.held().amin(-1)
         return bool((self._prefill_budget() < held).any())
 
     def _finish_prefill(self, attention: dict) -> None:
         policy = self.policy
+        storage = self._padded()
         self.prefilled = True
         keep = self._prefill_budget()
         self._planned_keep = None
@@ -370,47 +318,16 @@ class PolicyLayer(DynamicLayer):
         init_state = getattr(policy.decode, "init_state", None)
         if init_state is not None:
             for name, t in check_state(policy, init_state(view), view).items():
-                self.slot_state[name] = t.to(torch.float32).expand_as(view.valid).clone()
+                storage.set_slot_state(name, t.to(torch.float32).expand_as(view.valid).clone())
         if policy.encode is not None and bool((keep < view.held().amin(-1)).any()):
             scores = check_scores(policy, "encode", policy.encode.score(view), view)
-            self._apply(check_reduction(policy, policy.reducer.reduce(view, scores, keep), view))
-        self.prefill_kept = self._valid[:, :, : self.length].sum(-1)
+            storage.compact(check_reduction(policy, policy.reducer.reduce(view, scores, keep), view))
+            if policy.decode is None and not storage.has_slot_state:  # no stage left: the layout is chosen once
+                self.storage = bucketed_if_uneven(storage)
+        self.prefill_kept = self.held()
         after = getattr(policy.decode, "after_prefill", None)
         if after is not None:
             after(self.view("decode"))
-
-    def _apply(self, red: Reduction) -> None:
-        idx = red.index
-        d = self._k.shape[-1]
-        n = self.length
-        gather = lambda t: t[:, :, :n].gather(2, idx)  # noqa: E731
-        keys = red.keys if red.keys is not None else self._k[:, :, :n].gather(2, idx[..., None].expand(*idx.shape, d))
-        values = (
-            red.values
-            if red.values is not None
-            else self._v[:, :, :n].gather(2, idx[..., None].expand(*idx.shape, self._v.shape[-1]))
-        )
-        self._k, self._v = keys.contiguous(), values.contiguous()
-        self._valid = red.valid.clone()
-        self._pos, self._types = gather(self._pos), gather(self._types)
-        self.slot_state = {k: gather(v) for k, v in self.slot_state.items()}
-        self.length = idx.shape[-1]
-        self.pristine = False
-        self._new_slots = None
-        if self.policy.decode is None and not self.slot_state:
-            self._maybe_bucket()
-
-    def _maybe_bucket(self) -> None:
-        """Store heads in buckets when their kept counts differ enough that padding would waste memory."""
-        held = self._valid[:, :, : self.length].sum(-1).amax(0)  # longest row per head
-        padded = held.numel() * int(held.max()) if held.numel() else 0
-        if padded <= (1 + SLACK) * int(held.sum()):
-            return
-        self.buckets = split(self._k, self._v, self._valid, self._pos, self._types)
-        b, h = self._valid.shape[:2]
-        self._k = self._v = self._k.new_empty(0)
-        self._valid = self._valid.new_zeros(b, h, 0)
-        self._pos, self._types = self._pos.new_zeros(b, h, 0), self._types.new_zeros(b, h, 0)
 
     def _decode_drop(self, incoming: int, attention: dict | None = None) -> None:
         """Apply the decode-stage budget rule: free the lowest-scored slots (``incoming`` tokens are about to be
@@ -418,6 +335,7 @@ class PolicyLayer(DynamicLayer):
         decode = self.policy.decode
         if decode is None:
             return
+        storage = self._padded()
         view = self.view("decode", attention)
         observe = getattr(decode, "observe", None)
         if observe is not None:
@@ -438,151 +356,35 @@ class PolicyLayer(DynamicLayer):
         if on_drop is not None:
             merged = on_drop(view, victims, ok)
             if merged is not None:
-                n = self.length
-                self._k[:, :, :n], self._v[:, :, :n] = check_merge(self.policy, merged, view)
-        cur = self._valid.gather(2, victims)
-        self._valid.scatter_(2, victims, cur & ~ok)
-        self.pristine = False
+                storage.write_kv(*check_merge(self.policy, merged, view))
+        storage.free(victims, ok)
 
     # ------------------------------------------------------------------ reporting
     def nbytes(self) -> int:
         """Bytes of key/value storage this layer owns (the allocated buffers, not just the used part)."""
-        if not self.is_initialized:
-            return 0
-        if self.buckets is not None:
-            return sum(b.nbytes() for b in self.buckets)
-        return self._k.nbytes + self._v.nbytes
+        return self.storage.nbytes() if self.is_initialized else 0
 
     def slot_nbytes(self) -> int:
         """Key + value bytes of one physical slot across rows and kv heads (``nbytes() == capacity * slot_nbytes()``
         when the heads are not in buckets), so a report can price the slots in use without reading the buffers."""
-        if not self.is_initialized:
-            return 0
-        b, h = self._k.shape[:2]
-        return b * h * (self._k.shape[-1] * self._k.element_size() + self._v.shape[-1] * self._v.element_size())
+        return self.storage.slot_nbytes() if self.is_initialized else 0
 
     def meta_nbytes(self) -> int:
-        if not self.is_initialized:
-            return 0
-        if self.buckets is not None:
-            return sum(b.meta_nbytes() for b in self.buckets)
-        extra = sum(t.nbytes for t in self.slot_state.values())
-        return self._valid.nbytes + self._pos.nbytes + self._types.nbytes + extra
+        return self.storage.meta_nbytes() if self.is_initialized else 0
 
     def held(self) -> torch.Tensor:
         """Valid entries per row and kv head, int64 ``[B, H]``."""
-        if self.buckets is not None:
-            out = torch.zeros(self.n_tokens.shape[0], self._valid.shape[1], dtype=torch.long, device=self.device)
-            for b in self.buckets:
-                out[:, b.heads] = b.valid[:, :, : b.length].sum(-1)
-            return out
-        return self._valid[:, :, : self.length].sum(-1)
+        return self.storage.held()
 
     def slots(self, head: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(valid, positions, token_types)`` of one kv head's slots, ``[B, P_head]`` each (bucketed or not)."""
-        if self.buckets is not None:
-            for b in self.buckets:
-                hits = (b.heads == head).nonzero()
-                if hits.numel():
-                    i = int(hits[0, 0])
-                    return b.valid[:, i, : b.length], b.pos[:, i, : b.length], b.types[:, i, : b.length]
-            raise IndexError(head)
-        n = self.length
-        return self._valid[:, head, :n], self._pos[:, head, :n], self._types[:, head, :n]
+        return self.storage.slots(head)
+
+    def head_kv(self, head: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(keys, values)`` of one kv head's slots, ``[B, P_head, D]`` each, aligned with :meth:`slots`."""
+        return self.storage.head_kv(head)
 
     def kept_positions(self, row: int, head: int = 0) -> list[int]:
         """Logical positions held by one row and head, sorted: for tests and reports."""
         valid, pos, _ = self.slots(head)
         return sorted(pos[row][valid[row]].tolist())
-
-
-#: input_ids of the forward pass in progress on this thread (set by the hook that ``kvpolicy.attach`` installs)
-_forward_inputs = threading.local()
-
-
-def set_forward_inputs(input_ids: torch.Tensor | None, image_ids: frozenset[int]) -> None:
-    _forward_inputs.input_ids = input_ids
-    _forward_inputs.image_ids = image_ids
-
-
-class _TokenTypes:
-    """Token types (text / image) of the prompt's columns.
-
-    Set explicitly with :meth:`PolicyCache.set_token_types`, or read from the ``input_ids`` of the forward in progress
-    (an image placeholder id from the model's config marks an image position — LLaVA and Qwen2-VL expand the
-    placeholder to one id per image token before the forward)."""
-
-    def __init__(self) -> None:
-        self.types: torch.Tensor | None = None  # int8 [B, S_prompt]
-
-    def for_columns(self, cols: torch.Tensor, device: torch.device) -> torch.Tensor:
-        if self.types is not None:
-            t = self.types.to(device)
-            inside = cols < t.shape[1]
-            out = torch.full((t.shape[0], cols.numel()), GENERATED, dtype=torch.int8, device=device)
-            out[:, inside] = t[:, cols[inside]]
-            return out[:, None, :]
-        ids = getattr(_forward_inputs, "input_ids", None)
-        image_ids = getattr(_forward_inputs, "image_ids", frozenset())
-        if ids is not None and image_ids and ids.shape[-1] == cols.numel():
-            is_image = torch.zeros_like(ids, dtype=torch.bool)
-            for i in image_ids:
-                is_image |= ids == i
-            return torch.where(is_image, IMAGE, TEXT).to(torch.int8).to(device)[:, None, :]
-        return torch.full((1, 1, cols.numel()), TEXT, dtype=torch.int8, device=device)
-
-
-class PolicyCache(Cache):
-    """A transformers ``Cache`` that compresses under ``policy``; pass it as ``generate(past_key_values=...)``.
-
-    Full-attention layers get a :class:`PolicyLayer`; sliding-window layers (Gemma 3, Mistral with a window) keep
-    transformers' own sliding layer: their window already bounds them, and the policy leaves them alone.
-    """
-
-    def __init__(self, policy: CachePolicy, config: Any):
-        text = config.get_text_config(decoder=True)
-        n = text.num_hidden_layers
-        layer_types, layer_kwargs = get_layer_types_and_kwargs(text)
-        self.token_types = _TokenTypes()
-        self.policy = policy
-        shift = RopeShift(config) if policy.compressed_positions else None
-        layers: list[Any] = []
-        for i, (kind, kwargs) in enumerate(zip(layer_types[:n], layer_kwargs[:n])):
-            if kind == "full_attention":
-                first = not any(isinstance(x, PolicyLayer) for x in layers)
-                layers.append(PolicyLayer(policy, i, n, self.token_types, shift, first))
-            elif kind == "sliding_attention":
-                layers.append(DynamicSlidingWindowLayer(**kwargs))
-            else:
-                raise UnsupportedModelError(
-                    f"kvpolicy: layer {i} of {type(config).__name__} has type {kind!r}; "
-                    "only 'full_attention' and 'sliding_attention' layers are supported"
-                )
-        super().__init__(layers=layers)
-
-    def check_inputs(self, batch: int, new_tokens: int) -> None:
-        """Raise :class:`~kvpolicy.reuse.CacheReuseError` when this cache already holds a generation and a forward
-        brings another batch size or no new token (see :mod:`kvpolicy.reuse`)."""
-        check_inputs(self.policy_layers, batch, new_tokens)
-
-    def set_token_types(self, types: torch.Tensor) -> None:
-        """Tell the cache which prompt columns hold image tokens (int ``[B, S]``, see ``kvpolicy.policy``)."""
-        self.token_types.types = types.to(torch.int8)
-
-    @property
-    def policy_layers(self) -> list[PolicyLayer]:
-        return [layer for layer in self.layers if isinstance(layer, PolicyLayer)]
-
-    def nbytes(self) -> int:
-        """Key/value bytes held by every layer (allocated buffers)."""
-        total = 0
-        for layer in self.layers:
-            if isinstance(layer, PolicyLayer):
-                total += layer.nbytes()
-            elif getattr(layer, "is_initialized", False) and layer.keys is not None:
-                total += layer.keys.nbytes + layer.values.nbytes
-        return total
-
-    def lengths(self) -> list[int]:
-        """Physical slots per layer."""
-        return [layer.length if isinstance(layer, PolicyLayer) else layer.get_seq_length() for layer in self.layers]

@@ -7,23 +7,44 @@ A :class:`CachePolicy` has two stages and three parts:
 * a **reducer** turns scores and a budget into the new keys/values (evict, or merge into anchors).
 
 Parts never touch the cache or the model. Each call receives a read-only :class:`LayerView` (one layer, one step)
-and returns tensors; the engine (:mod:`kvpolicy.cache`) owns the memory. A part *declares* the statistics it needs
+and returns tensors; the engine (:mod:`kvpolicy.core.layer`) owns the memory. A part *declares* the statistics it needs
 (:class:`AttentionStat`), so the engine computes only those.
 
 Shapes used throughout: ``B`` batch rows, ``H`` kv heads (never query heads), ``P`` physical cache slots, ``D`` head
 dim. Slots are not ordered by position: a slot's logical position is ``view.positions``; ``view.valid`` says which
 slots hold a real token (pads, freed slots and per-row padding are invalid). A part's scores may have a head axis of
 size 1, meaning "one decision shared by all kv heads of the row".
+
+How much survives (:class:`~kvpolicy.core.budget.Budget`, :class:`~kvpolicy.core.budget.BudgetAllocator`) lives in
+:mod:`kvpolicy.core.budget` and is re-exported here, so the contract stays importable from one module.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .budget import Budget, BudgetAllocator
+
+__all__ = [
+    "GENERATED",
+    "IMAGE",
+    "TEXT",
+    "AttentionStat",
+    "Budget",
+    "BudgetAllocator",
+    "CachePolicy",
+    "DecodeScorer",
+    "EncodeScorer",
+    "LayerView",
+    "Need",
+    "Reducer",
+    "Reduction",
+    "Stage",
+    "part_sinks",
+]
 
 Stage = Literal["prefill", "decode"]
 
@@ -175,61 +196,6 @@ class Reducer(Protocol):
     """
 
     def reduce(self, view: LayerView, scores: torch.Tensor, keep: torch.Tensor) -> Reduction: ...
-
-
-@runtime_checkable
-class BudgetAllocator(Protocol):
-    """Optional part: re-distributes the per-row budget across layers (e.g. PyramidKV)."""
-
-    def layer_keep(self, layer_idx: int, num_layers: int, keep: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
-        ...
-
-
-class Budget(BaseModel):
-    """How much of the cache survives.
-
-    Exactly one of ``ratio`` (fraction *removed*, as in the Elastic Cache paper) or ``tokens`` (entries kept) is set.
-    ``decode`` says what happens while generating: ``"fraction"`` keeps the cache at ``(1 - ratio)`` of all tokens
-    seen (the paper's rule: drop one whenever ``int(held - n * (1 - ratio)) >= 1``), ``"fixed"`` keeps it at the
-    prefill budget (drop one per new token once full), ``"off"`` lets it grow.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    ratio: float | None = Field(default=None, ge=0.0, lt=1.0, description="fraction of the cache removed, in [0, 1)")
-    tokens: int | None = Field(default=None, ge=1, description="entries kept per layer and kv head")
-    decode: Literal["fraction", "fixed", "off"] | None = Field(
-        default=None, description="decode-stage rule; default: fraction for a ratio, fixed for a token budget"
-    )
-
-    @model_validator(mode="after")
-    def _one_of(self) -> Budget:
-        if (self.ratio is None) == (self.tokens is None):
-            raise ValueError("set exactly one of 'ratio' (fraction removed, 0 <= ratio < 1) or 'tokens' (>= 1)")
-        if self.decode is None:
-            self.decode = "fraction" if self.ratio is not None else "fixed"
-        if self.decode == "fraction" and self.ratio is None:
-            raise ValueError("decode: 'fraction' needs a 'ratio'")
-        return self
-
-    def prefill_keep(self, n_tokens: torch.Tensor) -> torch.Tensor:
-        """Entries to keep per row after prefill: ``ceil(n * (1 - ratio))`` or ``min(n, tokens)``."""
-        if self.ratio is not None:
-            keep = [math.ceil(int(n) * (1.0 - self.ratio)) for n in n_tokens.tolist()]
-            return torch.tensor(keep, dtype=torch.long, device=n_tokens.device).clamp(min=1)
-        return n_tokens.clamp(max=self.tokens)
-
-    def decode_excess(self, held: torch.Tensor, n_tokens: torch.Tensor, prefill_keep: torch.Tensor) -> torch.Tensor:
-        """Entries to drop now, per row and head, given ``held`` entries (new token included) and ``n`` tokens seen."""
-        if self.decode == "off":
-            return torch.zeros_like(held)
-        if self.decode == "fixed":
-            cap = prefill_keep if self.tokens is None else torch.full_like(prefill_keep, self.tokens)
-            cap = cap[:, None] if cap.dim() == 1 else cap
-            return (held - cap).clamp(min=0)
-        # float64 reproduces Python's int(P - n * (1 - ratio)) exactly
-        target = n_tokens.to(torch.float64)[:, None] * (1.0 - float(self.ratio))
-        return torch.trunc(held.to(torch.float64) - target).clamp(min=0).to(torch.long)
 
 
 @dataclass
