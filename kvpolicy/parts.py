@@ -7,8 +7,8 @@ their merge math and two whole scorers. When these lived in ``plugins/evict.py``
 plugin imported another plugin; now each plugin module is one method and imports its shared pieces from here.
 Third-party plugins may use them too (``from kvpolicy.parts import sinks, recent, protect``).
 
-This module imports only kvpolicy's core data types (:mod:`kvpolicy.core.policy`, :mod:`kvpolicy.core.selection`), never the
-evaluation, sweep, bench or CLI layers, so a plugin that uses it pulls in nothing but what the engine needs.
+This module imports only kvpolicy's core data types (:mod:`kvpolicy.core.policy`, :mod:`kvpolicy.core.selection`),
+never the evaluation, sweep, bench or CLI layers, so a plugin that uses it pulls in nothing but what the engine needs.
 
 * scores, windows, protection: :func:`heads`, :func:`full_shape`, :func:`sinks`, :func:`recent`, :func:`protect`,
   :func:`protect_text`, :func:`check_attention`;

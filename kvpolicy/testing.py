@@ -208,8 +208,8 @@ class FirstLast:
 
 
 class PlainEvict:
-    """Trivial reducer: the ``evict`` plugin's rule (:func:`kvpolicy.core.selection.select_top`) without the plugin, so a
-    core test does not depend on which plugins are installed."""
+    """Trivial reducer: the ``evict`` plugin's rule (:func:`kvpolicy.core.selection.select_top`) without the plugin, so
+    a core test does not depend on which plugins are installed."""
 
     def reduce(self, view: LayerView, scores: torch.Tensor, keep: torch.Tensor) -> Reduction:
         return select_top(view, scores, keep)

@@ -11,8 +11,8 @@ Modules, each with one job (see ``docs/architecture.md``):
 * :mod:`~kvpolicy.core.attention` — the registered attention function (chooses a path);
   :mod:`~kvpolicy.core.kernels` — grouped attention and the statistics kernels; :mod:`~kvpolicy.core.masks` — the
   engine's per-slot mask;
-* :mod:`~kvpolicy.core.selection` — the shared ranking rule; :mod:`~kvpolicy.core.positions` — the compressed-positions
-  quirk; :mod:`~kvpolicy.core.token_types` — text / image / generated columns;
+* :mod:`~kvpolicy.core.selection` — the shared ranking rule; :mod:`~kvpolicy.core.positions` — the
+  compressed-positions quirk; :mod:`~kvpolicy.core.token_types` — text / image / generated columns;
 * :mod:`~kvpolicy.core.engine` — ``attach`` / ``make_cache``; :mod:`~kvpolicy.core.partcheck` — checks of part
   outputs; :mod:`~kvpolicy.core.reuse` — the cache-reuse guard.
 
