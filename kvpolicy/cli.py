@@ -23,11 +23,12 @@ from typer.core import TyperCommand, TyperGroup
 # --help`` answer in well under a second; each command imports what it needs when it runs (see docs/performance.md).
 
 #: commands whose module is imported only when the command is run or asked for its own ``--help``:
-#: name -> (module, attribute holding the typer-signature function, one-line summary shown by ``kvpolicy --help``)
+#: name -> (module, a function there that returns the typer-signature command function, one-line summary shown by
+#: ``kvpolicy --help``)
 LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
     "bench": (
-        "kvpolicy.bench",
-        "bench_cli",
+        "kvpolicy.cli",
+        "bench_command",
         "Measure what policies really save: cache bytes, prefill and decode time, peak memory vs the full cache.",
     ),
 }
@@ -67,7 +68,7 @@ class LazyGroup(TyperGroup):
 def load_lazy_command(name: str) -> click.Command:
     """The real click command of a :data:`LAZY_COMMANDS` entry (imports its module)."""
     module, attr, _summary = LAZY_COMMANDS[name]
-    func = getattr(importlib.import_module(module), attr)
+    func = getattr(importlib.import_module(module), attr)()
     single = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     single.command(name, help=func.__doc__, cls=PluginCommand)(func)
     command = typer.main.get_command(single)
@@ -99,6 +100,20 @@ def _stderr() -> Console:
     return Console(stderr=True)
 
 
+def _error(message: str, code: int = 2) -> typer.Exit:
+    """Print ``error: message`` on stderr without wrapping it at the terminal width (one problem, one line) and return
+    the exit to raise."""
+    _stderr().print(Text(f"error: {message}", style="red"), soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _given(ctx: typer.Context) -> set[str]:
+    """The parameters the user typed on the command line (not left at their defaults)."""
+    unset = (None, "DEFAULT", "DEFAULT_MAP")  # by name: typer may ship its own copy of click's ParameterSource
+    return {name for name in ctx.params if getattr(ctx.get_parameter_source(name), "name", None) not in unset}
+
+
+
 def _warn_plugin_problems() -> None:
     """Loads the plugins (once per process) and warns, on stderr and only the first time, about any that failed."""
     from .registry import get_registry
@@ -114,71 +129,36 @@ def _warn_plugin_problems() -> None:
 
 
 @app.command(cls=PluginCommand)
-def plugins(as_json: bool = typer.Option(False, "--json", help="print machine-readable JSON")) -> None:
-    """List every part (with its source package, stage and parameters), every preset and every plugin problem."""
-    from .registry import get_registry
+def plugins(
+    name: str = typer.Argument(None, help="one part or preset, shown in detail"),
+    kind: str = typer.Option(None, "--kind", help="only parts of this kind: encode, decode, reducer or allocator"),
+    verbose: bool = typer.Option(False, "--verbose", help="full tables: every parameter, every whole message"),
+    as_json: bool = typer.Option(False, "--json", help="print machine-readable JSON"),
+) -> None:
+    """List every part and preset, one line each (problems first); NAME for one in detail."""
+    from . import listing
+    from .registry import KINDS, get_registry
 
-    data = get_registry().listing()
+    if kind is not None and kind not in KINDS:
+        raise _error(f"--kind: {kind!r} is not a kind of part; allowed: {', '.join(KINDS)}")
+    data = listing.filter_kind(get_registry().listing(), kind)
     if as_json:
         typer.echo(json.dumps(data, indent=2))
         return
     out = _stdout()
-
-    table = Table(title="kvpolicy parts", show_lines=True)
-    for col in ("kind (stage)", "name", "source", "parameters", "summary", "status"):
-        table.add_column(col, overflow="fold", min_width=30 if col == "parameters" else None)
-    for part in data["parts"]:
-        params = "\n".join(_param_line(p) for p in part["params"]) or "-"
-        cells = (
-            f"{part['kind']} ({part['stage']})",
-            part["name"],
-            part["source"],
-            params,
-            part["summary"],
-            part["status"],
-        )
-        table.add_row(*(Text(c) for c in cells))
-    warn = "yellow"
-    for problem in data["problems"]:
-        cells = ("?", problem["plugin"], problem["package"], "", "", "failed: see warning below")
-        table.add_row(*(Text(c, style=warn) for c in cells))
-    out.print(table)
-
-    if data["presets"]:
-        presets = Table(title="presets", show_lines=True)
-        for col in ("name", "source", "summary", "status"):
-            presets.add_column(col, overflow="fold")
-        for preset in data["presets"]:
-            ok = preset["status"] == "ok"
-            cells = (preset["name"], preset["source"], preset["summary"], "ok" if ok else "invalid: see below")
-            presets.add_row(*(Text(c, style="" if ok else warn) for c in cells))
-        out.print(presets)
+    if name is not None:
+        if not listing.print_detail(out, data, name):
+            raise _error(listing.unknown_name(data, name))
+    elif verbose:
+        listing.print_verbose(out, data, with_presets=kind is None)
     else:
-        out.print(Text("no presets registered"))
-
-    for preset in data["presets"]:
-        if preset["status"] != "ok":
-            out.print(
-                Text(f"warning: preset {preset['name']!r} ({preset['source']}) is {preset['status']}", style=warn)
-            )
-    for problem in data["problems"]:
-        out.print(Text(f"warning: plugin {problem['plugin']!r} ({problem['package']}): {problem['error']}", style=warn))
-
-
-def _param_line(p: dict) -> str:
-    text = f"{p['name']}: {p['type']}"
-    text += " (required)" if p["required"] else f" = {p['default']!r}"
-    if p["range"]:
-        text += f" in {p['range']}" if p["range"][0] in "[(" else f" {p['range']}"
-    if p["description"]:
-        text += f" — {p['description']}"
-    return text
+        listing.print_compact(out, data)
 
 
 @app.command(cls=PluginCommand)
 def demo(
     policy: str = typer.Option("elastic", help="a preset name or a policy YAML file"),
-    ratio: float = typer.Option(0.8, help="fraction of the cache removed, in [0, 1)"),
+    ratio: float = typer.Option(None, help="fraction of the cache removed, in [0, 1) (default: the policy's own)"),
     prompt_tokens: int = typer.Option(512, help="prompt length"),
     new_tokens: int = typer.Option(32, help="tokens generated after the prompt"),
     as_json: bool = typer.Option(False, "--json", help="print machine-readable JSON"),
@@ -189,18 +169,21 @@ def demo(
     from .config import PolicyConfigError, load_policy
     from .demo import run_demo
 
+    for flag, value in (("--prompt-tokens", prompt_tokens), ("--new-tokens", new_tokens)):
+        if value < 1:
+            raise _error(f"{flag}: {value} is out of range; allowed: >= 1")
     try:
-        built = load_policy(policy, overrides={"ratio": ratio})
+        built = load_policy(policy, overrides={"ratio": ratio} if ratio is not None else None)
     except PolicyConfigError as exc:
-        _stderr().print(Text(f"error: {exc}", style="red"))
-        raise typer.Exit(2) from exc
+        raise _error(str(exc)) from exc
     result = run_demo(built, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
     if as_json:
         typer.echo(json.dumps(asdict(result), indent=2))
         return
     out = _stdout()
+    budget = f"ratio {built.budget.ratio}" if built.budget.ratio is not None else f"{built.budget.tokens} tokens"
     out.print(
-        f"policy [bold]{result.policy}[/] at ratio {ratio} on a 4-layer Llama config (8 q / 2 kv heads, random "
+        f"policy [bold]{result.policy}[/] at {budget} on a 4-layer Llama config (8 q / 2 kv heads, random "
         f"weights): {result.prompt_tokens}-token prompt, {result.new_tokens} new tokens"
     )
     table = Table(title="KV cache held (bytes of key/value tensors)")
@@ -218,28 +201,89 @@ def demo(
     )
 
 
+def bench_command() -> Any:
+    """``kvpolicy bench``: :func:`kvpolicy.bench.bench_cli` behind the input checks of :func:`_bench_errors` (built
+    when the command is resolved, see :data:`LAZY_COMMANDS`)."""
+    import functools
+
+    from .bench import bench_cli
+
+    @functools.wraps(bench_cli)  # typer reads bench_cli's signature and hints through __wrapped__
+    def bench(**kwargs: object) -> int:
+        with _bench_errors(kwargs):
+            return bench_cli(**kwargs)
+
+    return bench
+
+
+@contextlib.contextmanager
+def _bench_errors(kwargs: dict):
+    """``kvpolicy bench`` inputs checked before anything is measured or written (model name, policies, --report file),
+    and its settings' validation errors, as one line each, exit 2."""
+    from pydantic import ValidationError
+
+    from .bench import BUILTIN_CONFIGS, resolve_policy
+    from .config import ConfigError
+    from .eval.preflight import check_model_name
+
+    try:
+        if kwargs.get("model"):
+            check_model_name(str(kwargs["model"]))
+        config = kwargs.get("config")
+        if config and config not in BUILTIN_CONFIGS and not os.path.isfile(config):
+            raise _error(f"--config: {config!r} is neither a file nor a built-in shape ({', '.join(BUILTIN_CONFIGS)})")
+        for flag, cast in (("contexts", int), ("ratios", float)):
+            try:
+                [cast(x) for x in str(kwargs.get(flag) or "").split(",") if x.strip()]
+            except ValueError as exc:
+                raise _error(f"--{flag}: expected comma-separated {cast.__name__}s, got {kwargs[flag]!r}") from exc
+        report = kwargs.get("report")
+        if report is not None and not os.path.isfile(report):
+            raise _error(f"--report: no such file {str(report)!r} (a bench.json written by kvpolicy bench)")
+        for name in str(kwargs.get("policies") or "").split(","):
+            if name.strip():
+                try:
+                    resolve_policy(name.strip(), 0.5)
+                except ValueError as exc:  # PolicyConfigError included
+                    raise _error(f"policies: {exc}") from exc
+        yield
+    except ValidationError as exc:
+        _validation_lines(exc)
+        raise typer.Exit(2) from exc
+    except ConfigError as exc:
+        raise _error(str(exc)) from exc
+
+
+def _validation_lines(exc: Exception) -> None:
+    """A pydantic ValidationError as one ``error: field: message`` line per problem."""
+    for err in exc.errors():  # type: ignore[attr-defined]
+        field = ".".join(str(x) for x in err["loc"]) or "options"
+        msg = err["msg"].removeprefix("Value error, ")
+        _stderr().print(Text(f"error: {field}: {msg}", style="red"), soft_wrap=True)
+
+
+
 @contextlib.contextmanager
 def _evaluation_errors():
     """One clear line per problem instead of a traceback: a bad option or policy exits 2 naming the field, an
-    evaluation that cannot report honestly (ratio-0 check failed, NaN) exits 1 with the harness's message."""
+    evaluation that cannot report honestly (ratio-0 check failed, NaN) or a plugin part that returned something
+    malformed exits 1 with the message (which names the part and its package)."""
     from pydantic import ValidationError
 
     from .config import ConfigError
     from .eval.runner import EvalError
+    from .eval.tasks import TaskError
+    from .core.partcheck import PartError
 
     try:
         yield
     except ValidationError as exc:
-        for err in exc.errors():
-            field = ".".join(str(x) for x in err["loc"]) or "options"
-            _stderr().print(Text(f"error: {field}: {err['msg']}", style="red"))
+        _validation_lines(exc)
         raise typer.Exit(2) from exc
-    except ConfigError as exc:
-        _stderr().print(Text(f"error: {exc}", style="red"))
-        raise typer.Exit(2) from exc
-    except EvalError as exc:
-        _stderr().print(Text(f"error: {exc}", style="red"))
-        raise typer.Exit(1) from exc
+    except (ConfigError, TaskError) as exc:  # a task that cannot give the samples asked for: a bad input too
+        raise _error(str(exc)) from exc
+    except (EvalError, PartError) as exc:
+        raise _error(str(exc), 1) from exc
 
 
 _DTYPE_HELP = "auto (bfloat16 where the device computes it natively, else float32), bfloat16, float16 or float32"
@@ -253,18 +297,19 @@ def _task_options(items: list[str] | None) -> dict:
     try:
         return parse_options(items)
     except ValueError as exc:
-        _stderr().print(Text(f"error: --task-option: {exc}", style="red"))
-        raise typer.Exit(2) from exc
+        raise _error(f"--task-option: {exc}") from exc
 
 
 @app.command(cls=PluginCommand)
 def run(
+    ctx: typer.Context,
     policy: str = typer.Option("elastic", help="preset name or policy YAML file"),
-    ratio: float = typer.Option(0.8, help="fraction of the cache removed, in [0, 1)"),
+    ratio: float = typer.Option(None, help="fraction of the cache removed, in [0, 1) (default: the policy's own)"),
     model: str = typer.Option("smollm2-135m", help="model alias, local path or hub id"),
     task: str = typer.Option("continuation", help="continuation, instruct, needle, jsonl, mmvet or llava_detail"),
     samples: int = typer.Option(50, help="number of samples (deterministic for a seed)"),
     seed: int = typer.Option(0, help="sampling seed"),
+    batch_size: int = typer.Option(16, "--batch-size", help="samples per batch (left-padded)"),
     output: str = typer.Option("results.json", "--output", help="result file (written atomically)"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
@@ -273,19 +318,30 @@ def run(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
     dtype: str = typer.Option("auto", "--dtype", help=_DTYPE_HELP),
 ) -> None:
-    """Evaluate one policy and the full cache side by side (PPL, ROUGE-L, KL, top-1 agreement, bytes, time)."""
+    """Evaluate one policy and the full cache side by side (PPL, ROUGE-L, KL, top-1 agreement, bytes, time).
+
+    A policy file's own ratio is kept unless --ratio is given; a file with an `evaluation:` section (a sweep's
+    best_policy.yaml) is measured as it says (model, task, samples, seed, batch size, dtype, ...) unless a flag is
+    given on the command line."""
+    from .eval.preflight import policy_evaluation
     from .eval.report import run_cli
 
     with _evaluation_errors():
-        run_cli(policy=policy, ratio=ratio, model=model, task=task, samples=samples, seed=seed, out=output,
-                as_json=as_json, quiet=quiet, threads=threads, task_options=_task_options(task_option),
-                device=device, dtype=dtype)
+        flags = dict(model=model, task=task, samples=samples, seed=seed, batch_size=batch_size, threads=threads,
+                     task_options=_task_options(task_option), device=device, dtype=dtype)
+        given, measured = _given(ctx), policy_evaluation(policy)
+        settings = {**flags, **{k: v for k, v in measured.items() if k not in given}}
+        if "task" in given:  # the file's options belong to the file's task
+            settings["task_options"] = flags["task_options"]
+        elif task_option:
+            settings["task_options"] = {**measured.get("task_options", {}), **flags["task_options"]}
+        run_cli(policy=policy, ratio=ratio, out=output, as_json=as_json, quiet=quiet, **settings)
 
 
 @app.command(cls=PluginCommand)
 def compare(
     policies: str = typer.Option("full,local,h2o,elastic", help="comma-separated presets"),
-    ratios: str = typer.Option("0.5,0.8,0.9", help="comma-separated ratios"),
+    ratios: str = typer.Option(None, help="comma-separated ratios (default: each policy at its own ratio)"),
     model: str = typer.Option("smollm2-135m", help="model alias, local path or hub id"),
     task: str = typer.Option("continuation", help="comma-separated tasks"),
     samples: int = typer.Option(50, help="samples per cell"),

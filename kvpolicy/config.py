@@ -2,6 +2,7 @@
 
 A policy document (YAML or a dict) names its parts and budget::
 
+    name: fast_elastic         # optional label for reports (default: the file's stem, else the preset's name)
     preset: elastic            # optional: start from a registered preset
     encode: {name: frequency, per_head: true}
     decode: {name: distance_offset, offset: -25}
@@ -9,6 +10,8 @@ A policy document (YAML or a dict) names its parts and budget::
     ratio: 0.2                 # or tokens: 256 (exactly one)
     decode_budget: fraction    # fraction | fixed | off (default: fraction for a ratio, fixed for tokens)
     reference_quirks: true     # or {ranking: true, drop_after_attention: true}
+    evaluation: {model: smollm2-135m, task: continuation, samples: 8}   # optional: how it was measured (read by
+                               # `kvpolicy run`, ignored by the policy; a sweep's best_policy.yaml carries one)
 
 Resolution, in order (:func:`resolve_policy`):
 
@@ -174,7 +177,10 @@ class PolicySpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str | None = Field(default=None, description="a label for reports (default: the preset's name)")
+    name: str | None = Field(
+        default=None,
+        description="a label for tables, legends and result files (default: the file's stem, else the preset's name)",
+    )
     preset: str | None = Field(default=None, description="a registered preset to start from")
     encode: PartRef | None = Field(default=None, description="encode scorer (prefill); none: no prefill compression")
     decode: PartRef | None = Field(default=None, description="decode scorer; none: no decode-stage drops")
@@ -194,6 +200,11 @@ class PolicySpec(BaseModel):
         le=1 << 20,
         description="protected sinks: the first real tokens of each row that no part drops or merges away (default: "
         "what the parts state, e.g. anchor_merge.start_size; 0 if none does)",
+    )
+    evaluation: dict[str, Any] | None = Field(
+        default=None,
+        description="how this policy was measured (model, task, samples, seed, batch_size, dtype, ...), so that "
+        "`kvpolicy run --policy <file>` repeats the measurement; not part of the policy itself",
     )
 
 
@@ -772,7 +783,7 @@ def _resolve(
                 quirks[param] = engine[param]
             elif part_field in parts:
                 quirks[f"{part_field}.{param}"] = bool(getattr(parts[part_field].params, param))
-    name = merged.get("name") or "custom"
+    name = _policy_name(top, source, merged)
     spec = PolicySpec(
         name=name,
         ratio=budget.ratio,
@@ -808,6 +819,16 @@ def _resolve_sinks(
     res = resolve_sinks(top.get("sinks") if ok else None, merged.get("sinks") if ok else None, user, given, marked)
     issues.extend(ConfigIssue(path, message) for path, message in res.issues)
     return res
+
+
+def _policy_name(top: Mapping[str, Any], source: str | None, merged: Mapping[str, Any]) -> str:
+    """The document's own ``name``, else the stem of the file it came from (a tuned policy saved as ``fast.yaml`` is
+    ``fast`` in tables, legends and result files, not its preset's name), else the preset's name, else ``custom``."""
+    if isinstance(top.get("name"), str) and top["name"]:
+        return top["name"]
+    if source is not None:
+        return Path(source).stem
+    return merged.get("name") or "custom"
 
 
 def _is_alias(model: type[BaseModel], key: str) -> bool:

@@ -498,6 +498,7 @@ def evaluation_from_result(result: Any) -> Evaluation:
         # the dtype the trial computed in (``auto`` resolved on the machine that ran it)
         "dtype": result.dtype,
         "wall_s": result.wall_s,
+        "dtype": str(result.model.get("dtype")),  # what the model really ran in (best_policy.yaml carries it)
     }
     ev = Evaluation(metrics=metrics, per_sample=per, details=details)
     ev.document = result.model_dump(mode="json")
@@ -904,14 +905,35 @@ def _importances(study: Any, spec: SweepSpec) -> dict[str, dict[str, float]]:
     return out
 
 
+def trial_evaluation(t: Any, spec: SweepSpec) -> dict[str, Any] | None:
+    """How a harness trial was measured, as a policy file's ``evaluation:`` section (every setting that decides its
+    numbers: model, task and options, samples, seed, batch size, the dtype it ran in, ...), so that
+    ``kvpolicy run --policy best_policy.yaml`` repeats the trial. ``None`` for other evaluators."""
+    if spec.evaluator != "harness":
+        return None
+    from .eval.preflight import EVALUATION_FIELDS
+
+    settings = HarnessEvaluator._eval_spec(spec.model, spec.task, spec.samples, spec.batch_size).model_dump()
+    out = {k: settings[k] for k in EVALUATION_FIELDS if settings.get(k) is not None}
+    ran_in = ((t.user_attrs.get(ATTR_PREFIX + "details") or {}).get("dtype") or "").removeprefix("torch.")
+    if ran_in in ("bfloat16", "float16", "float32"):  # the dtype the model really had (an 'auto' setting resolved)
+        out["dtype"] = ran_in
+    return out
+
+
 def _policy_yaml(t: Any, spec: SweepSpec, label: str) -> str:
     import yaml
 
-    doc = t.user_attrs.get(ATTR_PREFIX + "policy") or {}
+    doc = dict(t.user_attrs.get(ATTR_PREFIX + "policy") or {})
+    doc["name"] = f"{spec.name}-trial-{t.number}"  # not its preset's name: tables must not call it 'elastic'
+    evaluation = trial_evaluation(t, spec)
+    if evaluation is not None:
+        doc["evaluation"] = evaluation
     vals = ", ".join(f"{m} {v:.6g}" for m, v in zip(spec.metrics, t.values, strict=False))
     head = (f"# {label}: study {spec.name!r}, trial {t.number} ({vals})\n"
             f"# parameters: {json.dumps(t.params)}\n"
-            f"# load with kvpolicy.config.load_policy('<this file>')\n")
+            f"# load with kvpolicy.config.load_policy('<this file>')"
+            + ("; re-measure with `kvpolicy run --policy <this file>` (evaluation: below)\n" if evaluation else "\n"))
     return head + yaml.safe_dump(doc, sort_keys=False)
 
 

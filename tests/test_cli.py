@@ -1,8 +1,12 @@
-"""The command line: ``kvpolicy plugins`` and ``kvpolicy plugins --json`` on a registry of test parts."""
+"""The command line: ``kvpolicy plugins`` (compact, ``--verbose``, ``NAME``, ``--kind``, ``--json``) on a registry of
+test parts, and through the real entry point at 80 columns."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import types
 
 import pytest
@@ -55,8 +59,8 @@ def registry():
     cli._warned = False
 
 
-def test_plugins_table(registry):
-    result = CliRunner().invoke(cli.app, ["plugins"], env={"COLUMNS": "400"})  # wide enough not to wrap cells
+def test_plugins_verbose_table(registry):
+    result = CliRunner().invoke(cli.app, ["plugins", "--verbose"], env={"COLUMNS": "400"})  # wide: no wrapped cells
     assert result.exit_code == 0, result.output
     out = result.stdout
     for text in (
@@ -134,3 +138,67 @@ def test_evaluation_options_out_of_range_exit_2_naming_the_field(args, field, tm
     assert result.exit_code == 2, result.output
     assert f"error: {field}" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+def _visible_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def test_plugins_compact_fits_80_columns_problems_first(registry):
+    result = CliRunner().invoke(cli.app, ["plugins"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = _visible_lines(result.stdout)
+    assert all(len(line) <= 80 for line in lines), max(lines, key=len)
+    assert lines[0].split() == ["kind", "name", "source", "status", "summary"]
+    # the failed plugin, the plugin that returned a non-part and the invalid preset come before every healthy row
+    problems = [i for i, line in enumerate(lines) if "FAILED" in line or "INVALID" in line]
+    healthy = [i for i, line in enumerate(lines) if " ok " in line]
+    assert len(problems) == 3 and len(healthy) == 3 and max(problems) < min(healthy)
+    problem_text = " ".join(line.strip() for line in lines[: min(healthy)])  # rows + their wrapped messages
+    assert any(lines[i].split()[:3] == ["plugin", "cli_test_broken", "broken-pkg"] for i in problems)
+    assert "raised ImportError: plugin exploded" in problem_text
+    assert any(lines[i].split()[:2] == ["preset", "broken_preset"] for i in problems)
+    assert "unknown encode scorer 'missing_scorer'" in problem_text
+    row = next(line for line in lines if line.startswith("decode") and "distance_test" in line)
+    assert row.split()[:4] == ["decode", "distance_test", "cli-test-pkg", "ok"] and "drop by distance" in row
+    assert "offset: int" not in result.stdout  # parameters only in --verbose / NAME
+    assert "2 parts, 2 presets, 3 problems" in result.stdout
+
+
+def test_plugins_name_shows_one_part_or_preset_in_detail(registry):
+    part = CliRunner().invoke(cli.app, ["plugins", "distance_test"], env={"COLUMNS": "200"})
+    assert part.exit_code == 0, part.output
+    assert "decode distance_test" in part.stdout and "cli-test-pkg" in part.stdout
+    assert "offset: int = -25 — drop index relative to the end of the prompt" in part.stdout
+    assert "evict" not in part.stdout  # only the part asked for
+    preset = CliRunner().invoke(cli.app, ["plugins", "dist_preset"], env={"COLUMNS": "200"})
+    assert preset.exit_code == 0 and "preset dist_preset" in preset.stdout and "ratio: 0.2" in preset.stdout
+    missing = CliRunner().invoke(cli.app, ["plugins", "distance_tset"])
+    assert missing.exit_code == 2 and "did you mean 'distance_test'?" in missing.stderr
+
+
+def test_plugins_kind_filters_and_rejects_unknown_kinds(registry):
+    result = CliRunner().invoke(cli.app, ["plugins", "--kind", "reducer"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    rows = _visible_lines(result.stdout)[1:-2]
+    assert [r.split()[:2] for r in rows] == [["reducer", "evict"]]
+    data = json.loads(CliRunner().invoke(cli.app, ["plugins", "--kind", "decode", "--json"]).stdout)
+    assert [p["name"] for p in data["parts"]] == ["distance_test"]
+    bad = CliRunner().invoke(cli.app, ["plugins", "--kind", "scorer"])
+    assert bad.exit_code == 2 and "--kind: 'scorer' is not a kind of part; allowed: encode, decode" in bad.stderr
+
+
+def test_real_plugins_listing_fits_80_columns():
+    """The installed registry through the real entry point: one line per part and preset, none over 80 columns."""
+    exe = os.path.join(os.path.dirname(sys.executable), "kvpolicy")
+    env = {**os.environ, "COLUMNS": "80"}
+    done = subprocess.run([exe, "plugins"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(subprocess.run([exe, "plugins", "--json"], capture_output=True, text=True, timeout=300).stdout)
+    lines = _visible_lines(done.stdout)
+    assert all(len(line) <= 80 for line in lines), max(lines, key=len)
+    expected = len(data["parts"]) + len(data["presets"]) + len(data["problems"])
+    rows = [line for line in lines if not line.startswith("    ")]  # indented: a problem's wrapped message
+    assert len(rows) == 1 + expected + 2  # header, one line each, two footer lines
+    for part in data["parts"]:
+        assert any(line.split()[:2] == [part["kind"], part["name"]] and part["source"] in line for line in lines)

@@ -55,7 +55,6 @@ _EXPORTS: dict[str, str] = {
     "LayerBytes": "spec",
     "Target": "spec",
     "budget_tokens": "spec",
-    "environment": "machine",
     "build_model": "machine",
     "resolve_policy": "policies",
     "default_policies": "policies",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -92,9 +93,8 @@ def run_table(result: EvalResult) -> Any:
     """A rich table metric / full / policy / delta for one result."""
     from rich.table import Table
 
-    spec = result.spec
     title = (
-        f"{result.policy_name} (ratio {spec.ratio if spec.ratio is not None else 'preset'}) vs full cache · "
+        f"{result.policy_name} ({budget_label(result.policy)}) vs full cache · "
         f"{result.task['name']} · {len(result.samples)} samples · {result.model.get('name')} ({result.model['dtype']})"
     )
     caption = None
@@ -149,9 +149,18 @@ def run_table(result: EvalResult) -> Any:
     return t
 
 
+def budget_label(policy_doc: dict[str, Any]) -> str:
+    """``ratio 0.574`` or ``128 tokens``: the budget a policy actually ran with (its resolved document)."""
+    if policy_doc.get("ratio") is not None:
+        return f"ratio {policy_doc['ratio']:g}"
+    if policy_doc.get("tokens") is not None:
+        return f"{policy_doc['tokens']} tokens"
+    return "budget unknown"
+
+
 def run_cli(
     policy: str = "elastic",
-    ratio: float | None = 0.8,
+    ratio: float | None = None,
     model: str = "smollm2-135m",
     task: str = "continuation",
     samples: int = 50,
@@ -163,8 +172,8 @@ def run_cli(
     **spec_fields: Any,
 ) -> EvalResult:
     """``kvpolicy run``: evaluate one policy and the full cache side by side, print a table (or the JSON) and write
-    the result file atomically. ``spec_fields`` are further :class:`EvalSpec` fields (``task_options``,
-    ``batch_size``, ``protocol``, ``threads``, ...)."""
+    the result file atomically. ``ratio=None`` keeps the policy's own budget (a preset's or a file's ratio).
+    ``spec_fields`` are further :class:`EvalSpec` fields (``task_options``, ``batch_size``, ``protocol``, ...)."""
     from rich.console import Console
 
     spec = EvalSpec(
@@ -202,7 +211,14 @@ def run_cli(
 
 # ----------------------------------------------------------------------------------------------- compare
 def cell_name(task: str, policy: str, ratio: float) -> str:
-    return f"{task}__{policy}__{ratio:g}"
+    """The cell's file stem; a label that is not a plain word (a policy's free-form ``name:``) is made one."""
+    return f"{task}__{re.sub(r'[^A-Za-z0-9_.+-]', '_', policy)}__{ratio:g}"
+
+
+def cell_ratio(doc: dict[str, Any]) -> float | None:
+    """The ratio a cell ran at: the one the grid set, else the policy's own (``compare`` without ``--ratios``)."""
+    ratio = doc["spec"]["ratio"]
+    return ratio if ratio is not None else doc["policy"].get("ratio")
 
 
 def _spec_signature(spec: EvalSpec, dtype: str | None = None) -> dict[str, Any]:
@@ -226,7 +242,7 @@ def _cell_dtype(doc: dict[str, Any]) -> str | None:
 
 def compare(
     policies: Sequence[str | tuple[str, dict[str, Any]]],
-    ratios: Sequence[float],
+    ratios: Sequence[float] | None,
     tasks: Sequence[str],
     out_dir: str | Path,
     base: dict[str, Any] | None = None,
@@ -235,26 +251,15 @@ def compare(
     task_options: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Evaluate every (task, policy, ratio) cell, one JSON file per cell in ``out_dir/cells``; returns the summary
-    (also written to ``out_dir/compare.json``). A policy is a preset name / YAML path, or a ``(label, document)``
-    pair. ``full`` is not run as a policy: its row is the full-cache side shared by all cells of a task."""
+    (also written to ``out_dir/compare.json``). A policy is a preset name / YAML path (labelled by its resolved name:
+    the preset's, or the file's ``name:`` or stem), or a ``(label, document)`` pair. ``ratios=None`` runs each policy
+    at its own ratio. ``full`` is not run as a policy: its row is the full-cache side shared by all cells of a task.
+
+    Every cell is validated (model name, task, options, policy) before anything is written or any model loads."""
     out = Path(out_dir)
-    base = dict(base or {})
-    runs = [p for p in policies if p != "full"]
-    cells: list[tuple[str, str, float, EvalSpec]] = []
-    for ratio in ratios:  # every spec is validated before anything is written
-        for task in tasks:
-            for item in runs:
-                label, pol = item if isinstance(item, tuple) else (item, item)
-                spec = EvalSpec(
-                    **{
-                        **base,
-                        "task": task,
-                        "policy": pol,
-                        "ratio": ratio,
-                        "task_options": (task_options or {}).get(task, base.get("task_options", {})),
-                    }
-                )
-                cells.append((label, task, ratio, spec))
+    from .preflight import plan_cells
+
+    cells = plan_cells(policies, ratios, tasks, dict(base or {}), task_options)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     for label, task, ratio, spec in cells:
         path = out / "cells" / f"{cell_name(task, label, ratio)}.json"
@@ -277,7 +282,8 @@ def compare(
                 f"kept {m.kept_tokens_prefill:.1f}/{m.prompt_tokens:.1f} "
                 f"{time.perf_counter() - t0:.1f}s"
             )
-    summary = summarize(out, policies, ratios, tasks)
+    labels = ["full", *dict.fromkeys(label for label, _, _, _ in cells)]
+    summary = summarize(out, labels, sorted({r for _, _, r, _ in cells}), tasks)
     write_json_atomic(out / "compare.json", summary)
     return summary
 
@@ -293,7 +299,7 @@ def summarize(
     meta: dict[str, Any] = {}
     for path in sorted(Path(out_dir, "cells").glob("*.json")):
         doc = json.loads(path.read_text())
-        task, pol, ratio = doc["task"]["name"], doc["spec"]["policy"], doc["spec"]["ratio"]
+        task, pol, ratio = doc["task"]["name"], doc["spec"]["policy"], cell_ratio(doc)
         if tasks is not None and task not in tasks:
             continue
         if ratios is not None and ratio not in ratios:
@@ -522,7 +528,7 @@ def _split(text: str | Sequence[Any], cast: Callable[[str], Any]) -> list[Any]:
 
 def compare_cli(
     policies: str | Sequence[str] = "full,local,h2o,elastic",
-    ratios: str | Sequence[float] = "0.5,0.8,0.9",
+    ratios: str | Sequence[float] | None = None,
     model: str = "smollm2-135m",
     task: str | Sequence[str] = "continuation",
     samples: int = 50,
@@ -537,12 +543,17 @@ def compare_cli(
 ) -> dict[str, Any]:
     """``kvpolicy compare``: a quality-vs-budget grid. Prints one table per task and metric (value and 95% bootstrap
     CI per cell), writes ``out_dir/cells/*.json`` (one per cell, resumable), ``out_dir/compare.json`` and, with
-    ``plot``, ``out_dir/<task>_<metric>.png`` (one curve per policy)."""
+    ``plot``, ``out_dir/<task>_<metric>.png`` (one curve per policy). ``ratios=None``: each policy at its own ratio."""
     from rich.console import Console
 
     console = console or Console(stderr=as_json)
     pols = _split(policies, str)
-    rats = _split(ratios, float)
+    try:
+        rats = None if ratios is None else _split(ratios, float)
+    except ValueError as exc:
+        from ..config import ConfigError, ConfigIssue
+
+        raise ConfigError(ConfigIssue("ratios", f"expected comma-separated numbers in [0, 1), got {ratios!r}")) from exc
     tasks = _split(task, str)
     base = {"model": model, "samples": samples, "seed": seed, "quiet": quiet or as_json, **spec_fields}
     log = None if (quiet or as_json) else (lambda line: console.print(line))
@@ -564,6 +575,8 @@ __all__ = [
     "compare",
     "compare_cli",
     "compare_tables",
+    "budget_label",
+    "cell_ratio",
     "load_result",
     "markdown_tables",
     "paired_difference",

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
-import importlib.metadata
 import json
 import math
 import time
@@ -32,12 +31,13 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from .. import provenance
 from ..core.cache import PolicyCache
 from ..core.layer import PolicyLayer
 from ..core.policy import GENERATED, IMAGE, TEXT, CachePolicy
 from . import metrics as M
 from .reference import Reference, ReferenceStore, model_fingerprint
-from .tasks import Sample, get_task, text_tokenizer
+from .tasks import Sample, text_tokenizer
 
 
 # ================================================================================================== errors
@@ -910,18 +910,6 @@ def running_estimates(samples: Sequence[SampleResult]) -> dict[str, float]:
 
 
 # ================================================================================================== evaluate
-def environment(device: str) -> dict[str, Any]:
-    from ..bench import environment as bench_environment
-
-    env = bench_environment(device)
-    for dist in ("rouge-score", "numpy", "pydantic"):
-        try:
-            env["packages"][dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            env["packages"][dist] = None
-    return env
-
-
 def _progress(quiet: bool):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -967,25 +955,22 @@ def _evaluate(spec, callback, model, tokenizer, samples, policy, policy_ratio0) 
     from ..hardware import dtype_name
     from ..models import cache_root, model_info
 
+    from .preflight import prepare
+
+    ready = prepare(
+        spec, check_model=model is None, need_task=samples is None, policy=policy, policy_ratio0=policy_ratio0
+    )
+    policy, policy_ratio0 = ready.policy, ready.policy_ratio0
     if model is None:
         model, tokenizer = load_eval_model(spec.model, spec.dtype, spec.device)
     attach(model, backend=spec.backend)
     task_info: dict[str, Any] = {"name": spec.task}
     if samples is None:
-        task = get_task(spec.task)
-        opts = task.options(spec.task_options)
-        task_info["options"] = opts.model_dump()
-        samples = task.load(tokenizer, spec.samples, spec.seed, opts)
+        task_info["options"] = ready.options.model_dump()
+        samples = ready.task.load(tokenizer, spec.samples, spec.seed, ready.options)
     else:
         samples = list(samples)[: spec.samples]
         task_info["options"] = dict(spec.task_options)
-    if policy is None:
-        policy = build_policy(spec.policy, spec.ratio, spec.overrides)
-    if policy_ratio0 is None and spec.check_ratio0:
-        if isinstance(spec.policy, (str, dict)) and policy.spec is not None:
-            policy_ratio0 = build_policy(spec.policy, 0.0, spec.overrides)
-        else:
-            raise EvalError("a policy passed as an object needs policy_ratio0 for the ratio-0 check")
     ctx = make_context(model, tokenizer, spec.kl_topk)
     fingerprint = model_fingerprint(model, spec.model)
     settings = {
@@ -1045,7 +1030,7 @@ def _evaluate(spec, callback, model, tokenizer, samples, policy, policy_ratio0) 
         policy=policy_document(policy),
         task=task_info,
         model={**model_info(model), "name": spec.model, "fingerprint": fingerprint, "dtype": str(model.dtype)},
-        environment=environment(spec.device),
+        environment=provenance.environment(spec.device),
         full=side_metrics(final, "full", spec.bootstrap, seed),
         policy_metrics=side_metrics(final, "policy", spec.bootstrap, seed),
         delta=deltas(final, spec.bootstrap, seed),
