@@ -4,9 +4,9 @@ For one layer of the bench's default shape (12 query / 4 kv heads, head_dim 64, 
 this prints the median wall time of:
 
 * ``sdpa``      -- what a full-cache prefill runs for the layer's outputs (causal, GQA);
-* ``stats``     -- :func:`kvpolicy.attention.attention_received` on the uncompressed layer (causal-prefix path):
+* ``stats``     -- :func:`kvpolicy.core.kernels.attention_received` on the uncompressed layer (causal-prefix path):
                    what a layer that keeps everything but still needs statistics pays on top of ``sdpa``;
-* ``fused``     -- :func:`kvpolicy.attention.attention_with_received`: outputs and statistics in one pass, what a
+* ``fused``     -- :func:`kvpolicy.core.kernels.attention_with_received`: outputs and statistics in one pass, what a
                    compressing layer runs *instead of* ``sdpa``;
 * ``layer``     -- one whole decoder layer of the full cache (attention + MLP + norms), so the overhead can be read
                    as a fraction of the prefill: ``(fused - sdpa) / layer``.
@@ -24,7 +24,7 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-from kvpolicy.attention import attention_received, attention_with_received
+from kvpolicy.core.kernels import attention_received, attention_with_received
 
 
 def median_time(fn, repeats: int) -> float:

@@ -10,17 +10,17 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the names below, for type checkers and IDEs; at run time they load on first use
-    from .cache import PolicyCache, PolicyLayer, UnsupportedModelError
-    from .engine import attach, check_model, make_cache
+    from .core.budget import Budget, BudgetAllocator
+    from .core.cache import PolicyCache, UnsupportedModelError
+    from .core.engine import attach, check_model, make_cache
+    from .core.layer import PolicyLayer
     from .models import load_model
-    from .partcheck import PartError
-    from .policy import (
+    from .core.partcheck import PartError
+    from .core.policy import (
         GENERATED,
         IMAGE,
         TEXT,
         AttentionStat,
-        Budget,
-        BudgetAllocator,
         CachePolicy,
         DecodeScorer,
         EncodeScorer,
@@ -28,16 +28,18 @@ if TYPE_CHECKING:  # the names below, for type checkers and IDEs; at run time th
         Reducer,
         Reduction,
     )
-    from .reuse import CacheReuseError
-    from .selection import ranked_slots, select_top
+    from .core.reuse import CacheReuseError
+    from .core.selection import ranked_slots, select_top
 
 #: public name -> the submodule defining it. Imported lazily (PEP 562) because these modules import torch and
 #: transformers (seconds), and the command line imports this package just to answer ``--help``.
 _LAZY = {
-    **dict.fromkeys(("PolicyCache", "PolicyLayer", "UnsupportedModelError"), "cache"),
-    **dict.fromkeys(("attach", "check_model", "make_cache"), "engine"),
-    "PartError": "partcheck",
-    "CacheReuseError": "reuse",
+    **dict.fromkeys(("PolicyCache", "UnsupportedModelError"), "core.cache"),
+    "PolicyLayer": "core.layer",
+    **dict.fromkeys(("attach", "check_model", "make_cache"), "core.engine"),
+    "PartError": "core.partcheck",
+    "CacheReuseError": "core.reuse",
+    **dict.fromkeys(("Budget", "BudgetAllocator"), "core.budget"),
     "load_model": "models",
     **dict.fromkeys(
         (
@@ -45,8 +47,6 @@ _LAZY = {
             "IMAGE",
             "TEXT",
             "AttentionStat",
-            "Budget",
-            "BudgetAllocator",
             "CachePolicy",
             "DecodeScorer",
             "EncodeScorer",
@@ -54,9 +54,9 @@ _LAZY = {
             "Reducer",
             "Reduction",
         ),
-        "policy",
+        "core.policy",
     ),
-    **dict.fromkeys(("ranked_slots", "select_top"), "selection"),
+    **dict.fromkeys(("ranked_slots", "select_top"), "core.selection"),
 }
 
 __version__ = "0.1.0"

@@ -57,7 +57,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic.fields import FieldInfo
 
 from .hookspecs import PartSpec
-from .policy import Budget, BudgetAllocator, CachePolicy, DecodeScorer, EncodeScorer, Reducer
+from .core.policy import Budget, BudgetAllocator, CachePolicy, DecodeScorer, EncodeScorer, Reducer
 from .registry import KINDS, Registry, UnknownPartError, field_choices, field_range, get_registry, type_name
 from .sinks import SinksResolution, resolve_sinks, sinks_params
 

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from .engine import attach, make_cache
-from .policy import CachePolicy
+from .core.engine import attach, make_cache
+from .core.policy import CachePolicy
 
 
 @dataclass

@@ -7,8 +7,8 @@ their merge math and two whole scorers. When these lived in ``plugins/evict.py``
 plugin imported another plugin; now each plugin module is one method and imports its shared pieces from here.
 Third-party plugins may use them too (``from kvpolicy.parts import sinks, recent, protect``).
 
-This module imports only kvpolicy's core data types (:mod:`kvpolicy.policy`, :mod:`kvpolicy.selection`), never the
-evaluation, sweep, bench or CLI layers, so a plugin that uses it pulls in nothing but what the engine needs.
+This module imports only kvpolicy's core data types (:mod:`kvpolicy.core.policy`, :mod:`kvpolicy.core.selection`),
+never the evaluation, sweep, bench or CLI layers, so a plugin that uses it pulls in nothing but what the engine needs.
 
 * scores, windows, protection: :func:`heads`, :func:`full_shape`, :func:`sinks`, :func:`recent`, :func:`protect`,
   :func:`protect_text`, :func:`check_attention`;
@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from kvpolicy.policy import IMAGE, TEXT, AttentionStat, LayerView, Reduction
-from kvpolicy.selection import ranked_slots, sort_by_position
+from kvpolicy.core.policy import IMAGE, TEXT, AttentionStat, LayerView, Reduction
+from kvpolicy.core.selection import ranked_slots, sort_by_position
 
 INF = float("inf")
 

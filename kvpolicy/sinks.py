@@ -2,8 +2,8 @@
 (e.g. Elastic's ``anchor_merge.start_size``) become one number.
 
 Why: a decode scorer has to know which first tokens the reducer protected, or it may evict them (Elastic Cache's
-frozen drop index fell onto the BOS sink for short prompts). :attr:`kvpolicy.policy.CachePolicy.sinks` is that number
-and every part reads it as ``view.sinks``. A part parameter that means the same thing marks itself with
+frozen drop index fell onto the BOS sink for short prompts). :attr:`kvpolicy.core.policy.CachePolicy.sinks` is that
+number and every part reads it as ``view.sinks``. A part parameter that means the same thing marks itself with
 ``json_schema_extra={POLICY_SINKS: True}``; resolution (:func:`resolve_sinks`) then fills it from the policy's
 ``sinks`` or checks it against it, so the two can never disagree.
 

@@ -1,7 +1,7 @@
 """Test helpers for kvpolicy and for plugin authors: tiny random models, random layer views, trivial policies.
 
 Why a module (as ``optuna.testing``): kvpolicy's own tests and a third-party plugin's tests need the same pieces — a
-tiny GQA model that runs in a second on a CPU, a random :class:`~kvpolicy.policy.LayerView` with the awkward cases
+tiny GQA model that runs in a second on a CPU, a random :class:`~kvpolicy.core.policy.LayerView` with the awkward cases
 (left padding, freed slots, shuffled slots, per-head layouts, mixed TEXT / IMAGE entries, tied scores) to compare a
 part against a naive reference, and a policy whose effect is trivial to rebuild by hand. Nothing here imports pytest.
 
@@ -18,8 +18,8 @@ from typing import Literal
 
 import torch
 
-from kvpolicy.policy import IMAGE, TEXT, AttentionStat, Budget, CachePolicy, LayerView, Reduction
-from kvpolicy.selection import select_top
+from kvpolicy.core.policy import IMAGE, TEXT, AttentionStat, Budget, CachePolicy, LayerView, Reduction
+from kvpolicy.core.selection import select_top
 
 # ===================================================================================================== tiny models
 
@@ -208,8 +208,8 @@ class FirstLast:
 
 
 class PlainEvict:
-    """Trivial reducer: the ``evict`` plugin's rule (:func:`kvpolicy.selection.select_top`) without the plugin, so a
-    core test does not depend on which plugins are installed."""
+    """Trivial reducer: the ``evict`` plugin's rule (:func:`kvpolicy.core.selection.select_top`) without the plugin, so
+    a core test does not depend on which plugins are installed."""
 
     def reduce(self, view: LayerView, scores: torch.Tensor, keep: torch.Tensor) -> Reduction:
         return select_top(view, scores, keep)

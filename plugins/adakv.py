@@ -30,8 +30,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from kvpolicy.hookspecs import PartSpec, PresetSpec, hookimpl
-from kvpolicy.policy import LayerView, Reduction
-from kvpolicy.selection import ranked_slots, sort_by_position
+from kvpolicy.core.policy import LayerView, Reduction
+from kvpolicy.core.selection import ranked_slots, sort_by_position
 
 PAPER = 'Feng et al., 2024, "Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation"'
 

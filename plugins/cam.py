@@ -20,8 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kvpolicy.hookspecs import PartSpec, PresetSpec, hookimpl
 from kvpolicy.parts import ATTENTION_SUM, build, victim_mask
-from kvpolicy.policy import LayerView, Reduction
-from kvpolicy.selection import select_top
+from kvpolicy.core.policy import LayerView, Reduction
+from kvpolicy.core.selection import select_top
 
 PAPER = 'Zhang et al., ICML 2024, "CaM: Cache Merging for Memory-efficient LLMs Inference"'
 

@@ -41,7 +41,7 @@ from kvpolicy.parts import (
     row_mean,
     victim_mask,
 )
-from kvpolicy.policy import LayerView, Reduction
+from kvpolicy.core.policy import LayerView, Reduction
 
 PAPER = 'Wan et al., 2024, "D2O: Dynamic Discriminative Operations for Efficient Generative Inference of LLMs"'
 

@@ -1,7 +1,7 @@
 """Eviction: the ``evict`` reducer and the ``full`` preset.
 
 * ``evict`` (reducer): keep the ``keep`` best-scored valid entries of each row and kv head
-  (:func:`kvpolicy.selection.select_top`: ties go to the older position, invalid slots are never kept), gather them
+  (:func:`kvpolicy.core.selection.select_top`: ties go to the older position, invalid slots are never kept), gather them
   as they are.
 * ``full`` (preset): no encode and no decode scorer, ratio 0. The engine compresses nothing when a policy has no
   encode scorer and drops nothing when it has no decode scorer, so this is the uncompressed baseline run through the
@@ -20,8 +20,8 @@ from pydantic import BaseModel, ConfigDict
 
 from kvpolicy.hookspecs import PartSpec, PresetSpec, hookimpl
 from kvpolicy.parts import build
-from kvpolicy.policy import LayerView, Reduction
-from kvpolicy.selection import select_top
+from kvpolicy.core.policy import LayerView, Reduction
+from kvpolicy.core.selection import select_top
 
 
 # ===================================================================================================== evict

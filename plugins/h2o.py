@@ -33,7 +33,7 @@ from kvpolicy.parts import (
     protect_text,
     recent,
 )
-from kvpolicy.policy import AttentionStat, LayerView
+from kvpolicy.core.policy import AttentionStat, LayerView
 
 PAPER = 'Zhang et al., NeurIPS 2023, "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of LLMs"'
 

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kvpolicy.hookspecs import PartSpec, PresetSpec, hookimpl
 from kvpolicy.parts import build, heads, protect_text
-from kvpolicy.policy import AttentionStat, LayerView
+from kvpolicy.core.policy import AttentionStat, LayerView
 
 PAPER = 'Devoto et al., EMNLP 2024, "A Simple and Effective L2 Norm-Based Strategy for KV Cache Compression"'
 

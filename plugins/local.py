@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kvpolicy.hookspecs import PartSpec, PresetSpec, hookimpl
 from kvpolicy.parts import PROMPT_ATTENTION, STEP_ATTENTION, AttentionAccumulator, build, protect, sinks
-from kvpolicy.policy import AttentionStat, LayerView
+from kvpolicy.core.policy import AttentionStat, LayerView
 
 PAPER = 'Xiao et al., ICLR 2024, "Efficient Streaming Language Models with Attention Sinks"'
 

@@ -42,7 +42,7 @@ from kvpolicy.parts import (
     row_mean,
     victim_mask,
 )
-from kvpolicy.policy import LayerView, Reduction
+from kvpolicy.core.policy import LayerView, Reduction
 
 PAPER = (
     'Wan et al., Findings of EMNLP 2024, "LOOK-M: Look-Once Optimization in KV Cache for Efficient Multimodal '

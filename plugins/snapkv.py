@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kvpolicy.hookspecs import PartSpec, PresetSpec, hookimpl
 from kvpolicy.parts import build, check_attention, heads, protect, protect_text, recent
-from kvpolicy.policy import AttentionStat, LayerView
+from kvpolicy.core.policy import AttentionStat, LayerView
 
 PAPER = 'Li et al., NeurIPS 2024, "SnapKV: LLM Knows What You are Looking for Before Generation"'
 

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kvpolicy.hookspecs import PartSpec, PresetSpec, hookimpl
 from kvpolicy.parts import STEP_ATTENTION, build, check_attention, heads, protect_text
-from kvpolicy.policy import AttentionStat, LayerView
+from kvpolicy.core.policy import AttentionStat, LayerView
 
 PAPER = 'Oren et al., EMNLP 2024, "Transformers are Multi-State RNNs"'
 

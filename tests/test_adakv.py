@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import kvpolicy
-from kvpolicy.buckets import partition
+import kvpolicy.core.layer
+from kvpolicy.core.buckets import BucketedStorage, partition
 from kvpolicy.config import load_policy
 from kvpolicy.testing import PAD, make_batch
 from kvpolicy_plugins.adakv import AdaKVReducer
@@ -116,14 +117,14 @@ def test_adakv_holds_its_budget_bytes_and_attends_like_the_padded_layout(monkeyp
         prompt_held = held - 5
         assert prompt_held.sum(-1).tolist() == (8 * keep).tolist()
         assert (prompt_held.amax(-1) > prompt_held.amin(-1)).any()  # budgets really differ per head
-        bucketed += layer.buckets is not None
+        bucketed += isinstance(layer.storage, BucketedStorage)
         for r, p in enumerate(pads):
             for h in range(8):
                 assert min(layer.kept_positions(r, h)) >= p  # pads never kept
     assert bucketed == len(cache.policy_layers)
 
     # the same policy in the padded layout (no buckets): identical logits
-    monkeypatch.setattr(kvpolicy.cache.PolicyLayer, "_maybe_bucket", lambda self: None)
+    monkeypatch.setattr(kvpolicy.core.layer, "bucketed_if_uneven", lambda storage: storage)
     padded_out, padded_cache = run()
     for a, b in zip(out.logits, padded_out.logits):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
@@ -143,3 +144,32 @@ def test_adakv_bytes_right_after_prefill_are_within_five_percent_of_the_budget()
     for layer in cache.policy_layers:
         assert int(layer.held().sum()) == budget_entries
         assert layer.nbytes() <= 1.05 * budget_entries * 2 * 16 * 4
+
+
+def test_bucketed_layers_shift_new_tokens_like_padded_ones_under_compressed_positions(monkeypatch):
+    """With ``compressed_positions`` (new tokens at the compressed length) a bucketed layer rotates its new keys by the
+    same shift as its queries, exactly as the padded layout does: both layouts give the same logits. (Before the
+    storage split the bucketed branch of ``update()`` skipped the key rotation while the attention function still
+    rotated the queries.)"""
+    import dataclasses
+
+    model = _wide_model()
+    kvpolicy.attach(model)
+    batch = make_batch(2, 48, [0, 5], seed=13)
+    base = load_policy({"preset": "adakv", "ratio": 0.75, "encode": {"window": 4}})
+    policy = dataclasses.replace(base, compressed_positions=True)
+
+    def run():
+        cache = kvpolicy.make_cache(model, policy)
+        out = model.generate(**batch, past_key_values=cache, max_new_tokens=5, min_new_tokens=5, do_sample=False,
+                             pad_token_id=PAD, output_logits=True, return_dict_in_generate=True)
+        return out, cache
+
+    out, cache = run()
+    assert all(isinstance(layer.storage, BucketedStorage) for layer in cache.policy_layers)
+    assert bool((cache.policy_layers[0].shift.delta != 0).all())  # the shift is real
+    monkeypatch.setattr(kvpolicy.core.layer, "bucketed_if_uneven", lambda storage: storage)
+    padded_out, padded_cache = run()
+    assert not any(isinstance(layer.storage, BucketedStorage) for layer in padded_cache.policy_layers)
+    for a, b in zip(out.logits, padded_out.logits):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)

@@ -44,7 +44,7 @@ import kvpolicy
 from kvpolicy import TEXT, AttentionStat, Budget, CachePolicy, LayerView
 from kvpolicy.hookspecs import PartSpec, PresetSpec
 from kvpolicy.parts import ATTENTION_SUM
-from kvpolicy.selection import ranked_slots
+from kvpolicy.core.selection import ranked_slots
 from kvpolicy.testing import make_view
 
 MODULES = [evict_mod, local_mod, h2o_mod, tova_mod, snapkv_mod, knorm_mod, random_mod, pyramid_mod, cam_mod]

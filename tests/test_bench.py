@@ -145,10 +145,12 @@ def test_cache_bytes_matches_live_tensors():
         model(input_ids=ids, past_key_values=cache, use_cache=True)
         model(input_ids=ids, past_key_values=full, use_cache=True)
     got = cache_bytes(cache)
+    # right after the prefill reduction the buffers are exactly the used slots, which transformers sees as keys/values
+    assert all(layer.capacity == layer.length for layer in cache.policy_layers)
     assert (
         got.total_alloc
         == cache.nbytes()
-        == sum(layer._k.nbytes + layer._v.nbytes for layer in cache.policy_layers)
+        == sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.policy_layers)
     )
     assert [lb.held for lb in got.layers] == [
         layer.held().tolist() for layer in cache.policy_layers
@@ -312,7 +314,7 @@ class _FakeCost:
 
 
 def test_planner_keeps_priorities_within_the_budget():
-    from kvpolicy.policy import AttentionStat
+    from kvpolicy.core.policy import AttentionStat
 
     needs = {
         "local": frozenset(),

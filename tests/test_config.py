@@ -20,7 +20,7 @@ from kvpolicy.config import (
     resolve_policy,
 )
 from kvpolicy.hookspecs import PartSpec, PresetSpec, hookimpl
-from kvpolicy.policy import CachePolicy, Reduction
+from kvpolicy.core.policy import CachePolicy, Reduction
 from kvpolicy.registry import Registry
 
 

@@ -89,7 +89,7 @@ def naive_frequency(query, key, valid, per_head, normalize):
 @pytest.mark.parametrize("per_head", [False, True])
 @pytest.mark.parametrize("normalize", [False, True])
 def test_frequency_matches_naive(per_head, normalize):
-    from kvpolicy.attention import attention_received
+    from kvpolicy.core.kernels import attention_received
 
     torch.manual_seed(0)
     b, hq, h, p, d = 3, 4, 2, 13, 8  # GQA: 4 query heads on 2 kv heads

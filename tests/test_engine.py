@@ -225,7 +225,7 @@ def naive_attention_received(query, key, valid_keys, pads, window):
 @pytest.mark.parametrize("chunk", [1, 7, 1 << 20])
 @pytest.mark.parametrize("prefix", [None, 0])
 def test_attention_received_matches_naive(window, chunk, prefix):
-    from kvpolicy.attention import attention_received
+    from kvpolicy.core.kernels import attention_received
 
     torch.manual_seed(0)
     b, hq, h, q, d = 3, 4, 2, 11, 8
@@ -259,7 +259,7 @@ def test_causal_prefix_statistics_equal_the_general_masked_ones(window, chunk, p
     """The fast path for uncompressed layers (keys after a chunk's last query skipped, diagonal-block mask) against
     the general per-slot masked path, for a query block that follows earlier columns (a second prefill chunk) and
     for left padding that covers keys and queries."""
-    from kvpolicy.attention import attention_received
+    from kvpolicy.core.kernels import attention_received
 
     torch.manual_seed(1)
     b, hq, h, p, q, d, first = 2, 6, 2, 23, 9, 8, 5  # slots hold columns 5..27; queries are the last 9 columns
@@ -284,7 +284,7 @@ def test_one_pass_outputs_and_statistics_equal_sdpa_and_the_naive_loop(chunk, pa
     """The fused prefill path: outputs equal SDPA under transformers-style causal + padding masking (real query
     rows), statistics equal the naive loop, for GQA, left padding (keys and queries) and a query block that follows
     earlier columns."""
-    from kvpolicy.attention import attention_received, attention_with_received
+    from kvpolicy.core.kernels import attention_received, attention_with_received
 
     torch.manual_seed(2)
     b, hq, h, p, q, d = 2, 6, 2, 17, 12, 8  # the queries are the last 12 of 17 slots
@@ -316,7 +316,7 @@ def test_one_pass_outputs_and_statistics_equal_sdpa_and_the_naive_loop(chunk, pa
 def test_one_block_decode_outputs_and_statistics_equal_the_separate_paths(q, holes):
     """Decode steps on a compressed layer: slots out of column order, some invalid, a padding query row. Outputs
     equal grouped_attention's, statistics equal attention_received's (itself checked against the naive loop)."""
-    from kvpolicy.attention import attention_received, grouped_attention, masked_attention_with_received
+    from kvpolicy.core.kernels import attention_received, grouped_attention, masked_attention_with_received
 
     torch.manual_seed(3)
     b, hq, h, p, d = 2, 6, 2, 15, 8
@@ -426,12 +426,12 @@ def test_llava_image_positions_are_typed_in_the_cache():
     model.generate(**batch, past_key_values=cache, max_new_tokens=3, min_new_tokens=3, **GEN)
     layer = cache.policy_layers[0]
     for r, p in enumerate(pads):
-        v = layer._valid[r, 0, : layer.length]
-        types = layer._types[r, 0, : layer.length][v].tolist()
+        v = layer.valid[r, 0]
+        types = layer.token_types[r, 0][v].tolist()
         assert types.count(kvpolicy.IMAGE) == LLAVA_IMAGE_TOKENS
         assert types[-2:] == [kvpolicy.GENERATED] * 2
         first_image = p + 2
-        pos = layer._pos[r, 0, : layer.length][v].tolist()
+        pos = layer.positions[r, 0][v].tolist()
         assert [t for t, c in zip(types, pos) if first_image <= c < first_image + LLAVA_IMAGE_TOKENS] == [
             kvpolicy.IMAGE
         ] * LLAVA_IMAGE_TOKENS
@@ -459,7 +459,7 @@ def test_compressed_positions_switch_matches_physical_position_ids(pads):
 
 
 def test_lowest_slot_equals_the_head_of_the_full_ranking():
-    from kvpolicy.selection import lowest_slot, ranked_slots
+    from kvpolicy.core.selection import lowest_slot, ranked_slots
 
     g = torch.Generator().manual_seed(0)
     for trial in range(50):
@@ -480,7 +480,7 @@ def test_lowest_slot_equals_the_head_of_the_full_ranking():
 def test_causal_prefix_blocks_take_min_rows_but_never_exceed_the_block_cap(monkeypatch):
     """Thin blocks are widened to MIN_CHUNK_ROWS rows, but a large batch x heads x keys falls back to the element
     bound: no block beyond MAX_CHUNK_ELEMENTS (unless a single row already is)."""
-    from kvpolicy import attention as A
+    from kvpolicy.core import kernels as A
 
     b, hq, h, n, d = 2, 4, 2, 64, 8
     query, key = torch.randn(b, hq, n, d), torch.randn(b, h, n, d)
@@ -489,7 +489,7 @@ def test_causal_prefix_blocks_take_min_rows_but_never_exceed_the_block_cap(monke
 
     def sizes(cap: int) -> list[int]:
         monkeypatch.setattr(A, "MAX_CHUNK_ELEMENTS", cap)
-        blocks = A._causal_prefix_blocks(query, key, valid, qvalid, 0.3, 0, 0, per_row // 2, 32)
+        blocks = A.causal_prefix_blocks(query, key, valid, qvalid, 0.3, 0, 0, per_row // 2, 32)
         return [i1 - i0 for i0, i1, _, _ in blocks]
 
     assert sizes(per_row * 64) == [32, 32]  # widened from the 1 row the element bound allows

@@ -14,7 +14,7 @@ from kvpolicy.testing import make_view
 
 ROOT = Path(__file__).resolve().parents[1]
 #: the core modules kvpolicy.parts and kvpolicy.testing may build on (never eval, sweep, bench or the CLI)
-CORE = {"kvpolicy.policy", "kvpolicy.selection", "kvpolicy.hookspecs"}
+CORE = {"kvpolicy.core.policy", "kvpolicy.core.budget", "kvpolicy.core.selection", "kvpolicy.hookspecs"}
 
 
 def _imports(path: Path) -> list[tuple[int, str]]:

@@ -37,7 +37,7 @@ from kvpolicy import GENERATED, IMAGE, TEXT, AttentionStat, LayerView, testing
 from kvpolicy import parts as parts_mod
 from kvpolicy.config import load_policy
 from kvpolicy.parts import ATTENTION_SUM, AccumulatedAttention, HeavyRecentDecode
-from kvpolicy.selection import ranked_slots
+from kvpolicy.core.selection import ranked_slots
 from kvpolicy.testing import IMAGE_TOKEN, PAD, build_model, make_batch
 
 E = math.e
@@ -593,9 +593,9 @@ def check_types_and_pads(cache, batch) -> None:
         n = layer.length
         for r, p in enumerate(PADS):
             for h in range(2):
-                valid = layer._valid[r, h, :n]
-                pos = layer._pos[r, h, :n][valid].tolist()
-                types = layer._types[r, h, :n][valid].tolist()
+                valid = layer.valid[r, h, :n]
+                pos = layer.positions[r, h, :n][valid].tolist()
+                types = layer.token_types[r, h, :n][valid].tolist()
                 assert min(pos) >= p  # never a pad column
                 for c, t in zip(pos, types):
                     want = GENERATED if c >= LENGTH else (IMAGE if int(ids[r, c]) == IMAGE_TOKEN else TEXT)
@@ -666,12 +666,12 @@ def test_llava_prefill_cache_holds_the_merged_tensors(llava):
         for (b, h), res in want.items():
             by_pos = {int(view.positions[b, h, s]): kv for s, kv in res.items()}
             n = layer.length
-            valid = layer._valid[b, h, :n]
-            assert sorted(layer._pos[b, h, :n][valid].tolist()) == sorted(by_pos)
+            valid = layer.valid[b, h, :n]
+            assert sorted(layer.positions[b, h, :n][valid].tolist()) == sorted(by_pos)
             for j in torch.nonzero(valid).flatten().tolist():
-                k, v = by_pos[int(layer._pos[b, h, j])]
-                torch.testing.assert_close(layer._k[b, h, j], torch.tensor(k), atol=1e-6, rtol=1e-6)
-                torch.testing.assert_close(layer._v[b, h, j], torch.tensor(v), atol=1e-6, rtol=1e-6)
+                k, v = by_pos[int(layer.positions[b, h, j])]
+                torch.testing.assert_close(layer.keys[b, h, j], torch.tensor(k), atol=1e-6, rtol=1e-6)
+                torch.testing.assert_close(layer.values[b, h, j], torch.tensor(v), atol=1e-6, rtol=1e-6)
 
 
 # ============================================================================================== registration

@@ -18,7 +18,7 @@ from conftest import PAD, build_model, make_batch
 from kvpolicy import PartError, Reduction, select_top
 from kvpolicy.config import PolicyConfigError, load_policy
 from kvpolicy.hookspecs import ENTRY_POINT_GROUP, PartSpec, hookimpl
-from kvpolicy.partcheck import all_finite, has_nan
+from kvpolicy.core.partcheck import all_finite, has_nan
 from kvpolicy.registry import Registry, UnknownPartError
 
 PACKAGE = "kvpolicy-myplugin"

@@ -17,7 +17,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from kvpolicy.hookspecs import ENTRY_POINT_GROUP, PartSpec, PresetSpec, hookimpl
-from kvpolicy.policy import LayerView
+from kvpolicy.core.policy import LayerView
 from kvpolicy.registry import (
     PluginProblem,
     Registry,

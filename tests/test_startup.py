@@ -64,7 +64,7 @@ def test_public_api_loads_on_first_use():
         "import sys, kvpolicy\n"
         "assert 'torch' not in sys.modules\n"
         "from kvpolicy import attach, make_cache, PolicyCache, CachePolicy, select_top\n"
-        "import kvpolicy.engine as e, kvpolicy.cache as c\n"
+        "import kvpolicy.core.engine as e, kvpolicy.core.cache as c\n"
         "assert attach is e.attach and make_cache is e.make_cache and PolicyCache is c.PolicyCache\n"
         "assert set(kvpolicy.__all__) <= set(dir(kvpolicy))\n"
         "assert all(getattr(kvpolicy, n) is not None for n in kvpolicy.__all__)\n"

@@ -179,10 +179,10 @@ def test_every_shipped_preset_runs_and_types_image_positions(family):
         cache = kvpolicy.make_cache(model, policy)
         model.generate(**batch, past_key_values=cache, max_new_tokens=4, min_new_tokens=4, **GEN)
         for layer in cache.policy_layers:
-            types = layer._types[:, :, : layer.length]
-            valid = layer._valid[:, :, : layer.length]
-            image_kept = ((types == kvpolicy.IMAGE) & valid).sum(-1)
-            assert (image_kept <= n_image).all(), name
+            for h in range(layer.held().shape[1]):  # per head: a bucketed layer has no single slot axis
+                valid, _, types = layer.slots(h)
+                image_kept = ((types == kvpolicy.IMAGE) & valid).sum(-1)
+                assert (image_kept <= n_image).all(), name
             assert int(layer.held().max()) > 0, name
 
 
@@ -227,12 +227,7 @@ def test_every_preset_holds_its_budget_and_decodes_like_a_hand_built_cache(famil
                     heads = []
                     for h in range(layer.held().shape[1]):
                         valid, pos, _ = layer.slots(h)
-                        if layer.buckets is None:
-                            k, v = layer._k[:, h, : layer.length], layer._v[:, h, : layer.length]
-                        else:
-                            bucket = next(b for b in layer.buckets if h in b.heads.tolist())
-                            i = bucket.heads.tolist().index(h)
-                            k, v = bucket.k[:, i, : bucket.length], bucket.v[:, i, : bucket.length]
+                        k, v = layer.head_kv(h)
                         heads.append((valid.clone(), pos.clone(), k.clone(), v.clone()))
                     snapshot.append(heads)
             return scores

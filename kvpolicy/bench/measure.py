@@ -30,12 +30,12 @@ def steady(times: Sequence[float]) -> list[float]:
 class Runner:
     """Measurement primitives on one model and one device.
 
-    Policy caches run through kvpolicy's attention (:func:`kvpolicy.engine.attach`); the full cache runs through
+    Policy caches run through kvpolicy's attention (:func:`kvpolicy.core.engine.attach`); the full cache runs through
     transformers' plain ``sdpa``, as a user without kvpolicy would run it. The runner switches between the two and
     remembers which one is set."""
 
     def __init__(self, spec: BenchSpec, model: Any, log: Callable[[str], None]):
-        from .. import engine
+        from ..core import engine
 
         self.spec = spec
         self.model = model
@@ -63,7 +63,7 @@ class Runner:
 
     def use(self, policy: Any | None) -> None:
         """kvpolicy's attention for a policy cache, transformers' ``sdpa`` for the full cache."""
-        from .. import engine
+        from ..core import engine
 
         want = policy is not None
         if want == self.policy_attention:
@@ -79,7 +79,7 @@ class Runner:
     def new_cache(self, policy: Any | None):
         from transformers import DynamicCache
 
-        from ..engine import make_cache
+        from ..core.engine import make_cache
 
         self.use(policy)
         if policy is None:

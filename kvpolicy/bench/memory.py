@@ -89,7 +89,7 @@ def _status_kib(key: str) -> int | None:
 def _promised(layer: Any, generated: int) -> torch.Tensor:
     """Entries per row and kv head that the policy's budget rule lets this layer hold after ``generated`` decode
     steps (int64 [B, H]): the prefill keep grown by one entry per step, less what the budget's own
-    :meth:`~kvpolicy.policy.Budget.decode_excess` would drop from that holding."""
+    :meth:`~kvpolicy.core.budget.Budget.decode_excess` would drop from that holding."""
     held = layer.held()
     keep = layer.prefill_keep
     if keep is None:  # not prefilled
@@ -106,7 +106,7 @@ def _empty(i: int) -> LayerBytes:
 
 
 def _policy_layer_bytes(i: int, layer: Any, generated: int, promised: bool) -> LayerBytes:
-    """A :class:`~kvpolicy.cache.PolicyLayer`: allocated and used bytes, entries held, and (``promised``) the
+    """A :class:`~kvpolicy.core.layer.PolicyLayer`: allocated and used bytes, entries held, and (``promised``) the
     entries and bytes its budget rule allows."""
     if not layer.is_initialized:
         return _empty(i)
@@ -140,7 +140,7 @@ def _plain_layer_bytes(i: int, layer: Any) -> LayerBytes:
 def cache_bytes(cache: Any, generated: int = 0, promised: bool = True) -> CacheBytes:
     """Key/value bytes a cache holds, per layer; for a :class:`PolicyCache` also held vs promised entries
     (``generated``: decode steps run since the prefill)."""
-    from ..cache import PolicyLayer
+    from ..core.layer import PolicyLayer
 
     layers = [
         _policy_layer_bytes(i, layer, generated, promised)

@@ -41,7 +41,7 @@ class CostModel:
     Prefill: FLOPs ``2 * params * n`` (matmuls) plus ``2 * Hq * d * n^2`` per layer (causal attention), at the rate
     the calibration prefill of the full cache achieved; plus the policy's attention statistics, ``Hq * q * n``
     elements per layer (``q`` = the window, or every prompt query), at the rate the engine's own
-    :func:`~kvpolicy.attention.attention_received` achieved on a calibration block (so the plan follows the engine's
+    :func:`~kvpolicy.core.kernels.attention_received` achieved on a calibration block (so the plan follows the engine's
     speed). Decode: bytes read per step, weights plus twice the cache (DynamicCache copies it)."""
 
     def __init__(self, runner: Runner, n0: int, prefill_s: float, step_s: float, stats_rate: float):
@@ -73,7 +73,7 @@ class CostModel:
 
 def stats_rate(runner: Runner) -> float:
     """(query, key, head) elements per second of the engine's attention statistics on this machine."""
-    from ..attention import attention_received
+    from ..core.kernels import attention_received
 
     q, p = 1024, 2048
     b, hq, h, d = runner.spec.batch, runner.q_heads, runner.kv_heads, runner.head_dim

@@ -7,12 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..policy import CachePolicy
+from ..core.policy import CachePolicy
 from .spec import DEFAULT_POLICIES, jsonable
 
 
 def resolve_policy(name: str, ratio: float, decode_budget: str | None = None) -> CachePolicy:
-    """A :class:`~kvpolicy.policy.CachePolicy` for ``name`` at ``ratio`` (fraction removed).
+    """A :class:`~kvpolicy.core.policy.CachePolicy` for ``name`` at ``ratio`` (fraction removed).
 
     ``name`` is a registered preset or a policy file (YAML/JSON). ``decode_budget`` overrides the decode-stage rule
     (``fixed`` for the long run)."""

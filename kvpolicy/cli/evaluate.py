@@ -67,7 +67,7 @@ def evaluation_errors():
     from ..config import ConfigError
     from ..eval.runner import EvalError
     from ..eval.tasks import TaskError
-    from ..partcheck import PartError
+    from ..core.partcheck import PartError
 
     try:
         yield

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..policy import CachePolicy
+from ..core.policy import CachePolicy
 from .runner import EvalError, EvalSpec, build_policy
 from .tasks import get_task
 

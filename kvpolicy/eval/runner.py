@@ -32,8 +32,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import provenance
-from ..cache import PolicyCache, PolicyLayer
-from ..policy import GENERATED, IMAGE, TEXT, CachePolicy
+from ..core.cache import PolicyCache
+from ..core.layer import PolicyLayer
+from ..core.policy import GENERATED, IMAGE, TEXT, CachePolicy
 from . import metrics as M
 from .reference import Reference, ReferenceStore, model_fingerprint
 from .tasks import Sample, text_tokenizer
@@ -280,7 +281,7 @@ class Context:
 
 
 def make_context(model: Any, tokenizer: Any, kl_topk: int = 256) -> Context:
-    from ..engine import image_token_ids
+    from ..core.engine import image_token_ids
     from ..models import is_vision_language_config
 
     text = model.config.get_text_config(decoder=True)
@@ -421,7 +422,7 @@ def run_batch(
     ``refs``; ``'exact'`` keeps every step's full log-probabilities (ratio-0 check)."""
     from transformers import DynamicCache
 
-    from ..engine import make_cache
+    from ..core.engine import make_cache
 
     model = ctx.model
     b = len(samples)
@@ -950,7 +951,7 @@ def evaluate(
 
 def _evaluate(spec, callback, model, tokenizer, samples, policy, policy_ratio0) -> EvalResult:
     t_start = time.perf_counter()
-    from ..engine import attach
+    from ..core.engine import attach
     from ..hardware import dtype_name
     from ..models import cache_root, model_info
 

@@ -29,8 +29,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from kvpolicy.hookspecs import PartSpec, PresetSpec, hookimpl
-from kvpolicy.policy import AttentionStat, LayerView, Reduction
-from kvpolicy.selection import ranked_slots, sort_by_position
+from kvpolicy.core.policy import AttentionStat, LayerView, Reduction
+from kvpolicy.core.selection import ranked_slots, sort_by_position
 from kvpolicy.sinks import POLICY_SINKS
 
 from .decode import DROP_INDEX_KEY, DistanceOffset, DistanceOffsetParams
@@ -256,7 +256,7 @@ class AnchorMerge:
 
     1. the first ``start_size`` real tokens (sinks) and the last prompt token are kept as they are;
     2. among the other tokens (candidates), the ``keep - start_size - 1`` highest-scored are *anchors* (ties to the
-       older position, :func:`kvpolicy.selection.ranked_slots`), so the row holds exactly ``keep`` entries;
+       older position, :func:`kvpolicy.core.selection.ranked_slots`), so the row holds exactly ``keep`` entries;
     3. every other candidate is assigned to its positionally nearest anchor (sinks and the last token are never
        targets; equal distance goes to the older anchor), and each anchor's key and value become the plain mean of
        itself and its assigned tokens (float32 sums, cast back).

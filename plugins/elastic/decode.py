@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from kvpolicy.policy import AttentionStat, LayerView
+from kvpolicy.core.policy import AttentionStat, LayerView
 
 __all__ = ["DROP_INDEX_KEY", "DistanceOffset", "DistanceOffsetParams"]
 
@@ -64,7 +64,7 @@ class DistanceOffset:
     larger values for the older ones, so that dropping ``k`` entries at once equals ``k`` successive drops at the same
     index.
 
-    When (and how many) entries go is the engine's :class:`~kvpolicy.policy.Budget` rule: ``decode="fraction"``
+    When (and how many) entries go is the engine's :class:`~kvpolicy.core.policy.Budget` rule: ``decode="fraction"``
     (the paper: ``int(P - n * (1 - ratio)) >= 1``) or ``"fixed"`` (one per token once full).
 
     Deviations from the authors' code: their index is ``T - forget_num + distance``, which is

@@ -7,8 +7,9 @@ from typing import Any
 import torch
 
 from . import attention
-from .cache import PolicyCache, UnsupportedModelError, set_forward_inputs
+from .cache import PolicyCache, UnsupportedModelError
 from .policy import CachePolicy
+from .token_types import set_forward_inputs
 
 #: model families whose attention path was checked against the engine's assumptions (cache.update() right before
 #: ALL_ATTENTION_FUNCTIONS[...] in the same module, kv heads not repeated before the call, 1-D or M-RoPE positions

@@ -1,4 +1,5 @@
-"""One cache, one generation: the check that turns a reused :class:`~kvpolicy.cache.PolicyCache` into a clear error.
+"""One cache, one generation: the check that turns a reused :class:`~kvpolicy.core.cache.PolicyCache` into a clear
+error.
 
 transformers reads a non-empty cache passed to ``generate()`` as the beginning of the same sequences and feeds only
 the prompt columns after those the cache has seen. ``DynamicCache`` does not guard this: another batch size fails

@@ -1,16 +1,10 @@
-"""Where scores come from: the attention functions kvpolicy registers with transformers.
+"""The attention kernels of the engine: grouped attention and the statistics a policy declares.
 
-``kvpolicy`` (SDPA outputs) and ``kvpolicy_eager`` (eager outputs) are registered through ``AttentionInterface``
-with a mask function under the same name (``AttentionMaskInterface``; without one ``create_causal_mask`` returns
-``None``). For each attention call that follows a :class:`~kvpolicy.cache.PolicyLayer` update they
-
-1. learn which new tokens are padding (from transformers' mask, whose last query row sees every real column);
-2. produce the outputs: with transformers' own mask and attention function while the layer is uncompressed
-   ("pristine", so a policy that drops nothing reproduces the plain cache bit for bit), otherwise with the engine's
-   mask built from per-slot validity and logical positions, attending per kv-head group (keys are never repeated to
-   query heads);
-3. compute the statistics the policy declared (:class:`~kvpolicy.policy.AttentionStat`) in query chunks, and
-4. hand them to the layer, which compresses right away if its stage asks for it.
+Pure tensor functions (no cache, no transformers): :func:`grouped_attention` attends per kv-head group under a
+bool mask (keys are never repeated to query heads); :func:`attention_received` computes the attention each key
+receives (:class:`~kvpolicy.core.policy.AttentionStat`) in query chunks, with a causal-prefix path for an uncompressed
+layer; :func:`attention_with_received` and :func:`masked_attention_with_received` produce outputs and statistics from
+one block of probabilities. The registered attention function (:mod:`kvpolicy.core.attention`) chooses among them.
 
 Memory bound of the statistics: one chunk of float32 probabilities, ``B * Hq * rows * P * 4`` bytes with ``rows``
 chosen so that this stays under :data:`STATS_CHUNK_ELEMENTS` elements (4 MiB: small chunks stay in cache and were
@@ -19,16 +13,20 @@ measured 3-7x faster than 64 MiB ones on CPU), plus a float32 copy of the layer'
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
-from transformers.models.llama.modeling_llama import eager_attention_forward
 
-from .cache import PolicyLayer, take_active_layer
-from .policy import AttentionStat
+__all__ = [
+    "MAX_CHUNK_ELEMENTS",
+    "MIN_CHUNK_ROWS",
+    "STATS_CHUNK_ELEMENTS",
+    "attention_received",
+    "attention_with_received",
+    "causal_prefix_blocks",
+    "grouped_attention",
+    "masked_attention_with_received",
+]
 
 #: upper bound on the float32 probability block materialised per chunk when computing statistics
 STATS_CHUNK_ELEMENTS = 1 << 20
@@ -39,10 +37,6 @@ MIN_CHUNK_ROWS = 32
 #: ... as long as the block stays under this many elements (32 MiB): a large batch or many heads at a long prompt
 #: fall back to the element bound rather than growing the block without limit
 MAX_CHUNK_ELEMENTS = 8 * STATS_CHUNK_ELEMENTS
-#: steps of at most this many queries on a compressed layer compute outputs and statistics in one block
-FUSED_DECODE_MAX_QUERIES = 16
-
-SDPA, EAGER = "kvpolicy", "kvpolicy_eager"
 
 
 def grouped_attention(
@@ -73,21 +67,6 @@ def grouped_attention(
     else:
         out = torch.nn.functional.scaled_dot_product_attention(qg, key, value, attn_mask=m, scale=scaling)
     return out.reshape(b, hq, q, value.shape[-1]).transpose(1, 2).contiguous()
-
-
-def bucketed_attention(layer: PolicyLayer, query: torch.Tensor, scaling: float, eager: bool) -> torch.Tensor:
-    """Attention of a layer whose kv heads live in buckets: each bucket's query heads attend to that bucket only."""
-    b, hq, q, d = query.shape
-    g = hq // layer._valid.shape[1]
-    out = query.new_empty(b, q, hq, layer.buckets[0].v.shape[-1])
-    for bucket in layer.buckets:
-        n = bucket.length
-        qh = (bucket.heads[:, None] * g + torch.arange(g, device=query.device)).reshape(-1)
-        mask = layer.own_mask(q, bucket.valid[:, :, :n], bucket.pos[:, :, :n])
-        out[:, :, qh] = grouped_attention(
-            query.index_select(1, qh), bucket.k[:, :, :n], bucket.v[:, :, :n], mask, scaling, eager
-        )
-    return out
 
 
 def attention_received(
@@ -141,7 +120,7 @@ def attention_received(
     return total.div_(g)
 
 
-def _causal_prefix_blocks(
+def causal_prefix_blocks(
     query: torch.Tensor,
     k32: torch.Tensor,
     valid: torch.Tensor,
@@ -201,7 +180,7 @@ def _received_causal_prefix(
     """:func:`attention_received` for slots in column order (see there): keys after a chunk's last query are skipped."""
     g = query.shape[1] // k32.shape[1]
     col0 = int(query_cols[0]) - first_slot_col  # slot of the first query's own column
-    for _, _, kmax, probs in _causal_prefix_blocks(
+    for _, _, kmax, probs in causal_prefix_blocks(
         query, k32, valid, query_valid, scaling, start, col0, chunk_elements, min_rows
     ):
         total[:, :, :kmax] += probs.sum(dim=(2, 3))
@@ -238,7 +217,7 @@ def attention_with_received(
     k32, v32 = key.to(torch.float32), value.to(torch.float32)
     total = torch.zeros(b, h, p, dtype=torch.float32, device=key.device)
     out = torch.empty(b, h, g, q, dv, dtype=torch.float32, device=query.device)
-    for i0, i1, kmax, probs in _causal_prefix_blocks(
+    for i0, i1, kmax, probs in causal_prefix_blocks(
         query, k32, valid, query_valid, scaling, 0, query_col0 - first_slot_col, chunk_elements, min_rows
     ):
         total[:, :, :kmax] += probs.sum(dim=(2, 3))
@@ -279,75 +258,3 @@ def masked_attention_with_received(
     if not bool(query_valid.all()):
         pv = pv * query_valid[:, None, None, :, None].to(pv.dtype)
     return out, pv.sum(dim=(2, 3)).div_(g)
-
-
-def _policy_attention(base: Callable, eager: bool) -> Callable:
-    def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-        layer: PolicyLayer | None = take_active_layer(getattr(module, "layer_idx", None))
-        if layer is None:  # not a policy layer (vision tower, sliding layer, no cache)
-            return base(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-        if kwargs.get("softcap") is not None:
-            raise NotImplementedError("kvpolicy: attention logit soft-capping is not supported")
-        if scaling is None:
-            scaling = query.shape[-1] ** -0.5
-        q = query.shape[2]
-        if layer.shift is not None and layer.prefilled:
-            query = layer.shift.rotate(query)
-        new_valid = layer.resolve_new_tokens(attention_mask, q)
-        kv = key.shape[2]
-        mask_fits = (attention_mask is not None and attention_mask.shape[-1] == kv) or (
-            attention_mask is None and (q == 1 or q == kv)
-        )
-        stats: dict[int | None, torch.Tensor] = {}
-        needs: frozenset[AttentionStat] = layer.pending_needs()
-        n = layer.length
-        # an uncompressed layer's slot j holds column (seen - length) + j: the causal-prefix paths apply
-        first_col = layer.seen - n if layer.pristine and layer.buckets is None else None
-        whole = [need for need in needs if need.window is None or need.window >= q]
-        if layer.buckets is not None:
-            out = bucketed_attention(layer, query, scaling, eager)
-        elif layer.pristine and mask_fits and whole and first_col is not None and layer.prefill_drops():
-            out, received = attention_with_received(
-                query, key, value, layer._valid[:, :, :n], new_valid, scaling, first_col, layer.seen - q
-            )
-            for need in whole:
-                stats[need.window] = received
-        elif layer.pristine and mask_fits:
-            out, _ = base(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-        elif whole and q <= FUSED_DECODE_MAX_QUERIES:
-            out, received = masked_attention_with_received(query, key, value, layer.own_mask(q), new_valid, scaling)
-            for need in whole:
-                stats[need.window] = received
-        else:
-            out = grouped_attention(query, key, value, layer.own_mask(q), scaling, eager)
-        needs = frozenset(need for need in needs if need.window not in stats)
-        if needs:
-            cols = torch.arange(layer.seen - q, layer.seen, device=key.device)
-            for need in needs:
-                stats[need.window] = attention_received(
-                    query,
-                    key,
-                    layer._valid[:, :, :n],
-                    layer._pos[:, :, :n],
-                    cols,
-                    new_valid,
-                    scaling,
-                    need.window,
-                    first_slot_col=first_col,
-                )
-        layer.finish_step(stats)
-        return out, None
-
-    return attention
-
-
-def _policy_sdpa_mask(*args, **kwargs):
-    return sdpa_mask(*args, **kwargs)
-
-
-def register() -> None:
-    """Register kvpolicy's attention and mask functions with transformers (idempotent)."""
-    AttentionInterface.register(SDPA, _policy_attention(sdpa_attention_forward, eager=False))
-    AttentionInterface.register(EAGER, _policy_attention(eager_attention_forward, eager=True))
-    AttentionMaskInterface.register(SDPA, _policy_sdpa_mask)
-    AttentionMaskInterface.register(EAGER, eager_mask)

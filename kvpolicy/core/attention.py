@@ -1,0 +1,130 @@
+"""Where scores come from: the attention functions kvpolicy registers with transformers.
+
+``kvpolicy`` (SDPA outputs) and ``kvpolicy_eager`` (eager outputs) are registered through ``AttentionInterface``
+with a mask function under the same name (``AttentionMaskInterface``; without one ``create_causal_mask`` returns
+``None``). For each attention call that follows a :class:`~kvpolicy.core.layer.PolicyLayer` update they
+
+1. learn which new tokens are padding (from transformers' mask, whose last query row sees every real column);
+2. produce the outputs: with transformers' own mask and attention function while the layer is uncompressed
+   ("pristine", so a policy that drops nothing reproduces the plain cache bit for bit), otherwise through the layer's
+   storage under the engine's per-slot mask (:mod:`kvpolicy.core.masks`), attending per kv-head group (keys are never
+   repeated to query heads);
+3. compute the statistics the policy declared (:class:`~kvpolicy.core.policy.AttentionStat`) in query chunks
+   (:mod:`kvpolicy.core.kernels`), and
+4. hand them to the layer, which compresses right away if its stage asks for it.
+
+This module only chooses the path; the tensor work is in :mod:`kvpolicy.core.kernels`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+from transformers.models.llama.modeling_llama import eager_attention_forward
+
+from .kernels import attention_received, attention_with_received, masked_attention_with_received
+from .layer import PolicyLayer, take_active_layer
+from .policy import AttentionStat
+
+__all__ = ["EAGER", "FUSED_DECODE_MAX_QUERIES", "SDPA", "register"]
+
+#: steps of at most this many queries on a compressed layer compute outputs and statistics in one block
+FUSED_DECODE_MAX_QUERIES = 16
+
+SDPA, EAGER = "kvpolicy", "kvpolicy_eager"
+
+Stats = dict[int | None, torch.Tensor]
+
+
+def _mask_fits(attention_mask: torch.Tensor | None, q: int, kv: int) -> bool:
+    """Whether transformers' mask (or its absence) describes this layer's ``kv`` slots for ``q`` queries."""
+    if attention_mask is not None:
+        return attention_mask.shape[-1] == kv
+    return q == 1 or q == kv
+
+
+def _outputs(
+    call: Callable[[], tuple[torch.Tensor, Any]],
+    layer: PolicyLayer,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask_fits: bool,
+    new_valid: torch.Tensor,
+    needs: frozenset[AttentionStat],
+    scaling: float,
+    eager: bool,
+    stats: Stats,
+) -> torch.Tensor:
+    """The step's outputs, by the cheapest path that keeps the engine's guarantees; a path that also yields the
+    whole-step statistics stores them in ``stats``. ``call`` runs transformers' own attention function."""
+    q = query.shape[2]
+    whole = [need for need in needs if need.window is None or need.window >= q]
+    if layer.pristine and mask_fits and whole and layer.prefill_drops():
+        # an uncompressed layer about to be compressed: outputs and statistics from one pass over the keys
+        out, received = attention_with_received(
+            query, key, value, layer.valid, new_valid, scaling, layer.seen - layer.length, layer.seen - q
+        )
+    elif layer.pristine and mask_fits:
+        return call()[0]
+    elif whole and q <= FUSED_DECODE_MAX_QUERIES:
+        out, received = masked_attention_with_received(query, key, value, layer.mask(q), new_valid, scaling)
+    else:
+        return layer.attend(query, scaling, eager)
+    for need in whole:
+        stats[need.window] = received
+    return out
+
+
+def _policy_attention(base: Callable, eager: bool) -> Callable:
+    def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+        layer: PolicyLayer | None = take_active_layer(getattr(module, "layer_idx", None))
+        if layer is None:  # not a policy layer (vision tower, sliding layer, no cache)
+            return base(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        if kwargs.get("softcap") is not None:
+            raise NotImplementedError("kvpolicy: attention logit soft-capping is not supported")
+        if scaling is None:
+            scaling = query.shape[-1] ** -0.5
+        q = query.shape[2]
+        if layer.shift is not None and layer.prefilled:
+            query = layer.shift.rotate(query)
+        new_valid = layer.resolve_new_tokens(attention_mask, q)
+        stats: Stats = {}
+        needs: frozenset[AttentionStat] = layer.pending_needs()
+
+        def call() -> tuple[torch.Tensor, Any]:
+            return base(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+        fits = _mask_fits(attention_mask, q, key.shape[2])
+        out = _outputs(call, layer, query, key, value, fits, new_valid, needs, scaling, eager, stats)
+        needs = frozenset(need for need in needs if need.window not in stats)
+        if needs:
+            # an uncompressed layer's slot j holds column (seen - length) + j: the causal-prefix path applies
+            first_col = layer.seen - layer.length if layer.pristine else None
+            cols = torch.arange(layer.seen - q, layer.seen, device=key.device)
+            for need in needs:
+                stats[need.window] = attention_received(
+                    query, key, layer.valid, layer.positions, cols, new_valid, scaling, need.window,
+                    first_slot_col=first_col,
+                )
+        layer.finish_step(stats)
+        return out, None
+
+    return attention
+
+
+def _policy_sdpa_mask(*args, **kwargs):
+    return sdpa_mask(*args, **kwargs)
+
+
+def register() -> None:
+    """Register kvpolicy's attention and mask functions with transformers (idempotent)."""
+    AttentionInterface.register(SDPA, _policy_attention(sdpa_attention_forward, eager=False))
+    AttentionInterface.register(EAGER, _policy_attention(eager_attention_forward, eager=True))
+    AttentionMaskInterface.register(SDPA, _policy_sdpa_mask)
+    AttentionMaskInterface.register(EAGER, eager_mask)

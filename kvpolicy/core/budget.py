@@ -1,0 +1,71 @@
+"""How much of the cache survives: the budget rule and the optional allocator part.
+
+A :class:`Budget` is data (validated from a policy document) with the two rules the engine applies: the entries a row
+keeps after prefill and the entries it drops at each decode step. A :class:`BudgetAllocator` part may re-distribute
+the prefill budget across layers. Separate from :mod:`kvpolicy.core.policy` (the part contract) because a budget is
+the user's choice, not a part's: it has no tensors of its own and no plugin implements it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Protocol, runtime_checkable
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = ["Budget", "BudgetAllocator"]
+
+@runtime_checkable
+class BudgetAllocator(Protocol):
+    """Optional part: re-distributes the per-row budget across layers (e.g. PyramidKV)."""
+
+    def layer_keep(self, layer_idx: int, num_layers: int, keep: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
+        ...
+
+
+class Budget(BaseModel):
+    """How much of the cache survives.
+
+    Exactly one of ``ratio`` (fraction *removed*, as in the Elastic Cache paper) or ``tokens`` (entries kept) is set.
+    ``decode`` says what happens while generating: ``"fraction"`` keeps the cache at ``(1 - ratio)`` of all tokens
+    seen (the paper's rule: drop one whenever ``int(held - n * (1 - ratio)) >= 1``), ``"fixed"`` keeps it at the
+    prefill budget (drop one per new token once full), ``"off"`` lets it grow.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    ratio: float | None = Field(default=None, ge=0.0, lt=1.0, description="fraction of the cache removed, in [0, 1)")
+    tokens: int | None = Field(default=None, ge=1, description="entries kept per layer and kv head")
+    decode: Literal["fraction", "fixed", "off"] | None = Field(
+        default=None, description="decode-stage rule; default: fraction for a ratio, fixed for a token budget"
+    )
+
+    @model_validator(mode="after")
+    def _one_of(self) -> Budget:
+        if (self.ratio is None) == (self.tokens is None):
+            raise ValueError("set exactly one of 'ratio' (fraction removed, 0 <= ratio < 1) or 'tokens' (>= 1)")
+        if self.decode is None:
+            self.decode = "fraction" if self.ratio is not None else "fixed"
+        if self.decode == "fraction" and self.ratio is None:
+            raise ValueError("decode: 'fraction' needs a 'ratio'")
+        return self
+
+    def prefill_keep(self, n_tokens: torch.Tensor) -> torch.Tensor:
+        """Entries to keep per row after prefill: ``ceil(n * (1 - ratio))`` or ``min(n, tokens)``."""
+        if self.ratio is not None:
+            keep = [math.ceil(int(n) * (1.0 - self.ratio)) for n in n_tokens.tolist()]
+            return torch.tensor(keep, dtype=torch.long, device=n_tokens.device).clamp(min=1)
+        return n_tokens.clamp(max=self.tokens)
+
+    def decode_excess(self, held: torch.Tensor, n_tokens: torch.Tensor, prefill_keep: torch.Tensor) -> torch.Tensor:
+        """Entries to drop now, per row and head, given ``held`` entries (new token included) and ``n`` tokens seen."""
+        if self.decode == "off":
+            return torch.zeros_like(held)
+        if self.decode == "fixed":
+            cap = prefill_keep if self.tokens is None else torch.full_like(prefill_keep, self.tokens)
+            cap = cap[:, None] if cap.dim() == 1 else cap
+            return (held - cap).clamp(min=0)
+        # float64 reproduces Python's int(P - n * (1 - ratio)) exactly
+        target = n_tokens.to(torch.float64)[:, None] * (1.0 - float(self.ratio))
+        return torch.trunc(held.to(torch.float64) - target).clamp(min=0).to(torch.long)

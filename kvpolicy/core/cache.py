@@ -1,0 +1,81 @@
+"""The transformers ``Cache`` that applies a :class:`~kvpolicy.core.policy.CachePolicy`: one
+:class:`~kvpolicy.core.layer.PolicyLayer` per full-attention layer.
+
+Logical vs physical length: ``get_seq_length()`` returns the columns seen ``S`` (transformers derives RoPE positions
+from it), ``get_mask_sizes(q)`` returns ``(P + q, S - P)`` for the physical length ``P`` (see ``docs/architecture.md``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
+
+from .layer import PolicyLayer
+from .policy import CachePolicy
+from .positions import RopeShift
+from .reuse import check_inputs
+from .token_types import TokenTypes
+
+__all__ = ["PolicyCache", "UnsupportedModelError"]
+
+
+class UnsupportedModelError(ValueError):
+    """The engine cannot run this model (names the model class and the reason)."""
+
+
+class PolicyCache(Cache):
+    """A transformers ``Cache`` that compresses under ``policy``; pass it as ``generate(past_key_values=...)``.
+
+    Full-attention layers get a :class:`PolicyLayer`; sliding-window layers (Gemma 3, Mistral with a window) keep
+    transformers' own sliding layer: their window already bounds them, and the policy leaves them alone.
+    """
+
+    def __init__(self, policy: CachePolicy, config: Any):
+        text = config.get_text_config(decoder=True)
+        n = text.num_hidden_layers
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(text)
+        self.token_types = TokenTypes()
+        self.policy = policy
+        shift = RopeShift(config) if policy.compressed_positions else None
+        layers: list[Any] = []
+        for i, (kind, kwargs) in enumerate(zip(layer_types[:n], layer_kwargs[:n])):
+            if kind == "full_attention":
+                first = not any(isinstance(x, PolicyLayer) for x in layers)
+                layers.append(PolicyLayer(policy, i, n, self.token_types, shift, first))
+            elif kind == "sliding_attention":
+                layers.append(DynamicSlidingWindowLayer(**kwargs))
+            else:
+                raise UnsupportedModelError(
+                    f"kvpolicy: layer {i} of {type(config).__name__} has type {kind!r}; "
+                    "only 'full_attention' and 'sliding_attention' layers are supported"
+                )
+        super().__init__(layers=layers)
+
+    def check_inputs(self, batch: int, new_tokens: int) -> None:
+        """Raise :class:`~kvpolicy.core.reuse.CacheReuseError` when this cache already holds a generation and a forward
+        brings another batch size or no new token (see :mod:`kvpolicy.core.reuse`)."""
+        check_inputs(self.policy_layers, batch, new_tokens)
+
+    def set_token_types(self, types: torch.Tensor) -> None:
+        """Tell the cache which prompt columns hold image tokens (int ``[B, S]``, see ``kvpolicy.core.policy``)."""
+        self.token_types.types = types.to(torch.int8)
+
+    @property
+    def policy_layers(self) -> list[PolicyLayer]:
+        return [layer for layer in self.layers if isinstance(layer, PolicyLayer)]
+
+    def nbytes(self) -> int:
+        """Key/value bytes held by every layer (allocated buffers)."""
+        total = 0
+        for layer in self.layers:
+            if isinstance(layer, PolicyLayer):
+                total += layer.nbytes()
+            elif getattr(layer, "is_initialized", False) and layer.keys is not None:
+                total += layer.keys.nbytes + layer.values.nbytes
+        return total
+
+    def lengths(self) -> list[int]:
+        """Physical slots per layer."""
+        return [layer.length if isinstance(layer, PolicyLayer) else layer.get_seq_length() for layer in self.layers]

@@ -1,0 +1,390 @@
+"""One decoder layer's cache under a policy: transformers' ``DynamicLayer`` interface and the stage machine.
+
+A :class:`PolicyLayer` owns its entries through one storage object (:mod:`kvpolicy.core.storage`: padded, or
+bucketed after a prefill with per-head budgets) and runs the policy's two stages on it:
+
+* **prefill**: the prompt is appended; right after this layer's own attention (:meth:`PolicyLayer.finish_step`) the
+  budget and allocator fix how many entries each row keeps, the encode scorer ranks them and the reducer compresses;
+* **decode**: each new token is written into a free slot; the budget rule frees the lowest-scored slots, inside
+  ``update()`` (the step then attends to the reduced cache) or after the step's attention when the decode scorer
+  needs it.
+
+Slots are unordered: a compressed layer attends through a mask built from per-slot validity and logical positions
+(:mod:`kvpolicy.core.masks`), never through transformers' mask, whose padding columns are only right for an
+uncompressed ("pristine") layer. This is what lets rows of a left-padded batch keep different positions and different
+numbers of entries, and lets a decode step overwrite the dropped slot in place.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from .buckets import bucketed_if_uneven
+from .masks import new_token_validity
+from .partcheck import check_keep, check_merge, check_reduction, check_scores, check_state
+from .policy import GENERATED, AttentionStat, CachePolicy, LayerView
+from .positions import RopeShift
+from .reuse import check_batch
+from .selection import lowest_slot, ranked_slots
+from .storage import PaddedStorage, SlotStorage, growth
+from .token_types import TokenTypes
+
+__all__ = ["PolicyLayer", "take_active_layer"]
+
+_active = threading.local()
+
+
+def take_active_layer(layer_idx: int | None) -> PolicyLayer | None:
+    """The policy layer whose ``update()`` just ran for ``layer_idx`` on this thread, consumed once.
+
+    transformers calls ``cache.update()`` and then the attention function of the same module; generate() forwards no
+    extra kwargs, so this thread-local hand-off is the side channel from one to the other."""
+    layer = getattr(_active, "layer", None)
+    _active.layer = None
+    if layer is None or layer.layer_idx != layer_idx:
+        return None
+    return layer
+
+
+class PolicyLayer(DynamicLayer):
+    """One decoder layer's cache under a policy. Never set ``_layer_type`` here: it would register globally."""
+
+    is_croppable = False
+
+    def __init__(
+        self,
+        policy: CachePolicy,
+        layer_idx: int,
+        num_layers: int,
+        token_types: TokenTypes,
+        shift: RopeShift | None = None,
+        first_policy_layer: bool = False,
+    ):
+        super().__init__()
+        self.shift = shift
+        self._first = first_policy_layer
+        self.policy = policy
+        self.layer_idx = layer_idx
+        self.num_layers = num_layers
+        self._token_types_source = token_types
+        self.seen = 0
+        self.is_initialized = False
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        #: where the entries live; a :class:`PaddedStorage` until a prefill with per-head budgets may bucket it
+        self.storage: SlotStorage = PaddedStorage(key_states, value_states)
+        self.layer_state: dict[str, Any] = {}
+        self.n_tokens = torch.zeros(key_states.shape[0], dtype=torch.long, device=self.device)
+        self.prefill_kept: torch.Tensor | None = None
+        self.prefill_keep: torch.Tensor | None = None
+        self.seen = 0
+        self.prefilled = False
+        self._pending: str | None = None
+        self._planned_keep: torch.Tensor | None = None  # see _prefill_budget
+        self.is_initialized = True
+        self._sync()
+
+    def _sync(self) -> None:
+        """Point transformers' ``keys``/``values`` at the storage's used slots."""
+        self.keys, self.values = self.storage.keys, self.storage.values
+
+    # ------------------------------------------------------------------ public read-only state
+    @property
+    def length(self) -> int:
+        """Physical slots in use ``P``."""
+        return self.storage.length
+
+    @property
+    def capacity(self) -> int:
+        return self.storage.capacity
+
+    @property
+    def pristine(self) -> bool:
+        """Slots hold columns ``[S - P, S)`` in order (nothing dropped yet): transformers' own mask is right."""
+        return self.storage.pristine
+
+    def _padded(self) -> PaddedStorage:
+        """The layout the policy's stages act on. A bucketed layer runs no stage (its policy has no decode scorer
+        and no per-slot state): reaching here with one is an engine bug, not a user error."""
+        storage = self.storage
+        if not isinstance(storage, PaddedStorage):
+            raise TypeError(f"layer {self.layer_idx}: per-slot tensors of a {type(storage).__name__} are per bucket")
+        return storage
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """bool ``[B, H, P]`` (padded layout): the slot holds a real token. Read-only."""
+        return self._padded().valid
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """int64 ``[B, H, P]`` (padded layout): logical column of each slot. Read-only."""
+        return self._padded().positions
+
+    @property
+    def token_types(self) -> torch.Tensor:
+        """int8 ``[B, H, P]`` (padded layout): TEXT / IMAGE / GENERATED per slot. Read-only."""
+        return self._padded().token_types
+
+    @property
+    def slot_state(self) -> dict[str, torch.Tensor]:
+        """Per-slot state ``[B, H, P]`` a decode scorer keeps (padded layout). Read-only."""
+        return self._padded().slot_state
+
+    # ------------------------------------------------------------------ transformers' interface
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        check_batch(self.n_tokens.shape[0], self.seen, key_states.shape[0], self.layer_idx)
+        if self._pending is not None:
+            raise RuntimeError(
+                "kvpolicy: the model did not call kvpolicy's attention function after the cache update. Attach the "
+                "model first: kvpolicy.attach(model) (it sets attn_implementation to 'kvpolicy')."
+            )
+        q = key_states.shape[2]
+        cols = torch.arange(self.seen, self.seen + q, device=self.device)
+        self.seen += q
+        if not self.prefilled:
+            self.storage.append(key_states, value_states, cols, self._new_types(cols), slack=0)
+            self._pending = "prefill"
+        else:
+            self._pending = self._decode_update(key_states, value_states, cols)
+        self._sync()
+        _active.layer = self
+        return self.keys, self.values
+
+    def _decode_update(self, key_states: torch.Tensor, value_states: torch.Tensor, cols: torch.Tensor) -> str:
+        """Store a decode step's tokens (dropping first when the decode rule needs no attention); returns the stage
+        left pending for :meth:`finish_step`."""
+        q = key_states.shape[2]
+        if self.shift is not None:
+            if self._first:  # one shift per step for every layer: layer 0's logical minus physical position
+                self.shift.delta = self.n_tokens - self.held()[:, 0]
+            key_states = self.shift.rotate(key_states)
+        self.n_tokens += q  # corrected in resolve_new_tokens if some new token is padding
+        policy = self.policy
+        in_update = policy.decode is not None and not policy.decode_needs() and not policy.drop_after_attention
+        if in_update:
+            self._decode_drop(incoming=q)
+        self.storage.append(key_states, value_states, cols, self._new_types(cols), slack=growth(self.length))
+        return "decode" if (policy.decode is not None and not in_update) else "done"
+
+    def _new_types(self, cols: torch.Tensor) -> torch.Tensor:
+        if self.prefilled:
+            return torch.full_like(cols, GENERATED, dtype=torch.int8)
+        return self._token_types_source.for_columns(cols, self.device)
+
+    def get_seq_length(self) -> int:
+        return self.seen if self.is_initialized else 0
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if not self.is_initialized:
+            return query_length, 0
+        return self.length + query_length, self.seen - self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.is_initialized = False
+        self.keys = self.values = None
+        self.seen = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("kvpolicy: a compressed cache cannot be cropped (assisted decoding is unsupported)")
+
+    def _select_rows(self, index: torch.Tensor) -> None:
+        if not self.is_initialized:
+            return
+        index = index.to(self.device)
+        self.storage.select_rows(index)
+        batch = self.n_tokens.shape[0]
+        self.n_tokens = self.n_tokens[index]
+        # per-row tensors a part keeps in layer_state follow their rows too
+        for key, value in list(self.layer_state.items()):
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+                self.layer_state[key] = value[index]
+        for name in ("prefill_kept", "prefill_keep"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name)[index])
+        self._sync()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_rows(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_rows(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._select_rows(torch.arange(self.n_tokens.shape[0], device=self.device).repeat_interleave(repeats))
+
+    # ------------------------------------------------------------------ used by the attention function
+    def resolve_new_tokens(self, mask: torch.Tensor | None, q: int) -> torch.Tensor:
+        """Learn which of this step's tokens are padding from transformers' mask (its last query row sees every real
+        column), mark them invalid, and return the validity of the new tokens, bool ``[B, q]``."""
+        new_valid = new_token_validity(mask, q, self.n_tokens.shape[0], self.device)
+        if not bool(new_valid.all()):
+            self.storage.invalidate_new(new_valid)
+            if self.prefilled:
+                self.n_tokens -= (~new_valid).sum(-1)
+        if not self.prefilled:
+            self.n_tokens += new_valid.sum(-1)
+        return new_valid
+
+    def mask(self, q: int) -> torch.Tensor | None:
+        """The engine's per-slot mask (:func:`~kvpolicy.core.masks.slot_mask`) of this step's ``q`` queries."""
+        return self._padded().mask(q, self.seen)
+
+    def attend(self, query: torch.Tensor, scaling: float, eager: bool) -> torch.Tensor:
+        """Outputs of this step's ``query`` over the stored entries under the engine's mask (any layout)."""
+        return self.storage.attend(query, self.seen, scaling, eager)
+
+    def pending_needs(self) -> frozenset[AttentionStat]:
+        if self._pending == "prefill":
+            return self.policy.prefill_needs()
+        if self._pending == "decode":
+            return self.policy.decode_needs()
+        return frozenset()
+
+    def finish_step(self, attention: dict[int | None, torch.Tensor]) -> None:
+        """Called by the attention function once the outputs are computed: compress now if the policy says so."""
+        pending, self._pending = self._pending, None
+        if pending == "prefill":
+            self._finish_prefill(attention)
+        elif pending == "decode":
+            self._decode_drop(incoming=0, attention=attention)
+        self._sync()
+
+    # ------------------------------------------------------------------ the policy's stages
+    def view(self, stage: str, attention: dict | None = None) -> LayerView:
+        storage = self._padded()
+        return LayerView(
+            layer_idx=self.layer_idx,
+            num_layers=self.num_layers,
+            stage=stage,  # type: ignore[arg-type]
+            keys=storage.keys,
+            values=storage.values,
+            valid=storage.valid,
+            positions=storage.positions,
+            seen=self.seen,
+            n_tokens=self.n_tokens,
+            new_tokens=0 if storage.new_slots is None else storage.new_slots.shape[-1],
+            token_types=storage.token_types,
+            attention=attention or {},
+            slot_state=storage.slot_state,
+            layer_state=self.layer_state,
+            prefill_kept=self.prefill_kept,
+            sinks=self.policy.sinks or 0,
+        )
+
+    def _prefill_budget(self) -> torch.Tensor:
+        """Entries this layer keeps after prefill (budget, then the allocator), computed once per prefill: the
+        attention function asks for it before the outputs (:meth:`prefill_drops`) and the prefill stage after."""
+        if self._planned_keep is None:
+            policy = self.policy
+            keep = policy.budget.prefill_keep(self.n_tokens)
+            if policy.allocator is not None:
+                given = keep
+                keep = policy.allocator.layer_keep(self.layer_idx, self.num_layers, keep, self.n_tokens)
+                keep = check_keep(policy, keep, given, self.layer_idx)
+            self._planned_keep = keep
+        return self._planned_keep
+
+    def prefill_drops(self) -> bool:
+        """Whether the pending prefill compression removes entries. When it does, the layer's outputs need not be
+        bit-identical to transformers' own attention (the cache changes anyway), so the attention function may
+        compute outputs and statistics in one pass; when it does not (ratio 0), the plain path keeps the run
+        identical to the full cache."""
+        if self._pending != "prefill" or self.policy.encode is None:
+            return False
+        held = self.held().amin(-1)
+        return bool((self._prefill_budget() < held).any())
+
+    def _finish_prefill(self, attention: dict) -> None:
+        policy = self.policy
+        storage = self._padded()
+        self.prefilled = True
+        keep = self._prefill_budget()
+        self._planned_keep = None
+        self.prefill_keep = keep
+        view = self.view("prefill", attention)
+        view.keep = keep
+        init_state = getattr(policy.decode, "init_state", None)
+        if init_state is not None:
+            for name, t in check_state(policy, init_state(view), view).items():
+                storage.set_slot_state(name, t.to(torch.float32).expand_as(view.valid).clone())
+        if policy.encode is not None and bool((keep < view.held().amin(-1)).any()):
+            scores = check_scores(policy, "encode", policy.encode.score(view), view)
+            storage.compact(check_reduction(policy, policy.reducer.reduce(view, scores, keep), view))
+            if policy.decode is None and not storage.has_slot_state:  # no stage left: the layout is chosen once
+                self.storage = bucketed_if_uneven(storage)
+        self.prefill_kept = self.held()
+        after = getattr(policy.decode, "after_prefill", None)
+        if after is not None:
+            after(self.view("decode"))
+
+    def _decode_drop(self, incoming: int, attention: dict | None = None) -> None:
+        """Apply the decode-stage budget rule: free the lowest-scored slots (``incoming`` tokens are about to be
+        written and count toward the budget)."""
+        decode = self.policy.decode
+        if decode is None:
+            return
+        storage = self._padded()
+        view = self.view("decode", attention)
+        observe = getattr(decode, "observe", None)
+        if observe is not None:
+            observe(view)
+        held = view.held() + incoming
+        excess = self.policy.budget.decode_excess(held, self.n_tokens, self.prefill_keep)
+        if not bool((excess > 0).any()):
+            return
+        view.excess = excess
+        scores = check_scores(self.policy, "decode", decode.drop_scores(view), view, what="drop scores")
+        k_max = int(excess.max())
+        if k_max == 1:
+            victims = lowest_slot(view, scores)
+        else:
+            victims = ranked_slots(view, -scores.to(torch.float32))[..., :k_max]
+        ok = (torch.arange(k_max, device=self.device) < excess[..., None]) & view.valid.gather(2, victims)
+        on_drop = getattr(self.policy.reducer, "on_drop", None)
+        if on_drop is not None:
+            merged = on_drop(view, victims, ok)
+            if merged is not None:
+                storage.write_kv(*check_merge(self.policy, merged, view))
+        storage.free(victims, ok)
+
+    # ------------------------------------------------------------------ reporting
+    def nbytes(self) -> int:
+        """Bytes of key/value storage this layer owns (the allocated buffers, not just the used part)."""
+        return self.storage.nbytes() if self.is_initialized else 0
+
+    def slot_nbytes(self) -> int:
+        """Key + value bytes of one physical slot across rows and kv heads (``nbytes() == capacity * slot_nbytes()``
+        when the heads are not in buckets), so a report can price the slots in use without reading the buffers."""
+        return self.storage.slot_nbytes() if self.is_initialized else 0
+
+    def meta_nbytes(self) -> int:
+        return self.storage.meta_nbytes() if self.is_initialized else 0
+
+    def held(self) -> torch.Tensor:
+        """Valid entries per row and kv head, int64 ``[B, H]``."""
+        return self.storage.held()
+
+    def slots(self, head: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(valid, positions, token_types)`` of one kv head's slots, ``[B, P_head]`` each (bucketed or not)."""
+        return self.storage.slots(head)
+
+    def head_kv(self, head: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(keys, values)`` of one kv head's slots, ``[B, P_head, D]`` each, aligned with :meth:`slots`."""
+        return self.storage.head_kv(head)
+
+    def kept_positions(self, row: int, head: int = 0) -> list[int]:
+        """Logical positions held by one row and head, sorted: for tests and reports."""
+        valid, pos, _ = self.slots(head)
+        return sorted(pos[row][valid[row]].tolist())

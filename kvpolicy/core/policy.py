@@ -1,0 +1,267 @@
+"""What a cache policy is made of: the contract between the engine and a plugin.
+
+A :class:`CachePolicy` has two stages and three parts:
+
+* an **encode scorer** ranks the prompt's cache entries once, at the end of prefill;
+* a **decode scorer** picks what to drop while generating;
+* a **reducer** turns scores and a budget into the new keys/values (evict, or merge into anchors).
+
+Parts never touch the cache or the model. Each call receives a read-only :class:`LayerView` (one layer, one step)
+and returns tensors; the engine (:mod:`kvpolicy.core.layer`) owns the memory. A part *declares* the statistics it needs
+(:class:`AttentionStat`), so the engine computes only those.
+
+Shapes used throughout: ``B`` batch rows, ``H`` kv heads (never query heads), ``P`` physical cache slots, ``D`` head
+dim. Slots are not ordered by position: a slot's logical position is ``view.positions``; ``view.valid`` says which
+slots hold a real token (pads, freed slots and per-row padding are invalid). A part's scores may have a head axis of
+size 1, meaning "one decision shared by all kv heads of the row".
+
+How much survives (:class:`~kvpolicy.core.budget.Budget`, :class:`~kvpolicy.core.budget.BudgetAllocator`) lives in
+:mod:`kvpolicy.core.budget` and is re-exported here, so the contract stays importable from one module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import torch
+
+from .budget import Budget, BudgetAllocator
+
+__all__ = [
+    "GENERATED",
+    "IMAGE",
+    "TEXT",
+    "AttentionStat",
+    "Budget",
+    "BudgetAllocator",
+    "CachePolicy",
+    "DecodeScorer",
+    "EncodeScorer",
+    "LayerView",
+    "Need",
+    "Reducer",
+    "Reduction",
+    "Stage",
+    "part_sinks",
+]
+
+Stage = Literal["prefill", "decode"]
+
+#: Token-type codes used in :attr:`LayerView.token_types` (modality spans).
+TEXT, IMAGE, GENERATED = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class AttentionStat:
+    """A statistic a part needs: the attention each cached key *receives*.
+
+    The engine sums the softmax attention of the last ``window`` queries of the current forward pass onto every cache
+    slot (``None``: every query of the forward — at prefill, the whole prompt), averages over the query heads of each kv
+    head, and exposes it as ``view.attention[window]`` with shape ``[B, H, P]`` in float32. Pad queries contribute
+    nothing and pad keys receive nothing. It is computed in query chunks, so the ``[heads, n, n]`` matrix is never
+    materialised.
+    """
+
+    window: int | None = None
+
+
+Need = AttentionStat
+
+
+@dataclass
+class LayerView:
+    """One layer's cache at one step, as a part sees it. Tensors are the engine's: treat them as read-only."""
+
+    layer_idx: int
+    num_layers: int
+    stage: Stage
+    keys: torch.Tensor  #: [B, H, P, D], post-RoPE
+    values: torch.Tensor  #: [B, H, P, D]
+    valid: torch.Tensor  #: bool [B, H, P]
+    positions: torch.Tensor  #: int64 [B, H, P], logical column of each slot in the full (padded) sequence
+    seen: int  #: columns seen so far (including left padding) == transformers' ``get_seq_length()``
+    n_tokens: torch.Tensor  #: int64 [B], real tokens seen per row (pads excluded)
+    new_tokens: int  #: tokens added by the current forward
+    token_types: torch.Tensor  #: int8 [B, H, P], TEXT / IMAGE / GENERATED per slot
+    attention: dict[int | None, torch.Tensor] = field(default_factory=dict)
+    slot_state: dict[str, torch.Tensor] = field(default_factory=dict)  #: per-slot tensors [B, H, P] kept by the engine
+    layer_state: dict[str, Any] = field(default_factory=dict)  #: free-form, per layer, owned by the policy's parts
+    prefill_kept: torch.Tensor | None = None  #: int64 [B, H], entries held right after prefill compression
+    keep: torch.Tensor | None = None  #: prefill: int64 [B], entries this layer will keep per row and head
+    excess: torch.Tensor | None = None  #: decode: int64 [B, H], entries the budget rule drops now
+    #: the policy's protected sinks (:attr:`CachePolicy.sinks`): the first ``sinks`` real tokens of each row, which no
+    #: part should drop or merge away. Stated once by the policy so that every part reads the same number.
+    sinks: int = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[0]
+
+    @property
+    def num_heads(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def num_slots(self) -> int:
+        return self.keys.shape[2]
+
+    def order(self) -> torch.Tensor:
+        """Slots sorted by logical position, valid slots first: ``[B, H, P]`` slot indices.
+
+        ``order()[..., i]`` is the slot of the i-th oldest valid entry of the row (for ``i < held``)."""
+        big = torch.iinfo(self.positions.dtype).max
+        return torch.where(self.valid, self.positions, big).argsort(dim=-1, stable=True)
+
+    def rank(self) -> torch.Tensor:
+        """Positional rank of each slot among the valid slots of its row (0 = oldest); invalid slots rank last."""
+        order = self.order()
+        rank = torch.empty_like(order)
+        rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+        return rank
+
+    def held(self) -> torch.Tensor:
+        """Valid entries per row and head: int64 ``[B, H]``."""
+        return self.valid.sum(-1)
+
+    def sink_mask(self) -> torch.Tensor:
+        """bool ``[B, H, P]``: the slots holding the policy's protected sinks (the ``sinks`` oldest valid entries of
+        each row and head, by positional rank)."""
+        if self.sinks <= 0:
+            return torch.zeros_like(self.valid)
+        return self.valid & (self.rank() < self.sinks)
+
+
+@dataclass
+class Reduction:
+    """A reducer's answer: which slots survive (``index``), and optionally their new (merged) tensors.
+
+    ``index`` is int64 ``[B, H, K]`` slot indices into the input view, ``valid`` bool ``[B, H, K]`` marks the entries
+    that are real (rows keeping fewer than ``K`` are padded with ``valid=False``). ``keys``/``values`` of shape
+    ``[B, H, K, D]`` replace the gathered tensors when the reducer merges; ``None`` means "gather as is" (eviction).
+    """
+
+    index: torch.Tensor
+    valid: torch.Tensor
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+
+
+@runtime_checkable
+class EncodeScorer(Protocol):
+    """Ranks the prompt's cache entries at the end of prefill.
+
+    ``score`` returns float ``[B, H or 1, P]``: higher means more important. Scores of invalid slots are ignored."""
+
+    needs: frozenset[AttentionStat]
+
+    def score(self, view: LayerView) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class DecodeScorer(Protocol):
+    """Chooses what to drop while generating, whenever the budget rule asks for a drop.
+
+    ``drop_scores`` returns float ``[B, H or 1, P]`` over the cache *before* the new token is added (for a scorer with
+    no needs) or after it (a scorer that needs attention): the engine drops the lowest-scored valid slots. Return
+    ``+inf`` for a slot that must never be dropped.
+
+    Optional hooks, looked up with ``getattr``:
+
+    * ``init_state(view) -> dict[str, Tensor]``: per-slot state ``[B, H or 1, P]`` created from the *uncompressed*
+      prefill view (e.g. H2O's accumulated attention). The engine keeps it aligned with the slots through reductions,
+      drops and appends (new slots start at 0) and hands it back as ``view.slot_state``.
+    * ``after_prefill(view)``: called once with the compressed cache (e.g. to freeze a drop index in
+      ``view.layer_state``).
+    * ``observe(view)``: called at every decode step before any drop decision (e.g. accumulate attention).
+    """
+
+    needs: frozenset[AttentionStat]
+
+    def drop_scores(self, view: LayerView) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Reducer(Protocol):
+    """Turns scores and a budget into the compressed cache.
+
+    ``reduce(view, scores, keep)``: ``scores`` is ``[B, H or 1, P]`` from the encode scorer, ``keep`` int64 ``[B]``
+    the entries to keep per row and head. It must return a :class:`Reduction` holding at most ``keep[b]`` valid
+    entries per ``(b, h)`` for uniform budgets (a reducer that redistributes budget across heads may differ per head as
+    long as each row's total is ``H * keep[b]``) and never keep an invalid slot.
+
+    Optional hook ``on_drop(view, victims, victim_valid) -> (keys, values) | None``: called at decode time before the
+    engine frees ``victims`` (int64 ``[B, H, k]``); return updated full ``keys``/``values`` to merge the victims into
+    their neighbours, or ``None`` to evict.
+    """
+
+    def reduce(self, view: LayerView, scores: torch.Tensor, keep: torch.Tensor) -> Reduction: ...
+
+
+@dataclass
+class CachePolicy:
+    """A complete policy: parts plus a budget. ``encode=None`` skips prefill compression, ``decode=None`` decoding."""
+
+    reducer: Reducer
+    budget: Budget
+    encode: EncodeScorer | None = None
+    decode: DecodeScorer | None = None
+    allocator: BudgetAllocator | None = None
+    #: where each part came from, ``{"encode": ("frequency", "kvpolicy"), ...}`` (part name, plugin package; set by
+    #: ``kvpolicy.config``), so that an error about a part's output names the part and its package (empty: hand-built)
+    origins: dict[str, tuple[str, str]] = field(default_factory=dict)
+    name: str = "custom"
+    #: run decode drops after the step's attention even when the decode scorer needs none (the Elastic Cache
+    #: authors' order); by default drops happen inside ``update()`` so the step already attends to the reduced cache
+    drop_after_attention: bool = False
+    #: give new tokens RoPE positions counted from the *compressed* length (an authors'-code quirk); see positions.py
+    compressed_positions: bool = False
+    #: the validated document this policy was built from (``kvpolicy.config``), kept for result files
+    spec: Any = None
+    #: protected sinks: the first ``sinks`` real tokens of every row, which no part may drop or merge away. Stated once
+    #: here and handed to every part as ``view.sinks``, so a decode scorer knows what the reducer protected. ``None``:
+    #: derived from the parts that state their own (a ``protected_sinks`` int attribute, e.g. Elastic's
+    #: ``anchor_merge`` from its ``start_size``), the largest of them, 0 if none does. A stated value is checked
+    #: against every part that states one: they must agree.
+    sinks: int | None = None
+
+    def __post_init__(self) -> None:
+        stated = part_sinks(self)
+        if self.sinks is None:
+            self.sinks = max(stated.values(), default=0)
+            return
+        if isinstance(self.sinks, bool) or not isinstance(self.sinks, int) or self.sinks < 0:
+            raise ValueError(f"sinks must be an int >= 0 (protected first tokens per row), got {self.sinks!r}")
+        for where, n in stated.items():
+            if n != self.sinks:
+                raise ValueError(
+                    f"the {where} ({type(getattr(self, where)).__name__}) protects {n} sinks but the policy states "
+                    f"sinks={self.sinks}; state the number once (CachePolicy(sinks=...)) or give the part the same value"
+                )
+
+    def encode_needs(self) -> frozenset[AttentionStat]:
+        return frozenset(self.encode.needs) if self.encode is not None else frozenset()
+
+    def decode_needs(self) -> frozenset[AttentionStat]:
+        """Statistics of each decode step: the decode scorer's, plus a reducer's ``needs`` (e.g. CaM's attention)."""
+        if self.decode is None:
+            return frozenset()
+        return frozenset(self.decode.needs) | frozenset(getattr(self.reducer, "needs", ()))
+
+    def prefill_needs(self) -> frozenset[AttentionStat]:
+        """What the prefill must compute: the encode scorer's needs, what a decode scorer seeds its state from
+        (``decode.prefill_needs``) and what the reducer itself reads (``reducer.prefill_needs``)."""
+        extra = getattr(self.decode, "prefill_needs", frozenset()) if self.decode is not None else frozenset()
+        return self.encode_needs() | frozenset(extra) | frozenset(getattr(self.reducer, "prefill_needs", ()))
+
+
+def part_sinks(policy: CachePolicy) -> dict[str, int]:
+    """The sinks each part of ``policy`` states about itself (``protected_sinks``, an int attribute), by part field:
+    a part that protects the first tokens on its own states how many, so the policy can derive or check its
+    :attr:`CachePolicy.sinks`. Parts without the attribute (every third-party part so far) state nothing."""
+    out: dict[str, int] = {}
+    for name in ("encode", "decode", "reducer", "allocator"):
+        n = getattr(getattr(policy, name), "protected_sinks", None)
+        if isinstance(n, int) and not isinstance(n, bool):
+            out[name] = n
+    return out
