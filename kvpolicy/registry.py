@@ -22,24 +22,21 @@ Typical use::
 from __future__ import annotations
 
 import difflib
-import enum
 import importlib
 import re
 import threading
-import types
-import typing
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, NamedTuple
 
 import pluggy
 from pydantic import BaseModel
-from pydantic.fields import FieldInfo
-from pydantic_core import PydanticUndefined, to_jsonable_python
+from pydantic_core import to_jsonable_python
 
 from . import hookspecs
 from .hookspecs import ENTRY_POINT_GROUP, PROJECT, PartSpec, PresetSpec
+from .params import ParamInfo, param_info, type_name
 
 __all__ = [
     "KINDS",
@@ -359,12 +356,12 @@ class Registry:
         """Loaded plugins: pluggy name (``package:plugin``) -> package."""
         return dict(self._plugins)
 
-    def listing(self) -> dict[str, Any]:
-        """Everything ``kvpolicy plugins --json`` prints: parts (with parameter descriptions), presets (each checked
-        against the registered parts), problems."""
-        from .config import preset_problems  # config imports this module
+    def listing(self, preset_status: Mapping[str, str | None]) -> dict[str, Any]:
+        """Everything ``kvpolicy plugins --json`` prints: parts (with parameter descriptions), presets, problems.
 
-        preset_status = preset_problems(self)
+        ``preset_status``: each preset's problem (``None``: it resolves), from
+        :func:`kvpolicy.config.preset_problems` — checking a preset means resolving it, which is the policy
+        documents' job, not the registry's (so the registry never imports :mod:`kvpolicy.config`)."""
         return {
             "parts": [
                 {
@@ -429,151 +426,3 @@ def reset_registry(registry: Registry | None = None) -> None:
     global _registry
     with _lock:
         _registry = registry
-
-
-# ------------------------------------------------------------------------------------------- parameter descriptions
-@dataclass(frozen=True)
-class ParamInfo:
-    """One parameter of a part, as ``kvpolicy plugins`` shows it."""
-
-    name: str
-    type: str
-    required: bool
-    default: Any
-    range: str | None
-    choices: list[Any] | None
-    description: str | None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "type": self.type,
-            "required": self.required,
-            "default": to_jsonable_python(self.default, fallback=repr),
-            "range": self.range,
-            "choices": to_jsonable_python(self.choices, fallback=repr),
-            "description": self.description,
-        }
-
-    def brief(self) -> str:
-        """``offset: int = -25 [range]``"""
-        text = f"{self.name}: {self.type}"
-        text += " (required)" if self.required else f" = {self.default!r}"
-        if self.range:
-            text += f" {self.range}"
-        return text
-
-
-def type_name(annotation: Any) -> str:
-    """A readable name for a type annotation: ``int``, ``float | None``, ``'a' | 'b'``, ``dict[str, bool]``."""
-    if annotation is None or annotation is type(None):
-        return "None"
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin is typing.Annotated:
-        return type_name(args[0])
-    if origin is typing.Literal:
-        return " | ".join(repr(a) for a in args)
-    if origin is typing.Union or origin is types.UnionType:
-        return " | ".join(type_name(a) for a in args)
-    if origin is not None:
-        base = getattr(origin, "__name__", str(origin))
-        return f"{base}[{', '.join(type_name(a) for a in args)}]" if args else base
-    if isinstance(annotation, type):
-        return annotation.__name__
-    return str(annotation).replace("typing.", "")
-
-
-def _fmt_num(x: Any) -> str:
-    if isinstance(x, float) and x.is_integer():
-        return str(int(x))
-    return str(x)
-
-
-def field_range(info: FieldInfo) -> str | None:
-    """The numeric (or length) constraints of a field as text: ``[0, 1)``, ``>= 1``, ``length <= 8``."""
-    lo = hi = None
-    lo_closed = hi_closed = True
-    min_len = max_len = None
-    for m in info.metadata:
-        for attr, closed, is_lo in (("ge", True, True), ("gt", False, True), ("le", True, False), ("lt", False, False)):
-            value = getattr(m, attr, None)
-            if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-                continue
-            if is_lo:
-                lo, lo_closed = value, closed
-            else:
-                hi, hi_closed = value, closed
-        if getattr(m, "min_length", None) is not None:
-            min_len = m.min_length
-        if getattr(m, "max_length", None) is not None:
-            max_len = m.max_length
-    if lo is not None and hi is not None:
-        return f"{'[' if lo_closed else '('}{_fmt_num(lo)}, {_fmt_num(hi)}{']' if hi_closed else ')'}"
-    if lo is not None:
-        return f"{'>=' if lo_closed else '>'} {_fmt_num(lo)}"
-    if hi is not None:
-        return f"{'<=' if hi_closed else '<'} {_fmt_num(hi)}"
-    if min_len is not None or max_len is not None:
-        parts = []
-        if min_len is not None:
-            parts.append(f"length >= {min_len}")
-        if max_len is not None:
-            parts.append(f"length <= {max_len}")
-        return ", ".join(parts)
-    return None
-
-
-def field_choices(annotation: Any) -> list[Any] | None:
-    """The allowed values of a ``Literal`` or ``Enum`` annotation (``None`` included for an optional one)."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin is typing.Annotated:
-        return field_choices(args[0])
-    if origin is typing.Literal:
-        return list(args)
-    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
-        return [m.value for m in annotation]
-    if origin is typing.Union or origin is types.UnionType:
-        out: list[Any] = []
-        for a in args:
-            if a is type(None):
-                out.append(None)
-                continue
-            sub = field_choices(a)
-            if sub is None:
-                return None
-            out += sub
-        return out
-    return None
-
-
-def param_info(model: type[BaseModel]) -> list[ParamInfo]:
-    """Describe every field of a part's parameter model."""
-    out = []
-    for fname, info in model.model_fields.items():
-        required = info.is_required()
-        if required:
-            default = None
-        elif info.default_factory is not None:
-            try:
-                default = info.default_factory()  # type: ignore[call-arg]
-            except Exception:  # noqa: BLE001
-                default = "<factory>"
-        else:
-            default = None if info.default is PydanticUndefined else info.default
-        description = info.description
-        if description:
-            description = description.strip().splitlines()[0]
-        out.append(
-            ParamInfo(
-                name=fname,
-                type=type_name(info.annotation),
-                required=required,
-                default=default,
-                range=field_range(info),
-                choices=field_choices(info.annotation),
-                description=description,
-            )
-        )
-    return out

@@ -57,6 +57,7 @@ from pydantic import (
 )
 
 from .config import ConfigError, ConfigIssue, PolicyConfigError, read_policy_document, resolve_policy
+from .errors import issues_from_validation
 
 __all__ = [
     "METRICS",
@@ -563,87 +564,6 @@ def read_yaml_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _loc_path(loc: tuple) -> str:
-    out = []
-    for x in loc:
-        if isinstance(x, int):
-            out.append(f"[{x}]")
-        else:
-            out.append(("." if out else "") + str(x))
-    return "".join(out)
-
-
-_UNION_TAGS = {"str", "dict[str,any]", "list[...]", "function-after", "function-before", "function-wrap"}
-
-
-def issues_from_pydantic(err: ValidationError, model: type[BaseModel]) -> list[ConfigIssue]:
-    """Pydantic errors as one issue per field path: the path, the value given and what is allowed."""
-    by_path: dict[str, list[dict[str, Any]]] = {}
-    for e in err.errors(include_url=False):
-        loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and (x in _UNION_TAGS or x.startswith(("dict[",
-                                                                                                        "list[")))))
-        by_path.setdefault(_loc_path(loc), []).append(e)
-    issues = []
-    for path, errs in by_path.items():
-        # for a union field (policy: str | dict) report the most specific message only once
-        e = errs[0]
-        kind = e["type"]
-        value = e.get("input")
-        if kind == "extra_forbidden":
-            parent = path.rsplit(".", 1)[0] if "." in path else ""
-            allowed = _allowed_fields(model, parent)
-            msg = f"unknown field (value {value!r})" + (f"; allowed fields: {', '.join(allowed)}" if allowed else "")
-            msg += _did_you_mean(path.rsplit(".", 1)[-1], allowed) if allowed else ""
-        elif kind == "missing":
-            msg = "required field is missing"
-        elif kind in ("value_error", "assertion_error"):
-            msg = re.sub(r"^(Value|Assertion) error, ", "", e["msg"])
-        elif kind == "literal_error":
-            msg = f"{value!r} is not allowed; allowed values: {e.get('ctx', {}).get('expected')}"
-        elif kind == "string_pattern_mismatch":
-            msg = f"{value!r} is not allowed: use letters, digits, '_', '.', '-' (starting with a letter or digit)"
-        elif kind in ("too_short", "too_long") and isinstance(value, (list, dict)):
-            msg = "must not be empty" if kind == "too_short" else f"too many entries ({e['msg']})"
-        else:
-            msg = f"{e['msg'][:1].lower()}{e['msg'][1:]}, got {value!r}"
-        issues.append(ConfigIssue(path, msg))
-    return issues
-
-
-def _allowed_fields(model: type[BaseModel], parent: str) -> list[str]:
-    current: Any = model
-    for key in [k for k in re.split(r"\.|\[\d+\]", parent) if k]:
-        finfo = current.model_fields.get(key) if isinstance(current, type) and issubclass(current, BaseModel) else None
-        if finfo is None:
-            # dict values (space.<path>) and list items: look for the model type inside the annotation
-            sub = _inner_model(current, key)
-            if sub is None:
-                return []
-            current = sub
-            continue
-        current = _inner_model_of(finfo.annotation) or current
-    if isinstance(current, type) and issubclass(current, BaseModel):
-        return list(current.model_fields)
-    return []
-
-
-def _inner_model_of(annotation: Any) -> type[BaseModel] | None:
-    import typing
-
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for a in typing.get_args(annotation):
-        found = _inner_model_of(a)
-        if found is not None:
-            return found
-    return None
-
-
-def _inner_model(current: Any, key: str) -> type[BaseModel] | None:
-    return current if isinstance(current, type) and issubclass(current, BaseModel) and key not in current.model_fields \
-        else None
-
-
 def _apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any] | None) -> dict[str, Any]:
     data = copy.deepcopy(data)
     for key, value in (overrides or {}).items():
@@ -773,7 +693,7 @@ def load_sweep(source: str | Path | Mapping[str, Any], overrides: Mapping[str, A
     try:
         spec = SweepSpec.model_validate(data)
     except ValidationError as exc:
-        raise SweepConfigError(issues_from_pydantic(exc, SweepSpec), where) from None
+        raise SweepConfigError(issues_from_validation(exc, SweepSpec), where) from None
     issues: list[ConfigIssue] = []
     if spec.multi_objective and spec.pruning.enabled and spec.pruning.pruner != "none":
         issues.append(ConfigIssue(
@@ -846,7 +766,7 @@ def load_ablation(source: str | Path | Mapping[str, Any], overrides: Mapping[str
     try:
         spec = AblationSpec.model_validate(data)
     except ValidationError as exc:
-        raise SweepConfigError(issues_from_pydantic(exc, AblationSpec), where) from None
+        raise SweepConfigError(issues_from_validation(exc, AblationSpec), where) from None
     issues: list[ConfigIssue] = []
     for i, budget in enumerate(spec.budgets):
         bad = [k for k in budget if k not in ("ratio", "tokens", "decode_budget")]

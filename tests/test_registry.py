@@ -16,6 +16,7 @@ import pytest
 import torch
 from pydantic import BaseModel, Field
 
+from kvpolicy.config import preset_problems
 from kvpolicy.hookspecs import ENTRY_POINT_GROUP, PartSpec, PresetSpec, hookimpl
 from kvpolicy.core.policy import LayerView
 from kvpolicy.registry import (
@@ -213,7 +214,7 @@ def test_param_info_and_listing():
         ),
         source="pkg",
     )
-    data = reg.listing()
+    data = reg.listing(preset_problems(reg))
     json.dumps(data)  # serialisable
     assert {p["name"] for p in data["parts"]} == {"w", "evict"}
     status = {p["name"]: p["status"] for p in data["presets"]}

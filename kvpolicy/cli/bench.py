@@ -60,7 +60,7 @@ def _spec(fields: dict[str, Any]) -> Any:
     try:
         return BenchSpec(**{k: v for k, v in fields.items() if v is not None})
     except ValidationError as exc:
-        validation_lines(exc)
+        validation_lines(exc, BenchSpec)
         raise typer.Exit(2) from exc
 
 

@@ -126,12 +126,13 @@ def warn_plugin_problems() -> None:
         err.print(Text("(run `kvpolicy plugins` for the full listing)", style="yellow"))
 
 
-def validation_lines(exc: Exception) -> None:
-    """A pydantic ValidationError as one ``error: field: message`` line per problem."""
-    for err in exc.errors():  # type: ignore[attr-defined]
-        field = ".".join(str(x) for x in err["loc"]) or "options"
-        msg = err["msg"].removeprefix("Value error, ")
-        stderr_console().print(Text(f"error: {field}: {msg}", style="red"), soft_wrap=True)
+def validation_lines(exc: Exception, model: Any = None) -> None:
+    """A pydantic ValidationError as one ``error: field: message`` line per problem, through the one translator every
+    input error uses (:func:`kvpolicy.errors.issues_from_validation`; with ``model``, the field's range or choices)."""
+    from ..errors import issues_from_validation
+
+    for issue in issues_from_validation(exc, model):  # type: ignore[arg-type]
+        stderr_console().print(Text(f"error: {issue.path or 'options'}: {issue.message}", style="red"), soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> None:

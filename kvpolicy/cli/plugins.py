@@ -17,12 +17,14 @@ def plugins(
     as_json: bool = typer.Option(False, "--json", help="print machine-readable JSON"),
 ) -> None:
     """List every part and preset, one line each (problems first); NAME for one in detail."""
+    from ..config import preset_problems
     from ..registry import KINDS, get_registry
     from . import listing
 
     if kind is not None and kind not in KINDS:
         raise fail(f"--kind: {kind!r} is not a kind of part; allowed: {', '.join(KINDS)}")
-    data = listing.filter_kind(get_registry().listing(), kind)
+    registry = get_registry()
+    data = listing.filter_kind(registry.listing(preset_problems(registry)), kind)
     if as_json:
         typer.echo(json.dumps(data, indent=2))
         return

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from kvpolicy.hookspecs import PartSpec, PresetSpec, hookimpl
 from kvpolicy.core.policy import AttentionStat, LayerView, Reduction
 from kvpolicy.core.selection import ranked_slots, sort_by_position
-from kvpolicy.sinks import POLICY_SINKS
+from kvpolicy.params import POLICY_SINKS
 
 from .decode import DROP_INDEX_KEY, DistanceOffset, DistanceOffsetParams
 

@@ -2,10 +2,11 @@
 (e.g. Elastic's ``anchor_merge.start_size``) become one number.
 
 Why: a decode scorer has to know which first tokens the reducer protected, or it may evict them (Elastic Cache's
-frozen drop index fell onto the BOS sink for short prompts). :attr:`kvpolicy.core.policy.CachePolicy.sinks` is that
-number and every part reads it as ``view.sinks``. A part parameter that means the same thing marks itself with
-``json_schema_extra={POLICY_SINKS: True}``; resolution (:func:`resolve_sinks`) then fills it from the policy's
-``sinks`` or checks it against it, so the two can never disagree.
+frozen drop index fell onto the BOS sink for short prompts). :attr:`kvpolicy.core.policy.CachePolicy.sinks` is that number
+and every part reads it as ``view.sinks``. A part parameter that means the same thing marks itself with
+``json_schema_extra={POLICY_SINKS: True}`` (:data:`kvpolicy.params.POLICY_SINKS`); resolution
+(:func:`resolve_sinks`) then fills it from the policy's ``sinks`` or checks it against it, so the two can never
+disagree.
 
 Precedence, so that both ``{preset: elastic, sinks: 4}`` and ``{preset: elastic, reducer: {start_size: 4}}`` work:
 what the user's own document (overrides included) says wins over what its presets say; within one of them, ``sinks``
@@ -18,26 +19,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel
-from pydantic.fields import FieldInfo
-
-__all__ = ["POLICY_SINKS", "SinksResolution", "is_sinks_param", "resolve_sinks", "sinks_params"]
-
-#: ``json_schema_extra`` key marking a part parameter that repeats the policy's protected sinks
-POLICY_SINKS = "policy_sinks"
+__all__ = ["SinksResolution", "resolve_sinks"]
 
 Key = tuple[str, str]  # (part field, parameter name)
-
-
-def is_sinks_param(info: FieldInfo) -> bool:
-    """Whether a part parameter is marked as repeating the policy's ``sinks``."""
-    extra = info.json_schema_extra
-    return isinstance(extra, Mapping) and bool(extra.get(POLICY_SINKS))
-
-
-def sinks_params(model: type[BaseModel]) -> list[str]:
-    """Names of the parameters of ``model`` that repeat the policy's ``sinks``."""
-    return [name for name, info in model.model_fields.items() if is_sinks_param(info)]
 
 
 @dataclass
