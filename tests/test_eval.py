@@ -180,7 +180,7 @@ def test_reference_cache_reused_and_atomic(tiny, tmp_path):
 
 
 def test_model_fingerprint_is_deterministic_across_threads(tiny):
-    from kvpolicy.eval.reference import model_fingerprint
+    from kvpolicy.eval.references import model_fingerprint
 
     before = torch.get_num_threads()
     try:
@@ -305,55 +305,37 @@ def tiny_loader(monkeypatch, tiny):
     monkeypatch.setattr(runner, "load_eval_model", lambda name, dtype="bfloat16", device="cpu": (tiny, CharTokenizer()))
 
 
-def test_run_cli_writes_results_and_prints_table(tiny_loader, tmp_path):
+def test_run_writes_results_and_prints_table(tiny_loader, tmp_path):
     from rich.console import Console
 
-    from kvpolicy.eval import run_cli
+    from kvpolicy.cli.evaluate import show_run
 
     console = Console(record=True, width=160)
     out = tmp_path / "results.json"
-    res = run_cli(
-        policy="elastic",
-        ratio=0.5,
-        task="tiny-synthetic",
-        samples=6,
-        out=out,
-        console=console,
-        batch_size=4,
-        use_reference_cache=False,
-        bootstrap=50,
-        dtype="float32",
-    )
+    spec = EvalSpec(policy="elastic", ratio=0.5, task="tiny-synthetic", samples=6, batch_size=4,
+                    use_reference_cache=False, bootstrap=50, dtype="float32")
+    res = show_run(spec, out, as_json=False, console=console)
     text = console.export_text()
     assert "PPL" in text and "delta" in text and "ratio-0 check passed" in text
     doc = json.loads(out.read_text())
     assert doc["policy_metrics"]["ppl"] == res.policy_metrics.ppl
 
 
-def test_compare_cli_grid_resumes_and_plots(tiny_loader, tmp_path):
+def test_compare_grid_resumes_and_plots(tiny_loader, tmp_path):
     from rich.console import Console
 
-    from kvpolicy.eval import compare_cli
+    from kvpolicy.cli.evaluate import show_compare
 
-    kw = dict(
-        policies="full,local,h2o",
-        ratios="0.5,0.8",
-        task="tiny-synthetic",
-        samples=6,
-        out_dir=tmp_path,
-        batch_size=4,
-        use_reference_cache=False,
-        bootstrap=50,
-        dtype="float32",
-        console=Console(record=True, width=160),
-    )
-    summary = compare_cli(**kw)
+    base = dict(samples=6, batch_size=4, use_reference_cache=False, bootstrap=50, dtype="float32")
+    kw = dict(policies=["full", "local", "h2o"], ratios=[0.5, 0.8], tasks=["tiny-synthetic"], output=tmp_path,
+              base=base, as_json=False, quiet=False, console=Console(record=True, width=160))
+    summary = show_compare(**kw)
     cells = summary["cells"]["tiny-synthetic"]
     assert set(cells) == {"full", "local", "h2o"} and set(cells["local"]) == {"0.5", "0.8"}
     assert cells["local"]["0.5"]["ppl_ci"][0] <= cells["local"]["0.5"]["ppl"] <= cells["local"]["0.5"]["ppl_ci"][1]
     assert (tmp_path / "tiny-synthetic_ppl.png").stat().st_size > 1000
     stamp = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cells").iterdir()}
-    compare_cli(**kw)  # resumed: nothing recomputed
+    show_compare(**kw)  # resumed: nothing recomputed
     assert stamp == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cells").iterdir()}
 
 
@@ -364,7 +346,7 @@ def test_compare_recomputes_an_auto_cell_where_auto_resolves_differently(monkeyp
     import copy
 
     from kvpolicy import hardware
-    from kvpolicy.eval.report import compare
+    from kvpolicy.eval.compare import compare
 
     loaded: list[torch.dtype] = []
 

@@ -25,7 +25,7 @@ class Sample:
     """One evaluation sample, already tokenised.
 
     ``target_ids`` is the gold continuation/answer teacher-forced through the cache; ``None`` means "the full-cache
-    greedy answer" (computed once and cached, see :mod:`kvpolicy.eval.reference`). ``generate``: the policy's own
+    greedy answer" (computed once and cached, see :mod:`kvpolicy.eval.references`). ``generate``: the policy's own
     greedy answer is produced too (for ROUGE-L against the full cache's, and ``answers`` string match).
     ``extra`` holds model inputs beside ``input_ids`` for the prefill only (``pixel_values`` of an image prompt).
     """
