@@ -111,6 +111,49 @@ def test_compression_is_measured_and_changes_results(tiny):
     assert m.decode_tokens > 0 and m.prefill_s > 0
 
 
+def test_paired_difference_of_two_results_against_a_direct_computation(tiny):
+    """Policy A minus policy B on the samples two result files share: the pooled metrics recomputed here from the
+    per-sample sums, the interval from the same seeded index draws, resample by resample."""
+    import numpy as np
+
+    from kvpolicy.eval.aggregate import paired_difference
+
+    a = run_tiny(tiny, "local", 0.5).model_dump(mode="json")
+    b = run_tiny(tiny, "h2o", 0.7).model_dump(mode="json")
+    b["samples"] = b["samples"][::-1]  # paired by id, not by position
+    pa = {s["id"]: s["policy"] for s in a["samples"]}
+    pb = {s["id"]: s["policy"] for s in b["samples"]}
+    ids = list(pa)
+
+    def pooled(side, rows, num, den):
+        return sum(side[ids[i]][num] for i in rows) / sum(side[ids[i]][den] for i in rows)
+
+    stats = {
+        "ppl": lambda rows: math.exp(pooled(pa, rows, "nll_sum", "scored_tokens"))
+        - math.exp(pooled(pb, rows, "nll_sum", "scored_tokens")),
+        "kl": lambda rows: pooled(pa, rows, "kl_sum", "steps") - pooled(pb, rows, "kl_sum", "steps"),
+        "rouge_l": lambda rows: float(np.mean([pa[ids[i]]["rouge_l"] for i in rows]))
+        - float(np.mean([pb[ids[i]]["rouge_l"] for i in rows])),
+    }
+    draws = np.random.default_rng(3).integers(0, len(ids), size=(200, len(ids)))
+    for key, stat in stats.items():
+        got = paired_difference(a, b, key, n_boot=200, seed=3)
+        assert got["n"] == len(ids)
+        assert got["value"] == pytest.approx(stat(range(len(ids))), rel=1e-12)
+        diffs = np.array([stat(row) for row in draws])
+        want = np.quantile(diffs, [0.025, 0.975])
+        assert got["ci"] == pytest.approx(tuple(want), rel=1e-9, abs=1e-12)
+    b["samples"] = [dict(s, id="other-" + s["id"]) for s in b["samples"]]
+    assert paired_difference(a, b, "ppl") is None  # no shared sample
+
+
+def test_ablations_use_the_one_paired_bootstrap():
+    import kvpolicy.ablate
+    import kvpolicy.eval.aggregate
+
+    assert kvpolicy.ablate.paired_bootstrap is kvpolicy.eval.aggregate.paired_bootstrap
+
+
 def test_teacher_forcing_applies_decode_rule_per_token(tiny):
     """The cache keeps a fraction of all tokens seen: after teacher forcing it holds fewer than prompt + target."""
     res = run_tiny(tiny, "local", 0.5)
