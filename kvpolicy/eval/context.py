@@ -53,6 +53,7 @@ def policy_document(policy: CachePolicy) -> dict[str, Any]:
 
 
 def eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Every id that ends a generation: the generation config's (one or several) and the tokenizer's."""
     ids: set[int] = set()
     gen = getattr(model, "generation_config", None)
     e = getattr(gen, "eos_token_id", None) if gen is not None else None
@@ -67,6 +68,7 @@ def eos_ids(model: Any, tokenizer: Any) -> list[int]:
 
 
 def pad_id(model: Any, tokenizer: Any, eos: list[int]) -> int:
+    """The id left padding and finished rows are fed: the tokenizer's, else the model's, else the first eos."""
     tok = text_tokenizer(tokenizer) if tokenizer is not None else None
     for value in (getattr(tok, "pad_token_id", None), getattr(model.config, "pad_token_id", None)):
         if isinstance(value, int):

@@ -27,6 +27,8 @@ def side(
     keep_text: bool,
     policy_side: bool,
 ) -> SampleSide:
+    """One sample under one cache: the policy's ``row`` (``policy_side``) or the full cache, i.e. the reference
+    itself; ``protocol="authors"`` leaves the last target token unscored in PPL."""
     n_t = len(ref.target)
     scored = n_t - 1 if protocol == "authors" else n_t
     scored = max(0, scored)
