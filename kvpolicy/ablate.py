@@ -29,8 +29,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .config import (
     PolicyConfigError,
     policy_to_dict,
@@ -48,25 +46,8 @@ def _budget_label(budget: Mapping[str, Any]) -> str:
     return ", ".join(f"{k} {v}" for k, v in budget.items())
 
 
-def paired_bootstrap(base: Any, variant: Any, metric: str, resamples: int = 2000, confidence: float = 0.95,
-                     seed: int = 0) -> tuple[float, float, float]:
-    """``(delta, low, high)``: the variant's metric minus the base's over all samples, and the percentile interval of
-    that difference over ``resamples`` paired resamples of the samples (same indices for both)."""
-    n_base = base.n_samples()
-    n_var = variant.n_samples()
-    if n_base != n_var:
-        raise ValueError(f"paired bootstrap needs the same samples: base has {n_base}, variant {n_var}")
-    delta = float(variant.aggregate(metric)) - float(base.aggregate(metric))
-    if n_base < 2:
-        return delta, float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n_base, size=(resamples, n_base))
-    diffs = np.asarray(variant.aggregate(metric, idx)) - np.asarray(base.aggregate(metric, idx))
-    diffs = diffs[np.isfinite(diffs)]
-    if diffs.size == 0:
-        return delta, float("nan"), float("nan")
-    alpha = 1.0 - confidence
-    return delta, float(np.quantile(diffs, alpha / 2)), float(np.quantile(diffs, 1 - alpha / 2))
+# the one paired bootstrap of kvpolicy (also behind paired differences of evaluation results)
+from .eval.aggregate import paired_bootstrap  # noqa: E402
 
 
 @dataclass

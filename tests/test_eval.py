@@ -111,6 +111,49 @@ def test_compression_is_measured_and_changes_results(tiny):
     assert m.decode_tokens > 0 and m.prefill_s > 0
 
 
+def test_paired_difference_of_two_results_against_a_direct_computation(tiny):
+    """Policy A minus policy B on the samples two result files share: the pooled metrics recomputed here from the
+    per-sample sums, the interval from the same seeded index draws, resample by resample."""
+    import numpy as np
+
+    from kvpolicy.eval.aggregate import paired_difference
+
+    a = run_tiny(tiny, "local", 0.5).model_dump(mode="json")
+    b = run_tiny(tiny, "h2o", 0.7).model_dump(mode="json")
+    b["samples"] = b["samples"][::-1]  # paired by id, not by position
+    pa = {s["id"]: s["policy"] for s in a["samples"]}
+    pb = {s["id"]: s["policy"] for s in b["samples"]}
+    ids = list(pa)
+
+    def pooled(side, rows, num, den):
+        return sum(side[ids[i]][num] for i in rows) / sum(side[ids[i]][den] for i in rows)
+
+    stats = {
+        "ppl": lambda rows: math.exp(pooled(pa, rows, "nll_sum", "scored_tokens"))
+        - math.exp(pooled(pb, rows, "nll_sum", "scored_tokens")),
+        "kl": lambda rows: pooled(pa, rows, "kl_sum", "steps") - pooled(pb, rows, "kl_sum", "steps"),
+        "rouge_l": lambda rows: float(np.mean([pa[ids[i]]["rouge_l"] for i in rows]))
+        - float(np.mean([pb[ids[i]]["rouge_l"] for i in rows])),
+    }
+    draws = np.random.default_rng(3).integers(0, len(ids), size=(200, len(ids)))
+    for key, stat in stats.items():
+        got = paired_difference(a, b, key, n_boot=200, seed=3)
+        assert got["n"] == len(ids)
+        assert got["value"] == pytest.approx(stat(range(len(ids))), rel=1e-12)
+        diffs = np.array([stat(row) for row in draws])
+        want = np.quantile(diffs, [0.025, 0.975])
+        assert got["ci"] == pytest.approx(tuple(want), rel=1e-9, abs=1e-12)
+    b["samples"] = [dict(s, id="other-" + s["id"]) for s in b["samples"]]
+    assert paired_difference(a, b, "ppl") is None  # no shared sample
+
+
+def test_ablations_use_the_one_paired_bootstrap():
+    import kvpolicy.ablate
+    import kvpolicy.eval.aggregate
+
+    assert kvpolicy.ablate.paired_bootstrap is kvpolicy.eval.aggregate.paired_bootstrap
+
+
 def test_teacher_forcing_applies_decode_rule_per_token(tiny):
     """The cache keeps a fraction of all tokens seen: after teacher forcing it holds fewer than prompt + target."""
     res = run_tiny(tiny, "local", 0.5)
@@ -180,7 +223,7 @@ def test_reference_cache_reused_and_atomic(tiny, tmp_path):
 
 
 def test_model_fingerprint_is_deterministic_across_threads(tiny):
-    from kvpolicy.eval.reference import model_fingerprint
+    from kvpolicy.eval.references import model_fingerprint
 
     before = torch.get_num_threads()
     try:
@@ -305,55 +348,37 @@ def tiny_loader(monkeypatch, tiny):
     monkeypatch.setattr(runner, "load_eval_model", lambda name, dtype="bfloat16", device="cpu": (tiny, CharTokenizer()))
 
 
-def test_run_cli_writes_results_and_prints_table(tiny_loader, tmp_path):
+def test_run_writes_results_and_prints_table(tiny_loader, tmp_path):
     from rich.console import Console
 
-    from kvpolicy.eval import run_cli
+    from kvpolicy.cli.evaluate import show_run
 
     console = Console(record=True, width=160)
     out = tmp_path / "results.json"
-    res = run_cli(
-        policy="elastic",
-        ratio=0.5,
-        task="tiny-synthetic",
-        samples=6,
-        out=out,
-        console=console,
-        batch_size=4,
-        use_reference_cache=False,
-        bootstrap=50,
-        dtype="float32",
-    )
+    spec = EvalSpec(policy="elastic", ratio=0.5, task="tiny-synthetic", samples=6, batch_size=4,
+                    use_reference_cache=False, bootstrap=50, dtype="float32")
+    res = show_run(spec, out, as_json=False, console=console)
     text = console.export_text()
     assert "PPL" in text and "delta" in text and "ratio-0 check passed" in text
     doc = json.loads(out.read_text())
     assert doc["policy_metrics"]["ppl"] == res.policy_metrics.ppl
 
 
-def test_compare_cli_grid_resumes_and_plots(tiny_loader, tmp_path):
+def test_compare_grid_resumes_and_plots(tiny_loader, tmp_path):
     from rich.console import Console
 
-    from kvpolicy.eval import compare_cli
+    from kvpolicy.cli.evaluate import show_compare
 
-    kw = dict(
-        policies="full,local,h2o",
-        ratios="0.5,0.8",
-        task="tiny-synthetic",
-        samples=6,
-        out_dir=tmp_path,
-        batch_size=4,
-        use_reference_cache=False,
-        bootstrap=50,
-        dtype="float32",
-        console=Console(record=True, width=160),
-    )
-    summary = compare_cli(**kw)
+    base = dict(samples=6, batch_size=4, use_reference_cache=False, bootstrap=50, dtype="float32")
+    kw = dict(policies=["full", "local", "h2o"], ratios=[0.5, 0.8], tasks=["tiny-synthetic"], output=tmp_path,
+              base=base, as_json=False, quiet=False, console=Console(record=True, width=160))
+    summary = show_compare(**kw)
     cells = summary["cells"]["tiny-synthetic"]
     assert set(cells) == {"full", "local", "h2o"} and set(cells["local"]) == {"0.5", "0.8"}
     assert cells["local"]["0.5"]["ppl_ci"][0] <= cells["local"]["0.5"]["ppl"] <= cells["local"]["0.5"]["ppl_ci"][1]
     assert (tmp_path / "tiny-synthetic_ppl.png").stat().st_size > 1000
     stamp = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cells").iterdir()}
-    compare_cli(**kw)  # resumed: nothing recomputed
+    show_compare(**kw)  # resumed: nothing recomputed
     assert stamp == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cells").iterdir()}
 
 
@@ -364,7 +389,7 @@ def test_compare_recomputes_an_auto_cell_where_auto_resolves_differently(monkeyp
     import copy
 
     from kvpolicy import hardware
-    from kvpolicy.eval.report import compare
+    from kvpolicy.eval.compare import compare
 
     loaded: list[torch.dtype] = []
 

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import kvpolicy
-from kvpolicy.eval import EvalSpec, TaskError, evaluate, report, runner
+from kvpolicy.eval import EvalSpec, TaskError, context, evaluate, protocol, report, runner
 from kvpolicy.eval.tasks import get_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,9 +192,9 @@ def test_processor_without_chat_template_falls_back_to_the_plain_format(loaded, 
 def test_full_cache_answer_equals_generate(loaded, built, family):
     """The harness's own decode loop (explicit M-RoPE positions for Qwen2-VL) gives generate()'s greedy answer."""
     model, processor = loaded[family]
-    ctx = runner.make_context(model, processor)
+    ctx = context.make_context(model, processor)
     for sample in load_samples(processor, built.data, "mmvet", n=3, max_new_tokens=8):
-        row = runner.run_batch(ctx, [sample], None, [None], mode="reference")[0]
+        row = protocol.run_reference(ctx, [sample], [None])[0]
         ids = torch.tensor([sample.prompt_ids])
         out = model.generate(
             input_ids=ids,
@@ -448,7 +448,7 @@ def test_docs_commands_run_on_the_tiny_models(built, monkeypatch, tmp_path):
         return models[(name, want)]
 
     monkeypatch.setattr(runner, "load_eval_model", load)
-    real_evaluate = report.evaluate
+    real_evaluate = runner.evaluate
     seen: list[EvalSpec] = []
 
     def small(spec: EvalSpec, *args: Any, **kwargs: Any) -> Any:
@@ -456,7 +456,7 @@ def test_docs_commands_run_on_the_tiny_models(built, monkeypatch, tmp_path):
         seen.append(spec)
         return real_evaluate(spec, *args, **kwargs)
 
-    monkeypatch.setattr(report, "evaluate", small)
+    monkeypatch.setattr(runner, "evaluate", small)
 
     blocks = doc_blocks(text)
     for lang, body in blocks:  # policy files the commands use

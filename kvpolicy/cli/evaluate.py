@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import typer
 from rich.table import Table
@@ -65,7 +68,7 @@ def evaluation_errors():
     from pydantic import ValidationError
 
     from ..config import ConfigError
-    from ..eval.runner import EvalError
+    from ..eval.spec import EvalError
     from ..eval.tasks import TaskError
     from ..core.partcheck import PartError
 
@@ -84,10 +87,29 @@ _DTYPE_HELP = "auto (bfloat16 where the device computes it natively, else float3
 _TASK_OPTION_HELP = "task option key=value (value read as YAML; repeatable; every task of the command gets it)"
 
 
+def parse_options(items: Sequence[str] | None) -> dict[str, Any]:
+    """``["context_tokens=512", "variants=[single]"]`` -> ``{"context_tokens": 512, "variants": ["single"]}``
+    (values parsed as YAML), for ``--task-option`` style CLI flags."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"expected key=value, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def split_list(text: str | Sequence[Any], cast: Callable[[str], Any]) -> list[Any]:
+    """A comma-separated flag (``"0.5,0.8"``) or a sequence as a list of ``cast`` values."""
+    if isinstance(text, str):
+        return [cast(x.strip()) for x in text.split(",") if x.strip()]
+    return [cast(str(x)) for x in text]
+
+
 def task_options(items: list[str] | None) -> dict:
     """``--task-option key=value`` items as the task's options dict, or exit 2 naming the malformed item."""
-    from ..eval.report import parse_options
-
     try:
         return parse_options(items)
     except ValueError as exc:
@@ -118,7 +140,7 @@ def run(
     best_policy.yaml) is measured as it says (model, task, samples, seed, batch size, dtype, ...) unless a flag is
     given on the command line."""
     from ..eval.preflight import policy_evaluation
-    from ..eval.report import run_cli
+    from ..eval.spec import EvalSpec
 
     with evaluation_errors():
         flags = dict(model=model, task=task, samples=samples, seed=seed, batch_size=batch_size, threads=threads,
@@ -129,7 +151,8 @@ def run(
             settings["task_options"] = flags["task_options"]
         elif task_option:
             settings["task_options"] = {**measured.get("task_options", {}), **flags["task_options"]}
-        run_cli(policy=policy, ratio=ratio, out=output, as_json=as_json, quiet=quiet, **settings)
+        spec = EvalSpec(policy=policy, ratio=ratio, quiet=quiet or as_json, **settings)
+        show_run(spec, output, as_json)
 
 
 @app.command(cls=PluginCommand)
@@ -149,9 +172,71 @@ def compare(
     dtype: str = typer.Option("auto", "--dtype", help=_DTYPE_HELP),
 ) -> None:
     """Quality vs budget: every policy at every ratio, with bootstrap confidence intervals and one plot per metric."""
-    from ..eval.report import compare_cli
+    from ..config import ConfigError, ConfigIssue
 
     with evaluation_errors():
-        compare_cli(policies=policies, ratios=ratios, model=model, task=task, samples=samples, seed=seed,
-                    out_dir=output, as_json=as_json, quiet=quiet, threads=threads,
-                    task_options=task_options(task_option), device=device, dtype=dtype)
+        options = task_options(task_option)
+        try:
+            grid_ratios = None if ratios is None else split_list(ratios, float)
+        except ValueError as exc:
+            issue = ConfigIssue("ratios", f"expected comma-separated numbers in [0, 1), got {ratios!r}")
+            raise ConfigError(issue) from exc
+        base = {"model": model, "samples": samples, "seed": seed, "quiet": quiet or as_json, "threads": threads,
+                "task_options": options, "device": device, "dtype": dtype}
+        show_compare(split_list(policies, str), grid_ratios, split_list(task, str), output, base, as_json, quiet)
+
+
+def show_run(spec: Any, output: str | Path | None, as_json: bool, console: Any = None) -> Any:
+    """``kvpolicy run`` once its flags are a spec: evaluate, write the result file (atomically) and print the table
+    with the ratio-0 check's outcome (or the result as JSON). Returns the :class:`~kvpolicy.eval.EvalResult`."""
+    from rich.console import Console
+
+    from ..eval import runner
+    from ..eval.report import honesty_line, run_footer, run_table
+    from ..eval.spec import result_json
+    from ..io import write_json_atomic
+
+    result = runner.evaluate(spec)
+    doc = result_json(result)
+    if output:
+        write_json_atomic(output, doc)
+    if as_json:
+        print(json.dumps(doc, default=str))
+        return result
+    console = console or Console()
+    console.print(run_table(result))
+    console.print(honesty_line(result))
+    console.print(run_footer(result, output))
+    return result
+
+
+def show_compare(
+    policies: list[str],
+    ratios: list[float] | None,
+    tasks: list[str],
+    output: str | Path,
+    base: dict[str, Any],
+    as_json: bool,
+    quiet: bool,
+    console: Any = None,
+) -> dict[str, Any]:
+    """``kvpolicy compare`` once its flags are lists: run the grid (a line per computed cell), draw one plot per task
+    and metric, and print one table per task and metric (or the summary as JSON). Returns the summary."""
+    from rich.console import Console
+
+    from ..eval.compare import compare
+    from ..eval.report import cell_line, compare_tables, plot_summary
+    from ..io import write_json_atomic
+
+    console = console or Console(stderr=as_json)
+    on_cell = None if (quiet or as_json) else (lambda done: console.print(cell_line(done)))
+    summary = compare(policies, ratios, tasks, output, base=base, on_cell=on_cell)
+    summary["plots"] = [str(p) for p in plot_summary(summary, output)]
+    write_json_atomic(Path(output) / "compare.json", summary)
+    if as_json:
+        print(json.dumps(summary, default=str))
+        return summary
+    for table in compare_tables(summary):
+        console.print(table)
+    console.print("plots: " + ", ".join(summary["plots"]))
+    return summary

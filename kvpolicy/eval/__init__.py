@@ -1,10 +1,19 @@
 """Evaluation: tasks, metrics and the protocol that compares a policy with the full cache.
 
-``evaluate(EvalSpec(...)) -> EvalResult`` is the library entry point; ``run_cli`` and ``compare_cli`` back the
-``kvpolicy run`` / ``kvpolicy compare`` commands. See ``docs/evaluation.md``.
+``evaluate(EvalSpec(...)) -> EvalResult`` is the library entry point; ``kvpolicy.eval.compare.compare`` runs a grid of
+them. The ``kvpolicy run`` / ``kvpolicy compare`` commands (:mod:`kvpolicy.cli.evaluate`) call these and print
+:mod:`.report`'s tables. See ``docs/evaluation.md``.
+
+The package, in the order an evaluation goes through it: :mod:`.spec` (what defines a run and its result),
+:mod:`.preflight` (checks before a model loads), :mod:`.context` (model, tokenizer, eos/pad ids), :mod:`.tasks`
+(samples), :mod:`.references` (the full-cache side, cached on disk), :mod:`.protocol` (one batch: prefill, teacher
+forcing, generation), :mod:`.honesty` (the ratio-0 check), :mod:`.scoring` (per-sample results), :mod:`.aggregate`
+(metrics, intervals, the paired bootstrap), :mod:`.runner` (:func:`evaluate`), :mod:`.compare` and :mod:`.report`.
 """
 
-from .runner import (
+from .budget import kept_by_type
+from .runner import evaluate
+from .spec import (
     BatchUpdate,
     EvalError,
     EvalResult,
@@ -13,8 +22,8 @@ from .runner import (
     NonFiniteError,
     SampleResult,
     SideMetrics,
-    evaluate,
-    kept_by_type,
+    load_result,
+    write_result,
 )
 from .tasks import TASKS, Sample, Task, TaskError, get_task, register_task
 
@@ -31,18 +40,10 @@ __all__ = [
     "SideMetrics",
     "Task",
     "TaskError",
-    "compare_cli",
     "evaluate",
     "get_task",
     "kept_by_type",
+    "load_result",
     "register_task",
-    "run_cli",
+    "write_result",
 ]
-
-
-def __getattr__(name: str):
-    if name in ("run_cli", "compare_cli"):
-        from . import report
-
-        return getattr(report, name)
-    raise AttributeError(name)

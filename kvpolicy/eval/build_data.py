@@ -28,6 +28,9 @@ import random
 import re
 import sys
 from pathlib import Path
+from typing import IO
+
+from ..io import atomic_write, write_json_atomic
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 SKIP_DIRS = {
@@ -221,11 +224,12 @@ def build() -> dict[str, list[dict]]:
 def write(name: str, rows: list[dict]) -> Path:
     path = DATA_DIR / f"{name}.jsonl.gz"
     payload = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows).encode("utf-8")
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9) as gz:
-        gz.write(payload)
-    os.replace(tmp, path)
-    return path
+
+    def compress(raw: IO[bytes]) -> None:
+        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9) as gz:
+            gz.write(payload)
+
+    return atomic_write(path, compress)
 
 
 def main() -> None:
@@ -235,7 +239,7 @@ def main() -> None:
         path = write(name, rows)
         print(f"{path}: {len(rows)} rows, {path.stat().st_size:,} bytes")
     meta = {"python": sys.version.split()[0], "counts": {k: len(v) for k, v in data.items()}}
-    (DATA_DIR / "build_info.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_json_atomic(DATA_DIR / "build_info.json", meta, indent=2)
 
 
 if __name__ == "__main__":

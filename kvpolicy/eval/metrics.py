@@ -1,7 +1,7 @@
 """Metrics: per-step NLL/KL/top-1 from logits, ROUGE-L, string match, pooled PPL and bootstrap intervals.
 
 KL is ``KL(full || policy)`` of the next-token distributions, step by step along the teacher-forced target. The full
-cache's distribution is stored on disk as its top-``k`` log-probabilities (:mod:`kvpolicy.eval.reference`); the KL
+cache's distribution is stored on disk as its top-``k`` log-probabilities (:mod:`kvpolicy.eval.references`); the KL
 is then taken over those ``k`` tokens plus one bucket holding the rest of the vocabulary. Merging outcomes can only
 lose information, so this is a lower bound of the exact KL (equal when the bucket's mass is 0 or ``k`` is the whole
 vocabulary, ``kl_topk=0``), and it is exactly 0 when the two distributions are identical.
@@ -102,12 +102,47 @@ def bootstrap(
     return (float(np.quantile(vals, alpha / 2)), float(np.quantile(vals, 1 - alpha / 2)))
 
 
+# --------------------------------------------------------------------------------------------- per task
+#: the metrics each task reports, first = the headline metric; (key, label, higher_is_better). The one list: the
+#: run/compare tables and plots show these, and :func:`produced_metrics` derives what a task can be optimised for
+TASK_METRICS: dict[str, list[tuple[str, str, bool]]] = {
+    "continuation": [("ppl", "PPL", False), ("kl", "KL", False), ("top1", "top-1", True)],
+    "instruct": [("rouge_l", "ROUGE-L", True), ("ppl", "PPL", False), ("kl", "KL", False), ("top1", "top-1", True)],
+    "needle": [
+        ("exact_match", "match", True),
+        ("ppl", "PPL", False),
+        ("rouge_l", "ROUGE-L", True),
+        ("kl", "KL", False),
+    ],
+}
+DEFAULT_METRICS = [("ppl", "PPL", False), ("rouge_l", "ROUGE-L", True), ("kl", "KL", False), ("top1", "top-1", True)]
+
+
+def metrics_for(task: str) -> list[tuple[str, str, bool]]:
+    return TASK_METRICS.get(task, DEFAULT_METRICS)
+
+
+#: what every task produces whatever it shows: the target is always teacher-forced (PPL/NLL, KL, top-1)
+TEACHER_FORCED = ("ppl", "nll", "kl", "top1")
+
+
+def produced_metrics(task: str) -> set[str]:
+    """The metric names a task's evaluation produces (what a sweep objective on it may use): the teacher-forced
+    ones of every task plus what :data:`TASK_METRICS` shows for it (``rouge_l``, ``exact_match``)."""
+    return set(TEACHER_FORCED) | {key for key, _, _ in metrics_for(task)}
+
+
 __all__ = [
+    "DEFAULT_METRICS",
+    "TASK_METRICS",
+    "TEACHER_FORCED",
     "bootstrap",
     "kl_exact",
     "kl_from_topk",
     "log_softmax",
+    "metrics_for",
     "pooled_ppl",
+    "produced_metrics",
     "rouge_l",
     "rouge_l_ids",
     "string_match_all",

@@ -1,6 +1,6 @@
 """Checks of an evaluation that need no model: the model name, the task and its options, the policy.
 
-They run before any weights load (and before :func:`~kvpolicy.eval.report.compare` writes a file), so a typo costs a
+They run before any weights load (and before :func:`~kvpolicy.eval.compare.compare` writes a file), so a typo costs a
 second, not the minutes of loading a model, and never leaves a half-written results folder behind.
 """
 
@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..core.policy import CachePolicy
-from .runner import EvalError, EvalSpec, build_policy
+from .context import build_policy
+from .spec import EvalError, EvalSpec
 from .tasks import get_task
 
 

@@ -7,22 +7,23 @@ log-probabilities per step (for KL and top-1 agreement), its greedy generation, 
 Key: SHA-256 of the model's fingerprint (name, config, a few weights), dtype, attention backend, the sample's content
 hash (prompt ids, target ids, generation length, extra inputs), ``kl_topk``, the end-of-sequence ids, the package
 versions (numerics may change with them) and :data:`FORMAT`. One file per sample under
-``<cache root>/eval_refs/<key[:2]>/<key>.pt``, written to a temporary file in the same directory and published with
-``os.replace`` (atomic), so concurrent sweeps can share the directory and an interrupted run leaves nothing
-half-written.
+``<cache root>/eval_refs/<key[:2]>/<key>.pt``, written through :func:`kvpolicy.io.atomic_write` (a temporary file
+in the same directory published with ``os.replace``), so concurrent sweeps can share the directory and an interrupted
+run leaves nothing half-written.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .. import provenance
+from ..io import atomic_write
 
 FORMAT = 1
 
@@ -78,12 +79,14 @@ def model_fingerprint(model: Any, name: str | None = None) -> str:
     return h.hexdigest()
 
 
-def _versions() -> dict[str, str]:
-    import transformers
+#: the packages whose versions are part of a reference's key (a new torch or transformers may change the numerics)
+KEY_PACKAGES = ("torch", "transformers", "kvpolicy")
 
-    from .. import __version__
 
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "kvpolicy": __version__}
+def key_versions() -> dict[str, str | None]:
+    """The versions in a reference's key (:func:`kvpolicy.provenance.versions` of :data:`KEY_PACKAGES`)."""
+    found = provenance.versions(KEY_PACKAGES)
+    return {name: found[name] for name in KEY_PACKAGES}
 
 
 class ReferenceStore:
@@ -91,7 +94,7 @@ class ReferenceStore:
 
     def __init__(self, directory: str | Path | None, settings: dict[str, Any]):
         self.directory = Path(directory) if directory is not None else None
-        self.settings = {**settings, "versions": _versions(), "format": FORMAT}
+        self.settings = {**settings, "versions": key_versions(), "format": FORMAT}
         self.memory: dict[str, Reference] = {}
         self.hits = 0
         self.misses = 0
@@ -126,18 +129,8 @@ class ReferenceStore:
         self.memory[key] = ref
         if self.directory is None:
             return
-        path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".ref-", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(ref.to_dict(), fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        doc = ref.to_dict()
+        atomic_write(self.path(key), lambda fh: torch.save(doc, fh))
 
 
-__all__ = ["FORMAT", "Reference", "ReferenceStore", "model_fingerprint"]
+__all__ = ["FORMAT", "KEY_PACKAGES", "Reference", "ReferenceStore", "key_versions", "model_fingerprint"]

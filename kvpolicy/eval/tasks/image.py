@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .tasks import (
+from .base import (
     ImagePosition,
     Sample,
     Task,

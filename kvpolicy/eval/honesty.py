@@ -1,0 +1,72 @@
+"""The honesty check: before reporting, the policy at ratio 0 must reproduce the full cache bit for bit.
+
+A policy that removes nothing must leave every logit, the generation and the perplexity exactly as the full cache
+has them; if it does not, whatever the evaluation reports mixes the policy's effect with a bug (in a part, in the
+cache, in the attention function), so the run stops with :class:`~.spec.HonestyCheckError` instead.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..core.policy import CachePolicy
+from . import metrics as M
+from .context import Context
+from .protocol import run_exact
+from .spec import HonestyCheckError
+from .tasks import Sample
+
+#: passed checks per process (a sweep evaluates the same ratio-0 policy on the same sample many times)
+CHECKED: dict[str, dict[str, Any]] = {}
+
+
+def ratio0_check(ctx: Context, sample: Sample, policy0: CachePolicy, memo_key: str | None = None) -> dict[str, Any]:
+    """Run the full cache and the policy at ratio 0 on one sample (batch of one) and require bit-identical logits at
+    every teacher-forced and generated step, identical generations (so ROUGE-L 1.0), equal PPL and KL exactly 0."""
+    if memo_key is not None and memo_key in CHECKED:
+        return {**CHECKED[memo_key], "memoised": True}
+    full = run_exact(ctx, [sample], None, [sample.target_ids], label="ratio-0 check, full cache")[0]
+    target = [full.target]
+    pol = run_exact(ctx, [sample], policy0, target, label="ratio-0 check, policy")[0]
+    problems = []
+    fl, pl = full.logp_steps, pol.logp_steps
+    if len(fl) != len(pl):
+        problems.append(f"{len(pl)} teacher-forced steps vs {len(fl)}")
+    for t, (a, c) in enumerate(zip(fl, pl)):
+        if not torch.equal(a, c):
+            problems.append(
+                f"teacher-forced step {t}: log-probs differ (max |diff| {float((a - c).abs().max()):.3g}, "
+                f"KL {float(M.kl_exact(a[None], c[None])[0]):.3g})"
+            )
+            break
+    if full.generation is not None and full.generation != pol.generation:
+        problems.append("greedy generations differ")
+    ppl_full = math.exp(sum(full.nll) / max(1, len(full.nll)))
+    ppl_pol = math.exp(sum(pol.nll) / max(1, len(pol.nll)))
+    kl = max((float(M.kl_exact(a[None], c[None])[0]) for a, c in zip(fl, pl)), default=0.0)
+    if ppl_full != ppl_pol:
+        problems.append(f"PPL {ppl_pol!r} vs {ppl_full!r}")
+    out = {
+        "checked": True,
+        "passed": not problems,
+        "sample": sample.id,
+        "ppl_full": ppl_full,
+        "ppl_policy_ratio0": ppl_pol,
+        "max_kl": kl,
+        "rouge_l": 1.0 if full.generation == pol.generation else None,
+        "steps": len(fl),
+        "problems": problems,
+    }
+    if problems:
+        raise HonestyCheckError(
+            f"the policy at ratio 0 does not reproduce the full cache on sample {sample.id}: " + "; ".join(problems)
+        )
+    if memo_key is not None:
+        CHECKED[memo_key] = out
+    return out
+
+
+__all__ = ["CHECKED", "ratio0_check"]
