@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kvpolicy.sweep_config import SweepConfigError, load_sweep
+from kvpolicy.sweep import SweepConfigError, load_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -195,7 +195,7 @@ def test_shipped_sweep_files_validate():
 
 def test_shipped_sweep_files_validate_deeply():
     pytest.importorskip("kvpolicy.eval.runner", reason="the evaluation harness is not installed")
-    from kvpolicy.sweep_config import check_model_name
+    from kvpolicy.sweep import check_model_name
 
     problem = check_model_name("smollm2-135m")
     if problem:
@@ -218,7 +218,7 @@ def test_sweep_writes_every_output(tmp_path, monkeypatch):
 
     spec, outcome = _run({"n_trials": 6, "wandb": {"project": "kvpolicy-test"}}, tmp_path)
     out = tmp_path / "out"
-    assert outcome.stopped == "complete" and outcome.finished == 6 and outcome.exit_code == 0
+    assert outcome.stopped == "complete" and outcome.finished == 6 and outcome.ok
     rows = json.loads((out / "trials.json").read_text())
     assert [r["number"] for r in rows] == list(range(6)) and all(r["state"] == "COMPLETE" for r in rows)
     assert (out / "trials.csv").read_text().count("\n") == 7
@@ -311,7 +311,7 @@ import pathlib, runpy, sys, time
 import wandb
 from wandb.sdk import wandb_run
 from wandb.sdk.lib.service import service_connection
-from kvpolicy.stopping import stop_requested
+from kvpolicy.sweep.stopping import stop_requested
 
 MARKS = pathlib.Path(sys.argv.pop(1))
 service_connection.ServiceConnection.teardown = lambda self, exit_code: time.sleep(3600)
@@ -441,14 +441,14 @@ def test_wandb_failure_never_loses_a_trial(tmp_path, monkeypatch):
 
     monkeypatch.setattr(wandb, "init", broken_init)
     spec, outcome = _run({"n_trials": 3, "wandb": True}, tmp_path)
-    assert outcome.finished == 3 and outcome.exit_code == 0
+    assert outcome.finished == 3 and outcome.ok
     rows = json.loads((tmp_path / "out" / "trials.json").read_text())
     assert [r["state"] for r in rows] == ["COMPLETE"] * 3
 
 
 def test_failing_trials_are_recorded_and_stop_the_sweep(tmp_path):
     spec, outcome = _run({"n_trials": 4, "task": {"fail_ratio_above": 0.0}}, tmp_path)
-    assert outcome.stopped == "failures" and outcome.exit_code == 1
+    assert outcome.stopped == "failures" and not outcome.ok
     rows = json.loads((tmp_path / "out" / "trials.json").read_text())
     assert rows and all(r["state"] == "FAIL" and "synthetic failure" in r["error"] for r in rows)
 
@@ -658,7 +658,7 @@ def test_sweep_on_a_tiny_model_through_the_evaluation_harness(tmp_path):
                                                                                       "high": -1}},
         objectives=["ppl", "cache_fraction"], output=str(tmp_path / "out")))
     outcome = run_sweep(spec, quiet=True)
-    assert outcome.finished == 3 and outcome.exit_code == 0
+    assert outcome.finished == 3 and outcome.ok
     rows = json.loads((tmp_path / "out" / "trials.json").read_text())
     for r in rows:
         assert r["state"] == "COMPLETE" and r["ppl"] > 1 and 0 < r["cache_fraction"] < 1
@@ -696,10 +696,10 @@ def test_only_trials_of_dead_workers_are_reaped(tmp_path):
         storage.set_trial_user_attr(t._trial_id, ATTR_PREFIX + "worker", worker)
         storage.record_heartbeat(t._trial_id)
         trials[label] = t.number
-    reaped = reap_dead_trials(study)
+    reaped = reap_dead_trials(study, storage)
     assert sorted(reaped) == sorted([trials["dead"], trials["reused pid"]])
     states = {t.number: t.state.name for t in study.get_trials()}
     assert states[trials["alive"]] == states[trials["elsewhere"]] == "RUNNING"
     waiting = [t for t in study.get_trials() if t.state.name == "WAITING"]
     assert sorted(storage.get_trial(t._trial_id).system_attrs["failed_trial"] for t in waiting) == sorted(reaped)
-    assert reap_dead_trials(study) == []  # nothing twice
+    assert reap_dead_trials(study, storage) == []  # nothing twice

@@ -31,7 +31,7 @@ def check_model_name(name: str) -> None:
     traceback after the imports, and a directory without ``config.json`` not after the plugins load."""
     from ..config import ConfigError, ConfigIssue
     from ..models import resolve_model
-    from ..sweep_config import check_model_name as problem_of
+    from ..sweep.spec import check_model_name as problem_of
 
     problem = problem_of(name)
     if problem is None:
