@@ -212,7 +212,8 @@ def evaluation_from_result(result: Any) -> Evaluation:
         "reference": result.reference,
         "complete": result.complete,
         "wall_s": result.wall_s,
-        "dtype": str(result.model.get("dtype")),  # what the model really ran in (best_policy.yaml carries it)
+        # the dtype the trial computed in (``auto`` resolved on the machine that ran it; best_policy.yaml carries it)
+        "dtype": result.dtype,
     }
     ev = Evaluation(metrics=metrics, per_sample=per, details=details)
     ev.document = result.model_dump(mode="json")

@@ -32,7 +32,7 @@ def importances(study: Any, spec: SweepSpec) -> dict[str, dict[str, float]]:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                imp = optuna.importance.get_paramimportances(study, target=lambda t, i=i: t.values[i])
+                imp = optuna.importance.get_param_importances(study, target=lambda t, i=i: t.values[i])
             out[m] = {k: float(v) for k, v in imp.items()}
         except Exception:  # noqa: BLE001 - too few distinct values, a single parameter...
             continue

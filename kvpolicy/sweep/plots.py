@@ -75,7 +75,7 @@ def write_plots(study: Any, spec: SweepSpec, out: Path, rows: list[dict[str, Any
                 pass
             if len(done) >= 3 and any(t.params for t in done):
                 try:
-                    ax = ovm.plot_paramimportances(study, target=(lambda t, i=i: t.values[i]) if len(names) > 1
+                    ax = ovm.plot_param_importances(study, target=(lambda t, i=i: t.values[i]) if len(names) > 1
                                                     else None, target_name=m)
                     save(ax, f"importance{suffix}.png")
                 except Exception:  # noqa: BLE001

@@ -17,7 +17,8 @@ from ..io import atomic_write_text, json_default
 from .spec import SweepSpec
 from .storage import ATTR_PREFIX
 
-__all__ = ["best_trials", "complete_trials", "finite", "fmt", "knee", "table_rows", "trial_record", "write_tables"]
+__all__ = ["best_trials", "complete_trials", "finite", "fmt", "knee", "table_rows", "trial_record",
+           "write_tables"]
 
 
 def finite(x: Any) -> Any:
