@@ -1,4 +1,5 @@
-"""Sweeps and ablations: Optuna studies over policy parameters, from a YAML file; resumable, distributable, logged to W&B.
+"""Sweeps and ablations: Optuna studies over policy parameters, from a YAML file; resumable, distributable, logged
+to W&B.
 
 One sweep = one Optuna study (named by the file's ``name``), kept in an Optuna storage: by default an SQLite file in the
 results folder (``results/sweeps/<name>/study.db``), or any storage URL (``--storage postgresql://...``) so workers on

@@ -31,7 +31,8 @@ def get_evaluator_class(name: str) -> type:
             raise EvaluatorLookupError(f"cannot import evaluator {name!r}: {type(exc).__name__}: {exc}") from None
         for method in ("check", "setup", "evaluate"):
             if not callable(getattr(obj, method, None)):
-                raise EvaluatorLookupError(f"evaluator {name!r} has no {method}() method (see kvpolicy.sweep.Evaluator)")
+                raise EvaluatorLookupError(f"evaluator {name!r} has no {method}() method "
+                                           "(see kvpolicy.sweep.Evaluator)")
         return obj
     raise EvaluatorLookupError(
         f"unknown evaluator {name!r}; allowed: harness (kvpolicy.eval on the model), synthetic (no model: for testing "

@@ -1,5 +1,6 @@
 """The trials of a study as rows: the trials table (``trials.json`` / ``trials.csv``, rewritten from the storage, the
-source of truth), the best trials (single objective) or Pareto front, and the Pareto trial closest to the ideal point."""
+source of truth), the best trials (single objective) or Pareto front, and the Pareto trial closest to the ideal
+point."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""``kvpolicy report``'s library side: find a study (a results folder, a sweep file, or a name in a storage), rewrite its
-outputs from the storage, print its best trials / Pareto front, and compare several studies in one plot."""
+"""``kvpolicy report``'s library side: find a study (a results folder, a sweep file, or a name in a storage),
+rewrite its outputs from the storage, print its best trials / Pareto front, and compare several studies in one plot."""
 
 from __future__ import annotations
 

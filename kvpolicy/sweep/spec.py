@@ -26,11 +26,12 @@ A sweep file (``sweeps/elastic.yaml``)::
 An ablation file (``sweeps/ablations.yaml``) names a base policy, budgets and single-part swaps; see
 :class:`AblationSpec`.
 
-:func:`kvpolicy.sweep.load_sweep` / :func:`kvpolicy.sweep.load_ablation` (:mod:`kvpolicy.sweep.load`) read a file, apply command-line overrides, and check **everything** that
-can be checked without a model: the YAML syntax, every field, every dotted path of the search space (the base policy is
-resolved with sample values from each range, so a path the policy's parts do not have fails here), the objective
-metrics, sampler/pruning compatibility, the model name and the task (through the evaluator's own check). All problems
-are raised together as one :class:`SweepConfigError` whose lines read ``field.path: what is wrong; what is allowed``.
+The readers (:func:`kvpolicy.sweep.load_sweep` / :func:`kvpolicy.sweep.load_ablation`, in :mod:`kvpolicy.sweep.load`)
+apply command-line overrides and check **everything** that can be checked without a model: the YAML syntax, every
+field, every dotted path of the search space (the base policy is resolved with sample values from each range, so a
+path the policy's parts do not have fails here), the objective metrics, sampler/pruning compatibility, the model name
+and the task (through the evaluator's own check). All problems are raised together as one :class:`SweepConfigError`
+whose lines read ``field.path: what is wrong; what is allowed``.
 """
 
 from __future__ import annotations
