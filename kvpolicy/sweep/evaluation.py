@@ -34,7 +34,7 @@ POOLED = {"nll": ("nll_sum", "tokens"), "kl": ("kl_sum", "steps"), "top1": ("top
 class Evaluation:
     """What an evaluator returns for one policy.
 
-    ``metrics``: aggregates over all samples (names of :data:`kvpolicy.sweep_config.METRICS`).
+    ``metrics``: aggregates over all samples (names of :data:`kvpolicy.sweep.METRICS`).
     ``per_sample``: per-sample values for paired statistics (ablations): for ``ppl``/``nll`` the NLL summed over the
     sample's scored tokens (``nll_sum``) and their count (``tokens``) — the perplexity of a subset is
     ``exp(sum(nll_sum) / sum(tokens))``; likewise ``kl`` from ``kl_sum``/``steps`` and ``top1`` from

@@ -188,7 +188,7 @@ def trial_id(storage: Any, study: Any, number: int) -> int:
 def hold_interrupts_in_transactions(storage: Any) -> None:
     """Make every Optuna session of ``storage`` hold SIGINT/SIGTERM from its first statement until it is closed (main
     thread): a ``KeyboardInterrupt`` inside an SQLite call left a read open, on which the stop's own writes then
-    waited for the busy timeout (:mod:`kvpolicy.stopping`). The held interrupt is raised when ``close()`` returns."""
+    waited for the busy timeout (:mod:`kvpolicy.sweep.stopping`). The held interrupt is raised when ``close()`` returns."""
     from sqlalchemy import event
 
     registry = getattr(storage, "scoped_session", None)
