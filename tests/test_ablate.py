@@ -10,16 +10,15 @@ import numpy as np
 import pytest
 import yaml
 
-from kvpolicy.ablate import paired_bootstrap, run_ablation
-from kvpolicy.sweep import Evaluation
-from kvpolicy.sweep_config import SweepConfigError, load_ablation
+from kvpolicy.sweep import Evaluation, SweepConfigError, load_ablation, paired_bootstrap, run_ablation
 
 REPO = Path(__file__).resolve().parents[1]
 
 BASE = {
     "name": "abl",
     "evaluator": "synthetic",
-    "task": {"noise": 0.05},
+    # the synthetic evaluator names no policy: the test says what each reducer costs (eviction 4% perplexity)
+    "task": {"noise": 0.05, "part_costs": {"reducer.anchor_merge": 1.0, "reducer.evict": 1.04}},
     "samples": 12,
     "base": {"preset": "elastic"},
     "ratios": [0.5, 0.8],
@@ -126,7 +125,7 @@ class CountingSynthetic:
     def __init__(self):
         from kvpolicy.sweep import SyntheticEvaluator
 
-        self.inner = SyntheticEvaluator(task={"noise": 0.05}, samples=12)
+        self.inner = SyntheticEvaluator(task=BASE["task"], samples=12)
         self.calls = 0
 
     def setup(self):
@@ -168,11 +167,14 @@ def test_ablation_table_files_and_cache(tmp_path):
     assert again.calls == 0 and result2.rows == rows
 
 
-def test_ablate_cli_prints_the_delta_table(tmp_path, capsys):
-    from kvpolicy.ablate import ablate_cli
+def test_ablate_cli_prints_the_delta_table(tmp_path):
+    from typer.testing import CliRunner
+
+    from kvpolicy import cli
 
     f = tmp_path / "a.yaml"
     f.write_text(yaml.safe_dump(doc(output=str(tmp_path / "out"))))
-    ablate_cli(f, quiet=True)
-    text = capsys.readouterr().out
+    result = CliRunner().invoke(cli.app, ["ablate", str(f), "--quiet"])
+    assert result.exit_code == 0, result.output
+    text = result.stdout
     assert "variant − base" in text and "evict instead of merge" in text and "worse" in text

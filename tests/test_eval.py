@@ -148,10 +148,10 @@ def test_paired_difference_of_two_results_against_a_direct_computation(tiny):
 
 
 def test_ablations_use_the_one_paired_bootstrap():
-    import kvpolicy.ablate
+    import kvpolicy.sweep.ablate
     import kvpolicy.eval.aggregate
 
-    assert kvpolicy.ablate.paired_bootstrap is kvpolicy.eval.aggregate.paired_bootstrap
+    assert kvpolicy.sweep.ablate.paired_bootstrap is kvpolicy.eval.aggregate.paired_bootstrap
 
 
 def test_teacher_forcing_applies_decode_rule_per_token(tiny):

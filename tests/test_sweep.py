@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kvpolicy.sweep_config import SweepConfigError, load_sweep
+from kvpolicy.sweep import SweepConfigError, load_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -195,7 +195,7 @@ def test_shipped_sweep_files_validate():
 
 def test_shipped_sweep_files_validate_deeply():
     pytest.importorskip("kvpolicy.eval.runner", reason="the evaluation harness is not installed")
-    from kvpolicy.sweep_config import check_model_name
+    from kvpolicy.sweep import check_model_name
 
     problem = check_model_name("smollm2-135m")
     if problem:
@@ -218,7 +218,7 @@ def test_sweep_writes_every_output(tmp_path, monkeypatch):
 
     spec, outcome = _run({"n_trials": 6, "wandb": {"project": "kvpolicy-test"}}, tmp_path)
     out = tmp_path / "out"
-    assert outcome.stopped == "complete" and outcome.finished == 6 and outcome.exit_code == 0
+    assert outcome.stopped == "complete" and outcome.finished == 6 and outcome.ok
     rows = json.loads((out / "trials.json").read_text())
     assert [r["number"] for r in rows] == list(range(6)) and all(r["state"] == "COMPLETE" for r in rows)
     assert (out / "trials.csv").read_text().count("\n") == 7
@@ -311,7 +311,7 @@ import pathlib, runpy, sys, time
 import wandb
 from wandb.sdk import wandb_run
 from wandb.sdk.lib.service import service_connection
-from kvpolicy.stopping import stop_requested
+from kvpolicy.sweep.stopping import stop_requested
 
 MARKS = pathlib.Path(sys.argv.pop(1))
 service_connection.ServiceConnection.teardown = lambda self, exit_code: time.sleep(3600)
@@ -441,14 +441,14 @@ def test_wandb_failure_never_loses_a_trial(tmp_path, monkeypatch):
 
     monkeypatch.setattr(wandb, "init", broken_init)
     spec, outcome = _run({"n_trials": 3, "wandb": True}, tmp_path)
-    assert outcome.finished == 3 and outcome.exit_code == 0
+    assert outcome.finished == 3 and outcome.ok
     rows = json.loads((tmp_path / "out" / "trials.json").read_text())
     assert [r["state"] for r in rows] == ["COMPLETE"] * 3
 
 
 def test_failing_trials_are_recorded_and_stop_the_sweep(tmp_path):
     spec, outcome = _run({"n_trials": 4, "task": {"fail_ratio_above": 0.0}}, tmp_path)
-    assert outcome.stopped == "failures" and outcome.exit_code == 1
+    assert outcome.stopped == "failures" and not outcome.ok
     rows = json.loads((tmp_path / "out" / "trials.json").read_text())
     assert rows and all(r["state"] == "FAIL" and "synthetic failure" in r["error"] for r in rows)
 
@@ -658,7 +658,7 @@ def test_sweep_on_a_tiny_model_through_the_evaluation_harness(tmp_path):
                                                                                       "high": -1}},
         objectives=["ppl", "cache_fraction"], output=str(tmp_path / "out")))
     outcome = run_sweep(spec, quiet=True)
-    assert outcome.finished == 3 and outcome.exit_code == 0
+    assert outcome.finished == 3 and outcome.ok
     rows = json.loads((tmp_path / "out" / "trials.json").read_text())
     for r in rows:
         assert r["state"] == "COMPLETE" and r["ppl"] > 1 and 0 < r["cache_fraction"] < 1
@@ -696,10 +696,89 @@ def test_only_trials_of_dead_workers_are_reaped(tmp_path):
         storage.set_trial_user_attr(t._trial_id, ATTR_PREFIX + "worker", worker)
         storage.record_heartbeat(t._trial_id)
         trials[label] = t.number
-    reaped = reap_dead_trials(study)
+    reaped = reap_dead_trials(study, storage)
     assert sorted(reaped) == sorted([trials["dead"], trials["reused pid"]])
     states = {t.number: t.state.name for t in study.get_trials()}
     assert states[trials["alive"]] == states[trials["elsewhere"]] == "RUNNING"
     waiting = [t for t in study.get_trials() if t.state.name == "WAITING"]
     assert sorted(storage.get_trial(t._trial_id).system_attrs["failed_trial"] for t in waiting) == sorted(reaped)
-    assert reap_dead_trials(study) == []  # nothing twice
+    assert reap_dead_trials(study, storage) == []  # nothing twice
+
+
+# ============================================================================ fingerprint: the dtype a study runs in
+@pytest.mark.parametrize("dtype, resumable", [("auto", False), ("float32", True)])
+def test_a_study_is_not_resumed_in_another_dtype(tmp_path, monkeypatch, dtype, resumable):
+    """``dtype: auto`` resolves per machine (kvpolicy.hardware): a study started where it meant bfloat16 is refused on
+    a CPU where it means float32 (its trials would mix dtypes); an explicit dtype is the same everywhere."""
+    import kvpolicy.hardware as hardware
+    from kvpolicy.sweep import ATTR_PREFIX, StudyMismatchError, open_storage, open_study
+
+    spec = load_sweep(sweep_doc(evaluator="harness", model="smollm2-135m", output=str(tmp_path / "out"),
+                                task={"name": "continuation", "dtype": dtype}), deep=False)
+    storage = open_storage(spec.storage_url())
+    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: True)  # a CPU with AMX / AVX-512 BF16
+    study = open_study(spec, storage)
+    assert study.user_attrs[ATTR_PREFIX + "fingerprint"]["dtype"] == ("bfloat16" if dtype == "auto" else dtype)
+    open_study(spec, storage)  # the same machine resumes it
+    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: False)  # a CPU without: auto means float32 there
+    if resumable:
+        open_study(spec, storage)
+    else:
+        with pytest.raises(StudyMismatchError, match=r"with a different dtype;"):
+            open_study(spec, storage)
+
+
+# ======================================================================== a plugin part returning a malformed result
+class _FlatScores:
+    """An encode scorer that forgets the head axis: [B, P] instead of [B, H or 1, P]."""
+
+    needs = frozenset()
+
+    def __init__(self, params):
+        pass
+
+    def score(self, view):
+        return view.positions[:, 0].float()
+
+
+def test_a_trial_whose_plugin_part_misbehaves_fails_with_the_part_error(tmp_path):
+    """The trial is recorded as FAIL with PartError's one-line message (the part and its package) as its reason, and
+    the sweep stops after the repeated failures instead of crashing."""
+    pytest.importorskip("kvpolicy.eval.runner", reason="the evaluation harness is not installed")
+    import types
+
+    from pydantic import BaseModel
+
+    from kvpolicy.hookspecs import PartSpec, hookimpl
+    from kvpolicy.registry import Registry, reset_registry
+    from kvpolicy.sweep import run_sweep
+
+    class NoParams(BaseModel):
+        pass
+
+    @hookimpl
+    def kvpolicy_parts():
+        return [PartSpec("flat_scores", "encode", NoParams, _FlatScores, "scores with the head axis forgotten")]
+
+    registry = Registry()  # the installed plugins, plus one from package kvpolicy-myplugin
+    plugin = types.ModuleType("myplugin")
+    plugin.kvpolicy_parts = kvpolicy_parts
+    assert registry.register_module(plugin, source="kvpolicy-myplugin") == []
+    reset_registry(registry)
+    try:
+        spec = load_sweep(sweep_doc(
+            evaluator="harness", model=str(_tiny_model_dir(tmp_path / "tiny")), samples=2, batch_size=2, n_trials=2,
+            policy={"encode": "flat_scores", "reducer": "evict"}, objectives=["ppl"],
+            space={"ratio": {"type": "float", "low": 0.3, "high": 0.8}},
+            task={"name": "continuation", "context_tokens": 32, "target_tokens": 4, "dtype": "float32",
+                  "reference_dir": str(tmp_path / "refs")}, output=str(tmp_path / "out")))
+        outcome = run_sweep(spec, quiet=True)
+    finally:
+        reset_registry()
+    assert outcome.stopped == "failures" and outcome.finished == 0
+    rows = json.loads((tmp_path / "out" / "trials.json").read_text())
+    assert rows and all(r["state"] == "FAIL" for r in rows)
+    prefix = "PartError: encode scorer 'flat_scores' from package kvpolicy-myplugin returned shape (2, "
+    for r in rows:
+        assert r["error"].startswith(prefix) and "\n" not in r["error"], r["error"]
+        assert r["error"].endswith("); expected scores [B, H or 1, P] = [2, 2, 32] (layer 0, prefill)"), r["error"]

@@ -1,10 +1,22 @@
-"""``kvpolicy sweep``, ``ablate`` and ``report``: Optuna studies over policy parameters and single-part ablations."""
+"""``kvpolicy sweep``, ``ablate`` and ``report``: Optuna studies over policy parameters and single-part ablations.
+
+Thin: each command validates its file through :mod:`kvpolicy.sweep`, runs it, prints, and maps what the library
+raises or reports to the exit code - 0 the study holds its trials (or the timeout stopped the loop), 1 trials failed /
+nothing could be evaluated / a storage or model problem, 2 the file or options are invalid (or the study was created
+by a different sweep), 130 interrupted (Ctrl-C / SIGTERM; the running trial is re-queued for the next run)."""
 
 from __future__ import annotations
 
-import typer
+import os
+from typing import Any
 
-from .common import PluginCommand, app
+import typer
+from rich.text import Text
+
+from .common import PluginCommand, app, fail, stderr_console, stdout_console
+
+#: exit code of each way a sweep run can stop (:attr:`kvpolicy.sweep.SweepOutcome.stopped`)
+SWEEP_EXIT_CODES = {"complete": 0, "timeout": 0, "failures": 1, "interrupted": 130}
 
 
 @app.command(cls=PluginCommand)
@@ -20,10 +32,43 @@ def sweep(
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
 ) -> None:
     """Run (or resume) an Optuna study over policy parameters from a YAML file; log trials to W&B."""
-    from ..sweep import sweep_cli
+    from ..config import PolicyConfigError
+    from ..sweep import StudyMismatchError, SweepConfigError, load_sweep, print_summary, run_sweep
+    from ..sweep.stopping import arm_stop_deadline
 
-    sweep_cli(file, n_trials=n_trials, samples=samples, output=output, storage=storage, timeout=timeout,
-              wandb_project=wandb_project, no_wandb=no_wandb, quiet=quiet)
+    overrides = {"n_trials": n_trials, "samples": samples, "output": output or None, "storage": storage,
+                 "timeout": timeout, "wandb_project": wandb_project, "no_wandb": no_wandb}
+    try:
+        spec = load_sweep(file, overrides)
+        outcome = run_sweep(spec, quiet=quiet)
+    except (StudyMismatchError, SweepConfigError, PolicyConfigError) as exc:
+        raise fail(str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - storage unreachable, model not installed...: one line, exit 1
+        if os.environ.get("KVPOLICY_DEBUG"):
+            raise
+        exit_ = fail(f"{type(exc).__name__}: {exc}", 1)
+        stderr_console().print("(finished trials are kept in the study; set KVPOLICY_DEBUG=1 for the traceback)")
+        raise exit_ from None
+    if outcome.summary is not None and not quiet:
+        print_summary(stdout_console(), spec, outcome.summary, outcome.output)
+    code = SWEEP_EXIT_CODES.get(outcome.stopped, 1)
+    if not quiet or code:
+        stderr_console().print(Text(_sweep_message(spec.name, outcome), style="red" if code else ""))
+    if outcome.stopped == "interrupted":
+        arm_stop_deadline()  # the process is ending: W&B's exit hook must not hold it (kvpolicy.sweep.stopping)
+    if code:
+        raise typer.Exit(code)
+
+
+def _sweep_message(name: str, outcome: Any) -> str:
+    done = f"{outcome.finished}/{outcome.target}"
+    return {
+        "complete": f"study {name}: {done} trials finished",
+        "timeout": f"study {name}: stopped by the timeout at {done} trials; run the same command again to continue",
+        "failures": f"study {name}: stopped after repeated trial failures ({done} finished); see the errors above and "
+                    "trials.csv",
+        "interrupted": f"study {name}: interrupted at {done} trials; run the same command again to resume",
+    }[outcome.stopped]
 
 
 @app.command(cls=PluginCommand)
@@ -36,9 +81,23 @@ def ablate(
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
 ) -> None:
     """Evaluate single-part swaps against a base policy on the same samples; paired-bootstrap delta table."""
-    from ..ablate import ablate_cli
+    from ..config import PolicyConfigError
+    from ..sweep import SweepConfigError, load_ablation, run_ablation
+    from ..sweep.ablate import print_table
 
-    ablate_cli(file, samples=samples, output=output, wandb_project=wandb_project, no_wandb=no_wandb, quiet=quiet)
+    overrides = {"samples": samples, "output": output or None, "wandb_project": wandb_project, "no_wandb": no_wandb}
+    try:
+        spec = load_ablation(file, overrides)
+        result = run_ablation(spec, quiet=quiet)
+    except (SweepConfigError, PolicyConfigError) as exc:
+        raise fail(str(exc)) from None
+    except KeyboardInterrupt:
+        stderr_console().print("interrupted; finished evaluations are kept under runs/ and skipped when the command "
+                               "is re-run")
+        raise typer.Exit(130) from None
+    print_table(stdout_console(), spec, result.rows)
+    if not quiet:
+        stderr_console().print(f"results in {result.output}: " + ", ".join(f.name for f in result.files))
 
 
 @app.command()
@@ -49,6 +108,9 @@ def report(
     no_plots: bool = typer.Option(False, "--no-plots", help="tables only"),
 ) -> None:
     """Show a finished (or running) study: best trials, Pareto front, parameter importances, plots."""
-    from ..sweep import report_cli
+    from ..sweep import StudyMismatchError, SweepConfigError, report_study
 
-    report_cli(studies, storage=storage, output=output, no_plots=no_plots)
+    try:
+        report_study(list(studies), storage=storage, output=output, console=stdout_console(), plots=not no_plots)
+    except (SweepConfigError, StudyMismatchError) as exc:
+        raise fail(str(exc)) from None

@@ -31,10 +31,9 @@ def check_model_name(name: str) -> None:
     existing model directory / GGUF file or a Hub id; nothing is loaded. A missing path must not surface as a
     traceback after the imports, and a directory without ``config.json`` not after the plugins load."""
     from ..config import ConfigError, ConfigIssue
-    from ..models import resolve_model
-    from ..sweep_config import check_model_name as problem_of
+    from ..models import model_problem, resolve_model
 
-    problem = problem_of(name)
+    problem = model_problem(name)
     if problem is None:
         source = resolve_model(name)
         if source.kind == "local" and source.path is not None and not (source.path / "config.json").exists():

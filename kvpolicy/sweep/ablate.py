@@ -11,7 +11,7 @@ Outputs in the results folder (``results/ablations/<name>`` by default): ``ablat
 delta table), ``ablation.json`` (everything, with per-sample values), ``ablation.png`` (deltas with their intervals),
 and ``runs/`` (one cached evaluation per policy and budget: re-running the command skips what is done).
 
-Entry points: :func:`run_ablation` (library), :func:`ablate_cli` (``kvpolicy ablate FILE``).
+Entry points: :func:`run_ablation` (library), ``kvpolicy ablate FILE`` (:mod:`kvpolicy.cli.study`).
 """
 
 from __future__ import annotations
@@ -29,25 +29,24 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .config import (
-    PolicyConfigError,
-    policy_to_dict,
-    read_policy_document,
-    resolve_policy,
-)
-from .sweep_config import METRICS, AblationSpec, SweepConfigError, load_ablation
 
-__all__ = ["AblationResult", "ablate_cli", "paired_bootstrap", "run_ablation"]
+from ..config import policy_to_dict, read_policy_document, resolve_policy
+from ..eval.aggregate import paired_bootstrap
+from ..io import atomic_savefig, atomic_write_text, json_default
+from ..provenance import versions
+from .evaluation import Evaluation
+from .evaluators import make_evaluator
+from .progress import make_progress
+from .spec import METRICS, AblationSpec
+from .tracking import make_tracker
+
+__all__ = ["AblationResult", "print_table", "run_ablation"]
 
 
 def _budget_label(budget: Mapping[str, Any]) -> str:
     if not budget:
         return "base budget"
     return ", ".join(f"{k} {v}" for k, v in budget.items())
-
-
-# the one paired bootstrap of kvpolicy (also behind paired differences of evaluation results)
-from .eval.aggregate import paired_bootstrap  # noqa: E402
 
 
 @dataclass
@@ -64,16 +63,12 @@ def _run_key(spec: AblationSpec, policy: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def _to_json(ev: Any) -> dict[str, Any]:
-    from .sweep import _json_default
-
+def _to_json(ev: Evaluation) -> dict[str, Any]:
     return json.loads(json.dumps({"metrics": ev.metrics, "per_sample": ev.per_sample, "details": ev.details},
-                                 default=_json_default))
+                                 default=json_default))
 
 
-def _from_json(d: Mapping[str, Any]) -> Any:
-    from .sweep import Evaluation
-
+def _from_json(d: Mapping[str, Any]) -> Evaluation:
     return Evaluation(metrics=dict(d["metrics"]), per_sample={k: list(v) for k, v in d["per_sample"].items()},
                       details=dict(d.get("details") or {}))
 
@@ -83,29 +78,43 @@ def run_ablation(spec: AblationSpec, *, quiet: bool = False, console: Any = None
     """Evaluate the base and every variant at every budget, then write and return the delta table."""
     from rich.console import Console
 
-    from .sweep import _make_progress, atomic_write_text, make_evaluator
-    from .tracking import make_tracker
-
     console = console or Console(stderr=True, quiet=quiet)
     out = spec.output_dir()
     out.mkdir(parents=True, exist_ok=True)
+    plan = _plan(spec)
+    t0 = time.perf_counter()
+    results = _evaluate_plan(spec, plan, out, evaluator, make_progress(console, quiet))
+    rows = _delta_rows(spec, results)
+    md, files = _write_files(spec, rows, plan, results, out, time.perf_counter() - t0, plots)
+    tracker = make_tracker(spec.wandb, out, group=spec.name, quiet=quiet, console=console)
+    tracker.log_table(f"{spec.name}-ablation", rows, {"ablation": json.loads(spec.model_dump_json())},
+                      [f for f in files if f.suffix == ".png"])
+    tracker.close()
+    return AblationResult(rows=rows, output=out, markdown=md, files=files)
+
+
+def _plan(spec: AblationSpec) -> list[tuple[int, str, dict[str, Any]]]:
+    """(budget index, variant name or "base", resolved policy document) for every policy at every budget."""
     base_doc, _ = read_policy_document(spec.base)
-    plan: list[tuple[int, str, dict[str, Any]]] = []  # (budget index, variant name or "base", policy document)
+    plan: list[tuple[int, str, dict[str, Any]]] = []
     for bi, budget in enumerate(spec.budgets):
         plan.append((bi, "base", policy_to_dict(resolve_policy(base_doc, overrides=budget))))
         for v in spec.variants:
             plan.append((bi, v.name, policy_to_dict(resolve_policy(base_doc, overrides={**v.set, **budget}))))
+    return plan
 
-    results: dict[tuple[int, str], Any] = {}
+
+def _evaluate_plan(spec: AblationSpec, plan: list[tuple[int, str, dict[str, Any]]], out: Path, evaluator: Any,
+                   progress: Any) -> dict[tuple[int, str], Evaluation]:
+    """Every policy of the plan evaluated, or read from its cached run under ``runs/``; the evaluator is built and set
+    up only when something is left to evaluate."""
+    results: dict[tuple[int, str], Evaluation] = {}
     evaluator_ready = False
-    progress = _make_progress(console, quiet)
-    t0 = time.perf_counter()
     with progress:
         runs_task = progress.add_task("policies", total=len(plan), info="")
         samples_task = progress.add_task("samples", total=spec.samples, visible=False, info="")
         for bi, name, policy in plan:
-            key = _run_key(spec, policy)
-            cache = out / "runs" / f"{key}.json"
+            cache = out / "runs" / f"{_run_key(spec, policy)}.json"
             label = f"{name} @ {_budget_label(spec.budgets[bi])}"
             if cache.exists():
                 with contextlib.suppress(Exception):
@@ -135,39 +144,48 @@ def run_ablation(spec: AblationSpec, *, quiet: bool = False, console: Any = None
     if evaluator is not None and evaluator_ready:
         with contextlib.suppress(Exception):
             evaluator.close()
+    return results
 
-    rows: list[dict[str, Any]] = []
-    for bi, budget in enumerate(spec.budgets):
-        base = results[(bi, "base")]
-        for v in spec.variants:
-            var = results[(bi, v.name)]
-            for m in spec.metrics:
-                try:
-                    delta, lo, hi = paired_bootstrap(base, var, m, spec.bootstrap.resamples,
-                                                     spec.bootstrap.confidence, spec.bootstrap.seed)
-                except (KeyError, ValueError):
-                    delta = float(var.metrics[m]) - float(base.metrics[m])
-                    lo = hi = float("nan")
-                b = float(base.metrics[m])
-                significant = bool(math.isfinite(lo) and (lo > 0 or hi < 0))
-                direction = METRICS[m].direction if m in METRICS else "minimize"
-                if not significant:
-                    effect = "n.s."
-                else:
-                    effect = "worse" if (delta > 0) == (direction == "minimize") else "better"
-                rows.append({
-                    "budget": _budget_label(budget),
-                    "variant": v.name,
-                    "metric": m,
-                    "base": b,
-                    "value": float(var.metrics[m]),
-                    "delta": delta,
-                    "ci_low": lo,
-                    "ci_high": hi,
-                    "delta_pct": 100.0 * delta / b if b else float("nan"),
-                    "effect": effect,
-                })
 
+def _delta_row(spec: AblationSpec, budget: Mapping[str, Any], variant: str, metric: str, base: Evaluation,
+               var: Evaluation) -> dict[str, Any]:
+    """One row of the table: the variant's metric against the base's at one budget, with its paired interval."""
+    try:
+        delta, lo, hi = paired_bootstrap(base, var, metric, spec.bootstrap.resamples, spec.bootstrap.confidence,
+                                         spec.bootstrap.seed)
+    except (KeyError, ValueError):
+        delta = float(var.metrics[metric]) - float(base.metrics[metric])
+        lo = hi = float("nan")
+    b = float(base.metrics[metric])
+    significant = bool(math.isfinite(lo) and (lo > 0 or hi < 0))
+    direction = METRICS[metric].direction if metric in METRICS else "minimize"
+    if not significant:
+        effect = "n.s."
+    else:
+        effect = "worse" if (delta > 0) == (direction == "minimize") else "better"
+    return {
+        "budget": _budget_label(budget),
+        "variant": variant,
+        "metric": metric,
+        "base": b,
+        "value": float(var.metrics[metric]),
+        "delta": delta,
+        "ci_low": lo,
+        "ci_high": hi,
+        "delta_pct": 100.0 * delta / b if b else float("nan"),
+        "effect": effect,
+    }
+
+
+def _delta_rows(spec: AblationSpec, results: Mapping[tuple[int, str], Evaluation]) -> list[dict[str, Any]]:
+    return [_delta_row(spec, budget, v.name, m, results[(bi, "base")], results[(bi, v.name)])
+            for bi, budget in enumerate(spec.budgets) for v in spec.variants for m in spec.metrics]
+
+
+def _write_files(spec: AblationSpec, rows: list[dict[str, Any]], plan: list[tuple[int, str, dict[str, Any]]],
+                 results: Mapping[tuple[int, str], Evaluation], out: Path, seconds: float, plots: bool
+                 ) -> tuple[str, list[Path]]:
+    """``ablation.md``, ``ablation.csv``, ``ablation.json`` and (with ``plots``) ``ablation.png``, atomically."""
     files: list[Path] = []
     md = _markdown(spec, rows)
     atomic_write_text(out / "ablation.md", md)
@@ -179,29 +197,23 @@ def run_ablation(spec: AblationSpec, *, quiet: bool = False, console: Any = None
         w.writerows(rows)
     atomic_write_text(out / "ablation.csv", buf.getvalue())
     files.append(out / "ablation.csv")
-    from .sweep import _json_default, _versions
-
     doc = {
         "schema": "kvpolicy.ablation/1",
         "spec": json.loads(spec.model_dump_json()),
         "rows": rows,
         "runs": [{"budget": _budget_label(spec.budgets[bi]), "variant": name, "policy": policy,
                   **_to_json(results[(bi, name)])} for bi, name, policy in plan],
-        "seconds": time.perf_counter() - t0,
+        "seconds": seconds,
         "written": datetime.now(timezone.utc).isoformat(),
-        "versions": _versions(),
+        "versions": versions(),
     }
-    atomic_write_text(out / "ablation.json", json.dumps(doc, indent=1, default=_json_default) + "\n")
+    atomic_write_text(out / "ablation.json", json.dumps(doc, indent=1, default=json_default) + "\n")
     files.append(out / "ablation.json")
     if plots and rows:
         png = _plot(spec, rows, out / "ablation.png")
         if png is not None:
             files.append(png)
-    tracker = make_tracker(spec.wandb, out, group=spec.name, quiet=quiet, console=console)
-    tracker.log_table(f"{spec.name}-ablation", rows, {"ablation": json.loads(spec.model_dump_json())},
-                      [f for f in files if f.suffix == ".png"])
-    tracker.close()
-    return AblationResult(rows=rows, output=out, markdown=md, files=files)
+    return md, files
 
 
 def _fmt(x: float, signed: bool = False) -> str:
@@ -248,8 +260,6 @@ def _plot(spec: AblationSpec, rows: Sequence[Mapping[str, Any]], path: Path) -> 
 
 
 def _draw(spec: AblationSpec, rows: Sequence[Mapping[str, Any]], path: Path, plt: Any) -> Path | None:
-    from .sweep import _atomic_savefig
-
     metrics = list(dict.fromkeys(r["metric"] for r in rows))
     budgets = list(dict.fromkeys(r["budget"] for r in rows))
     variants = list(dict.fromkeys(r["variant"] for r in rows))
@@ -285,7 +295,7 @@ def _draw(spec: AblationSpec, rows: Sequence[Mapping[str, Any]], path: Path, plt
     conf = int(round(spec.bootstrap.confidence * 100))
     fig.suptitle(f"{spec.name}: single-part swaps vs the base ({conf}% paired bootstrap CI)")
     fig.tight_layout()
-    _atomic_savefig(fig, path)
+    atomic_savefig(fig, path)
     plt.close(fig)
     return path
 
@@ -308,63 +318,3 @@ def print_table(console: Any, spec: AblationSpec, rows: Sequence[Mapping[str, An
                           f"[{_fmt(r['ci_low'], True)}, {_fmt(r['ci_high'], True)}]", _fmt(r["delta_pct"], True),
                           f"[{style}]{r['effect']}[/]" if style else r["effect"])
         console.print(table)
-
-
-def ablate_cli(file: str | Path, samples: int | None = None, output: str | Path | None = None,
-               wandb_project: str | None = None, no_wandb: bool = False, quiet: bool = False) -> AblationResult | None:
-    """``kvpolicy ablate FILE``: validate the file, evaluate, print the delta table. Exit 2 on an invalid file."""
-    from rich.console import Console
-    from rich.text import Text
-
-    from .sweep import _exit
-
-    err = Console(stderr=True)
-    overrides = {"samples": samples, "output": str(output) if output else None, "wandb_project": wandb_project,
-                 "no_wandb": no_wandb}
-    try:
-        spec = load_ablation(file, overrides)
-    except SweepConfigError as exc:
-        err.print(Text(f"error: {exc}", style="red"), soft_wrap=True)
-        _exit(2)
-        return None
-    try:
-        result = run_ablation(spec, quiet=quiet)
-    except PolicyConfigError as exc:
-        err.print(Text(f"error: {exc}", style="red"), soft_wrap=True)
-        _exit(2)
-        return None
-    except KeyboardInterrupt:
-        err.print("interrupted; finished evaluations are kept under runs/ and skipped when the command is re-run")
-        _exit(130)
-        return None
-    from .sweep import stdout_console
-
-    print_table(stdout_console(), spec, result.rows)
-    if not quiet:
-        err.print(f"results in {result.output}: " + ", ".join(f.name for f in result.files))
-    return result
-
-
-def main(argv: Sequence[str] | None = None) -> None:  # pragma: no cover - ``python -m kvpolicy.ablate FILE``
-    import argparse
-    import sys
-
-    ap = argparse.ArgumentParser(prog="python -m kvpolicy.ablate")
-    ap.add_argument("file")
-    ap.add_argument("--samples", type=int)
-    ap.add_argument("--output")
-    ap.add_argument("--wandb-project")
-    ap.add_argument("--no-wandb", action="store_true")
-    ap.add_argument("--quiet", action="store_true")
-    a = ap.parse_args(argv)
-    try:
-        ablate_cli(a.file, a.samples, a.output, a.wandb_project, a.no_wandb, a.quiet)
-    except Exception as exc:
-        code = getattr(exc, "exit_code", None)
-        if code is not None:
-            sys.exit(code)
-        raise
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

@@ -24,7 +24,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .sweep_config import WandbSpec
+from ..io import atomic_write_text
+from .spec import WandbSpec
+from .storage import ATTR_PREFIX
+from .workers import worker_is_dead
 
 __all__ = ["NullTracker", "WandbTracker", "make_tracker", "resolve_mode"]
 
@@ -133,8 +136,6 @@ class WandbTracker:
             return set()
 
     def _mark(self, key: str) -> None:
-        from .sweep import atomic_write_text
-
         done = self._logged() | {key}
         atomic_write_text(self.marker, json.dumps(sorted(done)))
 
@@ -143,14 +144,12 @@ class WandbTracker:
         """Log finished trials of dead workers of this machine that never reached W&B."""
         if self._failed:
             return
-        from .sweep import ATTR_PREFIX, _worker_is_dead
-
         logged = self._logged()
         for t in study.get_trials(deepcopy=False):
             if t.state.name not in ("COMPLETE", "PRUNED", "FAIL") or f"{spec.name}/{t.number}" in logged:
                 continue
             worker = t.user_attrs.get(ATTR_PREFIX + "worker") or {}
-            if _worker_is_dead(worker) is not True:
+            if worker_is_dead(worker) is not True:
                 continue
             if t.state.name == "FAIL" and str(t.user_attrs.get(ATTR_PREFIX + "error", "")).startswith("surplus"):
                 continue
@@ -162,8 +161,6 @@ class WandbTracker:
                   ) -> None:
         if self._failed:
             return
-        from .sweep import ATTR_PREFIX
-
         try:
             config = {
                 "study": spec.name,
