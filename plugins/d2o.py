@@ -196,17 +196,24 @@ class D2OAllocator:
 # ===================================================================================================== reducer
 
 
-class D2OParams(BaseModel):
-    """Parameters of the ``d2o`` reducer."""
+class D2OWindow(BaseModel):
+    """The entries D2O never evicts, shared by its reducer and its decode scorer (the authors' code has one setting
+    for both): the sinks and a recent window."""
 
     model_config = ConfigDict(extra="forbid")
 
-    start_size: Tokens = Field(default=4, description="oldest entries always kept (sinks; code: 4)")
+    start_size: Tokens = Field(default=4, description="oldest entries always kept, never dropped (sinks; code: 4)")
     recent_share: Share = Field(
         default=0.5,
-        description="recent window as a share of the layer's budget (the authors' hh_ratio = recent_ratio = 0.1: 0.5)",
+        description="recent window as a share of the layer's budget (while decoding: the entries held after "
+        "prefill), always kept, never dropped (the authors' hh_ratio = recent_ratio = 0.1: 0.5)",
     )
     recent: Tokens | None = Field(default=None, description="recent window in tokens (overrides recent_share)")
+
+
+class D2OParams(D2OWindow):
+    """Parameters of the ``d2o`` reducer."""
+
     ema: Share = Field(
         default=0.5,
         description="threshold update tau <- ema * tau + (1 - ema) * mean best similarity of this compression's "
@@ -307,17 +314,9 @@ class D2OReducer:
 # ===================================================================================================== decode
 
 
-class D2ODecodeParams(BaseModel):
+class D2ODecodeParams(D2OWindow):
     """Parameters of the ``d2o`` decode scorer."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    start_size: Tokens = Field(default=4, description="oldest entries never dropped (sinks; code: 4)")
-    recent_share: Share = Field(
-        default=0.5,
-        description="recent window as a share of the layer's budget (entries held after prefill), never dropped",
-    )
-    recent: Tokens | None = Field(default=None, description="recent window in tokens (overrides recent_share)")
     text_prior: bool = Field(default=False, description="drop image entries first (LOOK-M's rule; not in D2O)")
     per_head: bool = Field(default=True, description="accumulate and decide per kv head; false: mean over heads")
 
