@@ -204,7 +204,8 @@ def kvpolicy_parts() -> list[PartSpec]:
     return [
         *accumulated_specs(
             "lookm",
-            encode_summary="LOOK-M: attention accumulated from every prompt query, per kv head (no window: the reducer's)",
+            encode_summary="LOOK-M: attention accumulated from every prompt query, per kv head "
+            "(no window: the reducer's)",
             decode_params=HeavyRecentDecodeParams,
             decode_factory=HeavyRecentDecode,
             decode_summary="LOOK-M: accumulated attention; drop image entries first, never the recent window",
