@@ -9,7 +9,7 @@ Run it with the separate venv (kvpress 0.5.5 needs transformers < 5.3; kvpolicy 
 
 ``--from-bench`` takes the model config, contexts, ratios, decode steps, repeats, seed and policy parameters (SnapKV
 window and kernel, StreamingLLM sinks) from a kvpolicy result, so both sides measure the same thing. Without it,
-``--config llama-125m|llama-tiny|PATH --contexts ... --ratios ...`` name them directly.
+``--config llama-125m|llama-tiny|llama-1b|PATH --contexts ... --ratios ...`` name them directly.
 
 Presses both frameworks have, under kvpolicy's names: ``local`` = StreamingLLMPress, ``snapkv`` = SnapKVPress,
 ``knorm`` = KnormPress, ``tova`` = TOVAPress, ``h2o`` = ObservedAttentionPress (H2O's accumulated attention at
@@ -33,6 +33,7 @@ import json
 import os
 import platform
 import re
+import runpy
 import statistics
 import sys
 import tempfile
@@ -43,25 +44,11 @@ from pathlib import Path
 import torch
 
 SCHEMA = "kvpolicy.bench/1"
-#: the same shapes as kvpolicy.bench.shapes.BUILTIN_CONFIGS (kept in step by tests/test_bench.py)
-BUILTIN_CONFIGS = {
-    "llama-tiny": {
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "vocab_size": 256,
-    },
-    "llama-125m": {
-        "hidden_size": 768,
-        "intermediate_size": 2048,
-        "num_hidden_layers": 12,
-        "num_attention_heads": 12,
-        "num_key_value_heads": 4,
-        "vocab_size": 32000,
-    },
-}
+#: the shapes of ``kvpolicy bench``, read from kvpolicy's own file by path (standard library only, run, not imported
+#: as ``kvpolicy``: this venv does not have kvpolicy installed), so both benchmarks always build the same models
+BUILTIN_CONFIGS: dict = runpy.run_path(str(Path(__file__).resolve().parents[1] / "kvpolicy" / "bench" / "shapes.py"))[
+    "BUILTIN_CONFIGS"
+]
 PRESSES = {
     "local": "StreamingLLMPress",
     "snapkv": "SnapKVPress",

@@ -31,61 +31,30 @@ if TYPE_CHECKING:  # the names below, for type checkers and IDEs; at run time th
     from .core.reuse import CacheReuseError
     from .core.selection import ranked_slots, select_top
 
-#: public name -> the submodule defining it. Imported lazily (PEP 562) because these modules import torch and
-#: transformers (seconds), and the command line imports this package just to answer ``--help``.
-_LAZY = {
-    **dict.fromkeys(("PolicyCache", "UnsupportedModelError"), "core.cache"),
-    "PolicyLayer": "core.layer",
-    **dict.fromkeys(("attach", "check_model", "make_cache"), "core.engine"),
-    "PartError": "core.partcheck",
-    "CacheReuseError": "core.reuse",
-    **dict.fromkeys(("Budget", "BudgetAllocator"), "core.budget"),
-    "load_model": "models",
-    **dict.fromkeys(
-        (
-            "GENERATED",
-            "IMAGE",
-            "TEXT",
-            "AttentionStat",
-            "CachePolicy",
-            "DecodeScorer",
-            "EncodeScorer",
-            "LayerView",
-            "Reducer",
-            "Reduction",
-        ),
-        "core.policy",
+#: submodule -> the public names it defines, the one list of the package's API (``__all__`` and the lazy loader are
+#: built from it; the ``TYPE_CHECKING`` imports above state the same names for type checkers, which cannot read a
+#: table). Imported lazily (PEP 562) because these modules import torch and transformers (seconds), and the command
+#: line imports this package just to answer ``--help``.
+_PUBLIC: dict[str, tuple[str, ...]] = {
+    "core.budget": ("Budget", "BudgetAllocator"),
+    "core.cache": ("PolicyCache", "UnsupportedModelError"),
+    "core.engine": ("attach", "check_model", "make_cache"),
+    "core.layer": ("PolicyLayer",),
+    "core.partcheck": ("PartError",),
+    "core.policy": tuple(
+        "GENERATED IMAGE TEXT AttentionStat CachePolicy DecodeScorer EncodeScorer LayerView Reducer Reduction".split()
     ),
-    **dict.fromkeys(("ranked_slots", "select_top"), "core.selection"),
+    "core.reuse": ("CacheReuseError",),
+    "core.selection": ("ranked_slots", "select_top"),
+    "models": ("load_model",),
 }
+
+#: public name -> the submodule defining it
+_LAZY = {name: module for module, names in _PUBLIC.items() for name in names}
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "GENERATED",
-    "IMAGE",
-    "TEXT",
-    "AttentionStat",
-    "Budget",
-    "BudgetAllocator",
-    "CachePolicy",
-    "CacheReuseError",
-    "DecodeScorer",
-    "EncodeScorer",
-    "LayerView",
-    "PartError",
-    "PolicyCache",
-    "PolicyLayer",
-    "Reducer",
-    "Reduction",
-    "UnsupportedModelError",
-    "attach",
-    "check_model",
-    "load_model",
-    "make_cache",
-    "ranked_slots",
-    "select_top",
-]
+__all__ = sorted(_LAZY)
 
 
 def __getattr__(name: str) -> Any:

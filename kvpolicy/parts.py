@@ -7,12 +7,16 @@ their merge math and two whole scorers. When these lived in ``plugins/evict.py``
 plugin imported another plugin; now each plugin module is one method and imports its shared pieces from here.
 Third-party plugins may use them too (``from kvpolicy.parts import sinks, recent, protect``).
 
-This module imports only kvpolicy's core data types (:mod:`kvpolicy.core.policy`, :mod:`kvpolicy.core.selection`),
-never the evaluation, sweep, bench or CLI layers, so a plugin that uses it pulls in nothing but what the engine needs.
+This module imports only kvpolicy's core data types (:mod:`kvpolicy.core.policy`, :mod:`kvpolicy.core.selection`,
+the plugin specs of :mod:`kvpolicy.hookspecs`), never the evaluation, sweep, bench or CLI layers, so a plugin that
+uses it pulls in nothing but what the engine needs.
 
 * scores, windows, protection: :func:`heads`, :func:`full_shape`, :func:`sinks`, :func:`recent`, :func:`protect`,
   :func:`protect_text`, :func:`check_attention`;
-* part construction: :func:`build` (a params model, a mapping or keywords -> the validated params model);
+* part construction: :func:`build` (a params model, a mapping or keywords -> the validated params model); the
+  parameter types :data:`Tokens` and :data:`Share` (one statement of the bounds of a token count and of a share);
+* registration: :func:`consumer_spec` (a reducer or allocator: consumes scores, provides none),
+  :func:`accumulated_specs` (the encode and decode scorers LOOK-M and D2O share, with their capability tags);
 * accumulated attention (H2O's statistic): :data:`ATTENTION_SUM`, :class:`AttentionAccumulator`;
 * heavy hitters + recent window (LOOK-M, D2O): :func:`heavy_recent_select`, :func:`reduction_from_mask`,
   :func:`victim_mask`;
@@ -25,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kvpolicy.core.policy import IMAGE, TEXT, AttentionStat, LayerView, Reduction
 from kvpolicy.core.selection import ranked_slots, sort_by_position
+from kvpolicy.hookspecs import PartKind, PartSpec
 
 INF = float("inf")
 
@@ -120,6 +125,30 @@ def build(cls: type, params_cls: type[BaseModel], params: Any, kwargs: dict[str,
     if isinstance(params, BaseModel):
         return params_cls.model_validate(params.model_dump())
     return params_cls.model_validate(dict(params))
+
+
+#: a parameter counting tokens (windows, sinks): ``name: Tokens = Field(default=..., description=...)``; the bound is
+#: far above any context length, so it only rejects nonsense (a negative count, an overflowing one)
+Tokens = Annotated[int, Field(ge=0, le=1 << 20)]
+
+#: a parameter that is a share of something (a budget, a window), from 0 to 1
+Share = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+def consumer_spec(
+    name: str,
+    kind: PartKind,
+    params: type[BaseModel],
+    factory: Any,
+    summary: str,
+    requires: frozenset[str] = frozenset({"scores"}),
+) -> PartSpec:
+    """The :class:`PartSpec` of a part that consumes scores and provides none (a reducer, a budget allocator).
+
+    Why: every such part declares the same capability tags; stated here once, a plugin names only what differs."""
+    return PartSpec(
+        name=name, kind=kind, params=params, factory=factory, summary=summary, provides=frozenset(), requires=requires
+    )
 
 
 # ============================================================================================= accumulated attention
@@ -410,16 +439,12 @@ class HeavyRecentDecodeParams(BaseModel):
     text_prior: bool = Field(
         default=True, description="drop image entries first (lowest score), text and generated entries only after"
     )
-    recent_share: float = Field(
+    recent_share: Share = Field(
         default=0.5,
-        ge=0.0,
-        le=1.0,
         description="recent window as a share of the layer's budget (entries held after prefill), never dropped",
     )
-    recent: int | None = Field(
-        default=None, ge=0, le=1 << 20, description="recent window in tokens (overrides recent_share)"
-    )
-    start_size: int = Field(default=0, ge=0, le=1 << 20, description="oldest entries never dropped (sinks)")
+    recent: Tokens | None = Field(default=None, description="recent window in tokens (overrides recent_share)")
+    start_size: Tokens = Field(default=0, description="oldest entries never dropped (sinks)")
     per_head: bool = Field(default=True, description="accumulate and decide per kv head; false: mean over heads")
 
 
@@ -486,3 +511,31 @@ class HeavyRecentDecode(AttentionAccumulator):
             top = torch.where(valid, acc, float("-inf")).amax(-1, keepdim=True).clamp(min=0.0)
             scores = torch.where(view.token_types == IMAGE, acc, acc + top + 1.0)
         return scores.masked_fill(protected, INF)
+
+
+def accumulated_specs(
+    name: str, encode_summary: str, decode_params: type[BaseModel], decode_factory: Any, decode_summary: str
+) -> list[PartSpec]:
+    """The encode (:class:`AccumulatedAttention`) and decode (a :class:`HeavyRecentDecode`) :class:`PartSpec` of a
+    method built on the shared accumulated-attention scorers (``lookm``, ``d2o``), with the tags those scorers provide.
+
+    Why: the tags are facts about the shared classes (per-head scores; the decode scorer keeps the cumulative
+    attention), so they are stated next to them, once, rather than in each plugin that registers them."""
+    return [
+        PartSpec(
+            name=name,
+            kind="encode",
+            params=AccumulatedParams,
+            factory=AccumulatedAttention,
+            summary=encode_summary,
+            provides=frozenset({"scores", "per_head_scores"}),
+        ),
+        PartSpec(
+            name=name,
+            kind="decode",
+            params=decode_params,
+            factory=decode_factory,
+            summary=decode_summary,
+            provides=frozenset({"scores", "per_head_scores", "cumulative_attention"}),
+        ),
+    ]

@@ -5,9 +5,10 @@ tiny GQA model that runs in a second on a CPU, a random :class:`~kvpolicy.core.p
 (left padding, freed slots, shuffled slots, per-head layouts, mixed TEXT / IMAGE entries, tied scores) to compare a
 part against a naive reference, and a policy whose effect is trivial to rebuild by hand. Nothing here imports pytest.
 
-* tiny models: :func:`build_model` (llama, qwen2, mistral, llava; 4 query / 2 kv heads, random init, no download) and
-  :func:`make_batch` (left-padded batches, optionally with LLaVA image placeholders);
-* views: :func:`make_view`;
+* tiny models: :func:`build_model` (llama, qwen2, mistral, llava; 4 query / 2 kv heads, random init, no download; its
+  text decoder's keywords: :func:`tiny_text_config`) and :func:`make_batch` (left-padded batches, optionally with
+  LLaVA image placeholders);
+* views: :func:`make_view`, and what a reduction keeps of one: :func:`kept_entries`;
 * trivial parts and policies: :class:`KeepAll`, :class:`FirstLast`, :class:`PlainEvict`, :func:`keep_all_policy`,
   :func:`first_last_policy`.
 """
@@ -28,7 +29,9 @@ PAD = 0
 IMAGE_TOKEN = 127
 
 
-def _text_kwargs(layers: int = 2) -> dict:
+def tiny_text_config(layers: int = 2) -> dict:
+    """The text decoder of :func:`build_model` as config keywords (4 query / 2 kv heads, width 64), for a test that
+    builds its own variant (another layer count, another weight scale) of the same tiny model."""
     return dict(
         vocab_size=VOCAB,
         hidden_size=64,
@@ -57,16 +60,16 @@ def build_model(family: str, seed: int = 0, attn: str = "sdpa") -> torch.nn.Modu
 
     torch.manual_seed(seed)
     if family == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**_text_kwargs()))
+        model = LlamaForCausalLM(LlamaConfig(**tiny_text_config()))
     elif family == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**_text_kwargs()))
+        model = Qwen2ForCausalLM(Qwen2Config(**tiny_text_config()))
     elif family == "mistral":
-        model = MistralForCausalLM(MistralConfig(**_text_kwargs(), sliding_window=None))
+        model = MistralForCausalLM(MistralConfig(**tiny_text_config(), sliding_window=None))
     elif family == "llava":
         vision = CLIPVisionConfig(
             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=7
         )
-        text = LlamaConfig(**_text_kwargs())
+        text = LlamaConfig(**tiny_text_config())
         config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN)
         model = LlavaForConditionalGeneration(config)
     else:
@@ -177,6 +180,25 @@ def make_view(
         token_types=types,
         attention=attention,
     )
+
+
+def kept_entries(view: LayerView, red: Reduction, b: int, h: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """``(slot, key, value)`` of every entry ``red`` keeps in row ``b`` and kv head ``h``, in the reduction's order:
+    the key and value the cache will hold (the reduction's merged tensors, or the view's own where it has none).
+
+    Why: a reducer's test compares exactly this against a naive reference; reading it also checks what the engine
+    checks, that every kept slot is a valid one (AssertionError otherwise)."""
+    out = []
+    for k in range(red.index.shape[-1]):
+        if not bool(red.valid[b, h, k]):
+            continue
+        slot = int(red.index[b, h, k])
+        if not bool(view.valid[b, h, slot]):
+            raise AssertionError(f"kept an invalid slot ({slot}, row {b}, kv head {h})")
+        key = red.keys[b, h, k] if red.keys is not None else view.keys[b, h, slot]
+        value = red.values[b, h, k] if red.values is not None else view.values[b, h, slot]
+        out.append((slot, key, value))
+    return out
 
 
 # ===================================================================================================== trivial policies

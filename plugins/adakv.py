@@ -30,6 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from kvpolicy.hookspecs import PartSpec, PresetSpec, hookimpl
+from kvpolicy.parts import Share, consumer_spec
 from kvpolicy.core.policy import LayerView, Reduction
 from kvpolicy.core.selection import ranked_slots, sort_by_position
 
@@ -41,10 +42,8 @@ class AdaKVParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    alpha: float = Field(
+    alpha: Share = Field(
         default=0.2,
-        ge=0.0,
-        le=1.0,
         description="safeguard: fraction of the uniform per-head budget every head keeps (paper: 0.2)",
     )
 
@@ -95,13 +94,12 @@ class AdaKVReducer:
 @hookimpl
 def kvpolicy_parts() -> list[PartSpec]:
     return [
-        PartSpec(
+        consumer_spec(
             name="adakv",
             kind="reducer",
             params=AdaKVParams,
             factory=AdaKVReducer,
             summary="AdaKV: the layer's budget allocated across kv heads by score (a floor per head), evicting",
-            provides=frozenset(),
             requires=frozenset({"scores", "per_head_scores"}),
         ),
     ]

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from kvpolicy.hookspecs import PartSpec, PresetSpec, hookimpl
-from kvpolicy.parts import ATTENTION_SUM, build, victim_mask
+from kvpolicy.parts import ATTENTION_SUM, build, consumer_spec, victim_mask
 from kvpolicy.core.policy import LayerView, Reduction
 from kvpolicy.core.selection import select_top
 
@@ -216,14 +216,12 @@ class CamReducer:
 @hookimpl
 def kvpolicy_parts() -> list[PartSpec]:
     return [
-        PartSpec(
+        consumer_spec(
             name="cam",
             kind="reducer",
             params=CamParams,
             factory=CamReducer,
             summary="CaM: evict, but merge each evicted value into the following kept entries (Bernoulli by attention)",
-            provides=frozenset(),
-            requires=frozenset({"scores"}),
         ),
     ]
 

@@ -30,10 +30,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kvpolicy.hookspecs import PartSpec, PresetSpec, hookimpl
 from kvpolicy.parts import (
-    AccumulatedAttention,
-    AccumulatedParams,
     HeavyRecentDecode,
+    Share,
+    Tokens,
+    accumulated_specs,
     build,
+    consumer_spec,
     heavy_recent_select,
     merge_kv,
     most_similar,
@@ -194,25 +196,26 @@ class D2OAllocator:
 # ===================================================================================================== reducer
 
 
-class D2OParams(BaseModel):
-    """Parameters of the ``d2o`` reducer."""
+class D2OWindow(BaseModel):
+    """The entries D2O never evicts, shared by its reducer and its decode scorer (the authors' code has one setting
+    for both): the sinks and a recent window."""
 
     model_config = ConfigDict(extra="forbid")
 
-    start_size: int = Field(default=4, ge=0, le=1 << 20, description="oldest entries always kept (sinks; code: 4)")
-    recent_share: float = Field(
+    start_size: Tokens = Field(default=4, description="oldest entries always kept, never dropped (sinks; code: 4)")
+    recent_share: Share = Field(
         default=0.5,
-        ge=0.0,
-        le=1.0,
-        description="recent window as a share of the layer's budget (the authors' hh_ratio = recent_ratio = 0.1: 0.5)",
+        description="recent window as a share of the layer's budget (while decoding: the entries held after "
+        "prefill), always kept, never dropped (the authors' hh_ratio = recent_ratio = 0.1: 0.5)",
     )
-    recent: int | None = Field(
-        default=None, ge=0, le=1 << 20, description="recent window in tokens (overrides recent_share)"
-    )
-    ema: float = Field(
+    recent: Tokens | None = Field(default=None, description="recent window in tokens (overrides recent_share)")
+
+
+class D2OParams(D2OWindow):
+    """Parameters of the ``d2o`` reducer."""
+
+    ema: Share = Field(
         default=0.5,
-        ge=0.0,
-        le=1.0,
         description="threshold update tau <- ema * tau + (1 - ema) * mean best similarity of this compression's "
         "evicted entries (the first compression sets tau to that mean; code: alpha = beta = 0.5)",
     )
@@ -311,21 +314,9 @@ class D2OReducer:
 # ===================================================================================================== decode
 
 
-class D2ODecodeParams(BaseModel):
+class D2ODecodeParams(D2OWindow):
     """Parameters of the ``d2o`` decode scorer."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    start_size: int = Field(default=4, ge=0, le=1 << 20, description="oldest entries never dropped (sinks; code: 4)")
-    recent_share: float = Field(
-        default=0.5,
-        ge=0.0,
-        le=1.0,
-        description="recent window as a share of the layer's budget (entries held after prefill), never dropped",
-    )
-    recent: int | None = Field(
-        default=None, ge=0, le=1 << 20, description="recent window in tokens (overrides recent_share)"
-    )
     text_prior: bool = Field(default=False, description="drop image entries first (LOOK-M's rule; not in D2O)")
     per_head: bool = Field(default=True, description="accumulate and decide per kv head; false: mean over heads")
 
@@ -356,31 +347,20 @@ def kvpolicy_parts() -> list[PartSpec]:
             summary="D2O: layer budgets L * budget * softmax(-density), same total (densities measured beforehand)",
             provides=frozenset(),
         ),
-        PartSpec(
-            name="d2o",
-            kind="encode",
-            params=AccumulatedParams,
-            factory=AccumulatedAttention,
-            summary="D2O: attention accumulated from every prompt query, per kv head",
-            provides=frozenset({"scores", "per_head_scores"}),
+        *accumulated_specs(
+            "d2o",
+            encode_summary="D2O: attention accumulated from every prompt query, per kv head",
+            decode_params=D2ODecodeParams,
+            decode_factory=D2ODecode,
+            decode_summary="D2O: accumulated attention, 4 sinks and the recent window never dropped",
         ),
-        PartSpec(
-            name="d2o",
-            kind="decode",
-            params=D2ODecodeParams,
-            factory=D2ODecode,
-            summary="D2O: accumulated attention, 4 sinks and the recent window never dropped",
-            provides=frozenset({"scores", "per_head_scores", "cumulative_attention"}),
-        ),
-        PartSpec(
+        consumer_spec(
             name="d2o",
             kind="reducer",
             params=D2OParams,
             factory=D2OReducer,
             summary="D2O: sinks + recent + heavy hitters; evicted entries above an EMA similarity threshold merged "
             "into the most similar kept one",
-            provides=frozenset(),
-            requires=frozenset({"scores"}),
         ),
     ]
 

@@ -19,7 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from kvpolicy.hookspecs import PartSpec, PresetSpec, hookimpl
-from kvpolicy.parts import build
+from kvpolicy.parts import build, consumer_spec
 from kvpolicy.core.policy import LayerView, Reduction
 from kvpolicy.core.selection import select_top
 
@@ -53,14 +53,12 @@ class Evict:
 @hookimpl
 def kvpolicy_parts() -> list[PartSpec]:
     return [
-        PartSpec(
+        consumer_spec(
             name="evict",
             kind="reducer",
             params=EvictParams,
             factory=Evict,
             summary="keep the top-scored entries (ties to the older position), drop the rest",
-            provides=frozenset(),
-            requires=frozenset({"scores"}),
         ),
     ]
 

@@ -26,6 +26,7 @@ from kvpolicy.parts import (
     PROMPT_ATTENTION,
     STEP_ATTENTION,
     AttentionAccumulator,
+    Tokens,
     build,
     check_attention,
     heads,
@@ -43,10 +44,8 @@ class H2OParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    recent: int = Field(
+    recent: Tokens = Field(
         default=32,
-        ge=0,
-        le=1 << 20,
         description="newest entries of each row always kept (the recent window), in tokens; should be below the budget",
     )
     per_head: bool = Field(
@@ -111,10 +110,8 @@ class H2OElasticCodeParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    start_size: int = Field(
+    start_size: Tokens = Field(
         default=1,
-        ge=0,
-        le=1 << 20,
         description="entries never dropped by single decode drops (their scripts pass 1; class default 4); the bulk "
         "prefill compression does not protect them",
     )

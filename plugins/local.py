@@ -20,7 +20,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from kvpolicy.hookspecs import PartSpec, PresetSpec, hookimpl
-from kvpolicy.parts import PROMPT_ATTENTION, STEP_ATTENTION, AttentionAccumulator, build, protect, sinks
+from kvpolicy.parts import PROMPT_ATTENTION, STEP_ATTENTION, AttentionAccumulator, Tokens, build, protect, sinks
 from kvpolicy.core.policy import AttentionStat, LayerView
 
 PAPER = 'Xiao et al., ICLR 2024, "Efficient Streaming Language Models with Attention Sinks"'
@@ -31,9 +31,7 @@ class LocalParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    start_size: int = Field(
-        default=4, ge=0, le=1 << 20, description="attention sinks: the first real tokens of each row, always kept"
-    )
+    start_size: Tokens = Field(default=4, description="attention sinks: the first real tokens of each row, always kept")
 
 
 class LocalDecodeParams(LocalParams):

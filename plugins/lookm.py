@@ -30,11 +30,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kvpolicy.hookspecs import PartSpec, PresetSpec, hookimpl
 from kvpolicy.parts import (
-    AccumulatedAttention,
-    AccumulatedParams,
     HeavyRecentDecode,
     HeavyRecentDecodeParams,
+    Share,
+    Tokens,
+    accumulated_specs,
     build,
+    consumer_spec,
     heavy_recent_select,
     merge_kv,
     most_similar,
@@ -68,27 +70,21 @@ class LookMParams(BaseModel):
         description="rank every text (non-image) entry above every image entry, each modality by score (the paper's "
         "text-prior eviction); ignored when image_share is set",
     )
-    image_share: float | None = Field(
+    image_share: Share | None = Field(
         default=None,
-        ge=0.0,
-        le=1.0,
         description="split budget: image entries get floor(image_share * budget) of the entries kept (window and "
         "sinks included), text the rest; unused share goes to the other modality. null: text_prior decides",
     )
-    recent_share: float = Field(
+    recent_share: Share = Field(
         default=0.5,
-        ge=0.0,
-        le=1.0,
         description="recent window as a share of the budget: the newest floor(recent_share * budget) entries are "
         "kept (the authors run heavy 10% + recent 10% of the prompt: 0.5)",
     )
-    recent: int | None = Field(
-        default=None, ge=0, le=1 << 20, description="recent window in tokens (overrides recent_share); null: use the share"
+    recent: Tokens | None = Field(
+        default=None, description="recent window in tokens (overrides recent_share); null: use the share"
     )
-    start_size: int = Field(
+    start_size: Tokens = Field(
         default=0,
-        ge=0,
-        le=1 << 20,
         description="oldest entries always kept (sinks); the authors' text-prior variants use none, their plain "
         "merge variants 4",
     )
@@ -206,31 +202,21 @@ class LookMReducer:
 @hookimpl
 def kvpolicy_parts() -> list[PartSpec]:
     return [
-        PartSpec(
-            name="lookm",
-            kind="encode",
-            params=AccumulatedParams,
-            factory=AccumulatedAttention,
-            summary="LOOK-M: attention accumulated from every prompt query, per kv head (no window: the reducer's)",
-            provides=frozenset({"scores", "per_head_scores"}),
+        *accumulated_specs(
+            "lookm",
+            encode_summary="LOOK-M: attention accumulated from every prompt query, per kv head "
+            "(no window: the reducer's)",
+            decode_params=HeavyRecentDecodeParams,
+            decode_factory=HeavyRecentDecode,
+            decode_summary="LOOK-M: accumulated attention; drop image entries first, never the recent window",
         ),
-        PartSpec(
-            name="lookm",
-            kind="decode",
-            params=HeavyRecentDecodeParams,
-            factory=HeavyRecentDecode,
-            summary="LOOK-M: accumulated attention; drop image entries first, never the recent window",
-            provides=frozenset({"scores", "per_head_scores", "cumulative_attention"}),
-        ),
-        PartSpec(
+        consumer_spec(
             name="lookm",
             kind="reducer",
             params=LookMParams,
             factory=LookMReducer,
             summary="LOOK-M: recent window + text-prior heavy hitters; evicted entries merged into the most similar "
             "kept one (average / pivotal / weighted)",
-            provides=frozenset(),
-            requires=frozenset({"scores"}),
         ),
     ]
 

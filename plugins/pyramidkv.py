@@ -19,7 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from kvpolicy.hookspecs import PartSpec, PresetSpec, hookimpl
-from kvpolicy.parts import build
+from kvpolicy.parts import build, consumer_spec
 
 PAPER = 'Cai et al., 2024, "PyramidKV: Dynamic KV Cache Compression based on Pyramidal Information Funneling"'
 
@@ -102,14 +102,12 @@ class PyramidKVAllocator:
 @hookimpl
 def kvpolicy_parts() -> list[PartSpec]:
     return [
-        PartSpec(
+        consumer_spec(
             name="pyramidkv",
             kind="allocator",
             params=PyramidKVParams,
             factory=PyramidKVAllocator,
             summary="PyramidKV: per-layer budgets decreasing linearly with depth, same total as uniform",
-            provides=frozenset(),
-            requires=frozenset({"scores"}),
         ),
     ]
 

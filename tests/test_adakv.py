@@ -94,6 +94,14 @@ def _wide_model():
     return model.eval()
 
 
+def _run(model, batch: dict, policy, steps: int) -> tuple:
+    """``steps`` greedy tokens through a fresh cache of ``policy``: (the generate output with logits, the cache)."""
+    cache = kvpolicy.make_cache(model, policy)
+    out = model.generate(**batch, past_key_values=cache, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                         pad_token_id=PAD, output_logits=True, return_dict_in_generate=True)
+    return out, cache
+
+
 def test_adakv_holds_its_budget_bytes_and_attends_like_the_padded_layout(monkeypatch):
     model = _wide_model()
     kvpolicy.attach(model)
@@ -101,13 +109,7 @@ def test_adakv_holds_its_budget_bytes_and_attends_like_the_padded_layout(monkeyp
     batch = make_batch(2, 48, pads, seed=11)
     policy = load_policy({"preset": "adakv", "ratio": 0.75, "encode": {"window": 4}})
 
-    def run():
-        cache = kvpolicy.make_cache(model, policy)
-        out = model.generate(**batch, past_key_values=cache, max_new_tokens=6, min_new_tokens=6, do_sample=False,
-                             pad_token_id=PAD, output_logits=True, return_dict_in_generate=True)
-        return out, cache
-
-    out, cache = run()
+    out, cache = _run(model, batch, policy, 6)
     n_real = batch["attention_mask"].sum(-1)
     keep = torch.tensor([math.ceil(int(n) * 0.25) for n in n_real])
     d, item = 16, 4
@@ -125,7 +127,7 @@ def test_adakv_holds_its_budget_bytes_and_attends_like_the_padded_layout(monkeyp
 
     # the same policy in the padded layout (no buckets): identical logits
     monkeypatch.setattr(kvpolicy.core.layer, "bucketed_if_uneven", lambda storage: storage)
-    padded_out, padded_cache = run()
+    padded_out, padded_cache = _run(model, batch, policy, 6)
     for a, b in zip(out.logits, padded_out.logits):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
     # fewer bytes than padding every head to the longest one (the exact 1.05x bound after prefill is the next test;
@@ -159,17 +161,11 @@ def test_bucketed_layers_shift_new_tokens_like_padded_ones_under_compressed_posi
     base = load_policy({"preset": "adakv", "ratio": 0.75, "encode": {"window": 4}})
     policy = dataclasses.replace(base, compressed_positions=True)
 
-    def run():
-        cache = kvpolicy.make_cache(model, policy)
-        out = model.generate(**batch, past_key_values=cache, max_new_tokens=5, min_new_tokens=5, do_sample=False,
-                             pad_token_id=PAD, output_logits=True, return_dict_in_generate=True)
-        return out, cache
-
-    out, cache = run()
+    out, cache = _run(model, batch, policy, 5)
     assert all(isinstance(layer.storage, BucketedStorage) for layer in cache.policy_layers)
     assert bool((cache.policy_layers[0].shift.delta != 0).all())  # the shift is real
     monkeypatch.setattr(kvpolicy.core.layer, "bucketed_if_uneven", lambda storage: storage)
-    padded_out, padded_cache = run()
+    padded_out, padded_cache = _run(model, batch, policy, 5)
     assert not any(isinstance(layer.storage, BucketedStorage) for layer in padded_cache.policy_layers)
     for a, b in zip(out.logits, padded_out.logits):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)

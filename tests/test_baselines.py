@@ -45,7 +45,7 @@ from kvpolicy import TEXT, AttentionStat, Budget, CachePolicy, LayerView
 from kvpolicy.hookspecs import PartSpec, PresetSpec
 from kvpolicy.parts import ATTENTION_SUM
 from kvpolicy.core.selection import ranked_slots
-from kvpolicy.testing import make_view
+from kvpolicy.testing import make_view, tiny_text_config
 
 MODULES = [evict_mod, local_mod, h2o_mod, tova_mod, snapkv_mod, knorm_mod, random_mod, pyramid_mod, cam_mod]
 INF = float("inf")
@@ -210,16 +210,22 @@ def test_h2o_decode_accumulates_and_evicts_lowest_outside_recent(layout, per_hea
             assert [int(view.positions[b, h, v]) for v in victims[b, h]] == [p for _, p in lowest]
 
 
+def check_lowest_victim(view: LayerView, decode, naive, per_head: bool) -> None:
+    """The decode scorer drops, in every row and kv head, the entry with the lowest ``naive`` score (ties to the older
+    position)."""
+    victim = ranked_slots(view, -decode.drop_scores(view))[..., 0]
+    for b in range(view.batch_size):
+        for h in range(view.num_heads):
+            ents = entries(view, b, h)
+            scored = [(x, p) for (p, s), x in zip(ents, naive(view, b, h, ents, per_head=per_head))]
+            assert int(view.positions[b, h, victim[b, h]]) == min(scored, key=lambda sp: (sp[0], sp[1]))[1]
+
+
 @pytest.mark.parametrize("layout,per_head", with_per_head(LAYOUTS, (False, True)))
 def test_tova_matches_naive(layout, per_head):
     view = make_view(**layout)
     check_selection(view, TovaScorer(per_head=per_head), naive_tova, per_head=per_head)
-    victim = ranked_slots(view, -TovaDecode(per_head=per_head).drop_scores(view))[..., 0]
-    for b in range(view.batch_size):
-        for h in range(view.num_heads):
-            ents = entries(view, b, h)
-            scored = [(x, p) for (p, s), x in zip(ents, naive_tova(view, b, h, ents, per_head=per_head))]
-            assert int(view.positions[b, h, victim[b, h]]) == min(scored, key=lambda sp: (sp[0], sp[1]))[1]
+    check_lowest_victim(view, TovaDecode(per_head=per_head), naive_tova, per_head=per_head)
 
 
 @pytest.mark.parametrize("layout,per_head", with_per_head(LAYOUTS))
@@ -242,12 +248,7 @@ def test_knorm_keeps_lowest_norms(layout, per_head):
     view = make_view(**layout)
     assert KnormScorer().needs == frozenset()
     check_selection(view, KnormScorer(per_head=per_head), naive_knorm, per_head=per_head)
-    victim = ranked_slots(view, -KnormDecode(per_head=per_head).drop_scores(view))[..., 0]
-    for b in range(view.batch_size):
-        for h in range(view.num_heads):
-            ents = entries(view, b, h)
-            scored = [(x, p) for (p, s), x in zip(ents, naive_knorm(view, b, h, ents, per_head=per_head))]
-            assert int(view.positions[b, h, victim[b, h]]) == min(scored, key=lambda sp: (sp[0], sp[1]))[1]
+    check_lowest_victim(view, KnormDecode(per_head=per_head), naive_knorm, per_head=per_head)
 
 
 @pytest.mark.parametrize(
@@ -564,16 +565,7 @@ def test_h2o_elastic_code_follows_the_authors_score_vector(rank_by_index, misali
 
 def tiny_llama(layers: int = 3, attn: str = "sdpa", attach: bool = True, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=0,
-    )
+    config = LlamaConfig(**{**tiny_text_config(layers), "max_position_embeddings": 256})
     model = LlamaForCausalLM(config)
     with torch.no_grad():  # larger weights than the default init: well separated logits and attention
         for p in model.parameters():

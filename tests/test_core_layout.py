@@ -123,3 +123,16 @@ def test_package_names_resolve_to_the_core():
     assert kvpolicy.PolicyLayer is kvpolicy.core.layer.PolicyLayer
     assert kvpolicy.PolicyCache is kvpolicy.core.cache.PolicyCache
     assert kvpolicy.Budget is importlib.import_module("kvpolicy.policy").Budget
+
+
+def test_package_static_imports_name_what_the_lazy_loader_serves():
+    """kvpolicy/__init__.py names its API twice by necessity: imports under ``TYPE_CHECKING`` (for type checkers and
+    IDEs, never run) and the table the lazy loader reads. Both must list the same names, each from the same module."""
+    import kvpolicy
+
+    tree = ast.parse((ROOT / "kvpolicy" / "__init__.py").read_text())
+    block = next(n for n in tree.body if isinstance(n, ast.If) and getattr(n.test, "id", None) == "TYPE_CHECKING")
+    static = {alias.name: node.module for node in block.body for alias in node.names}
+    assert sorted(static) == sorted(kvpolicy.__all__)
+    for name, module in static.items():
+        assert getattr(kvpolicy, name) is getattr(importlib.import_module(f"kvpolicy.{module}"), name), name

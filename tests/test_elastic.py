@@ -38,15 +38,7 @@ def reduction_rows(view: LayerView, red: kvpolicy.Reduction) -> dict:
     out = {}
     for b in range(view.batch_size):
         for h in range(view.num_heads):
-            rows = []
-            for k in range(red.index.shape[-1]):
-                if not bool(red.valid[b, h, k]):
-                    continue
-                slot = int(red.index[b, h, k])
-                assert bool(view.valid[b, h, slot]), "kept an invalid slot"
-                key = red.keys[b, h, k] if red.keys is not None else view.keys[b, h, slot]
-                value = red.values[b, h, k] if red.values is not None else view.values[b, h, slot]
-                rows.append((int(view.positions[b, h, slot]), key, value))
+            rows = [(int(view.positions[b, h, slot]), k, v) for slot, k, v in testing.kept_entries(view, red, b, h)]
             out[b, h] = sorted(rows, key=lambda r: r[0])
     return out
 

@@ -189,15 +189,7 @@ def naive_merge(rows: dict, kept: dict, sources: dict, strategy: str, filt=None)
 def check_reduction(view: LayerView, red, expected: dict) -> None:
     """The Reduction keeps exactly the expected slots (by position) with the expected keys and values (1e-6)."""
     for (b, h), want in expected.items():
-        got = {}
-        for i in range(red.index.shape[-1]):
-            if not bool(red.valid[b, h, i]):
-                continue
-            slot = int(red.index[b, h, i])
-            assert bool(view.valid[b, h, slot]), "kept an invalid slot"
-            key = red.keys[b, h, i] if red.keys is not None else view.keys[b, h, slot]
-            value = red.values[b, h, i] if red.values is not None else view.values[b, h, slot]
-            got[slot] = (key, value)
+        got = {slot: (key, value) for slot, key, value in testing.kept_entries(view, red, b, h)}
         pos = view.positions[b, h].tolist()
         assert sorted(pos[s] for s in got) == sorted(pos[s] for s in want), f"kept positions differ at {(b, h)}"
         for slot, (k, v) in want.items():

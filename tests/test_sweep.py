@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from checkpoints import tiny_checkpoint
 
 from kvpolicy.sweep import SweepConfigError, load_sweep
 
@@ -618,38 +619,11 @@ def test_two_workers_share_one_study(tmp_path, shared_storage):
 
 
 # ============================================================================================ the real harness, tiny
-def _tiny_model_dir(path: Path) -> Path:
-    """A 2-layer random Llama (GQA) with a word-level tokenizer, saved like a local checkpoint (nothing downloaded)."""
-    import torch
-    from tokenizers import Tokenizer, pre_tokenizers
-    from tokenizers import models as tok_models
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    words = ["<unk>", "<s>", "</s>", "def", "return", "the", "of", "a", "to", "in", "is", "and", "for", "=", "(", ")",
-             ":", ",", ".", "self", "if", "not", "None", "import"]
-    vocab = {w: i for i, w in enumerate(words + [f"w{i}" for i in range(64 - len(words))])}
-    backend = Tokenizer(tok_models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=1, eos_token_id=2)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.15)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 def test_sweep_on_a_tiny_model_through_the_evaluation_harness(tmp_path):
     pytest.importorskip("kvpolicy.eval.runner", reason="the evaluation harness is not installed")
     from kvpolicy.sweep import run_sweep
 
-    model_dir = _tiny_model_dir(tmp_path / "tiny")
+    model_dir = tiny_checkpoint(tmp_path / "tiny")
     spec = load_sweep(sweep_doc(
         evaluator="harness", model=str(model_dir), samples=4, batch_size=2, n_trials=3,
         task={"name": "continuation", "context_tokens": 48, "target_tokens": 6, "dtype": "float32",

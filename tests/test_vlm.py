@@ -89,6 +89,21 @@ FAMILIES = {
 GEN = dict(do_sample=False, pad_token_id=PAD)
 
 
+def two_steps(model, batch: dict, cache, record) -> object:
+    """Two greedy decode steps through ``cache``, with their logits; ``record`` (a logits processor) sees the cache
+    between the steps (it returns the scores unchanged)."""
+    return model.generate(
+        **batch,
+        past_key_values=cache,
+        max_new_tokens=2,
+        min_new_tokens=2,
+        output_logits=True,
+        return_dict_in_generate=True,
+        logits_processor=LogitsProcessorList([record]),
+        **GEN,
+    )
+
+
 @pytest.mark.parametrize("pads", [[0], [0, 3]])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_ratio_zero_is_identical_with_images(family, pads):
@@ -127,16 +142,7 @@ def test_first_decode_step_after_compression_matches_hand_built_cache(family, pa
                 )
             return scores
 
-    out = model.generate(
-        **batch,
-        past_key_values=cache,
-        max_new_tokens=2,
-        min_new_tokens=2,
-        output_logits=True,
-        return_dict_in_generate=True,
-        logits_processor=LogitsProcessorList([Record()]),
-        **GEN,
-    )
+    out = two_steps(model, batch, cache, Record())
     length = batch["input_ids"].shape[1]
     per_head_differs = False
     for r, p in enumerate(pads):
@@ -232,16 +238,7 @@ def test_every_preset_holds_its_budget_and_decodes_like_a_hand_built_cache(famil
                     snapshot.append(heads)
             return scores
 
-    out = model.generate(
-        **batch,
-        past_key_values=cache,
-        max_new_tokens=2,
-        min_new_tokens=2,
-        output_logits=True,
-        return_dict_in_generate=True,
-        logits_processor=LogitsProcessorList([Record()]),
-        **GEN,
-    )
+    out = two_steps(model, batch, cache, Record())
     length = batch["input_ids"].shape[1]
     n_layers = len(snapshot)
     for r, p in enumerate(pads):

@@ -1,7 +1,7 @@
 """Built-in model shapes of ``kvpolicy bench`` (random weights, no download).
 
 Standard library only: the command's help text names them without importing torch, and
-``benchmarks/kvpress_bench.py`` keeps a copy in step (checked by tests/test_bench.py)."""
+``benchmarks/kvpress_bench.py`` (run in kvpress's venv, without kvpolicy) reads this file by path."""
 
 from __future__ import annotations
 

@@ -83,8 +83,21 @@ def evaluation_errors():
         raise fail(str(exc), 1) from exc
 
 
-_DTYPE_HELP = "auto (bfloat16 where the device computes it natively, else float32), bfloat16, float16 or float32"
-_TASK_OPTION_HELP = "task option key=value (value read as YAML; repeatable; every task of the command gets it)"
+#: the options ``run`` and ``compare`` share, stated once so the two commands cannot drift apart
+_MODEL = typer.Option("smollm2-135m", help="model alias, local path or hub id")
+_SEED = typer.Option(0, help="sampling seed")
+_THREADS = typer.Option(None, "--threads", min=1, help="torch threads (1 is steadier on a shared machine)")
+_TASK_OPTION = typer.Option(
+    None,
+    "--task-option",
+    help="task option key=value (value read as YAML; repeatable; every task of the command gets it)",
+)
+_DEVICE = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ...")
+_DTYPE = typer.Option(
+    "auto",
+    "--dtype",
+    help="auto (bfloat16 where the device computes it natively, else float32), bfloat16, float16 or float32",
+)
 
 
 def parse_options(items: Sequence[str] | None) -> dict[str, Any]:
@@ -121,18 +134,18 @@ def run(
     ctx: typer.Context,
     policy: str = typer.Option("elastic", help="preset name or policy YAML file"),
     ratio: float = typer.Option(None, help="fraction of the cache removed, in [0, 1) (default: the policy's own)"),
-    model: str = typer.Option("smollm2-135m", help="model alias, local path or hub id"),
+    model: str = _MODEL,
     task: str = typer.Option("continuation", help="continuation, instruct, needle, jsonl, mmvet or llava_detail"),
     samples: int = typer.Option(50, help="number of samples (deterministic for a seed)"),
-    seed: int = typer.Option(0, help="sampling seed"),
+    seed: int = _SEED,
     batch_size: int = typer.Option(16, "--batch-size", help="samples per batch (left-padded)"),
     output: str = typer.Option("results.json", "--output", help="result file (written atomically)"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
-    threads: int = typer.Option(None, "--threads", min=1, help="torch threads (1 is steadier on a shared machine)"),
-    task_option: list[str] = typer.Option(None, "--task-option", help=_TASK_OPTION_HELP),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
-    dtype: str = typer.Option("auto", "--dtype", help=_DTYPE_HELP),
+    threads: int = _THREADS,
+    task_option: list[str] = _TASK_OPTION,
+    device: str = _DEVICE,
+    dtype: str = _DTYPE,
 ) -> None:
     """Evaluate one policy and the full cache side by side (PPL, ROUGE-L, KL, top-1 agreement, bytes, time).
 
@@ -159,17 +172,17 @@ def run(
 def compare(
     policies: str = typer.Option("full,local,h2o,elastic", help="comma-separated presets"),
     ratios: str = typer.Option(None, help="comma-separated ratios (default: each policy at its own ratio)"),
-    model: str = typer.Option("smollm2-135m", help="model alias, local path or hub id"),
+    model: str = _MODEL,
     task: str = typer.Option("continuation", help="comma-separated tasks"),
     samples: int = typer.Option(50, help="samples per cell"),
-    seed: int = typer.Option(0, help="sampling seed"),
+    seed: int = _SEED,
     output: str = typer.Option("compare", "--output", help="folder for cells, compare.json and plots"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress output"),
-    threads: int = typer.Option(None, "--threads", min=1, help="torch threads (1 is steadier on a shared machine)"),
-    task_option: list[str] = typer.Option(None, "--task-option", help=_TASK_OPTION_HELP),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
-    dtype: str = typer.Option("auto", "--dtype", help=_DTYPE_HELP),
+    threads: int = _THREADS,
+    task_option: list[str] = _TASK_OPTION,
+    device: str = _DEVICE,
+    dtype: str = _DTYPE,
 ) -> None:
     """Quality vs budget: every policy at every ratio, with bootstrap confidence intervals and one plot per metric."""
     from ..config import ConfigError, ConfigIssue

@@ -29,6 +29,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from kvpolicy.hookspecs import PartSpec, PresetSpec, hookimpl
+from kvpolicy.parts import consumer_spec, expand_scores
 from kvpolicy.core.policy import AttentionStat, LayerView, Reduction
 from kvpolicy.core.selection import ranked_slots, sort_by_position
 from kvpolicy.params import POLICY_SINKS
@@ -57,19 +58,6 @@ PAPER = 'Liu et al., ECCV 2024, "Efficient Inference of Vision Instruction-Follo
 
 
 # ===================================================================================================== helpers
-
-
-def _scores_per_head(view: LayerView, scores: torch.Tensor) -> torch.Tensor:
-    """``scores`` ``[B, H or 1, P]`` as float32 ``[B, H, P]``; NaN is an error, never silently ranked."""
-    if scores.dim() != 3 or scores.shape[0] != view.batch_size or scores.shape[-1] != view.num_slots:
-        raise ValueError(
-            f"anchor_merge: scores must be [B, H or 1, P] = [{view.batch_size}, {view.num_heads} or 1, "
-            f"{view.num_slots}], got {tuple(scores.shape)}"
-        )
-    s = scores.to(device=view.keys.device, dtype=torch.float32)
-    if torch.isnan(s).any():
-        raise FloatingPointError(f"layer {view.layer_idx}: the encode scorer returned NaN")
-    return s.expand(view.batch_size, view.num_heads, view.num_slots)
 
 
 def _keep_per_head(view: LayerView, keep: torch.Tensor) -> torch.Tensor:
@@ -291,7 +279,7 @@ class AnchorMerge:
     # -------------------------------------------------------------------------------------------- prefill
     def reduce(self, view: LayerView, scores: torch.Tensor, keep: torch.Tensor) -> Reduction:
         prm = self.params
-        s = _scores_per_head(view, scores)
+        s = expand_scores(view, scores, "anchor_merge")
         keep = _keep_per_head(view, keep)
         valid = view.valid
         held = view.held()
@@ -452,15 +440,13 @@ def kvpolicy_parts() -> list[PartSpec]:
             summary="Elastic Cache: attention received from every prompt query during prefill, heads averaged",
             provides=frozenset({"scores", "per_head_scores"}),  # per-head only with per_head=True
         ),
-        PartSpec(
+        consumer_spec(
             name="anchor_merge",
             kind="reducer",
             params=AnchorMergeParams,
             factory=AnchorMerge,
             summary="Elastic Cache: keep sinks, the last token and the top-scored anchors; merge the rest into the "
             "nearest anchor",
-            provides=frozenset(),
-            requires=frozenset({"scores"}),
         ),
         PartSpec(
             name="distance_offset",
