@@ -525,49 +525,7 @@ def _transformers_version() -> str:
     return transformers.__version__
 
 
-# --------------------------------------------------------------------------------------------------- reports
-
-
-def model_info(model: Any) -> dict[str, Any]:
-    """Shape facts a KV-cache report needs, read from the (text decoder) config of a model or a config.
-
-    Keys: ``architecture`` (class name), ``model_type``, ``num_layers``, ``num_q_heads``, ``num_kv_heads``,
-    ``kv_groups`` (q heads per kv head, the GQA factor), ``head_dim``, ``sliding_window`` and ``layer_types``
-    (``None`` unless some layer is not full attention, e.g. Gemma 3's 5:1 sliding/full pattern or Mistral's
-    window on every layer, where a KV policy must treat the layer kinds differently), ``num_params`` (``None``
-    for a bare config).
-    """
-    from transformers import PretrainedConfig
-
-    if isinstance(model, PretrainedConfig):
-        config, architecture, num_params = model, (model.architectures or [type(model).__name__])[0], None
-    else:
-        config, architecture = model.config, type(model).__name__
-        num_params = sum(p.numel() for p in model.parameters())
-    text = config.get_text_config(decoder=True)
-    q_heads = int(text.num_attention_heads)
-    kv_heads = int(getattr(text, "num_key_value_heads", None) or q_heads)
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // q_heads
-    num_layers = int(text.num_hidden_layers)
-    window = getattr(text, "sliding_window", None)
-    layer_types = list(getattr(text, "layer_types", None) or [])
-    if not layer_types and window is not None:  # Mistral-style: one window, applied by every layer
-        layer_types = ["sliding_attention"] * num_layers
-    has_sliding = any(t != "full_attention" for t in layer_types)
-    return {
-        "architecture": architecture,
-        "model_type": text.model_type,
-        "num_layers": num_layers,
-        "num_q_heads": q_heads,
-        "num_kv_heads": kv_heads,
-        "kv_groups": q_heads // kv_heads,
-        "head_dim": int(head_dim),
-        "sliding_window": window if has_sliding else None,
-        "layer_types": layer_types if has_sliding else None,
-        "num_params": num_params,
-    }
-
-
+# --------------------------------------------------------------------------------------------------- checks
 
 
 def model_problem(name: str) -> str | None:
@@ -603,7 +561,6 @@ __all__ = [
     "known_aliases",
     "load_model",
     "model_cache_dir",
-    "model_info",
     "model_problem",
     "prepare_for_batches",
     "resolve_model",

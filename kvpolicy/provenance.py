@@ -1,4 +1,4 @@
-"""What every result file records about where it came from: package versions, the machine, the device.
+"""What every result file records about where it came from: package versions, the machine, the device, the model.
 
 One capture for every app (evaluation, sweeps, ablations, bench, the reference store), so that two numbers from
 kvpolicy can always be traced to the same kind of record — and so that a time is never published without the CPU it
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PACKAGES", "cpu_name", "environment", "memory_total_bytes", "versions"]
+__all__ = ["PACKAGES", "cpu_name", "environment", "memory_total_bytes", "model_info", "versions"]
 
 #: the distributions whose versions change kvpolicy's numbers (kernels, tokenisation, metrics, search)
 PACKAGES = ("kvpolicy", "torch", "transformers", "optuna", "wandb", "pydantic", "numpy", "rouge-score", "rich",
@@ -75,3 +75,43 @@ def environment(device: str) -> dict[str, Any]:
         env["gpu"] = torch.cuda.get_device_name()
         env["cuda"] = torch.version.cuda
     return env
+
+
+def model_info(model: Any) -> dict[str, Any]:
+    """Shape facts a KV-cache report needs, read from the (text decoder) config of a model or a config.
+
+    Keys: ``architecture`` (class name), ``model_type``, ``num_layers``, ``num_q_heads``, ``num_kv_heads``,
+    ``kv_groups`` (q heads per kv head, the GQA factor), ``head_dim``, ``sliding_window`` and ``layer_types``
+    (``None`` unless some layer is not full attention, e.g. Gemma 3's 5:1 sliding/full pattern or Mistral's
+    window on every layer, where a KV policy must treat the layer kinds differently), ``num_params`` (``None``
+    for a bare config).
+    """
+    from transformers import PretrainedConfig
+
+    if isinstance(model, PretrainedConfig):
+        config, architecture, num_params = model, (model.architectures or [type(model).__name__])[0], None
+    else:
+        config, architecture = model.config, type(model).__name__
+        num_params = sum(p.numel() for p in model.parameters())
+    text = config.get_text_config(decoder=True)
+    q_heads = int(text.num_attention_heads)
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or q_heads)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // q_heads
+    num_layers = int(text.num_hidden_layers)
+    window = getattr(text, "sliding_window", None)
+    layer_types = list(getattr(text, "layer_types", None) or [])
+    if not layer_types and window is not None:  # Mistral-style: one window, applied by every layer
+        layer_types = ["sliding_attention"] * num_layers
+    has_sliding = any(t != "full_attention" for t in layer_types)
+    return {
+        "architecture": architecture,
+        "model_type": text.model_type,
+        "num_layers": num_layers,
+        "num_q_heads": q_heads,
+        "num_kv_heads": kv_heads,
+        "kv_groups": q_heads // kv_heads,
+        "head_dim": int(head_dim),
+        "sliding_window": window if has_sliding else None,
+        "layer_types": layer_types if has_sliding else None,
+        "num_params": num_params,
+    }

@@ -1,4 +1,5 @@
-"""Tests for kvpolicy.models: alias resolution, error messages, the atomic safetensors cache, model_info.
+"""Tests for kvpolicy.models: alias resolution, error messages, the atomic safetensors cache; and
+kvpolicy.provenance.model_info.
 
 Everything except the ``slow`` tests runs offline on CPU in seconds with tiny random models; the slow tests
 load the real GGUF models from their PyPI packages and are skipped when those are not installed.
@@ -34,9 +35,9 @@ from kvpolicy.models import (
     ModelNotInstalledError,
     UnknownModelError,
     load_model,
-    model_info,
     resolve_model,
 )
+from kvpolicy.provenance import model_info
 
 # ------------------------------------------------------------------------------------------------ fixtures
 

@@ -231,7 +231,7 @@ def run_policy_batches(
 def _evaluate(spec, callback, model, tokenizer, samples, policy, policy_ratio0) -> EvalResult:
     t_start = time.perf_counter()
     from ..hardware import dtype_name
-    from ..models import model_info
+    from ..provenance import model_info
 
     run = setup(spec, model, tokenizer, samples, policy, policy_ratio0)
     with _progress(spec.quiet) as bar:
