@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from kvpolicy.config import PolicySpec
 from kvpolicy.errors import ConfigError, ConfigIssue, issues_from_validation
-from kvpolicy.sweep_config import SweepSpec
+from kvpolicy.sweep import SweepSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -196,7 +196,7 @@ def test_shipped_sweep_files_validate():
 
 def test_shipped_sweep_files_validate_deeply():
     pytest.importorskip("kvpolicy.eval.runner", reason="the evaluation harness is not installed")
-    from kvpolicy.sweep import check_model_name
+    from kvpolicy.models import model_problem as check_model_name
 
     problem = check_model_name("smollm2-135m")
     if problem:

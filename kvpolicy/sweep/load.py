@@ -91,12 +91,9 @@ def _evaluator_issues(evaluator: str, model: str, task: dict[str, Any], samples:
     return issues
 
 
-def load_sweep(source: str | Path | Mapping[str, Any], overrides: Mapping[str, Any] | None = None,
-               deep: bool = True) -> SweepSpec:
-    """Read and validate a sweep file (or mapping). ``overrides`` are command-line values laid over the file's
-    (``n_trials``, ``samples``, ``output``, ``storage``, ``timeout``, ``wandb_project``, ``no_wandb``). The policy and
-    every search path are always checked; with ``deep`` (the default) also the model name, the task and the metrics
-    it produces (through the evaluator's ``check``; nothing is loaded). Raises :class:`SweepConfigError`."""
+def _validated(model: Any, source: str | Path | Mapping[str, Any], overrides: Mapping[str, Any] | None) -> Any:
+    """``(spec, file)``: a sweep or ablation file (or mapping) with the command-line ``overrides`` laid over it,
+    validated against ``model`` (a file's name defaults to its stem); ``file`` is ``None`` for a mapping."""
     where = None
     if isinstance(source, Mapping):
         data = copy.deepcopy(dict(source))
@@ -106,9 +103,18 @@ def load_sweep(source: str | Path | Mapping[str, Any], overrides: Mapping[str, A
         data.setdefault("name", _default_name(Path(source)))
     data = _apply_overrides(data, overrides)
     try:
-        spec = SweepSpec.model_validate(data)
+        return model.model_validate(data), where
     except ValidationError as exc:
-        raise SweepConfigError(issues_from_validation(exc, SweepSpec), where) from None
+        raise SweepConfigError(issues_from_validation(exc, model), where) from None
+
+
+def load_sweep(source: str | Path | Mapping[str, Any], overrides: Mapping[str, Any] | None = None,
+               deep: bool = True) -> SweepSpec:
+    """Read and validate a sweep file (or mapping). ``overrides`` are command-line values laid over the file's
+    (``n_trials``, ``samples``, ``output``, ``storage``, ``timeout``, ``wandb_project``, ``no_wandb``). The policy and
+    every search path are always checked; with ``deep`` (the default) also the model name, the task and the metrics
+    it produces (through the evaluator's ``check``; nothing is loaded). Raises :class:`SweepConfigError`."""
+    spec, where = _validated(SweepSpec, source, overrides)
     issues: list[ConfigIssue] = []
     if spec.multi_objective and spec.pruning.enabled and spec.pruning.pruner != "none":
         issues.append(ConfigIssue(
@@ -170,18 +176,7 @@ def load_ablation(source: str | Path | Mapping[str, Any], overrides: Mapping[str
                   deep: bool = True) -> AblationSpec:
     """Read and validate an ablation file: every variant at every budget must resolve; metrics must be known and
     produced by the task. Raises :class:`SweepConfigError`."""
-    where = None
-    if isinstance(source, Mapping):
-        data = copy.deepcopy(dict(source))
-    else:
-        where = str(source)
-        data = read_yaml_file(source)
-        data.setdefault("name", _default_name(Path(source)))
-    data = _apply_overrides(data, overrides)
-    try:
-        spec = AblationSpec.model_validate(data)
-    except ValidationError as exc:
-        raise SweepConfigError(issues_from_validation(exc, AblationSpec), where) from None
+    spec, where = _validated(AblationSpec, source, overrides)
     issues: list[ConfigIssue] = []
     for i, budget in enumerate(spec.budgets):
         bad = [k for k in budget if k not in ("ratio", "tokens", "decode_budget")]

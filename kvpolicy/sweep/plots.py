@@ -3,7 +3,6 @@ optimisation history and parameter importances (Optuna's plots)."""
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -52,37 +51,35 @@ def write_plots(study: Any, spec: SweepSpec, out: Path, rows: list[dict[str, Any
         plt.close(fig)
         written.append(pdir / name)
 
+    def attempt(draw: Any, name: str) -> None:
+        """Optuna's plots raise for studies they cannot draw (too few trials, odd values): skip that one plot."""
+        try:
+            drawn = draw()
+        except Exception:  # noqa: BLE001 - the other plots still get written
+            return
+        if drawn is not None:
+            save(drawn, name)
+
+    def objective(i: int) -> Any:
+        return (lambda t: t.values[i]) if len(names) > 1 else None
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # quality vs budget (ours: every completed trial, coloured by policy, Pareto trials outlined)
         fig = plot_quality_vs_budget({spec.name: rows}, names)
         if fig is not None:
             save(fig, "quality_vs_budget.png")
-        if spec.multi_objective:
-            try:
-                ax = ovm.plot_pareto_front(study, target_names=names) if len(names) <= 3 else None
-                if ax is not None:
-                    save(ax, "pareto_front.png")
-            except Exception:  # noqa: BLE001 - optuna's plot raises for odd studies; the others still get written
-                pass
+        if spec.multi_objective and len(names) <= 3:
+            attempt(lambda: ovm.plot_pareto_front(study, target_names=names), "pareto_front.png")
         for i, m in enumerate(names):
             suffix = "" if len(names) == 1 else f"_{m}"
-            try:
-                ax = ovm.plot_optimization_history(study, target=(lambda t, i=i: t.values[i]) if len(names) > 1
-                                                   else None, target_name=m)
-                save(ax, f"history{suffix}.png")
-            except Exception:  # noqa: BLE001
-                pass
+            attempt(lambda i=i, m=m: ovm.plot_optimization_history(study, target=objective(i), target_name=m),
+                    f"history{suffix}.png")
             if len(done) >= 3 and any(t.params for t in done):
-                try:
-                    ax = ovm.plot_param_importances(study, target=(lambda t, i=i: t.values[i]) if len(names) > 1
-                                                    else None, target_name=m)
-                    save(ax, f"importance{suffix}.png")
-                except Exception:  # noqa: BLE001
-                    pass
+                attempt(lambda i=i, m=m: ovm.plot_param_importances(study, target=objective(i), target_name=m),
+                        f"importance{suffix}.png")
         if spec.pruning.enabled and not spec.multi_objective:
-            with contextlib.suppress(Exception):
-                save(ovm.plot_intermediate_values(study), "intermediate_values.png")
+            attempt(lambda: ovm.plot_intermediate_values(study), "intermediate_values.png")
     del optuna
     return written
 

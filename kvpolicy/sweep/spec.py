@@ -206,6 +206,18 @@ class SamplerSpec(BaseModel):
 PRUNERS: tuple[str, ...] = ("median", "percentile", "successive_halving", "hyperband", "none")
 
 
+def switch_or_settings(data: Any, text_field: str) -> Any:
+    """The short forms a sweep file may use for a settings block: ``true``/``false``/nothing switch it on or off, a
+    string sets its main field (``wandb: myproject``, ``pruning: hyperband``); a mapping is taken as it is."""
+    if isinstance(data, bool):
+        return {"enabled": data}
+    if data is None:
+        return {"enabled": False}
+    if isinstance(data, str):
+        return {text_field: data}
+    return data
+
+
 class PruningSpec(BaseModel):
     """Stop unpromising trials early from the running value of the objective after each sample batch (single objective
     only: Optuna does not prune multi-objective studies). ``pruning: true`` is ``{pruner: median}``."""
@@ -221,13 +233,7 @@ class PruningSpec(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _from_bool(cls, data: Any) -> Any:
-        if isinstance(data, bool):
-            return {"enabled": data}
-        if data is None:
-            return {"enabled": False}
-        if isinstance(data, str):
-            return {"pruner": data}
-        return data
+        return switch_or_settings(data, "pruner")
 
 
 class WandbSpec(BaseModel):
@@ -245,13 +251,7 @@ class WandbSpec(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _from_bool(cls, data: Any) -> Any:
-        if isinstance(data, bool):
-            return {"enabled": data}
-        if data is None:
-            return {"enabled": False}
-        if isinstance(data, str):
-            return {"project": data}
-        return data
+        return switch_or_settings(data, "project")
 
 
 _NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"

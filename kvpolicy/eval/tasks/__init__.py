@@ -18,47 +18,10 @@ Sampling is deterministic and nested: with seed ``s`` the first ``n`` samples ar
 seeded permutation, so 50 samples are a subset of 100 and their cached references are reused.
 """
 
-from .base import (
-    PLAIN_IMAGE_FORMAT,
-    TASKS,
-    ImagePosition,
-    Sample,
-    Task,
-    TaskError,
-    bos_prefix,
-    chat_prompt,
-    encode,
-    fit_lines,
-    get_task,
-    has_chat_template,
-    image_prompt,
-    load_image,
-    permutation,
-    read_data,
-    register_task,
-    text_tokenizer,
-)
+from . import base
+from .base import *  # noqa: F403 - the task API is base's public names, listed once in base.__all__
 
 # the built-in tasks register themselves on import
 from . import image, text  # noqa: E402,F401  isort: skip
 
-__all__ = [
-    "PLAIN_IMAGE_FORMAT",
-    "TASKS",
-    "ImagePosition",
-    "Sample",
-    "Task",
-    "TaskError",
-    "bos_prefix",
-    "chat_prompt",
-    "encode",
-    "fit_lines",
-    "get_task",
-    "has_chat_template",
-    "image_prompt",
-    "load_image",
-    "permutation",
-    "read_data",
-    "register_task",
-    "text_tokenizer",
-]
+__all__ = list(base.__all__)
