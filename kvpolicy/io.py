@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["append_jsonl", "atomic_savefig", "atomic_write", "atomic_write_bytes", "atomic_write_text",
+__all__ = ["append_jsonl", "atomic_savefig", "save_figure", "atomic_write", "atomic_write_bytes", "atomic_write_text",
            "json_default", "write_json_atomic"]
 
 
@@ -75,6 +75,18 @@ def atomic_savefig(fig: Any, path: str | Path, **kwargs: Any) -> Path:
     options = {"dpi": 120, "bbox_inches": "tight", **kwargs}
     return atomic_write(path, lambda fh: fig.savefig(fh, format=path.suffix.lstrip(".") or "png", **options),
                         suffix=path.suffix)
+
+
+def save_figure(fig: Any, path: str | Path, **kwargs: Any) -> Path:
+    """Lay out, write atomically and close a finished figure (pyplot keeps every open figure alive until closed, and a
+    grid of plots would otherwise hold them all)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    try:
+        return atomic_savefig(fig, path, **kwargs)
+    finally:
+        plt.close(fig)
 
 
 def append_jsonl(path: str | Path, record: Mapping[str, Any]) -> None:

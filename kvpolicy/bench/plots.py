@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..io import atomic_savefig
+from ..io import save_figure
 from .spec import MiB, BenchResult, RunResult, budget_tokens
 
 
@@ -94,9 +94,5 @@ def plot(result: BenchResult, outdir: Path) -> dict[str, str]:
         draw(ax, result, runs)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = outdir / f"{name}.png"
-        atomic_savefig(fig, path, dpi=110, bbox_inches=None)
-        plt.close(fig)
-        files[name] = str(path)
+        files[name] = str(save_figure(fig, outdir / f"{name}.png", dpi=110, bbox_inches=None))
     return files

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..io import atomic_savefig
+from ..io import save_figure
 from .compare import CellDone
 from .metrics import DEFAULT_METRICS, TASK_METRICS, metrics_for
 from .spec import EvalResult, SideMetrics
@@ -231,11 +231,7 @@ def plot_summary(summary: dict[str, Any], out_dir: str | Path) -> list[Path]:
             ax.set_title(f"{task}: {label} vs budget ({'higher' if higher else 'lower'} is better)")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-            fig.tight_layout()
-            path = out / f"{task}_{key}.png"
-            atomic_savefig(fig, path, dpi=110, bbox_inches=None)
-            plt.close(fig)
-            paths.append(path)
+            paths.append(save_figure(fig, out / f"{task}_{key}.png", dpi=110, bbox_inches=None))
     return paths
 
 

@@ -206,6 +206,19 @@ class SamplerSpec(BaseModel):
 PRUNERS: tuple[str, ...] = ("median", "percentile", "successive_halving", "hyperband", "none")
 
 
+def shorthand(data: Any, short: str, full: str, expand: Any) -> Any:
+    """A file's short spelling of a field (``objective: ppl`` for ``objectives: [ppl]``, ``ratios: [...]`` for
+    ``budgets: [{ratio: ...}, ...]``) as the full field; giving both is an error naming them."""
+    if not (isinstance(data, Mapping) and short in data):
+        return data
+    data = dict(data)
+    value = data.pop(short)
+    if full in data:
+        raise ValueError(f"give either {short!r} or {full!r}, not both")
+    data[full] = expand(value)
+    return data
+
+
 def switch_or_settings(data: Any, text_field: str) -> Any:
     """The short forms a sweep file may use for a settings block: ``true``/``false``/nothing switch it on or off, a
     string sets its main field (``wandb: myproject``, ``pruning: hyperband``); a mapping is taken as it is."""
@@ -290,12 +303,7 @@ class SweepSpec(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _objective_shorthand(cls, data: Any) -> Any:
-        if isinstance(data, Mapping) and "objective" in data:
-            data = dict(data)
-            one = data.pop("objective")
-            if "objectives" in data:
-                raise ValueError("give either 'objective' or 'objectives', not both")
-            data["objectives"] = [one]
+        data = shorthand(data, "objective", "objectives", lambda one: [one])
         if isinstance(data, Mapping) and isinstance(data.get("objectives"), (str, Mapping)):
             data = {**data, "objectives": [data["objectives"]]}
         return data
@@ -404,13 +412,8 @@ class AblationSpec(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _ratios(cls, data: Any) -> Any:
-        if isinstance(data, Mapping) and "ratios" in data:
-            data = dict(data)
-            ratios = data.pop("ratios")
-            if "budgets" in data:
-                raise ValueError("give either 'ratios' or 'budgets', not both")
-            data["budgets"] = [{"ratio": r} for r in (ratios if isinstance(ratios, list) else [ratios])]
-        return data
+        return shorthand(data, "ratios", "budgets", lambda r: [{"ratio": x} for x in (r if isinstance(r, list) else
+                                                                                     [r])])
 
     @field_validator("metrics")
     @classmethod

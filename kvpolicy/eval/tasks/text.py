@@ -36,6 +36,13 @@ class ContinuationOptions(BaseModel):
     kind: Literal["all", "code", "prose"] = Field(default="all", description="which windows to draw from")
 
 
+def drawn_rows(data: str, kind: str, samples: int, seed: int) -> list[dict]:
+    """The rows of a committed data file of one ``kind`` (or ``all``), in the seeded nested order (the first ``n`` of
+    a seed are always the same rows, so a larger run reuses the references of a smaller one)."""
+    rows = [r for r in read_data(data) if kind in ("all", r["kind"])]
+    return [rows[i] for i in permutation(len(rows), samples, seed, f"{data}-{kind}")]
+
+
 @register_task
 class Continuation(Task):
     """PPL of the true continuation of held-out real text (stdlib source and Python docs prose)."""
@@ -44,11 +51,9 @@ class Continuation(Task):
     Options = ContinuationOptions
 
     def load(self, tokenizer, samples, seed, options):
-        rows = [r for r in read_data("continuation") if options.kind in ("all", r["kind"])]
         out = []
         bos = bos_prefix(tokenizer)
-        for i in permutation(len(rows), samples, seed, f"continuation-{options.kind}"):
-            r = rows[i]
+        for r in drawn_rows("continuation", options.kind, samples, seed):
             ctx = encode(tokenizer, r["context"])[-(options.context_tokens - len(bos)) :]
             tgt = encode(tokenizer, r["continuation"])[: options.target_tokens]
             out.append(
@@ -80,10 +85,8 @@ class Instruct(Task):
     Options = InstructOptions
 
     def load(self, tokenizer, samples, seed, options):
-        rows = [r for r in read_data("instruct") if options.kind in ("all", r["kind"])]
         out = []
-        for i in permutation(len(rows), samples, seed, f"instruct-{options.kind}"):
-            r = rows[i]
+        for r in drawn_rows("instruct", options.kind, samples, seed):
 
             def render(doc: str, r=r) -> str:
                 block = f"```python\n{doc}\n```" if r["kind"] == "code" else doc
