@@ -741,7 +741,7 @@ def test_a_trial_whose_plugin_part_misbehaves_fails_with_the_part_error(tmp_path
     reset_registry(registry)
     try:
         spec = load_sweep(sweep_doc(
-            evaluator="harness", model=str(_tiny_model_dir(tmp_path / "tiny")), samples=2, batch_size=2, n_trials=2,
+            evaluator="harness", model=str(tiny_checkpoint(tmp_path / "tiny")), samples=2, batch_size=2, n_trials=2,
             policy={"encode": "flat_scores", "reducer": "evict"}, objectives=["ppl"],
             space={"ratio": {"type": "float", "low": 0.3, "high": 0.8}},
             task={"name": "continuation", "context_tokens": 32, "target_tokens": 4, "dtype": "float32",
