@@ -8,6 +8,8 @@ Zhang et al., NeurIPS 2023, "H2O: Heavy-Hitter Oracle for Efficient Generative I
   ``recent`` entries;
 * ``h2o`` (decode scorer): the same accumulator, seeded from the prompt and increased by every generated token's
   attention row (``AttentionStat(1)``); the lowest-scored entry outside the recent window is evicted;
+* ``normalize: mean_over_visible`` (both scorers): the sum divided by the number of queries that can see the entry,
+  kvpress's ObservedAttentionPress variant (default ``sum``, the paper's score);
 * ``h2o_elastic_code`` (decode scorer): the ``H2OCache`` baseline of the Elastic Cache authors' code — one score
   vector averaged over heads *and layers*, no recent window, switchable reproductions of its quirks;
 * presets ``h2o`` (ratio 0.5) and ``h2o_elastic_code`` (their evaluation settings, ratio 0.2, every quirk on).
@@ -15,7 +17,7 @@ Zhang et al., NeurIPS 2023, "H2O: Heavy-Hitter Oracle for Efficient Generative I
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -54,6 +56,34 @@ class H2OParams(BaseModel):
     protect_text: bool = Field(
         default=False, description="multimodal prompts: never evict TEXT entries, only image (and generated) ones"
     )
+    normalize: Literal["sum", "mean_over_visible"] = Field(
+        default="sum",
+        description="sum: the attention received, summed over the queries (the H2O paper); mean_over_visible: "
+        "divided by the number of queries that can see the entry (kvpress's ObservedAttentionPress)",
+    )
+
+
+def visible_queries(view: LayerView, current_forward: bool) -> torch.Tensor:
+    """float32 ``[B, H, P]``: how many real queries can see each entry (causal: those at its column or later).
+
+    ``current_forward``: only the queries of the current forward pass (what ``AttentionStat(None)`` sums at
+    prefill); otherwise every real query since the row's first real token (what the decode accumulator has summed
+    when the prompt came in one forward and every step added its row). Left pads are never queries. At least 1, so
+    freed and pad slots divide by 1 (their scores are ignored anyway)."""
+    first = view.seen - view.n_tokens.to(view.positions.device)  # [B]: column of each row's first real token
+    if current_forward:
+        first = first.clamp(min=view.seen - view.new_tokens)
+    cols = torch.maximum(view.positions, first[:, None, None])
+    return (view.seen - cols).clamp(min=1).to(torch.float32)
+
+
+def normalized(view: LayerView, att: torch.Tensor, normalize: str, current_forward: bool) -> torch.Tensor:
+    """``att`` ``[B, H or 1, P]`` summed over queries, or (``mean_over_visible``) its mean over the queries that can
+    see each entry: kvpress's ObservedAttentionPress divides the column sums by ``n - j``, which stops the oldest
+    entries from winning merely because more queries attended to them."""
+    if normalize == "sum":
+        return att
+    return att.to(torch.float32) / visible_queries(view, current_forward)
 
 
 class H2OScorer:
@@ -63,7 +93,8 @@ class H2OScorer:
     accumulated; the cache keeps the heavy hitters plus the most recent tokens. Score of entry ``j`` of a row:
     ``sum_i A[h, i, j]`` over every prompt query ``i`` (causal softmax; with GQA averaged over the query heads of kv
     head ``h``), per kv head (``per_head=True``, as the paper keeps heavy hitters per head) or averaged over heads;
-    the newest ``recent`` entries score ``+inf``.
+    the newest ``recent`` entries score ``+inf``. ``normalize="mean_over_visible"`` divides the sum by the number of
+    prompt queries that can see ``j`` (kvpress's ObservedAttentionPress; the paper's score is the sum, the default).
 
     Deviations: the paper splits the budget between heavy hitters and the recent window (half and half in its
     experiments); a scorer does not see the budget, so the window is given in tokens (``recent``) and the heavy
@@ -75,7 +106,7 @@ class H2OScorer:
 
     def score(self, view: LayerView) -> torch.Tensor:
         prm = self.params
-        att = heads(check_attention(view, None, "h2o"), prm.per_head)
+        att = normalized(view, heads(check_attention(view, None, "h2o"), prm.per_head), prm.normalize, True)
         scores = protect(view, att, recent(view, prm.recent))
         return protect_text(view, scores, prm.protect_text)
 
@@ -88,7 +119,9 @@ class H2ODecode(AttentionAccumulator):
     is evicted. The accumulator is seeded from the prompt's attention (``prefill_needs``, computed at prefill even
     when the encode scorer is not ``h2o``), kept per slot by the engine (``slot_state['attention_sum']``) and
     increased by ``observe``. The step's attention is needed before the decision, so the drop happens after the
-    step's attention (as in the paper: the new token attends to ``budget + 1`` entries, then one is evicted)."""
+    step's attention (as in the paper: the new token attends to ``budget + 1`` entries, then one is evicted).
+    ``normalize="mean_over_visible"`` ranks by the accumulated sum divided by the real queries since the entry's
+    column (prompt and generated), kvpress's averaging carried on through decoding."""
 
     def __init__(self, params: H2OParams | None = None, **kwargs: Any):
         self.params = build(H2ODecode, H2OParams, params, kwargs)
@@ -98,7 +131,8 @@ class H2ODecode(AttentionAccumulator):
 
     def drop_scores(self, view: LayerView) -> torch.Tensor:
         prm = self.params
-        scores = protect(view, self.accumulated(view), recent(view, prm.recent))
+        acc = normalized(view, self.accumulated(view), prm.normalize, False)
+        scores = protect(view, acc, recent(view, prm.recent))
         return protect_text(view, scores, prm.protect_text)
 
 

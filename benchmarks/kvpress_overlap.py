@@ -1,0 +1,172 @@
+"""kvpress's side of the kept-entries comparison: which prompt entries NVIDIA kvpress 0.5.5 keeps, per layer and kv head.
+
+Run it with the separate venv (kvpress 0.5.5 needs transformers < 5.3; kvpolicy needs 5.23), then compare with
+kvpolicy's side, which builds the very same model and prompt (this file's :func:`build_model` and :func:`prompt`,
+read by path) and computes the Jaccard overlaps::
+
+    bash benchmarks/setup_kvpress_venv.sh
+    benchmarks/.kvpress-venv/bin/python benchmarks/kvpress_overlap.py --output runs/overlap/kvpress.json
+    .venv/bin/python benchmarks/kvpolicy_overlap.py --kvpress runs/overlap/kvpress.json
+
+Why not ``from_pretrained`` of a saved model: the same tiny Llama is *built* on both sides from a seed. Every weight is
+drawn from its own generator seeded by ``(seed, crc32(parameter name))``, so the weights do not depend on the order in
+which either transformers version initialises its modules; a checksum of the weights and the full-cache logits of the
+prompt are recorded, and kvpolicy's side checks both before comparing anything.
+
+How the kept entries are read: each press's ``compress`` is wrapped; the keys it returns are matched row by row
+(exact equality) to the keys it received, so the recorded indices are what kvpress really kept, whatever its
+internals. Presses (kvpolicy's names): ``keydiff`` = KeyDiffPress, ``knorm`` = KnormPress, ``local`` =
+StreamingLLMPress (4 sinks), ``snapkv`` = SnapKVPress, ``tova`` = TOVAPress, ``h2o`` = ObservedAttentionPress. Eager
+attention (ObservedAttentionPress needs the attention weights; the others give the same scores from them).
+
+This file never imports kvpolicy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import zlib
+from pathlib import Path
+
+import torch
+
+#: the tiny random-init Llama both sides build: GQA (8 query / 2 kv heads), head size 32
+CONFIG = dict(
+    vocab_size=512,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
+SEED = 0
+LENGTH = 384
+RATIOS = (0.5, 0.8)
+METHODS = ("keydiff", "knorm", "local", "snapkv", "tova", "h2o")
+SINKS = 4  # StreamingLLM's n_sink (kvpress's default) = kvpolicy's local start_size
+WINDOW, KERNEL = 32, 5  # SnapKV's observation window and pooling kernel, set alike on both sides
+WEIGHT_STD = 0.08
+
+
+def build_model(seed: int = SEED, attn: str = "eager") -> torch.nn.Module:
+    """The tiny Llama, every weight drawn from a generator seeded by ``(seed, crc32(name))`` (norms: 1 + noise)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**CONFIG)
+    config._attn_implementation = attn
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
+            p.copy_(noise * WEIGHT_STD if p.dim() >= 2 else 1.0 + 0.1 * noise)
+    return model.eval()
+
+
+def prompt(seed: int = SEED, length: int = LENGTH) -> torch.Tensor:
+    """int64 ``[1, length]`` random token ids (no pad, no special token)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    return torch.randint(3, CONFIG["vocab_size"], (1, length), generator=g)
+
+
+def weights_checksum(model: torch.nn.Module) -> float:
+    """Sum over parameters (sorted by name) of ``sum(p * (i + 1))``: any difference in any weight changes it."""
+    total = 0.0
+    for i, (_, p) in enumerate(sorted(model.named_parameters())):
+        total += float(p.detach().double().sum()) * (i + 1)
+    return total
+
+
+def n_kept(length: int, ratio: float) -> int:
+    """kvpress's count (``compute_n_kept``): ``max(1, int(length * (1 - ratio)))``; kvpolicy's side keeps the same
+    number through a ``tokens`` budget (its ``ratio`` rounds up instead)."""
+    return max(1, int(length * (1 - ratio)))
+
+
+def _press(method: str, ratio: float):
+    import kvpress
+
+    if method == "keydiff":
+        return kvpress.KeyDiffPress(compression_ratio=ratio)
+    if method == "knorm":
+        return kvpress.KnormPress(compression_ratio=ratio)
+    if method == "local":
+        return kvpress.StreamingLLMPress(compression_ratio=ratio, n_sink=SINKS)
+    if method == "snapkv":
+        return kvpress.SnapKVPress(compression_ratio=ratio, window_size=WINDOW, kernel_size=KERNEL)
+    if method == "tova":
+        return kvpress.TOVAPress(compression_ratio=ratio)
+    if method == "h2o":
+        return kvpress.ObservedAttentionPress(compression_ratio=ratio)
+    raise ValueError(method)
+
+
+def kept_indices(model: torch.nn.Module, ids: torch.Tensor, method: str, ratio: float) -> list[list[list[int]]]:
+    """``[layer][kv head]`` -> sorted prompt positions kvpress keeps."""
+    from transformers import DynamicCache
+
+    press = _press(method, ratio)
+    original = press.compress
+    kept: dict[int, list[list[int]]] = {}
+
+    def recording(module, hidden_states, keys, values, attentions, kwargs):
+        k2, v2 = original(module, hidden_states, keys, values, attentions, kwargs)
+        heads = []
+        for h in range(keys.shape[1]):
+            eq = (k2[0, h, :, None, :] == keys[0, h, None, :, :]).all(-1)  # [kept, T]
+            if not bool(eq.any(-1).all()):
+                raise RuntimeError(f"{method}: layer {module.layer_idx} head {h}: a kept key matches no input key")
+            heads.append(sorted(eq.to(torch.int8).argmax(-1).tolist()))
+        kept[module.layer_idx] = heads
+        return k2, v2
+
+    press.compress = recording  # instance attribute: the press's forward hook calls self.compress
+    with torch.no_grad(), press(model):
+        model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
+    return [kept[i] for i in sorted(kept)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--output", type=Path, required=True)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--ratios", default=",".join(str(r) for r in RATIOS))
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    model = build_model()
+    ids = prompt()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, -1].tolist()
+    out = {
+        "schema": "kvpolicy.kvpress_overlap/1",
+        "versions": {p: importlib.metadata.version(p) for p in ("torch", "transformers", "kvpress")},
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "config": CONFIG,
+        "seed": SEED,
+        "length": LENGTH,
+        "weights_checksum": weights_checksum(model),
+        "last_logits": logits,
+        "kept": {},
+    }
+    for method in args.methods.split(","):
+        for ratio in (float(r) for r in args.ratios.split(",")):
+            out["kept"][f"{method}@{ratio}"] = kept_indices(model, ids, method, ratio)
+            print(f"kvpress {method} ratio {ratio}: done", flush=True)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.output.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out))
+    os.replace(tmp, args.output)  # atomic: a half-written file never looks like a result
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
