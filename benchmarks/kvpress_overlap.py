@@ -29,24 +29,19 @@ import importlib.metadata
 import json
 import os
 import platform
+import runpy
 import zlib
 from pathlib import Path
 
 import torch
 
-#: the tiny random-init Llama both sides build: GQA (8 query / 2 kv heads), head size 32
-CONFIG = dict(
-    vocab_size=512,
-    hidden_size=256,
-    intermediate_size=512,
-    num_hidden_layers=4,
-    num_attention_heads=8,
-    num_key_value_heads=2,
-    max_position_embeddings=4096,
-    rope_theta=10000.0,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-)
+#: the random-init Llama both sides build: ``kvpolicy bench``'s ``llama-small`` shape (GQA, 8 query / 2 kv heads, head
+#: size 32), read from kvpolicy's file by path (standard library only: this script never imports kvpolicy)
+CONFIG = {
+    **runpy.run_path(str(Path(__file__).resolve().parents[1] / "kvpolicy" / "bench" / "shapes.py"))[
+        "BUILTIN_CONFIGS"]["llama-small"],
+    "max_position_embeddings": 4096, "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+}
 SEED = 0
 LENGTH = 384
 RATIOS = (0.5, 0.8)

@@ -18,6 +18,15 @@ BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
         "num_key_value_heads": 2,
         "vocab_size": 256,
     },
+    # a small GQA Llama (4 layers, 256 wide, 8 q / 2 kv heads, head_dim 32): the kvpress kept-entries comparison
+    "llama-small": {
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "vocab_size": 512,
+    },
     # the default: a 125M-parameter Llama, 12 layers, 768 wide, GQA 12 q / 4 kv heads (head_dim 64)
     "llama-125m": {
         "hidden_size": 768,
