@@ -49,7 +49,8 @@ def match_by_kind(samples: Sequence[SampleResult], side: str, n_boot: int, seed:
         if not np.isfinite(sub).any():
             continue
         by[kind] = float(np.nanmean(sub))
-        by_ci[kind] = M.bootstrap(lambda i, sub=sub: float(np.nanmean(sub[i])), len(sub), n_boot, seed) if n_boot else None
+        if n_boot:
+            by_ci[kind] = M.bootstrap(lambda i, sub=sub: float(np.nanmean(sub[i])), len(sub), n_boot, seed)
     everything = np.arange(len(samples))
     macro_ci = M.bootstrap(lambda i: macro_mean(arr, kinds, i), len(samples), n_boot, seed) if n_boot else None
     return {

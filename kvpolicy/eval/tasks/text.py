@@ -264,8 +264,8 @@ class Jsonl(Task):
 
     With an ``answer`` the answer is teacher-forced (PPL of the ground truth, the authors' protocol) and the generation
     is scored by string match against it (``match``: RULER's ``string_match_all`` of one answer); without one the
-    full-cache greedy answer is the reference. Image paths are relative to the file; an image needs a vision-language model whose
-    loader returned a processor."""
+    full-cache greedy answer is the reference. Image paths are relative to the file; an image needs a vision-language
+    model whose loader returned a processor."""
 
     name = "jsonl"
     Options = JsonlOptions
