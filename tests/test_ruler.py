@@ -268,3 +268,18 @@ def test_jsonl_answer_is_scored(tiny_dir, tmp_path):
     assert first.policy.exact_match == float("hello" in generated.lower())
     assert second.policy.exact_match is None
     assert result.policy_metrics.exact_match == first.policy.exact_match
+
+
+def test_run_table_shows_each_task_and_the_average(tiny_dir):
+    from rich.console import Console
+
+    from kvpolicy.cli.evaluate import show_run
+
+    console = Console(record=True, width=160)
+    spec = EvalSpec(model=str(tiny_dir), task="ruler", policy="local", ratio=0.5, samples=3, batch_size=4,
+                    task_options={"context_tokens": 768, "max_new_tokens": 2, "tasks": "fwe,cwe,vt"},
+                    dtype="float32", use_reference_cache=False, bootstrap=10)
+    show_run(spec, None, as_json=False, console=console)
+    lines = console.export_text().splitlines()
+    for label in ("RULER score (mean of the per-task matches)", "match (mean over samples)", "  fwe", "  cwe", "  vt"):
+        assert sum(line.lstrip("│ ").startswith(label.strip()) for line in lines) == 1, label

@@ -56,12 +56,11 @@ def run_table(result: EvalResult) -> Any:
     keys = [k for k, _, _ in metrics_for(result.task["name"])]
     keys += [k for k, _, _ in DEFAULT_METRICS if k not in keys]
     labels = {k: lab for k, lab, _ in TASK_METRICS.get(result.task["name"], []) + DEFAULT_METRICS}
-    for key in keys + ["exact_match"]:
+    # string match is shown for any task whose samples have answers (a jsonl file), once
+    for key in keys + ([] if "exact_match" in keys else ["exact_match"]):
         fv, fci = metric(result.full, key)
         pv, pci = metric(result.policy_metrics, key)
         if fv is None and pv is None:
-            continue
-        if key == "exact_match" and key in keys[:-1]:
             continue
         d = result.delta.get(key)
         t.add_row(
