@@ -2,7 +2,9 @@
 deltas, running estimates during a run, and the one paired bootstrap every comparison of two policies uses.
 
 Perplexity is pooled (``exp`` of the NLL summed over all scored tokens over their count), never a mean of per-sample
-perplexities; KL and top-1 are pooled over teacher-forced steps; ROUGE-L and string match are per-sample means.
+perplexities; KL and top-1 are pooled over teacher-forced steps; ROUGE-L and string match are per-sample means. String
+match is also given per sample kind and as the unweighted mean of the kinds' means (``exact_match_macro``): RULER's
+average over its tasks, which does not depend on how many samples each task got.
 Intervals resample *samples* (with the same indices on both sides of a paired difference).
 """
 
@@ -22,6 +24,41 @@ from .spec import Delta, SampleResult, SideMetrics
 # ================================================================================================== one run
 def column(samples: Sequence[SampleResult], side: str, attr: str) -> np.ndarray:
     return np.array([getattr(getattr(s, side), attr) for s in samples], dtype=np.float64)
+
+
+def macro_mean(values: np.ndarray, kinds: np.ndarray, idx: np.ndarray) -> float:
+    """The unweighted mean, over the kinds present among the samples ``idx``, of each kind's mean value (NaN
+    skipped): RULER's average of per-task scores."""
+    v, k = values[idx], kinds[idx]
+    means = [float(np.nanmean(v[k == kind])) for kind in np.unique(k) if np.isfinite(v[k == kind]).any()]
+    return float(np.mean(means)) if means else float("nan")
+
+
+def match_by_kind(samples: Sequence[SampleResult], side: str, n_boot: int, seed: int) -> dict[str, Any]:
+    """String match per sample kind (with a bootstrap interval over that kind's samples) and their macro mean (with
+    one over all samples); empty when no sample has gold answers."""
+    vals = [getattr(s, side).exact_match for s in samples]
+    if all(v is None for v in vals):
+        return {}
+    arr = np.array([np.nan if v is None else v for v in vals], dtype=np.float64)
+    kinds = np.array([s.kind for s in samples])
+    by: dict[str, float] = {}
+    by_ci: dict[str, tuple[float, float] | None] = {}
+    for kind in dict.fromkeys(kinds.tolist()):
+        sub = arr[kinds == kind]
+        if not np.isfinite(sub).any():
+            continue
+        by[kind] = float(np.nanmean(sub))
+        if n_boot:
+            by_ci[kind] = M.bootstrap(lambda i, sub=sub: float(np.nanmean(sub[i])), len(sub), n_boot, seed)
+    everything = np.arange(len(samples))
+    macro_ci = M.bootstrap(lambda i: macro_mean(arr, kinds, i), len(samples), n_boot, seed) if n_boot else None
+    return {
+        "exact_match_by_kind": by,
+        "exact_match_by_kind_ci": by_ci if n_boot else None,
+        "exact_match_macro": macro_mean(arr, kinds, everything),
+        "exact_match_macro_ci": macro_ci,
+    }
 
 
 def side_metrics(samples: Sequence[SampleResult], side: str, n_boot: int, seed: int) -> SideMetrics:
@@ -54,6 +91,9 @@ def side_metrics(samples: Sequence[SampleResult], side: str, n_boot: int, seed: 
             arr = np.array([np.nan if v is None else v for v in vals], dtype=np.float64)
             out[name] = float(np.nanmean(arr))
             out[f"{name}_ci"] = ci(lambda i, arr=arr: float(np.nanmean(arr[i])))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a resample may hold only unanswered samples of a kind
+        out.update(match_by_kind(samples, side, n_boot, seed))
     types = [getattr(s, side).kept_by_type_prefill for s in samples]
     if types and all(t is not None for t in types):
         out["kept_by_type_prefill"] = {k: float(np.mean([t[k] for t in types])) for k in TYPE_NAMES}
@@ -105,6 +145,11 @@ def deltas(samples: Sequence[SampleResult], n_boot: int, seed: int) -> dict[str,
         if all(x is not None for x in a + c) and m:
             diff = np.array(a, dtype=np.float64) - np.array(c, dtype=np.float64)
             out[name] = Delta(value=float(diff.mean()), ci=ci(lambda i, d=diff: float(d[i].mean())))
+            if name == "exact_match":  # RULER's average: per-kind means of the paired differences, averaged
+                kinds = np.array([s.kind for s in samples])
+                out["exact_match_macro"] = Delta(
+                    value=macro_mean(diff, kinds, np.arange(m)), ci=ci(lambda i, d=diff: macro_mean(d, kinds, i))
+                )
     return out
 
 
@@ -219,6 +264,8 @@ __all__ = [
     "PerSample",
     "column",
     "deltas",
+    "macro_mean",
+    "match_by_kind",
     "paired_bootstrap",
     "paired_difference",
     "running_estimates",

@@ -171,7 +171,7 @@ def by_kind(doc: dict[str, Any], side: str) -> dict[str, dict[str, float]]:
 
 
 def cell_summary(m: dict[str, Any], doc: dict[str, Any], full: bool = False) -> dict[str, Any]:
-    keys = ("ppl", "kl", "top1", "rouge_l", "exact_match")
+    keys = ("ppl", "kl", "top1", "rouge_l", "exact_match", "exact_match_macro")
     out = {k: m.get(k) for k in keys}
     out.update({f"{k}_ci": m.get(f"{k}_ci") for k in keys})
     if not full:

@@ -81,6 +81,21 @@ def string_match_all(prediction: str, answers: Sequence[str]) -> float:
     return sum(a.lower() in low for a in answers) / len(answers)
 
 
+def string_match_part(prediction: str, answers: Sequence[str]) -> float:
+    """RULER's ``string_match_part`` (its QA tasks): 1 when any gold answer is found (case-insensitive), else 0."""
+    if not answers:
+        return float("nan")
+    low = prediction.lower()
+    return float(any(a.lower() in low for a in answers))
+
+
+#: the string-match rule of a sample (:attr:`~kvpolicy.eval.tasks.Sample.match`)
+STRING_MATCH: dict[str, Callable[[str, Sequence[str]], float]] = {
+    "all": string_match_all,
+    "part": string_match_part,
+}
+
+
 # --------------------------------------------------------------------------------------------- aggregation
 def pooled_ppl(nll_sum: np.ndarray, n: np.ndarray) -> float:
     total = float(np.sum(n))
@@ -108,6 +123,13 @@ def bootstrap(
 TASK_METRICS: dict[str, list[tuple[str, str, bool]]] = {
     "continuation": [("ppl", "PPL", False), ("kl", "KL", False), ("top1", "top-1", True)],
     "instruct": [("rouge_l", "ROUGE-L", True), ("ppl", "PPL", False), ("kl", "KL", False), ("top1", "top-1", True)],
+    "ruler": [
+        ("exact_match_macro", "RULER score (mean of the per-task matches)", True),
+        ("exact_match", "match (mean over samples)", True),
+        ("ppl", "PPL", False),
+        ("rouge_l", "ROUGE-L", True),
+        ("kl", "KL", False),
+    ],
     "needle": [
         ("exact_match", "match", True),
         ("ppl", "PPL", False),
@@ -134,6 +156,7 @@ def produced_metrics(task: str) -> set[str]:
 
 __all__ = [
     "DEFAULT_METRICS",
+    "STRING_MATCH",
     "TASK_METRICS",
     "TEACHER_FORCED",
     "bootstrap",
@@ -146,5 +169,6 @@ __all__ = [
     "rouge_l",
     "rouge_l_ids",
     "string_match_all",
+    "string_match_part",
     "topk_logp",
 ]

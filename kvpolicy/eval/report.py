@@ -22,7 +22,7 @@ def fmt(value: float | None, key: str = "") -> str:
         return "-"
     if key in ("kl",):
         return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
-    if key in ("rouge_l", "top1", "exact_match", "ratio_prefill", "ratio_end"):
+    if key in ("rouge_l", "top1", "exact_match", "exact_match_macro", "ratio_prefill", "ratio_end"):
         return f"{value:.3f}"
     if abs(value) >= 1000:
         return f"{value:,.0f}"
@@ -56,12 +56,11 @@ def run_table(result: EvalResult) -> Any:
     keys = [k for k, _, _ in metrics_for(result.task["name"])]
     keys += [k for k, _, _ in DEFAULT_METRICS if k not in keys]
     labels = {k: lab for k, lab, _ in TASK_METRICS.get(result.task["name"], []) + DEFAULT_METRICS}
-    for key in keys + ["exact_match"]:
+    # string match is shown for any task whose samples have answers (a jsonl file), once
+    for key in keys + ([] if "exact_match" in keys else ["exact_match"]):
         fv, fci = metric(result.full, key)
         pv, pci = metric(result.policy_metrics, key)
         if fv is None and pv is None:
-            continue
-        if key == "exact_match" and key in keys[:-1]:
             continue
         d = result.delta.get(key)
         t.add_row(
@@ -71,6 +70,11 @@ def run_table(result: EvalResult) -> Any:
             fmt_ci(d.value, d.ci, key) if d is not None else "-",
         )
     f, p = result.full, result.policy_metrics
+    if p.exact_match_by_kind and result.task["name"] == "ruler":
+        for kind, pv in p.exact_match_by_kind.items():  # one RULER score per task
+            fv = (f.exact_match_by_kind or {}).get(kind)
+            diff = pv - fv if fv is not None else None
+            t.add_row(f"  {kind}", fmt(fv, "exact_match"), fmt(pv, "exact_match"), fmt(diff, "exact_match"))
     t.add_row("PPL, mean of per-sample", fmt(f.ppl_per_sample_mean), fmt(p.ppl_per_sample_mean), "")
     t.add_row("tokens kept / layer (prefill)", fmt(f.kept_tokens_prefill), fmt(p.kept_tokens_prefill), "")
     t.add_row("tokens kept / layer (end)", fmt(f.kept_tokens_end), fmt(p.kept_tokens_end), "")

@@ -1,6 +1,6 @@
 """Per-sample results: a batch row of the policy and the sample's full-cache reference become one
 :class:`~.spec.SampleResult` with both sides scored the same way (PPL under the chosen protocol, ROUGE-L of the
-generation against the full cache's, string match against gold answers, budget and timing).
+generation against the full cache's, string match against gold answers by the sample's rule, budget and timing).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def side(
         if ref.generation is not None:
             rl = M.rouge_l_ids(gen, ref.generation, ctx.decode) if policy_side else 1.0
         if s.answers:
-            em = M.string_match_all(text, s.answers)
+            em = M.STRING_MATCH[s.match](text, s.answers)
     kp, ke = float(np.mean(kept_p)), float(np.mean(kept_e))
     return SampleSide(
         nll_sum=nll_sum,

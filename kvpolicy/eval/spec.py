@@ -120,6 +120,11 @@ class SideMetrics(BaseModel):
     rouge_l_ci: tuple[float, float] | None = None
     exact_match: float | None = None
     exact_match_ci: tuple[float, float] | None = None
+    #: string match per sample kind (a RULER task, a needle variant), and their unweighted mean: RULER's average
+    exact_match_by_kind: dict[str, float] | None = None
+    exact_match_by_kind_ci: dict[str, tuple[float, float] | None] | None = None
+    exact_match_macro: float | None = None
+    exact_match_macro_ci: tuple[float, float] | None = None
     kept_tokens_prefill: float
     kept_tokens_end: float
     prompt_tokens: float

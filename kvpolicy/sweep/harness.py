@@ -22,6 +22,7 @@ _TASK_PRODUCES = {
     "continuation": {"ppl", "nll", "kl", "top1"},
     "instruct": {"ppl", "nll", "kl", "top1", "rouge_l"},
     "needle": {"ppl", "nll", "kl", "top1", "rouge_l", "exact_match"},
+    "ruler": {"ppl", "nll", "kl", "top1", "rouge_l", "exact_match"},
 }
 _ALWAYS = {"cache_bytes", "cache_fraction", "seconds_per_sample"}
 

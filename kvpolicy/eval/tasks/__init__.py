@@ -12,6 +12,8 @@ looks them up by name (``EvalSpec.task``). Built in:
 * ``needle`` — RULER-style synthetic retrieval generated on the fly at ``context_tokens``: ``single`` (one needle in a
   haystack), ``multikey`` (one of several needles with different keys), ``vt`` (variable tracking through a chain of
   assignments); the gold answer is teacher-forced and the generation is scored by string match;
+* ``ruler`` — RULER's 11 synthetic tasks (``niah_*``, ``vt``, ``cwe``, ``fwe``) at any ``context_tokens``, in the
+  model's tokens; scored by RULER's ``string_match_all`` per task and averaged (:mod:`.ruler`);
 * ``jsonl`` — a user file with ``prompt`` and optional ``answer``, ``image`` and ``id`` per line.
 
 Sampling is deterministic and nested: with seed ``s`` the first ``n`` samples are always the first ``n`` of the same
@@ -22,6 +24,6 @@ from . import base
 from .base import *  # noqa: F403 - the task API is base's public names, listed once in base.__all__
 
 # the built-in tasks register themselves on import
-from . import image, text  # noqa: E402,F401  isort: skip
+from . import image, ruler, text  # noqa: E402,F401  isort: skip
 
 __all__ = list(base.__all__)

@@ -28,6 +28,10 @@ class Sample:
     greedy answer" (computed once and cached, see :mod:`kvpolicy.eval.references`). ``generate``: the policy's own
     greedy answer is produced too (for ROUGE-L against the full cache's, and ``answers`` string match).
     ``extra`` holds model inputs beside ``input_ids`` for the prefill only (``pixel_values`` of an image prompt).
+    ``context`` and ``question`` are the user turn's two texts (``context + question``), kept apart for protocols
+    that compress the context before the question is known; ``answers`` are the gold strings the generation is
+    scored against, by ``match``: RULER's ``string_match_all`` (``"all"``, the fraction found) or
+    ``string_match_part`` (``"part"``, any one found).
     """
 
     id: str
@@ -37,6 +41,9 @@ class Sample:
     max_new_tokens: int = 32
     answers: list[str] | None = None
     kind: str = ""
+    context: str | None = None
+    question: str | None = None
+    match: Literal["all", "part"] = "all"
     extra: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
 

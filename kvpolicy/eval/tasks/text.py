@@ -262,9 +262,10 @@ class JsonlOptions(BaseModel):
 class Jsonl(Task):
     """Any user file: ``{"prompt": ..., "answer": ... (optional), "image": path (optional), "id": ... (optional)}``.
 
-    With an ``answer`` the answer is teacher-forced (PPL of the ground truth, the authors' protocol); without one the
-    full-cache greedy answer is. Image paths are relative to the file; an image needs a vision-language model whose
-    loader returned a processor."""
+    With an ``answer`` the answer is teacher-forced (PPL of the ground truth, the authors' protocol) and the generation
+    is scored by string match against it (``match``: RULER's ``string_match_all`` of one answer); without one the
+    full-cache greedy answer is the reference. Image paths are relative to the file; an image needs a vision-language
+    model whose loader returned a processor."""
 
     name = "jsonl"
     Options = JsonlOptions
@@ -304,6 +305,7 @@ class Jsonl(Task):
                     id=str(r["id"]),
                     prompt_ids=ids,
                     target_ids=encode(tokenizer, answer) if isinstance(answer, str) and answer else None,
+                    answers=[answer] if isinstance(answer, str) and answer else None,
                     generate=True,
                     max_new_tokens=options.max_new_tokens,
                     kind="image" if extra else "text",
