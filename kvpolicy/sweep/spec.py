@@ -188,9 +188,7 @@ class SamplerSpec(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _from_name(cls, data: Any) -> Any:
-        if isinstance(data, str):
-            return {"name": data}
-        return data
+        return {"name": data} if isinstance(data, str) else data  # `sampler: random`
 
     @field_validator("name")
     @classmethod
