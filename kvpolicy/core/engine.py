@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -72,9 +73,14 @@ def image_token_ids(config: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
+#: models whose forwards are watched -> their hook handles (weak: attaching keeps no model alive, and kvpolicy writes
+#: no attribute of its own onto the user's model)
+_WATCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _watch_inputs(model: Any) -> None:
     """Let the cache see each forward's ``input_ids`` (for token types) through forward hooks — read-only, no patching."""
-    if getattr(model, "_kvpolicy_watch", None) is not None:
+    if model in _WATCHED:
         return
     image_ids = image_token_ids(model.config)
 
@@ -90,7 +96,7 @@ def _watch_inputs(model: Any) -> None:
     def after(module, args, kwargs, output):
         set_forward_inputs(None, image_ids)
 
-    model._kvpolicy_watch = (
+    _WATCHED[model] = (
         model.register_forward_pre_hook(before, with_kwargs=True),
         model.register_forward_hook(after, with_kwargs=True, always_call=True),
     )
