@@ -153,3 +153,78 @@ def test_decode_budget_counts_from_the_cache_after_the_question(budget):
         model(input_ids=ids_c, attention_mask=m_c, position_ids=_positions(m_c), past_key_values=context_only)
     want = _decode_held(model, context_only, 12, feed, m_c)
     assert got == [[h + q for h, q in zip(step, QUESTION)] for step in want]
+
+
+# ------------------------------------------------------------------------------------------ the evaluation protocol
+from kvpolicy.eval.context import make_context  # noqa: E402
+from kvpolicy.eval.protocol import batch_inputs, prefill, run_exact  # noqa: E402
+from kvpolicy.eval.tasks import Sample  # noqa: E402
+from kvpolicy.testing import keep_all_policy  # noqa: E402
+
+
+class _Tok:
+    eos_token_id, pad_token_id, bos_token_id, chat_template = 2, 0, None, None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+def _samples(split: bool) -> list[Sample]:
+    """Three prompts of different lengths (left padding), each a context followed by a question."""
+    g = torch.Generator().manual_seed(5)
+    out = []
+    for i, (c, q) in enumerate([(22, 7), (15, 3), (18, 5)]):
+        ids = torch.randint(3, VOCAB - 3, (c + q,), generator=g).tolist()
+        target = torch.randint(3, VOCAB - 3, (4,), generator=g).tolist()
+        out.append(Sample(id=f"s{i}", prompt_ids=ids, target_ids=target, generate=True, max_new_tokens=5,
+                          question_tokens=q if split else 0))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_ctx():
+    model = build_model("qwen2")  # GQA: 4 query heads over 2 kv heads
+    kvpolicy.attach(model)
+    return make_context(model, _Tok(), kl_topk=0)
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_ratio_zero_equals_the_full_cache_in_both_modes(tiny_ctx, split):
+    samples = _samples(split)
+    targets = [s.target_ids for s in samples]
+    full = run_exact(tiny_ctx, samples, None, targets)
+    for policy in (keep_all_policy(), first_last_policy(Budget(ratio=0.0))):
+        got = run_exact(tiny_ctx, samples, policy, targets)
+        for a, b in zip(full, got):
+            assert a.generation == b.generation
+            assert all(torch.equal(x, y) for x, y in zip(a.logp_steps, b.logp_steps)), policy.name
+
+
+def test_two_chunk_full_cache_is_the_one_prompt_computation(tiny_ctx):
+    """Splitting the prefill changes nothing but rounding for the full cache: both modes see the same prompt."""
+    one, two = _samples(False), _samples(True)
+    targets = [s.target_ids for s in one]
+    a_rows, b_rows = run_exact(tiny_ctx, one, None, targets), run_exact(tiny_ctx, two, None, targets)
+    for a, b in zip(a_rows, b_rows):
+        assert a.generation == b.generation
+        for x, y in zip(a.logp_steps, b.logp_steps):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_question_entries_are_never_compressed_at_prefill(tiny_ctx, split):
+    samples = _samples(split)
+    cache = kvpolicy.make_cache(tiny_ctx.model, first_last_policy(Budget(ratio=0.5)))
+    inputs = batch_inputs(tiny_ctx, samples)
+    prefill(tiny_ctx, inputs, cache)
+    width = inputs.mask.shape[1]
+    for r, s in enumerate(samples):
+        q = 5 if not split else s.question_tokens  # the last tokens of the prompt
+        n = len(s.prompt_ids)
+        last = list(range(width - q, width))
+        for layer in cache.policy_layers:
+            held = layer.kept_positions(r)
+            if split:  # query-agnostic: the context was compressed alone, the question is held whole
+                assert held[-q:] == last and len(held) == -(-(n - q) // 2) + q
+            else:  # query-aware: one prompt, compressed together (today's path)
+                assert len(held) == -(-n // 2)
