@@ -228,3 +228,31 @@ def test_question_entries_are_never_compressed_at_prefill(tiny_ctx, split):
                 assert held[-q:] == last and len(held) == -(-(n - q) // 2) + q
             else:  # query-aware: one prompt, compressed together (today's path)
                 assert len(held) == -(-n // 2)
+
+
+# ------------------------------------------------------------------------------------------ the ruler task's option
+@pytest.fixture(scope="module")
+def smol_tok():
+    from transformers import AutoTokenizer
+
+    from kvpolicy.models import ALIASES, ensure_cached
+
+    return AutoTokenizer.from_pretrained(str(ensure_cached(ALIASES["smollm2-135m"])))
+
+
+@pytest.mark.parametrize("chat", [None, False])
+def test_ruler_question_chunk_is_the_question(smol_tok, chat):
+    from kvpolicy.eval.tasks import get_task
+
+    task = get_task("ruler")
+    opts = {"context_tokens": 1024, "tasks": "niah_single_1,vt,cwe", "chat": chat}
+    agnostic = task.load(smol_tok, 3, 0, task.options(opts))
+    aware = task.load(smol_tok, 3, 0, task.options({**opts, "query_aware": True}))
+    for a, b in zip(agnostic, aware):
+        assert a.prompt_ids == b.prompt_ids and b.question_tokens == 0  # query-aware: one prompt, as before
+        q = a.question_tokens
+        assert 0 < q < len(a.prompt_ids) // 2
+        head, tail = smol_tok.decode(a.prompt_ids[:-q]), smol_tok.decode(a.prompt_ids[-q:])
+        assert a.context.rstrip() in head and a.question.strip()[5:] in tail  # the split sits at the question
+        assert (head + tail).rfind(a.question.strip()) >= len(head) - 3  # the asked question starts the tail
+        assert a.content_hash() != b.content_hash()  # references of the two modes are not shared
