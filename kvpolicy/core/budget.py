@@ -58,14 +58,27 @@ class Budget(BaseModel):
             return torch.tensor(keep, dtype=torch.long, device=n_tokens.device).clamp(min=1)
         return n_tokens.clamp(max=self.tokens)
 
-    def decode_excess(self, held: torch.Tensor, n_tokens: torch.Tensor, prefill_keep: torch.Tensor) -> torch.Tensor:
-        """Entries to drop now, per row and head, given ``held`` entries (new token included) and ``n`` tokens seen."""
+    def decode_excess(
+        self,
+        held: torch.Tensor,
+        n_tokens: torch.Tensor,
+        prefill_keep: torch.Tensor,
+        appended: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Entries to drop now, per row and head, given ``held`` entries (new token included) and ``n`` tokens seen.
+
+        ``appended`` (int ``[B]``): tokens stored uncompressed after the prefill (a question appended to a compressed
+        context). They count as held in full, so the rule applies to the tokens generated after them as if they were
+        part of the prefill budget: ``fraction`` keeps ``(1 - ratio)`` of the other tokens plus all appended ones,
+        ``fixed`` holds the cache at its size after the chunk. Without this, the first generated token would evict
+        about ``ratio x`` the chunk's length."""
+        extra = torch.zeros_like(n_tokens) if appended is None else appended.to(n_tokens.device)
         if self.decode == "off":
             return torch.zeros_like(held)
         if self.decode == "fixed":
             cap = prefill_keep if self.tokens is None else torch.full_like(prefill_keep, self.tokens)
             cap = cap[:, None] if cap.dim() == 1 else cap
-            return (held - cap).clamp(min=0)
+            return (held - cap - extra[:, None]).clamp(min=0)
         # float64 reproduces Python's int(P - n * (1 - ratio)) exactly
-        target = n_tokens.to(torch.float64)[:, None] * (1.0 - float(self.ratio))
+        target = (n_tokens - extra).to(torch.float64)[:, None] * (1.0 - float(self.ratio)) + extra[:, None]
         return torch.trunc(held.to(torch.float64) - target).clamp(min=0).to(torch.long)

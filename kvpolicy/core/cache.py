@@ -7,6 +7,8 @@ from it), ``get_mask_sizes(q)`` returns ``(P + q, S - P)`` for the physical leng
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -57,6 +59,24 @@ class PolicyCache(Cache):
         """Raise :class:`~kvpolicy.core.reuse.CacheReuseError` when this cache already holds a generation and a forward
         brings another batch size or no new token (see :mod:`kvpolicy.core.reuse`)."""
         check_inputs(self.policy_layers, batch, new_tokens)
+
+    @contextmanager
+    def appending(self) -> Iterator[PolicyCache]:
+        """Forwards inside append their tokens to the prefilled cache uncompressed (any policy).
+
+        What a question after a compressed context needs (the query-agnostic protocol, ``docs/evaluation.md``): the
+        chunk attends causally within itself and to the entries the prefill kept, its entries are stored as prompt
+        tokens, the prefill compression does not run again and the decode rule drops nothing during it; afterwards
+        the decode budget counts the chunk's entries as held (:meth:`~kvpolicy.core.budget.Budget.decode_excess`).
+        A forward inside on a cache not yet prefilled raises ``RuntimeError``. Sliding-window layers are unaffected."""
+        layers = self.policy_layers
+        for layer in layers:
+            layer.append_chunk = True
+        try:
+            yield self
+        finally:
+            for layer in layers:
+                layer.append_chunk = False
 
     def set_token_types(self, types: torch.Tensor) -> None:
         """Tell the cache which prompt columns hold image tokens (int ``[B, S]``, see ``kvpolicy.core.policy``)."""

@@ -7,7 +7,12 @@ bucketed after a prefill with per-head budgets) and runs the policy's two stages
   budget and allocator fix how many entries each row keeps, the encode scorer ranks them and the reducer compresses;
 * **decode**: each new token is written into a free slot; the budget rule frees the lowest-scored slots, inside
   ``update()`` (the step then attends to the reduced cache) or after the step's attention when the decode scorer
-  needs it.
+  needs it;
+* **append** (a forward inside :meth:`~kvpolicy.core.cache.PolicyCache.appending`, after the prefill): a chunk of
+  prompt tokens (a question after a compressed context) is stored as it comes, attending causally within itself and
+  to the kept entries; neither stage removes anything, and the decode budget counts the chunk's entries as held
+  (:meth:`~kvpolicy.core.budget.Budget.decode_excess`, ``appended``). A decode scorer that observes steps
+  (``observe``) sees the chunk's attention, as it would see a decode step's.
 
 Slots are unordered: a compressed layer attends through a mask built from per-slot validity and logical positions
 (:mod:`kvpolicy.core.masks`), never through transformers' mask, whose padding columns are only right for an
@@ -73,6 +78,8 @@ class PolicyLayer(DynamicLayer):
         self._token_types_source = token_types
         self.seen = 0
         self.is_initialized = False
+        #: set by :meth:`~kvpolicy.core.cache.PolicyCache.appending`: forwards store their tokens uncompressed
+        self.append_chunk = False
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -82,6 +89,9 @@ class PolicyLayer(DynamicLayer):
         self.n_tokens = torch.zeros(key_states.shape[0], dtype=torch.long, device=self.device)
         self.prefill_kept: torch.Tensor | None = None
         self.prefill_keep: torch.Tensor | None = None
+        #: int64 ``[B]``: real tokens stored by appended chunks (they raise the decode budget by their count)
+        self.appended = torch.zeros_like(self.n_tokens)
+        self._before_append = self.n_tokens
         self.seen = 0
         self.prefilled = False
         self._pending: str | None = None
@@ -150,22 +160,40 @@ class PolicyLayer(DynamicLayer):
         cols = torch.arange(self.seen, self.seen + q, device=self.device)
         self.seen += q
         if not self.prefilled:
+            if self.append_chunk:
+                raise RuntimeError("kvpolicy: a chunk is appended to a prefilled cache; run the prefill forward first")
             self.storage.append(key_states, value_states, cols, self._new_types(cols), slack=0)
             self._pending = "prefill"
+        elif self.append_chunk:
+            self._pending = self._append_update(key_states, value_states, cols)
         else:
             self._pending = self._decode_update(key_states, value_states, cols)
         self._sync()
         _active.layer = self
         return self.keys, self.values
 
+    def _rotate_new(self, key_states: torch.Tensor) -> torch.Tensor:
+        """New keys at the compressed positions when the policy re-numbers them (``compressed_positions``)."""
+        if self.shift is None:
+            return key_states
+        if self._first:  # one shift per step for every layer: layer 0's logical minus physical position
+            self.shift.delta = self.n_tokens - self.held()[:, 0]
+        return self.shift.rotate(key_states)
+
+    def _append_update(self, key_states: torch.Tensor, value_states: torch.Tensor, cols: torch.Tensor) -> str:
+        """Store an appended chunk's tokens as prompt tokens (their own token types), dropping nothing."""
+        key_states = self._rotate_new(key_states)
+        self._before_append = self.n_tokens.clone()
+        self.n_tokens += key_states.shape[2]  # corrected in resolve_new_tokens if some new token is padding
+        types = self._token_types_source.for_columns(cols, self.device)
+        self.storage.append(key_states, value_states, cols, types, slack=growth(self.length))
+        return "append"
+
     def _decode_update(self, key_states: torch.Tensor, value_states: torch.Tensor, cols: torch.Tensor) -> str:
         """Store a decode step's tokens (dropping first when the decode rule needs no attention); returns the stage
         left pending for :meth:`finish_step`."""
         q = key_states.shape[2]
-        if self.shift is not None:
-            if self._first:  # one shift per step for every layer: layer 0's logical minus physical position
-                self.shift.delta = self.n_tokens - self.held()[:, 0]
-            key_states = self.shift.rotate(key_states)
+        key_states = self._rotate_new(key_states)
         self.n_tokens += q  # corrected in resolve_new_tokens if some new token is padding
         policy = self.policy
         in_update = policy.decode is not None and not policy.decode_needs() and not policy.drop_after_attention
@@ -205,6 +233,7 @@ class PolicyLayer(DynamicLayer):
         self.storage.select_rows(index)
         batch = self.n_tokens.shape[0]
         self.n_tokens = self.n_tokens[index]
+        self.appended = self.appended[index]
         # per-row tensors a part keeps in layer_state follow their rows too
         for key, value in list(self.layer_state.items()):
             if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
@@ -248,9 +277,12 @@ class PolicyLayer(DynamicLayer):
     def pending_needs(self) -> frozenset[AttentionStat]:
         if self._pending == "prefill":
             return self.policy.prefill_needs()
-        if self._pending == "decode":
+        if self._pending == "decode" or (self._pending == "append" and self._observes()):
             return self.policy.decode_needs()
         return frozenset()
+
+    def _observes(self) -> bool:
+        return getattr(self.policy.decode, "observe", None) is not None
 
     def finish_step(self, attention: dict[int | None, torch.Tensor]) -> None:
         """Called by the attention function once the outputs are computed: compress now if the policy says so."""
@@ -259,6 +291,10 @@ class PolicyLayer(DynamicLayer):
             self._finish_prefill(attention)
         elif pending == "decode":
             self._decode_drop(incoming=0, attention=attention)
+        elif pending == "append":
+            self.appended += self.n_tokens - self._before_append
+            if self._observes():
+                self.policy.decode.observe(self.view("decode", attention))  # type: ignore[union-attr]
         self._sync()
 
     # ------------------------------------------------------------------ the policy's stages
@@ -341,7 +377,7 @@ class PolicyLayer(DynamicLayer):
         if observe is not None:
             observe(view)
         held = view.held() + incoming
-        excess = self.policy.budget.decode_excess(held, self.n_tokens, self.prefill_keep)
+        excess = self.policy.budget.decode_excess(held, self.n_tokens, self.prefill_keep, self.appended)
         if not bool((excess > 0).any()):
             return
         view.excess = excess

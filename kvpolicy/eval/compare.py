@@ -65,6 +65,19 @@ def cell_dtype(doc: dict[str, Any]) -> str | None:
     return str(recorded).removeprefix("torch.") if recorded else None
 
 
+def query_mode(spec: EvalSpec) -> bool | None:
+    """The ``query_aware`` option ``spec``'s task resolves to (its default when not given); ``None`` when the task has
+    no such option (or the options do not validate: the cell then runs and reports the error)."""
+    from .tasks import get_task
+
+    try:
+        options = get_task(spec.task).options(dict(spec.task_options))
+    except Exception:
+        return None
+    value = getattr(options, "query_aware", None)
+    return bool(value) if value is not None else None
+
+
 def is_done(path: Path, spec: EvalSpec) -> bool:
     """Whether ``path`` holds a complete result of the same computation as ``spec`` (an unreadable file: no)."""
     if not path.exists():
@@ -72,7 +85,8 @@ def is_done(path: Path, spec: EvalSpec) -> bool:
     try:
         old = json.loads(path.read_text())
         old_signature = spec_signature(EvalSpec(**old["spec"]), dtype=cell_dtype(old))
-        return bool(old.get("complete")) and old_signature == spec_signature(spec)
+        same_mode = old["task"].get("query_aware") == query_mode(spec)  # cells from before the option: recompute
+        return bool(old.get("complete")) and old_signature == spec_signature(spec) and same_mode
     except (ValueError, KeyError, TypeError):
         return False
 
@@ -140,6 +154,7 @@ def summarize(
             {
                 "samples": len(doc["samples"]),
                 "options": doc["task"].get("options"),
+                "query_aware": doc["task"].get("query_aware"),
                 "model": doc["model"].get("name"),
                 "dtype": doc["model"].get("dtype"),
                 "honesty": doc["honesty"],

@@ -1,6 +1,9 @@
 """One batch through one cache: prefill, teacher forcing of the targets, greedy generation (see ``docs/evaluation.md``).
 
-1. **Prefill** the left-padded prompts once (``logits_to_keep=1``) and measure what the cache holds.
+1. **Prefill** the left-padded prompts once (``logits_to_keep=1``) and measure what the cache holds. Samples with a
+   question chunk (``Sample.question_tokens``, the query-agnostic protocol) are prefilled in two forwards: the
+   contexts (compressed by the policy), then the questions appended uncompressed
+   (:meth:`~kvpolicy.core.cache.PolicyCache.appending`); the full cache runs the same two forwards.
 2. **Teacher forcing**, token by token, of each row's target through the cache, so a policy's decode-stage rule
    applies at every step.
 3. **Greedy generation** (samples that ask for it, and samples whose target is the full cache's own answer) from a
@@ -13,6 +16,7 @@ references) and :func:`run_exact` (every step's whole log-probability row, for t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from collections.abc import Sequence
@@ -21,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ..core.cache import PolicyCache
 from ..core.policy import CachePolicy
 from . import metrics as M
 from .budget import measure
@@ -61,8 +66,13 @@ def batches(samples: Sequence[Sample], batch_size: int) -> list[list[int]]:
     """Deterministic batches of sample indices: longest prompts first (less padding); samples with extra inputs
     (images) alone."""
     alone = [i for i, s in enumerate(samples) if s.extra]
-    rest = sorted((i for i, s in enumerate(samples) if not s.extra), key=lambda i: (-len(samples[i].prompt_ids), i))
-    out = [rest[k : k + batch_size] for k in range(0, len(rest), batch_size)]
+    out: list[list[int]] = []
+    for split in (False, True):  # one-chunk and two-chunk prompts never share a batch
+        rest = sorted(
+            (i for i, s in enumerate(samples) if not s.extra and bool(s.question_tokens) == split),
+            key=lambda i: (-len(samples[i].prompt_ids), i),
+        )
+        out += [rest[k : k + batch_size] for k in range(0, len(rest), batch_size)]
     return out + [[i] for i in alone]
 
 
@@ -114,7 +124,9 @@ class PolicyRecorder(Recorder):
 # ================================================================================================== the batch
 @dataclass
 class BatchInputs:
-    """Left-padded prompts of one batch and how decode steps are positioned."""
+    """Left-padded prompts of one batch and how decode steps are positioned. With question chunks, ``ids``/``mask``
+    hold the left-padded contexts and ``q_ids``/``q_mask`` the left-padded questions (padding between a short
+    question and its context is masked, positions come from the mask); ``mask`` is then the whole prompt's mask."""
 
     ids: torch.Tensor
     mask: torch.Tensor
@@ -123,17 +135,42 @@ class BatchInputs:
     n_real: torch.Tensor  #: real (unpadded) prompt tokens per row
     pass_positions: bool  #: explicit position ids (padded text batches)
     extra: dict[str, Any]  #: prefill-only inputs (pixel values)
+    q_ids: torch.Tensor | None = None  #: left-padded question chunks (query-agnostic protocol), else None
+    context_mask: torch.Tensor | None = None  #: the context chunk's mask when there are question chunks
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """Position ids of every column of the whole prompt (left padding and inner padding skipped)."""
+        return (self.mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def left_pad(rows: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, mask)`` of ``rows`` left-padded to the longest."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[r, width - len(row) :] = 1
+    return ids, mask
 
 
 def batch_inputs(ctx: Context, samples: Sequence[Sample]) -> BatchInputs:
     b = len(samples)
     lens = [len(s.prompt_ids) for s in samples]
-    width = max(lens)
-    ids = torch.full((b, width), ctx.pad, dtype=torch.long)
-    mask = torch.zeros((b, width), dtype=torch.long)
-    for r, s in enumerate(samples):
-        ids[r, width - lens[r] :] = torch.tensor(s.prompt_ids, dtype=torch.long)
-        mask[r, width - lens[r] :] = 1
+    split = all(s.question_tokens > 0 for s in samples)
+    if any(s.question_tokens > 0 for s in samples) and not split:
+        raise EvalError("one batch mixes samples with and without a question chunk (see protocol.batches)")
+    q_ids = context_mask = None
+    if split:
+        cut = [len(s.prompt_ids) - s.question_tokens for s in samples]
+        ids, context_mask = left_pad([s.prompt_ids[: cut[r]] for r, s in enumerate(samples)], ctx.pad)
+        q_ids, q_mask = left_pad([s.prompt_ids[cut[r] :] for r, s in enumerate(samples)], ctx.pad)
+        mask = torch.cat([context_mask, q_mask], 1)
+        q_ids, context_mask = q_ids.to(ctx.device), context_mask.to(ctx.device)
+    else:
+        ids, mask = left_pad([s.prompt_ids for s in samples], ctx.pad)
+    width = mask.shape[1]
     extra: dict[str, Any] = {}
     if any(s.extra for s in samples):
         if b != 1:
@@ -145,8 +182,10 @@ def batch_inputs(ctx: Context, samples: Sequence[Sample]) -> BatchInputs:
         lens=lens,
         width=width,
         n_real=torch.tensor(lens, dtype=torch.long),
-        pass_positions=min(lens) != width and not ctx.vlm,
+        pass_positions=bool((mask == 0).any()) and not ctx.vlm,
         extra=extra,
+        q_ids=q_ids,
+        context_mask=context_mask,
     )
 
 
@@ -201,17 +240,30 @@ def _grow(msk: torch.Tensor) -> torch.Tensor:
 
 
 def prefill(ctx: Context, inputs: BatchInputs, cache: Any) -> tuple[torch.Tensor, float]:
-    """The prompts through ``cache``: the last position's logits (float32) and the seconds it took."""
+    """The prompts through ``cache``: the last position's logits (float32) and the seconds it took. With question
+    chunks: the contexts first (the policy compresses them), then the questions appended uncompressed."""
     t0 = time.perf_counter()
+    positions = inputs.positions if inputs.pass_positions else None
+    first_mask = inputs.mask if inputs.q_ids is None else inputs.context_mask
     with torch.inference_mode():
         out = ctx.model(
             input_ids=inputs.ids,
-            attention_mask=inputs.mask,
-            position_ids=(inputs.mask.cumsum(-1) - 1).clamp(min=0) if inputs.pass_positions else None,
+            attention_mask=first_mask,
+            position_ids=None if positions is None else positions[:, : inputs.ids.shape[1]],
             logits_to_keep=1,
             **inputs.extra,
             **{"past_key_values": cache, "use_cache": True},
         )
+        if inputs.q_ids is not None:
+            appending = cache.appending() if isinstance(cache, PolicyCache) else contextlib.nullcontext()
+            with appending:
+                out = ctx.model(
+                    input_ids=inputs.q_ids,
+                    attention_mask=inputs.mask,
+                    position_ids=None if positions is None else positions[:, -inputs.q_ids.shape[1] :],
+                    logits_to_keep=1,
+                    **{"past_key_values": cache, "use_cache": True},
+                )
     logits0 = out.logits[:, -1].to(torch.float32)
     return logits0, time.perf_counter() - t0
 
@@ -389,6 +441,7 @@ __all__ = [
     "batch_inputs",
     "batches",
     "generate",
+    "left_pad",
     "prefill",
     "run_exact",
     "run_policy",

@@ -39,13 +39,21 @@ def metric(m: SideMetrics, key: str) -> tuple[float | None, tuple[float, float] 
     return getattr(m, key, None), getattr(m, f"{key}_ci", None)
 
 
+def mode_label(query_aware: bool | None) -> str:
+    """How prompts were compressed: the task's ``query_aware`` option, or one prompt for a task without a question."""
+    if query_aware is None:
+        return "one prompt"
+    return "query-aware" if query_aware else "query-agnostic"
+
+
 def run_table(result: EvalResult) -> Any:
     """A rich table metric / full / policy / delta for one result."""
     from rich.table import Table
 
     title = (
         f"{result.policy_name} ({budget_label(result.policy)}) vs full cache · "
-        f"{result.task['name']} · {len(result.samples)} samples · {result.model.get('name')} ({result.model['dtype']})"
+        f"{result.task['name']} ({mode_label(result.task.get('query_aware'))}) · {len(result.samples)} samples · "
+        f"{result.model.get('name')} ({result.model['dtype']})"
     )
     caption = None
     if result.reference.get("hits"):
@@ -150,7 +158,8 @@ def compare_tables(summary: dict[str, Any], metrics: Sequence[str] | None = None
         for key, label, higher in metrics_for(task):
             if metrics is not None and key not in metrics:
                 continue
-            t = Table(title=f"{task}: {label} ({'higher' if higher else 'lower'} is better), 95% bootstrap CI")
+            mode = mode_label(summary.get("meta", {}).get(task, {}).get("query_aware"))
+            t = Table(title=f"{task} ({mode}): {label} ({'higher' if higher else 'lower'} is better), 95% bootstrap CI")
             t.add_column("policy")
             for r in ratios:
                 t.add_column(f"ratio {r}", justify="right")
@@ -174,7 +183,8 @@ def markdown_tables(summary: dict[str, Any], metrics: Sequence[str] | None = Non
         for key, label, higher in metrics_for(task):
             if metrics is not None and key not in metrics:
                 continue
-            lines.append(f"**{task} — {label}** ({'higher' if higher else 'lower'} is better; value [95% CI])\n")
+            mode = mode_label(summary.get("meta", {}).get(task, {}).get("query_aware"))
+            lines.append(f"**{task} ({mode}) — {label}** ({'higher' if higher else 'lower'} is better; value [95% CI])\n")
             lines.append("| policy | " + " | ".join(f"ratio {r}" for r in ratios) + " |")
             lines.append("| --- | " + " | ".join("---:" for _ in ratios) + " |")
             full = entry.get("full", {}).get("0", {})

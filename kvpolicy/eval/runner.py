@@ -172,6 +172,10 @@ def setup(spec: EvalSpec, model: Any, tokenizer: Any, samples: Sequence[Sample] 
     else:
         samples = list(samples)[: spec.samples]
         task_info["options"] = dict(spec.task_options)
+    # the protocol (docs/evaluation.md): the task's query_aware option (None: the task has none), and how many samples
+    # were prefilled as context + appended question; 0 says every prompt ran as one chunk (today's path)
+    task_info["query_aware"] = task_info["options"].get("query_aware")
+    task_info["question_chunks"] = sum(1 for s in samples if s.question_tokens)
     ctx = make_context(model, tokenizer, spec.kl_topk)
     fingerprint = model_fingerprint(model, spec.model)
     settings = {

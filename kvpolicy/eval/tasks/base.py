@@ -44,6 +44,7 @@ class Sample:
     context: str | None = None
     question: str | None = None
     match: Literal["all", "part"] = "all"
+    question_tokens: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -57,6 +58,8 @@ class Sample:
             "max_new": self.max_new_tokens,
             "extra": sorted(self.extra),
         }
+        if self.question_tokens:  # the two-chunk prefill is another computation (keys of one-chunk samples unchanged)
+            doc["question_tokens"] = self.question_tokens
         h.update(json.dumps(doc, sort_keys=True).encode())
         for name in sorted(self.extra):
             value = self.extra[name]
@@ -153,6 +156,29 @@ def chat_prompt(tokenizer: Any, user: str, assistant_prefix: str = "", chat: boo
     if assistant_prefix:
         ids += encode(tokenizer, assistant_prefix)
     return ids
+
+
+def question_tokens(tokenizer: Any, prompt_ids: list[int], context: str, question: str, chat: bool | None) -> int:
+    """How many trailing ``prompt_ids`` (a :func:`chat_prompt` of ``context + question``) form the question chunk.
+
+    The prompt is rendered up to the question's first character (template opening and context) and matched token by
+    token against ``prompt_ids``: the first id that differs (a token spanning the boundary) starts the question, so
+    the two chunks concatenate to exactly the one-prompt ids. 0 when there is no question or no context before it."""
+    if not question or not context:
+        return 0
+    if has_chat_template(tokenizer) if chat is None else chat:
+        tok = text_tokenizer(tokenizer)
+        user = context + question
+        text = tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
+        head = encode(tokenizer, text[: text.find(user) + len(context)])
+    else:
+        head = bos_prefix(tokenizer) + encode(tokenizer, context)
+    k = 0
+    for a, b in zip(head, prompt_ids):
+        if a != b:
+            break
+        k += 1
+    return len(prompt_ids) - k if 0 < k < len(prompt_ids) else 0
 
 
 def fit_lines(text: str, budget: int, measure: Callable[[str], int]) -> str:
@@ -275,6 +301,7 @@ __all__ = [
     "image_prompt",
     "load_image",
     "permutation",
+    "question_tokens",
     "read_data",
     "register_task",
     "text_tokenizer",

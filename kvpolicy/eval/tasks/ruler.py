@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .base import Sample, Task, TaskError, chat_prompt, encode, register_task
+from .base import Sample, Task, TaskError, chat_prompt, encode, question_tokens, register_task
 from .ruler_gen import CommonWords, FreqWords, Niah, Parts, VariableTracking
 from .ruler_text import NIAH_TASKS, RULER_TASKS, TOKENS_TO_GENERATE, RulerTaskName, family
 
@@ -48,6 +48,11 @@ class RulerOptions(BaseModel):
         default=None, ge=1, le=4096, description="answer length (default: RULER's, niah 128, vt 30, cwe 120, fwe 50)"
     )
     chat: bool | None = Field(default=None, description="use the chat template (default: when the tokenizer has one)")
+    query_aware: bool = Field(
+        default=False,
+        description="false (kvpress's protocol): the context is compressed before the question is appended "
+        "uncompressed; true: context and question are one prompt, compressed together",
+    )
 
     @field_validator("tasks", mode="before")
     @classmethod
@@ -153,9 +158,12 @@ class Ruler(Task):
         parts, used, units = fit(gen, lambda p: len(prompt(p)), options.context_tokens, task)
         if task == "fwe":
             check_fwe_answer(gen, units)
+        ids = prompt(parts)
+        split = 0 if options.query_aware else question_tokens(tokenizer, ids, parts.context, parts.question, options.chat)
         return Sample(
             id=f"ruler-{task}-{seed}-{j:04d}",
-            prompt_ids=prompt(parts),
+            prompt_ids=ids,
+            question_tokens=split,
             target_ids=encode(tokenizer, parts.target),
             generate=True,
             max_new_tokens=options.max_new_tokens or TOKENS_TO_GENERATE[family(task)],
