@@ -41,6 +41,8 @@ CHUNK = 1024
 
 #: rope types whose frequencies depend on the sequence length (no fixed rotation to invert)
 _LENGTH_DEPENDENT = ("dynamic", "longrope")
+#: model types whose forward always builds 3-axis (M-RoPE) positions, whatever their rope_parameters say
+_MROPE_MODELS = ("qwen2_vl", "qwen2_5_vl")
 
 
 class QueryStatsUnsupportedError(ValueError):
@@ -80,7 +82,7 @@ def rope_frequencies(config: Any) -> RopeFrequencies:
     rope_type = params.get("rope_type", params.get("type", "default"))
     partial = params.get("partial_rotary_factor", getattr(text, "partial_rotary_factor", 1.0)) or 1.0
     reason = None
-    if "mrope_section" in params or rope_type == "mrope":
+    if "mrope_section" in params or rope_type == "mrope" or str(text.model_type).startswith(_MROPE_MODELS):
         reason = "its M-RoPE rotates each query by three positions (temporal, height, width)"
     elif float(partial) != 1.0:
         reason = f"its rotary embedding covers only part of each head (partial_rotary_factor={partial})"
