@@ -153,3 +153,25 @@ def test_unsupported_rope_is_refused_naming_the_model():
     # a policy without a QueryStat never reads the RoPE configuration
     plain = CachePolicy(reducer=PlainEvict(), budget=Budget(ratio=0.5), encode=KeepAll())
     assert all(layer.rope is None for layer in PolicyCache(plain, Qwen2VLConfig()).policy_layers)
+
+
+def test_generate_hands_each_row_its_own_positions():
+    """Under generate() (left padding), the statistic's positions are generate()'s: each row's next position is its
+    number of real tokens, and the statistics equal those of the same rows run one by one without padding."""
+    torch.manual_seed(0)
+    model = kvpolicy.attach(build_model("llama").to(torch.float32))
+    batch = make_batch(2, 14, pads=[0, 5])
+    kw = {"max_new_tokens": 2, "min_new_tokens": 2, "do_sample": False, "pad_token_id": 0}
+
+    def run(ids, mask):
+        rec = Recorder(QueryStat(covariance=True, skip_first=1))
+        policy = CachePolicy(reducer=PlainEvict(), budget=Budget(ratio=0.5), encode=rec)
+        model.generate(input_ids=ids, attention_mask=mask, past_key_values=kvpolicy.make_cache(model, policy), **kw)
+        return rec.seen
+
+    both = run(batch["input_ids"], batch["attention_mask"])
+    alone = run(batch["input_ids"][1:, 5:], batch["attention_mask"][1:, 5:])
+    assert both[0].next_position.tolist() == [14, 9]
+    for i in both:
+        torch.testing.assert_close(both[i].mean[1], alone[i].mean[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(both[i].covariance[1], alone[i].covariance[0], atol=1e-5, rtol=1e-4)
