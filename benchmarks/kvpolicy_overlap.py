@@ -9,7 +9,8 @@ ratio: mean and minimum Jaccard over layers x kv heads, and the most entries one
 
 Policies (kvpress press in brackets): ``keydiff`` [KeyDiffPress]; ``knorm`` [KnormPress]; ``local`` with 4 sinks
 [StreamingLLMPress]; ``snapkv`` window 32, kernel 5, avg [SnapKVPress]; ``tova`` [TOVAPress]; ``h2o`` with no recent
-window, once with the paper's sum and once with ``normalize: mean_over_visible`` [ObservedAttentionPress].
+window, once with the paper's sum and once with ``normalize: mean_over_visible`` [ObservedAttentionPress];
+``expected_attention`` preset (512 future positions, 4 sinks, covariance, value norm) [ExpectedAttentionPress].
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ POLICIES: dict[str, tuple[str, dict[str, Any]]] = {
         "h2o",
         {"encode": {"name": "h2o", "recent": 0, "normalize": "mean_over_visible"}, "reducer": {"name": "evict"}},
     ),
+    "expected_attention": ("expected_attention", {"preset": "expected_attention"}),
 }
 
 

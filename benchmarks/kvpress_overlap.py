@@ -16,7 +16,8 @@ prompt are recorded, and kvpolicy's side checks both before comparing anything.
 How the kept entries are read: each press's ``compress`` is wrapped; the keys it returns are matched row by row
 (exact equality) to the keys it received, so the recorded indices are what kvpress really kept, whatever its
 internals. Presses (kvpolicy's names): ``keydiff`` = KeyDiffPress, ``knorm`` = KnormPress, ``local`` =
-StreamingLLMPress (4 sinks), ``snapkv`` = SnapKVPress, ``tova`` = TOVAPress, ``h2o`` = ObservedAttentionPress. Eager
+StreamingLLMPress (4 sinks), ``snapkv`` = SnapKVPress, ``tova`` = TOVAPress, ``h2o`` = ObservedAttentionPress,
+``expected_attention`` = ExpectedAttentionPress (its defaults: 512 future positions, 4 sinks, covariance, value norm). Eager
 attention (ObservedAttentionPress needs the attention weights; the others give the same scores from them).
 
 This file never imports kvpolicy.
@@ -45,7 +46,7 @@ CONFIG = {
 SEED = 0
 LENGTH = 384
 RATIOS = (0.5, 0.8)
-METHODS = ("keydiff", "knorm", "local", "snapkv", "tova", "h2o")
+METHODS = ("keydiff", "knorm", "local", "snapkv", "tova", "h2o", "expected_attention")
 SINKS = 4  # StreamingLLM's n_sink (kvpress's default) = kvpolicy's local start_size
 WINDOW, KERNEL = 32, 5  # SnapKV's observation window and pooling kernel, set alike on both sides
 WEIGHT_STD = 0.08
@@ -101,6 +102,8 @@ def _press(method: str, ratio: float):
         return kvpress.TOVAPress(compression_ratio=ratio)
     if method == "h2o":
         return kvpress.ObservedAttentionPress(compression_ratio=ratio)
+    if method == "expected_attention":
+        return kvpress.ExpectedAttentionPress(compression_ratio=ratio)
     raise ValueError(method)
 
 

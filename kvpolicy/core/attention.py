@@ -10,7 +10,8 @@ with a mask function under the same name (``AttentionMaskInterface``; without on
    storage under the engine's per-slot mask (:mod:`kvpolicy.core.masks`), attending per kv-head group (keys are never
    repeated to query heads);
 3. compute the statistics the policy declared (:class:`~kvpolicy.core.policy.AttentionStat`) in query chunks
-   (:mod:`kvpolicy.core.kernels`), and
+   (:mod:`kvpolicy.core.kernels`) and the query statistics (:class:`~kvpolicy.core.policy.QueryStat`,
+   :mod:`kvpolicy.core.querystats`), and
 4. hand them to the layer, which compresses right away if its stage asks for it.
 
 This module only chooses the path; the tensor work is in :mod:`kvpolicy.core.kernels`.
@@ -29,7 +30,8 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from .kernels import attention_received, attention_with_received, masked_attention_with_received
 from .layer import PolicyLayer, take_active_layer
-from .policy import AttentionStat
+from .policy import AttentionStat, QueryStat
+from .querystats import QueryStats, query_statistics
 
 __all__ = ["EAGER", "FUSED_DECODE_MAX_QUERIES", "SDPA", "register"]
 
@@ -81,6 +83,31 @@ def _outputs(
     return out
 
 
+def _query_stats(
+    layer: PolicyLayer,
+    query: torch.Tensor,
+    heads: int,
+    position_ids: Any,
+    new_valid: torch.Tensor,
+    needs: list[QueryStat],
+) -> dict[QueryStat, QueryStats]:
+    """The declared query statistics of this step. RoPE positions are the ``position_ids`` the model used (a left-padded
+    row's first real token may sit at 0); without them, the columns, which is what transformers derives by default."""
+    b, _, q, _ = query.shape
+    if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2:
+        positions = position_ids.to(query.device).expand(b, q)
+    else:
+        positions = torch.arange(layer.seen - q, layer.seen, device=query.device).expand(b, q)
+    before = layer.n_tokens - new_valid.sum(-1)
+    assert layer.rope is not None  # set by PolicyCache whenever the policy declares a QueryStat
+    return {
+        need: query_statistics(
+            query, positions, new_valid, heads, layer.rope, need.window, need.covariance, need.skip_first, before
+        )
+        for need in needs
+    }
+
+
 def _policy_attention(base: Callable, eager: bool) -> Callable:
     def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
         layer: PolicyLayer | None = take_active_layer(getattr(module, "layer_idx", None))
@@ -96,6 +123,11 @@ def _policy_attention(base: Callable, eager: bool) -> Callable:
         new_valid = layer.resolve_new_tokens(attention_mask, q)
         stats: Stats = {}
         needs: frozenset[AttentionStat] = layer.pending_needs()
+        queries: dict[QueryStat, QueryStats] | None = None
+        if needs and any(isinstance(need, QueryStat) for need in needs):
+            asked = [need for need in needs if isinstance(need, QueryStat)]
+            queries = _query_stats(layer, query, key.shape[1], kwargs.get("position_ids"), new_valid, asked)
+            needs = frozenset(need for need in needs if not isinstance(need, QueryStat))
 
         def call() -> tuple[torch.Tensor, Any]:
             return base(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
@@ -112,7 +144,7 @@ def _policy_attention(base: Callable, eager: bool) -> Callable:
                     query, key, layer.valid, layer.positions, cols, new_valid, scaling, need.window,
                     first_slot_col=first_col,
                 )
-        layer.finish_step(stats)
+        layer.finish_step(stats, queries)
         return out, None
 
     return attention

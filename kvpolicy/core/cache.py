@@ -15,8 +15,9 @@ import torch
 from transformers.cache_utils import Cache, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
 
 from .layer import PolicyLayer
-from .policy import CachePolicy
+from .policy import CachePolicy, QueryStat
 from .positions import RopeShift
+from .querystats import QueryStatsUnsupportedError, rope_frequencies
 from .reuse import check_inputs
 from .token_types import TokenTypes
 
@@ -41,11 +42,20 @@ class PolicyCache(Cache):
         self.token_types = TokenTypes()
         self.policy = policy
         shift = RopeShift(config) if policy.compressed_positions else None
+        # a query statistic needs the model's RoPE frequencies (read here, once; refused here for a model whose
+        # rotation cannot be inverted, before any forward)
+        declared = policy.prefill_needs() | policy.decode_needs()
+        rope = None
+        if any(isinstance(n, QueryStat) for n in declared):
+            try:
+                rope = rope_frequencies(config)
+            except QueryStatsUnsupportedError as exc:
+                raise UnsupportedModelError(str(exc)) from None
         layers: list[Any] = []
         for i, (kind, kwargs) in enumerate(zip(layer_types[:n], layer_kwargs[:n])):
             if kind == "full_attention":
                 first = not any(isinstance(x, PolicyLayer) for x in layers)
-                layers.append(PolicyLayer(policy, i, n, self.token_types, shift, first))
+                layers.append(PolicyLayer(policy, i, n, self.token_types, shift, first, rope))
             elif kind == "sliding_attention":
                 layers.append(DynamicSlidingWindowLayer(**kwargs))
             else:

@@ -33,6 +33,7 @@ from .masks import new_token_validity
 from .partcheck import check_keep, check_merge, check_reduction, check_scores, check_state
 from .policy import GENERATED, AttentionStat, CachePolicy, LayerView
 from .positions import RopeShift
+from .querystats import RopeFrequencies
 from .reuse import check_batch
 from .selection import lowest_slot, ranked_slots
 from .storage import PaddedStorage, SlotStorage, growth
@@ -68,9 +69,12 @@ class PolicyLayer(DynamicLayer):
         token_types: TokenTypes,
         shift: RopeShift | None = None,
         first_policy_layer: bool = False,
+        rope: RopeFrequencies | None = None,
     ):
         super().__init__()
         self.shift = shift
+        #: the model's RoPE frequencies, set only when the policy declares a query statistic
+        self.rope = rope
         self._first = first_policy_layer
         self.policy = policy
         self.layer_idx = layer_idx
@@ -284,13 +288,14 @@ class PolicyLayer(DynamicLayer):
     def _observes(self) -> bool:
         return getattr(self.policy.decode, "observe", None) is not None
 
-    def finish_step(self, attention: dict[int | None, torch.Tensor]) -> None:
-        """Called by the attention function once the outputs are computed: compress now if the policy says so."""
+    def finish_step(self, attention: dict[int | None, torch.Tensor], queries: dict | None = None) -> None:
+        """Called by the attention function once the outputs are computed: compress now if the policy says so.
+        ``queries``: the declared query statistics (:class:`~kvpolicy.core.policy.QueryStat` -> stats)."""
         pending, self._pending = self._pending, None
         if pending == "prefill":
-            self._finish_prefill(attention)
+            self._finish_prefill(attention, queries)
         elif pending == "decode":
-            self._decode_drop(incoming=0, attention=attention)
+            self._decode_drop(incoming=0, attention=attention, queries=queries)
         elif pending == "append":
             self.appended += self.n_tokens - self._before_append
             if self._observes():
@@ -298,7 +303,7 @@ class PolicyLayer(DynamicLayer):
         self._sync()
 
     # ------------------------------------------------------------------ the policy's stages
-    def view(self, stage: str, attention: dict | None = None) -> LayerView:
+    def view(self, stage: str, attention: dict | None = None, queries: dict | None = None) -> LayerView:
         storage = self._padded()
         return LayerView(
             layer_idx=self.layer_idx,
@@ -313,6 +318,7 @@ class PolicyLayer(DynamicLayer):
             new_tokens=0 if storage.new_slots is None else storage.new_slots.shape[-1],
             token_types=storage.token_types,
             attention=attention or {},
+            queries=queries or {},
             slot_state=storage.slot_state,
             layer_state=self.layer_state,
             prefill_kept=self.prefill_kept,
@@ -342,14 +348,14 @@ class PolicyLayer(DynamicLayer):
         held = self.held().amin(-1)
         return bool((self._prefill_budget() < held).any())
 
-    def _finish_prefill(self, attention: dict) -> None:
+    def _finish_prefill(self, attention: dict, queries: dict | None = None) -> None:
         policy = self.policy
         storage = self._padded()
         self.prefilled = True
         keep = self._prefill_budget()
         self._planned_keep = None
         self.prefill_keep = keep
-        view = self.view("prefill", attention)
+        view = self.view("prefill", attention, queries)
         view.keep = keep
         init_state = getattr(policy.decode, "init_state", None)
         if init_state is not None:
@@ -365,14 +371,14 @@ class PolicyLayer(DynamicLayer):
         if after is not None:
             after(self.view("decode"))
 
-    def _decode_drop(self, incoming: int, attention: dict | None = None) -> None:
+    def _decode_drop(self, incoming: int, attention: dict | None = None, queries: dict | None = None) -> None:
         """Apply the decode-stage budget rule: free the lowest-scored slots (``incoming`` tokens are about to be
         written and count toward the budget)."""
         decode = self.policy.decode
         if decode is None:
             return
         storage = self._padded()
-        view = self.view("decode", attention)
+        view = self.view("decode", attention, queries)
         observe = getattr(decode, "observe", None)
         if observe is not None:
             observe(view)

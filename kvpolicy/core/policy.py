@@ -40,6 +40,7 @@ __all__ = [
     "EncodeScorer",
     "LayerView",
     "Need",
+    "QueryStat",
     "Reducer",
     "Reduction",
     "Stage",
@@ -66,7 +67,25 @@ class AttentionStat:
     window: int | None = None
 
 
-Need = AttentionStat
+@dataclass(frozen=True)
+class QueryStat:
+    """A statistic a part needs: the distribution of the *queries* of the current forward, before RoPE.
+
+    The engine un-rotates each query at its own RoPE position and returns, per layer, kv head and query head of its
+    group, the mean (and, with ``covariance``, the biased covariance) over the last ``window`` real queries of each
+    row (``None``: every query of the forward — at prefill, the whole prompt), skipping the row's first
+    ``skip_first`` real tokens (outlier sink queries). Exposed as ``view.queries[need]``, a
+    :class:`~kvpolicy.core.querystats.QueryStats` (float32 mean ``[B, H, G, D]``, covariance ``[B, H, G, D, D]``).
+    Pad queries never count. Memory is bounded by one chunk of queries plus the ``D x D`` sums
+    (:mod:`kvpolicy.core.querystats`); a policy that declares no ``QueryStat`` pays nothing."""
+
+    window: int | None = None
+    covariance: bool = False
+    skip_first: int = 0
+
+
+#: what a part may list in ``needs``
+Need = AttentionStat | QueryStat
 
 
 @dataclass
@@ -85,6 +104,8 @@ class LayerView:
     new_tokens: int  #: tokens added by the current forward
     token_types: torch.Tensor  #: int8 [B, H, P], TEXT / IMAGE / GENERATED per slot
     attention: dict[int | None, torch.Tensor] = field(default_factory=dict)
+    #: the declared query statistics (:class:`QueryStat` -> :class:`~kvpolicy.core.querystats.QueryStats`)
+    queries: dict[QueryStat, Any] = field(default_factory=dict)
     slot_state: dict[str, torch.Tensor] = field(default_factory=dict)  #: per-slot tensors [B, H, P] kept by the engine
     layer_state: dict[str, Any] = field(default_factory=dict)  #: free-form, per layer, owned by the policy's parts
     prefill_kept: torch.Tensor | None = None  #: int64 [B, H], entries held right after prefill compression
