@@ -148,58 +148,58 @@ def cell_line(done: CellDone) -> str:
     )
 
 
+def _grid(summary: dict[str, Any], metrics: Sequence[str] | None) -> Any:
+    """``(task, cells, ratios, (key, label, higher), mode)`` for each table of a grid: one per task and metric shown."""
+    for task, entry in summary["cells"].items():
+        ratios = sorted({r for pol, by in entry.items() if pol != "full" for r in by}, key=float)
+        mode = mode_label(summary.get("meta", {}).get(task, {}).get("query_aware"))
+        for metric in metrics_for(task):
+            if metrics is None or metric[0] in metrics:
+                yield task, entry, ratios, metric, mode
+
+
 def compare_tables(summary: dict[str, Any], metrics: Sequence[str] | None = None) -> list[Any]:
     """Rich tables: one per task and metric, rows = policies, columns = ratios, cells = value [95% CI]."""
     from rich.table import Table
 
     tables = []
-    for task, entry in summary["cells"].items():
-        ratios = sorted({r for pol, by in entry.items() if pol != "full" for r in by}, key=float)
-        for key, label, higher in metrics_for(task):
-            if metrics is not None and key not in metrics:
+    for task, entry, ratios, (key, label, higher), mode in _grid(summary, metrics):
+        t = Table(title=f"{task} ({mode}): {label} ({'higher' if higher else 'lower'} is better), 95% bootstrap CI")
+        t.add_column("policy")
+        for r in ratios:
+            t.add_column(f"ratio {r}", justify="right")
+        full = entry.get("full", {}).get("0", {})
+        t.add_row("full", *[fmt_ci(full.get(key), full.get(f"{key}_ci"), key)] * len(ratios))
+        for pol, by in entry.items():
+            if pol == "full":
                 continue
-            mode = mode_label(summary.get("meta", {}).get(task, {}).get("query_aware"))
-            t = Table(title=f"{task} ({mode}): {label} ({'higher' if higher else 'lower'} is better), 95% bootstrap CI")
-            t.add_column("policy")
-            for r in ratios:
-                t.add_column(f"ratio {r}", justify="right")
-            full = entry.get("full", {}).get("0", {})
-            t.add_row("full", *[fmt_ci(full.get(key), full.get(f"{key}_ci"), key)] * len(ratios))
-            for pol, by in entry.items():
-                if pol == "full":
-                    continue
-                t.add_row(
-                    pol, *[fmt_ci(by[r].get(key), by[r].get(f"{key}_ci"), key) if r in by else "" for r in ratios]
-                )
-            tables.append(t)
+            t.add_row(
+                pol, *[fmt_ci(by[r].get(key), by[r].get(f"{key}_ci"), key) if r in by else "" for r in ratios]
+            )
+        tables.append(t)
     return tables
 
 
 def markdown_tables(summary: dict[str, Any], metrics: Sequence[str] | None = None) -> str:
     """The same tables as GitHub markdown (for docs/results.md)."""
     lines: list[str] = []
-    for task, entry in summary["cells"].items():
-        ratios = sorted({r for pol, by in entry.items() if pol != "full" for r in by}, key=float)
-        for key, label, higher in metrics_for(task):
-            if metrics is not None and key not in metrics:
+    for task, entry, ratios, (key, label, higher), mode in _grid(summary, metrics):
+        lines.append(f"**{task} ({mode}) — {label}** ({'higher' if higher else 'lower'} is better; value [95% CI])\n")
+        lines.append("| policy | " + " | ".join(f"ratio {r}" for r in ratios) + " |")
+        lines.append("| --- | " + " | ".join("---:" for _ in ratios) + " |")
+        full = entry.get("full", {}).get("0", {})
+        lines.append(
+            "| full | " + " | ".join(fmt_ci(full.get(key), full.get(f"{key}_ci"), key) for _ in ratios) + " |"
+        )
+        for pol, by in entry.items():
+            if pol == "full":
                 continue
-            mode = mode_label(summary.get("meta", {}).get(task, {}).get("query_aware"))
-            lines.append(f"**{task} ({mode}) — {label}** ({'higher' if higher else 'lower'} is better; value [95% CI])\n")
-            lines.append("| policy | " + " | ".join(f"ratio {r}" for r in ratios) + " |")
-            lines.append("| --- | " + " | ".join("---:" for _ in ratios) + " |")
-            full = entry.get("full", {}).get("0", {})
-            lines.append(
-                "| full | " + " | ".join(fmt_ci(full.get(key), full.get(f"{key}_ci"), key) for _ in ratios) + " |"
-            )
-            for pol, by in entry.items():
-                if pol == "full":
-                    continue
-                cells = []
-                for r in ratios:
-                    c = by.get(r)
-                    cells.append(fmt_ci(c.get(key), c.get(f"{key}_ci"), key) if c else "not run")
-                lines.append(f"| {pol} | " + " | ".join(cells) + " |")
-            lines.append("")
+            cells = []
+            for r in ratios:
+                c = by.get(r)
+                cells.append(fmt_ci(c.get(key), c.get(f"{key}_ci"), key) if c else "not run")
+            lines.append(f"| {pol} | " + " | ".join(cells) + " |")
+        lines.append("")
     return "\n".join(lines)
 
 
