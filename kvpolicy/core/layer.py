@@ -100,6 +100,10 @@ class PolicyLayer(DynamicLayer):
         self.prefilled = False
         self._pending: str | None = None
         self._planned_keep: torch.Tensor | None = None  # see _prefill_budget
+        #: small read-only tensors a decode step would otherwise rebuild in every layer (see _all_real, _excess)
+        self._constants: dict[Any, torch.Tensor] = {}
+        #: ``(prefill_keep, appended)`` as Python lists, for the budget rule of a full layout (see _excess)
+        self._row_budget: tuple[list[int], list[int]] | None = None
         self.is_initialized = True
         self._sync()
 
@@ -161,17 +165,19 @@ class PolicyLayer(DynamicLayer):
                 "model first: kvpolicy.attach(model) (it sets attn_implementation to 'kvpolicy')."
             )
         q = key_states.shape[2]
-        cols = torch.arange(self.seen, self.seen + q, device=self.device)
+        start = self.seen
         self.seen += q
         if not self.prefilled:
             if self.append_chunk:
                 raise RuntimeError("kvpolicy: a chunk is appended to a prefilled cache; run the prefill forward first")
+            cols = torch.arange(start, start + q, device=self.device)
             self.storage.append(key_states, value_states, cols, self._new_types(cols), slack=0)
             self._pending = "prefill"
         elif self.append_chunk:
+            cols = torch.arange(start, start + q, device=self.device)
             self._pending = self._append_update(key_states, value_states, cols)
         else:
-            self._pending = self._decode_update(key_states, value_states, cols)
+            self._pending = self._decode_update(key_states, value_states, start)
         self._sync()
         _active.layer = self
         return self.keys, self.values
@@ -193,9 +199,9 @@ class PolicyLayer(DynamicLayer):
         self.storage.append(key_states, value_states, cols, types, slack=growth(self.length))
         return "append"
 
-    def _decode_update(self, key_states: torch.Tensor, value_states: torch.Tensor, cols: torch.Tensor) -> str:
-        """Store a decode step's tokens (dropping first when the decode rule needs no attention); returns the stage
-        left pending for :meth:`finish_step`."""
+    def _decode_update(self, key_states: torch.Tensor, value_states: torch.Tensor, start: int) -> str:
+        """Store a decode step's tokens, the first at column ``start`` (dropping first when the decode rule needs no
+        attention); returns the stage left pending for :meth:`finish_step`."""
         q = key_states.shape[2]
         key_states = self._rotate_new(key_states)
         self.n_tokens += q  # corrected in resolve_new_tokens if some new token is padding
@@ -203,7 +209,13 @@ class PolicyLayer(DynamicLayer):
         in_update = policy.decode is not None and not policy.decode_needs() and not policy.drop_after_attention
         if in_update:
             self._decode_drop(incoming=q)
-        self.storage.append(key_states, value_states, cols, self._new_types(cols), slack=growth(self.length))
+        if q == 1:  # one column, one type: the storage writes them as numbers
+            cols: torch.Tensor | int = start
+            types: torch.Tensor | int = GENERATED
+        else:
+            cols = torch.arange(start, start + q, device=self.device)
+            types = self._new_types(cols)
+        self.storage.append(key_states, value_states, cols, types, slack=growth(self.length))
         return "decode" if (policy.decode is not None and not in_update) else "done"
 
     def _new_types(self, cols: torch.Tensor) -> torch.Tensor:
@@ -238,6 +250,7 @@ class PolicyLayer(DynamicLayer):
         batch = self.n_tokens.shape[0]
         self.n_tokens = self.n_tokens[index]
         self.appended = self.appended[index]
+        self._row_budget = None
         # per-row tensors a part keeps in layer_state follow their rows too
         for key, value in list(self.layer_state.items()):
             if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
@@ -261,6 +274,8 @@ class PolicyLayer(DynamicLayer):
     def resolve_new_tokens(self, mask: torch.Tensor | None, q: int) -> torch.Tensor:
         """Learn which of this step's tokens are padding from transformers' mask (its last query row sees every real
         column), mark them invalid, and return the validity of the new tokens, bool ``[B, q]``."""
+        if mask is None and self.prefilled:  # no padding anywhere (transformers drops the mask only then)
+            return self._all_real(q)
         new_valid = new_token_validity(mask, q, self.n_tokens.shape[0], self.device)
         if not bool(new_valid.all()):
             self.storage.invalidate_new(new_valid)
@@ -269,6 +284,14 @@ class PolicyLayer(DynamicLayer):
         if not self.prefilled:
             self.n_tokens += new_valid.sum(-1)
         return new_valid
+
+    def _all_real(self, q: int) -> torch.Tensor:
+        """bool ``[B, q]`` of True (every new token real), made once per shape: read-only."""
+        key = (self.n_tokens.shape[0], q)
+        ones = self._constants.get(key)
+        if ones is None:
+            ones = self._constants[key] = torch.ones(key, dtype=torch.bool, device=self.device)
+        return ones
 
     def mask(self, q: int) -> torch.Tensor | None:
         """The engine's per-slot mask (:func:`~kvpolicy.core.masks.slot_mask`) of this step's ``q`` queries."""
@@ -298,6 +321,7 @@ class PolicyLayer(DynamicLayer):
             self._decode_drop(incoming=0, attention=attention, queries=queries)
         elif pending == "append":
             self.appended += self.n_tokens - self._before_append
+            self._row_budget = None
             if self._observes():
                 self.policy.decode.observe(self.view("decode", attention))  # type: ignore[union-attr]
         self._sync()
@@ -315,7 +339,7 @@ class PolicyLayer(DynamicLayer):
             positions=storage.positions,
             seen=self.seen,
             n_tokens=self.n_tokens,
-            new_tokens=0 if storage.new_slots is None else storage.new_slots.shape[-1],
+            new_tokens=storage.new_count,
             token_types=storage.token_types,
             attention=attention or {},
             queries=queries or {},
@@ -355,6 +379,7 @@ class PolicyLayer(DynamicLayer):
         keep = self._prefill_budget()
         self._planned_keep = None
         self.prefill_keep = keep
+        self._row_budget = None
         view = self.view("prefill", attention, queries)
         view.keep = keep
         init_state = getattr(policy.decode, "init_state", None)
@@ -382,24 +407,59 @@ class PolicyLayer(DynamicLayer):
         observe = getattr(decode, "observe", None)
         if observe is not None:
             observe(view)
-        held = view.held() + incoming
-        excess = self.policy.budget.decode_excess(held, self.n_tokens, self.prefill_keep, self.appended)
-        if not bool((excess > 0).any()):
+        excess, k_max, every = self._excess(storage, view, incoming)
+        if excess is None:
             return
         view.excess = excess
         scores = check_scores(self.policy, "decode", decode.drop_scores(view), view, what="drop scores")
-        k_max = int(excess.max())
         if k_max == 1:
-            victims = lowest_slot(view, scores)
+            victims = lowest_slot(view, scores, checked=True)
         else:
             victims = ranked_slots(view, -scores.to(torch.float32))[..., :k_max]
-        ok = (torch.arange(k_max, device=self.device) < excess[..., None]) & view.valid.gather(2, victims)
+        # every row and head of a full layout drops k_max: each victim is a valid slot, nothing to mask
+        ok = None if every else (torch.arange(k_max, device=self.device) < excess[..., None]) & view.valid.gather(
+            2, victims
+        )
         on_drop = getattr(self.policy.reducer, "on_drop", None)
         if on_drop is not None:
-            merged = on_drop(view, victims, ok)
+            merged = on_drop(view, victims, torch.ones_like(victims, dtype=torch.bool) if ok is None else ok)
             if merged is not None:
                 storage.write_kv(*check_merge(self.policy, merged, view))
         storage.free(victims, ok)
+
+    def _excess(
+        self, storage: PaddedStorage, view: LayerView, incoming: int
+    ) -> tuple[torch.Tensor | None, int, bool]:
+        """Entries the budget rule drops now: int64 ``[B, H]`` (``None`` when nothing goes), the largest count, and
+        whether every row and head drops exactly that many from a full layout.
+
+        When the layout is full (every row and head holds ``length`` entries, :attr:`PaddedStorage.full`) the rule
+        runs on Python numbers, one per row (:meth:`~kvpolicy.core.budget.Budget.decode_excess_rows`): no tensor is
+        read or made unless something goes. Otherwise it runs on the held counts."""
+        budget = self.policy.budget
+        keep = self.prefill_keep
+        if storage.full and keep is not None and keep.dim() == 1:
+            if self._row_budget is None:
+                self._row_budget = (keep.tolist(), self.appended.tolist())
+            rows = budget.decode_excess_rows(storage.length + incoming, self.n_tokens.tolist(), *self._row_budget)
+            k_max = max(rows, default=0)
+            if k_max == 0:
+                return None, 0, True
+            b, h = view.valid.shape[:2]
+            if min(rows) == k_max and k_max <= storage.length:
+                return self._filled((b, h), k_max), k_max, True
+            return torch.tensor(rows, device=self.device)[:, None].expand(b, h), k_max, False
+        excess = budget.decode_excess(view.held() + incoming, self.n_tokens, keep, self.appended)  # type: ignore[arg-type]
+        k_max = int(excess.max()) if excess.numel() else 0
+        return (excess if k_max > 0 else None), k_max, False
+
+    def _filled(self, shape: tuple[int, int], value: int) -> torch.Tensor:
+        """int64 ``shape`` filled with ``value``, made once: read-only."""
+        key = (shape, value)
+        t = self._constants.get(key)
+        if t is None:
+            t = self._constants[key] = torch.full(shape, value, dtype=torch.long, device=self.device)
+        return t
 
     # ------------------------------------------------------------------ reporting
     def nbytes(self) -> int:

@@ -53,11 +53,12 @@ def sort_by_position(view: LayerView, index: torch.Tensor, ok: torch.Tensor) -> 
     return Reduction(index=index.gather(-1, order), valid=ok.gather(-1, order))
 
 
-def lowest_slot(view: LayerView, scores: torch.Tensor) -> torch.Tensor:
+def lowest_slot(view: LayerView, scores: torch.Tensor, checked: bool = False) -> torch.Tensor:
     """The single lowest-scored valid slot of each row (ties to the older position): ``ranked_slots(view, -scores)
-    [..., :1]`` in O(P) instead of two sorts — the common decode case of one drop per step. int64 ``[B, H, 1]``."""
+    [..., :1]`` in O(P) instead of two sorts — the common decode case of one drop per step. int64 ``[B, H, 1]``.
+    ``checked``: the caller already refused NaN scores (the engine's part check), so the test is not repeated."""
     s = _expand(scores, view.valid)
-    if torch.isnan(s).any():
+    if not checked and torch.isnan(s).any():
         raise FloatingPointError(f"layer {view.layer_idx}: a scorer returned NaN")
     s = torch.where(view.valid, s, float("inf"))
     tied = view.valid & (s == s.amin(-1, keepdim=True))

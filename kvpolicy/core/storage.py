@@ -120,45 +120,94 @@ class PaddedStorage(SlotStorage):
         self._state: dict[str, torch.Tensor] = {}
         self._length = 0
         self.pristine = True
-        #: int64 ``[B, H, q]``: the slots written by the current step (``None`` right after a reduction)
-        self.new_slots: torch.Tensor | None = None
+        #: the slots written by the current step: int64 ``[B, H, q]``, or ``(start, q)`` for ``q`` slots at the end of
+        #: every row, made a tensor only when read (:attr:`new_slots`); ``None`` right after a reduction
+        self._new: torch.Tensor | tuple[int, int] | None = None
+        #: what the engine knows of the free slots without reading ``valid`` (a decode step would otherwise pay a
+        #: search and a check per layer): ``_full`` — every used slot of every row holds a valid entry; ``_hole`` —
+        #: int64 ``[B, H, 1]``, the one free slot of every row (all others valid). Both false/None when not known.
+        self._full = True
+        self._hole: torch.Tensor | None = None
+        #: views of the used slots, made once per layout change rather than at every read (see :meth:`_used`)
+        self._views: dict[str, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ read-only views of the used slots
+    def _used(self) -> dict[str, torch.Tensor]:
+        """The used part of every buffer, cached until the buffers or the length change (:meth:`_relayout`): a decode
+        step reads them a dozen times per layer, and each slicing is an operator call."""
+        views = self._views
+        if views is None:
+            n = self._length
+            views = {"k": self._k[:, :, :n], "v": self._v[:, :, :n], "valid": self._valid[:, :, :n],
+                     "pos": self._pos[:, :, :n], "types": self._types[:, :, :n]}
+            views.update({"state:" + name: t[:, :, :n] for name, t in self._state.items()})
+            self._views = views
+        return views
+
+    def _relayout(self) -> None:
+        """Forget the cached views: a buffer was replaced or the used length changed."""
+        self._views = None
+
     @property
     def length(self) -> int:
         return self._length
 
     @property
     def keys(self) -> torch.Tensor:
-        return self._k[:, :, : self._length]
+        return self._used()["k"]
 
     @property
     def values(self) -> torch.Tensor:
-        return self._v[:, :, : self._length]
+        return self._used()["v"]
 
     @property
     def valid(self) -> torch.Tensor:
         """bool ``[B, H, P]``: the slot holds a real token."""
-        return self._valid[:, :, : self._length]
+        return self._used()["valid"]
 
     @property
     def positions(self) -> torch.Tensor:
         """int64 ``[B, H, P]``: logical column of each slot."""
-        return self._pos[:, :, : self._length]
+        return self._used()["pos"]
 
     @property
     def token_types(self) -> torch.Tensor:
         """int8 ``[B, H, P]``: TEXT / IMAGE / GENERATED per slot."""
-        return self._types[:, :, : self._length]
+        return self._used()["types"]
 
     @property
     def slot_state(self) -> dict[str, torch.Tensor]:
         """Per-slot state ``[B, H, P]`` a decode scorer keeps, by name (a new dict of views)."""
-        return {k: v[:, :, : self._length] for k, v in self._state.items()}
+        used = self._used()
+        return {name: used["state:" + name] for name in self._state}
 
     @property
     def has_slot_state(self) -> bool:
         return bool(self._state)
+
+    @property
+    def full(self) -> bool:
+        """Every used slot of every row is known to hold a valid entry (no padding, no freed slot)."""
+        return self._full
+
+    @property
+    def new_slots(self) -> torch.Tensor | None:
+        """int64 ``[B, H, q]``: the slots written by the current step (``None`` right after a reduction)."""
+        new = self._new
+        if isinstance(new, tuple):
+            start, q = new
+            b, h = self._k.shape[:2]
+            new = torch.arange(start, start + q, device=self._k.device).expand(b, h, q)
+            self._new = new
+        return new
+
+    @property
+    def new_count(self) -> int:
+        """Tokens written by the current step (0 right after a reduction)."""
+        new = self._new
+        if new is None:
+            return 0
+        return new[1] if isinstance(new, tuple) else new.shape[-1]
 
     @property
     def capacity(self) -> int:
@@ -167,6 +216,7 @@ class PaddedStorage(SlotStorage):
     def set_slot_state(self, name: str, value: torch.Tensor) -> None:
         """Start a per-slot state ``[B, H, P]`` (kept aligned with the slots from now on; new slots start at 0)."""
         self._state[name] = value
+        self._relayout()
 
     # ------------------------------------------------------------------ writes
     def _reserve(self, n: int, slack: int = 0) -> None:
@@ -183,53 +233,82 @@ class PaddedStorage(SlotStorage):
         self._k, self._v = grow(self._k, 0), grow(self._v, 0)
         self._valid, self._pos, self._types = grow(self._valid, False), grow(self._pos, 0), grow(self._types, 0)
         self._state = {k: grow(v, 0) for k, v in self._state.items()}
+        self._relayout()
 
-    def append(self, k: torch.Tensor, v: torch.Tensor, cols: torch.Tensor, types: torch.Tensor, slack: int) -> None:
-        """One token into each row's first free slot once slots are unordered, else at the end."""
+    def append(
+        self, k: torch.Tensor, v: torch.Tensor, cols: torch.Tensor | int, types: torch.Tensor | int, slack: int
+    ) -> None:
+        """One token into each row's first free slot once slots are unordered, else at the end. ``cols``/``types``
+        may be ints (one token, the same column and type in every row: a decode step)."""
         if k.shape[2] == 1 and not self.pristine:
             self._append_into_free(k, v, cols, types)
         else:
             self._append_at_end(k, v, cols, types, slack)
 
-    def _append_at_end(self, k: torch.Tensor, v: torch.Tensor, cols: torch.Tensor, types: torch.Tensor, slack: int):
+    def _append_at_end(
+        self, k: torch.Tensor, v: torch.Tensor, cols: torch.Tensor | int, types: torch.Tensor | int, slack: int
+    ) -> None:
         q = k.shape[2]
         start = self._length
         self._reserve(start + q, slack)
-        self._k[:, :, start : start + q] = k
-        self._v[:, :, start : start + q] = v
-        self._valid[:, :, start : start + q] = True
-        self._pos[:, :, start : start + q] = cols
-        self._types[:, :, start : start + q] = types
+        end = start + q
+        self._k[:, :, start:end] = k
+        self._v[:, :, start:end] = v
+        self._valid[:, :, start:end] = True
+        self._pos[:, :, start:end] = cols
+        self._types[:, :, start:end] = types
         for t in self._state.values():
-            t[:, :, start : start + q] = 0
-        self._length = start + q
-        b, h = k.shape[:2]
-        self.new_slots = torch.arange(start, start + q, device=k.device).expand(b, h, q)
+            t[:, :, start:end] = 0
+        self._length = end
+        self._relayout()
+        self._new = (start, q)
 
-    def _append_into_free(self, k: torch.Tensor, v: torch.Tensor, cols: torch.Tensor, types: torch.Tensor) -> None:
-        """One new token per row, written into the row's first free slot (grows by one only if a row has none)."""
-        free = ~self._valid[:, :, : self._length]
-        has_free = free.any(-1)
-        slot = torch.where(has_free, free.to(torch.int8).argmax(-1), self._length)  # [B, H]
-        if not bool(has_free.all()):
-            self._reserve(self._length + 1, growth(self._length))
-            self._valid[:, :, self._length] = False
-            self._length += 1
-        idx = slot[..., None]
-        d_idx = idx[..., None]
-        self._k.scatter_(2, d_idx.expand(*idx.shape, self._k.shape[-1]), k)
-        self._v.scatter_(2, d_idx.expand(*idx.shape, self._v.shape[-1]), v)
-        self._valid.scatter_(2, idx, True)
-        self._pos.scatter_(2, idx, cols.view(1, 1, 1).expand_as(idx))
-        self._types.scatter_(2, idx, types.view(1, 1, 1).expand_as(idx).to(torch.int8))
+    def _append_into_free(
+        self, k: torch.Tensor, v: torch.Tensor, cols: torch.Tensor | int, types: torch.Tensor | int
+    ) -> None:
+        """One new token per row, written into the row's first free slot (grows by one only if a row has none).
+
+        Where the layout is known it writes without searching: when no row has a free slot (:attr:`full`) the
+        search would pick the new slot at the end for every row; when each row has exactly one (a single drop from
+        a full layout) it would pick that one."""
+        if self._full:
+            self._append_at_end(k, v, cols, types, growth(self._length))
+            return
+        slot = self._hole
+        if slot is None:
+            free = ~self._valid[:, :, : self._length]
+            has_free = free.any(-1)
+            slot = torch.where(has_free, free.to(torch.int8).argmax(-1), self._length)[..., None]  # [B, H, 1]
+            if not bool(has_free.all()):
+                self._reserve(self._length + 1, growth(self._length))
+                self._valid[:, :, self._length] = False
+                self._length += 1
+                self._relayout()
+        else:
+            self._full = True  # the one free slot of every row is taken
+        self._hole = None
+        d_idx = slot[..., None]
+        self._k.scatter_(2, d_idx.expand(*slot.shape, self._k.shape[-1]), k)
+        self._v.scatter_(2, d_idx.expand(*slot.shape, self._v.shape[-1]), v)
+        self._valid.scatter_(2, slot, True)
+        if isinstance(cols, int):
+            self._pos.scatter_(2, slot, cols)
+        else:
+            self._pos.scatter_(2, slot, cols.view(1, 1, 1).expand_as(slot))
+        if isinstance(types, int):
+            self._types.scatter_(2, slot, types)
+        else:
+            self._types.scatter_(2, slot, types.view(1, 1, 1).expand_as(slot).to(torch.int8))
         for t in self._state.values():
-            t.scatter_(2, idx, 0)
-        self.new_slots = idx
+            t.scatter_(2, slot, 0)
+        self._new = slot
 
     def invalidate_new(self, new_valid: torch.Tensor) -> None:
         slots = self.new_slots
+        assert slots is not None, "invalidate_new() right after a reduction"
         cur = self._valid.gather(2, slots)
         self._valid.scatter_(2, slots, cur & new_valid[:, None, :])
+        self._full, self._hole = False, None
 
     def compact(self, red: Reduction) -> None:
         """Replace the slots by a reducer's :class:`~kvpolicy.core.policy.Reduction` (gathered or merged)."""
@@ -249,23 +328,35 @@ class PaddedStorage(SlotStorage):
         self._state = {k: gather(v) for k, v in self._state.items()}
         self._length = idx.shape[-1]
         self.pristine = False
-        self.new_slots = None
+        self._new = None
+        self._relayout()
+        self._full, self._hole = bool(self._valid.all()), None
 
     def write_kv(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Overwrite the used slots' keys and values (a reducer merged dropped entries into their neighbours)."""
         n = self._length
         self._k[:, :, :n], self._v[:, :, :n] = keys, values
 
-    def free(self, victims: torch.Tensor, ok: torch.Tensor) -> None:
-        """Free slots ``victims`` (int64 ``[B, H, k]``) where ``ok``: a later token may overwrite them."""
-        cur = self._valid.gather(2, victims)
-        self._valid.scatter_(2, victims, cur & ~ok)
+    def free(self, victims: torch.Tensor, ok: torch.Tensor | None = None) -> None:
+        """Free slots ``victims`` (int64 ``[B, H, k]``) where ``ok`` (``None``: every victim, each a distinct valid
+        slot): a later token may overwrite them."""
+        if ok is None:
+            self._valid.scatter_(2, victims, False)
+            self._hole = victims if self._full and victims.shape[-1] == 1 else None
+        else:
+            cur = self._valid.gather(2, victims)
+            self._valid.scatter_(2, victims, cur & ~ok)
+            self._hole = None
+        self._full = False
         self.pristine = False
 
     def select_rows(self, index: torch.Tensor) -> None:
         self._k, self._v = self._k[index], self._v[index]
         self._valid, self._pos, self._types = self._valid[index], self._pos[index], self._types[index]
         self._state = {k: v[index] for k, v in self._state.items()}
+        if self._hole is not None:
+            self._hole = self._hole[index]
+        self._relayout()
 
     # ------------------------------------------------------------------ reads
     def held(self) -> torch.Tensor:
@@ -280,8 +371,14 @@ class PaddedStorage(SlotStorage):
         return self._k[:, head, :n], self._v[:, head, :n]
 
     def mask(self, q: int, seen: int) -> torch.Tensor | None:
-        """The engine's per-slot mask of the last ``q`` of ``seen`` columns over this layout's slots."""
-        return slot_mask(self.valid, self.positions, q, seen)
+        """The engine's per-slot mask of the last ``q`` of ``seen`` columns over this layout's slots (``None`` without
+        reading ``valid`` when one query meets a layout known to be :attr:`full`)."""
+        if q == 1 and self._full:
+            return None
+        mask = slot_mask(self.valid, self.positions, q, seen)
+        if mask is None:  # slot_mask found every slot valid: remember it until the next drop or padding
+            self._full = True
+        return mask
 
     def attend(self, query: torch.Tensor, seen: int, scaling: float, eager: bool) -> torch.Tensor:
         return grouped_attention(query, self.keys, self.values, self.mask(query.shape[2], seen), scaling, eager)
