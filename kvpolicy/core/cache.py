@@ -64,6 +64,9 @@ class PolicyCache(Cache):
                     "only 'full_attention' and 'sliding_attention' layers are supported"
                 )
         super().__init__(layers=layers)
+        group = self.policy_layers
+        for layer in group:  # decode drops of all policy layers run back to back (PolicyLayer._drop_early)
+            layer.group = group
 
     def check_inputs(self, batch: int, new_tokens: int) -> None:
         """Raise :class:`~kvpolicy.core.reuse.CacheReuseError` when this cache already holds a generation and a forward

@@ -84,6 +84,13 @@ class PolicyLayer(DynamicLayer):
         self.is_initialized = False
         #: set by :meth:`~kvpolicy.core.cache.PolicyCache.appending`: forwards store their tokens uncompressed
         self.append_chunk = False
+        #: the policy layers of one cache in model order (set by :class:`~kvpolicy.core.cache.PolicyCache`; alone by
+        #: default): their decode drops run back to back, see :meth:`_drop_early` and :meth:`finish_step`
+        self.group: list[PolicyLayer] = [self]
+        #: tokens of the current step already counted, and dropped for, by the group's first layer (0: none)
+        self._begun = 0
+        #: ``(attention, queries)`` of a drop after attention left for the group's last layer to run
+        self._deferred: tuple[dict, dict | None] | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -164,9 +171,13 @@ class PolicyLayer(DynamicLayer):
                 "kvpolicy: the model did not call kvpolicy's attention function after the cache update. Attach the "
                 "model first: kvpolicy.attach(model) (it sets attn_implementation to 'kvpolicy')."
             )
+        self._run_deferred()  # a forward that ended before the group's last layer: its drop is still due
         q = key_states.shape[2]
-        start = self.seen
-        self.seen += q
+        begun, self._begun = self._begun, 0
+        if begun and (begun != q or not self.prefilled or self.append_chunk):
+            raise RuntimeError(f"kvpolicy: layer {self.layer_idx} was prepared for a {begun}-token decode step")
+        start = self.seen - begun
+        self.seen = start + q
         if not self.prefilled:
             if self.append_chunk:
                 raise RuntimeError("kvpolicy: a chunk is appended to a prefilled cache; run the prefill forward first")
@@ -177,7 +188,7 @@ class PolicyLayer(DynamicLayer):
             cols = torch.arange(start, start + q, device=self.device)
             self._pending = self._append_update(key_states, value_states, cols)
         else:
-            self._pending = self._decode_update(key_states, value_states, start)
+            self._pending = self._decode_update(key_states, value_states, start, begun > 0)
         self._sync()
         _active.layer = self
         return self.keys, self.values
@@ -199,16 +210,21 @@ class PolicyLayer(DynamicLayer):
         self.storage.append(key_states, value_states, cols, types, slack=growth(self.length))
         return "append"
 
-    def _decode_update(self, key_states: torch.Tensor, value_states: torch.Tensor, start: int) -> str:
+    def _decode_update(self, key_states: torch.Tensor, value_states: torch.Tensor, start: int, begun: bool) -> str:
         """Store a decode step's tokens, the first at column ``start`` (dropping first when the decode rule needs no
-        attention); returns the stage left pending for :meth:`finish_step`."""
+        attention; ``begun``: the group's first layer already counted the tokens and dropped); returns the stage left
+        pending for :meth:`finish_step`."""
         q = key_states.shape[2]
         key_states = self._rotate_new(key_states)
-        self.n_tokens += q  # corrected in resolve_new_tokens if some new token is padding
         policy = self.policy
-        in_update = policy.decode is not None and not policy.decode_needs() and not policy.drop_after_attention
-        if in_update:
-            self._decode_drop(incoming=q)
+        in_update = self._drops_in_update()
+        if not begun:
+            self.n_tokens += q  # corrected in resolve_new_tokens if some new token is padding
+            if in_update:
+                self._decode_drop(incoming=q)
+            if self.group[0] is self:
+                for layer in self.group[1:]:
+                    layer._drop_early(q)
         if q == 1:  # one column, one type: the storage writes them as numbers
             cols: torch.Tensor | int = start
             types: torch.Tensor | int = GENERATED
@@ -217,6 +233,34 @@ class PolicyLayer(DynamicLayer):
             types = self._new_types(cols)
         self.storage.append(key_states, value_states, cols, types, slack=growth(self.length))
         return "decode" if (policy.decode is not None and not in_update) else "done"
+
+    def _drops_in_update(self) -> bool:
+        """The decode rule drops inside ``update()``, before the step's attention (it needs none)."""
+        policy = self.policy
+        return policy.decode is not None and not policy.decode_needs() and not policy.drop_after_attention
+
+    def _drop_early(self, q: int) -> None:
+        """Count this step's ``q`` tokens and run the decode drop now, for the group's first layer, rather than in
+        this layer's own ``update()``.
+
+        Why: a decode step's bookkeeping is many small tensor operations per layer, and between two layers the
+        model's matmuls evict everything they touch from the CPU caches — the same operations cost about three times
+        as much run one layer at a time as back to back (measured on the 12-layer bench model, docs/performance.md).
+        Nothing reads or writes this layer between the first layer's update and its own, so the drop chooses and
+        frees exactly what it would have there; this layer's ``update()`` then only writes the new token."""
+        if (
+            not self.is_initialized
+            or not self.prefilled
+            or self.append_chunk
+            or self._pending is not None
+            or not self._drops_in_update()
+        ):
+            return
+        self._run_deferred()
+        self.seen += q
+        self.n_tokens += q
+        self._decode_drop(incoming=q)
+        self._begun = q
 
     def _new_types(self, cols: torch.Tensor) -> torch.Tensor:
         if self.prefilled:
@@ -238,6 +282,7 @@ class PolicyLayer(DynamicLayer):
         self.is_initialized = False
         self.keys = self.values = None
         self.seen = 0
+        self._begun, self._deferred = 0, None
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("kvpolicy: a compressed cache cannot be cropped (assisted decoding is unsupported)")
@@ -246,6 +291,7 @@ class PolicyLayer(DynamicLayer):
         if not self.is_initialized:
             return
         index = index.to(self.device)
+        self._run_deferred()
         self.storage.select_rows(index)
         batch = self.n_tokens.shape[0]
         self.n_tokens = self.n_tokens[index]
@@ -318,7 +364,12 @@ class PolicyLayer(DynamicLayer):
         if pending == "prefill":
             self._finish_prefill(attention, queries)
         elif pending == "decode":
-            self._decode_drop(incoming=0, attention=attention, queries=queries)
+            # the group's drops after attention run back to back at its last layer (see _drop_early for why): the
+            # statistics are this step's either way, and nothing reads a layer between its attention and the end
+            self._deferred = (attention, queries)
+            if self.group[-1] is self:
+                for layer in self.group:
+                    layer._run_deferred()
         elif pending == "append":
             self.appended += self.n_tokens - self._before_append
             self._row_budget = None
@@ -396,6 +447,13 @@ class PolicyLayer(DynamicLayer):
         if after is not None:
             after(self.view("decode"))
 
+    def _run_deferred(self) -> None:
+        """Run the drop after attention left for the group's last layer, if any."""
+        deferred, self._deferred = self._deferred, None
+        if deferred is not None:
+            self._decode_drop(0, *deferred)
+            self._sync()
+
     def _decode_drop(self, incoming: int, attention: dict | None = None, queries: dict | None = None) -> None:
         """Apply the decode-stage budget rule: free the lowest-scored slots (``incoming`` tokens are about to be
         written and count toward the budget)."""
@@ -413,7 +471,7 @@ class PolicyLayer(DynamicLayer):
         view.excess = excess
         scores = check_scores(self.policy, "decode", decode.drop_scores(view), view, what="drop scores")
         if k_max == 1:
-            victims = lowest_slot(view, scores, checked=True)
+            victims = lowest_slot(view, scores, checked=True, full=storage.full)
         else:
             victims = ranked_slots(view, -scores.to(torch.float32))[..., :k_max]
         # every row and head of a full layout drops k_max: each victim is a valid slot, nothing to mask
