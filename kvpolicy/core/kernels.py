@@ -240,20 +240,23 @@ def masked_attention_with_received(
 
     For the decode steps of a compressed layer whose policy needs this step's attention (H2O, TOVA): the step
     already attends under the engine's own mask, so computing outputs and statistics together saves one pass over
-    the cache and an SDPA call per layer and step. Only for small ``q``: the block is ``[B, Hq, q, P]``."""
+    the cache and an SDPA call per layer and step. Only for small ``q``: the block is ``[B, Hq, q, P]``. The two
+    products are 3-D ``bmm`` calls over ``B * H`` (a used-slot view of the cache folds its batch and head axes
+    without a copy): fewer operator calls than 4-D ``matmul``, which is what a decode step of a small budget costs."""
     b, hq, q, d = query.shape
     h, p = key.shape[1], key.shape[2]
     g = hq // h
-    qg = query.to(torch.float32).reshape(b, h, g * q, d)
-    logits = torch.matmul(qg, key.to(torch.float32).transpose(2, 3)).mul_(scaling)
+    qg = query.to(torch.float32).reshape(b * h, g * q, d)
+    k3 = key.to(torch.float32).reshape(b * h, p, d)
+    logits = torch.bmm(qg, k3.transpose(1, 2)).mul_(scaling)
     if mask is not None:
-        m = mask[:, :, None].expand(b, h, g, q, p).reshape(b, h, g * q, p)
+        m = mask[:, :, None].expand(b, h, g, q, p).reshape(b * h, g * q, p)
         logits.masked_fill_(~m, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if mask is not None:
         probs.nan_to_num_(0.0)  # a query that sees nothing (padding) attends to nothing
-    out = torch.matmul(probs.to(value.dtype), value)
-    out = out.reshape(b, hq, q, value.shape[-1]).transpose(1, 2).contiguous()
+    out = torch.bmm(probs.to(value.dtype), value.reshape(b * h, p, value.shape[-1]))
+    out = out.view(b, hq, q, value.shape[-1]).transpose(1, 2).contiguous()
     pv = probs.view(b, h, g, q, p)
     if not bool(query_valid.all()):
         pv = pv * query_valid[:, None, None, :, None].to(pv.dtype)

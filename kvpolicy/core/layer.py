@@ -77,6 +77,10 @@ class PolicyLayer(DynamicLayer):
         self.rope = rope
         self._first = first_policy_layer
         self.policy = policy
+        #: the policy's decode statistics, and whether its decode drop runs inside ``update()`` (it needs none), read
+        #: once: a decode step asks in every layer
+        self._decode_needs = policy.decode_needs()
+        self._in_update = policy.decode is not None and not self._decode_needs and not policy.drop_after_attention
         self.layer_idx = layer_idx
         self.num_layers = num_layers
         self._token_types_source = token_types
@@ -217,7 +221,7 @@ class PolicyLayer(DynamicLayer):
         q = key_states.shape[2]
         key_states = self._rotate_new(key_states)
         policy = self.policy
-        in_update = self._drops_in_update()
+        in_update = self._in_update
         if not begun:
             self.n_tokens += q  # corrected in resolve_new_tokens if some new token is padding
             if in_update:
@@ -234,11 +238,6 @@ class PolicyLayer(DynamicLayer):
         self.storage.append(key_states, value_states, cols, types, slack=growth(self.length))
         return "decode" if (policy.decode is not None and not in_update) else "done"
 
-    def _drops_in_update(self) -> bool:
-        """The decode rule drops inside ``update()``, before the step's attention (it needs none)."""
-        policy = self.policy
-        return policy.decode is not None and not policy.decode_needs() and not policy.drop_after_attention
-
     def _drop_early(self, q: int) -> None:
         """Count this step's ``q`` tokens and run the decode drop now, for the group's first layer, rather than in
         this layer's own ``update()``.
@@ -253,7 +252,7 @@ class PolicyLayer(DynamicLayer):
             or not self.prefilled
             or self.append_chunk
             or self._pending is not None
-            or not self._drops_in_update()
+            or not self._in_update
         ):
             return
         self._run_deferred()
@@ -351,7 +350,7 @@ class PolicyLayer(DynamicLayer):
         if self._pending == "prefill":
             return self.policy.prefill_needs()
         if self._pending == "decode" or (self._pending == "append" and self._observes()):
-            return self.policy.decode_needs()
+            return self._decode_needs
         return frozenset()
 
     def _observes(self) -> bool:
