@@ -23,6 +23,7 @@ from kvpolicy import Budget
 from kvpolicy.config import load_policy
 from kvpolicy.core import layer as layer_module
 from kvpolicy.core import storage as storage_module
+from kvpolicy.core.policy import LayerView
 from kvpolicy.core.storage import PaddedStorage
 from kvpolicy.registry import get_registry
 from kvpolicy.testing import PAD, make_batch, tiny_text_config
@@ -49,6 +50,9 @@ class GeneralStorage(PaddedStorage):
     def mask(self, q, seen):
         self._full = False
         return super().mask(q, seen)
+
+    def rank_for(self, valid, positions):
+        return None  # every view sorts its slots
 
 
 def _model(layers: int = 4) -> torch.nn.Module:
@@ -135,11 +139,18 @@ def test_the_shortcuts_are_taken_on_a_batch_without_padding(monkeypatch):
     assert {i for i, _ in early} == {1, 2, 3} and all(begun == 1 for _, begun in early)
 
 
-@pytest.mark.parametrize("seed", range(6))
+def _view(storage: PaddedStorage) -> LayerView:
+    """A view of ``storage`` that sorts for its rank (no ``rank_source``)."""
+    return LayerView(layer_idx=0, num_layers=1, stage="decode", keys=storage.keys, values=storage.values,
+                     valid=storage.valid.clone(), positions=storage.positions.clone(), seen=0,
+                     n_tokens=torch.zeros(1, dtype=torch.long), new_tokens=0, token_types=storage.token_types)
+
+
+@pytest.mark.parametrize("seed", range(8))
 def test_storage_knows_its_layout_only_when_it_is_so(seed):
     """Random appends, drops (one or several, with and without a mask), padding marks and row selections: whenever
-    the storage claims a full layout every used slot is valid, and a remembered hole is the one free slot of its row;
-    and the slots it writes are the ones the first-free-slot search picks."""
+    the storage claims a full layout every used slot is valid, a remembered hole is the one free slot of its row, and
+    a rank it keeps equals the sorted one; and the slots it writes are the ones the first-free-slot search picks."""
     g = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     b, h, d = 3, 2, 4
@@ -172,6 +183,11 @@ def test_storage_knows_its_layout_only_when_it_is_so(seed):
         elif op == "rows":
             storage.select_rows(torch.randint(0, b, (b,), generator=g))
         valid = storage.valid
+        if rng.random() < 0.5:  # a view asks for the rank: from now on the storage keeps it
+            storage.rank_for(valid, storage.positions)
+        if storage._rank is not None:
+            by_sort = LayerView.rank(_view(storage))
+            assert torch.equal(storage._rank[:, :, : storage.length], by_sort)
         if storage.full:
             assert bool(valid.all())
         if storage._hole is not None:

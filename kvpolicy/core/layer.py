@@ -397,6 +397,7 @@ class PolicyLayer(DynamicLayer):
             layer_state=self.layer_state,
             prefill_kept=self.prefill_kept,
             sinks=self.policy.sinks or 0,
+            rank_source=storage.rank_for,
         )
 
     def _prefill_budget(self) -> torch.Tensor:

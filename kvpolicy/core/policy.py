@@ -22,6 +22,7 @@ How much survives (:class:`~kvpolicy.core.budget.Budget`, :class:`~kvpolicy.core
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
@@ -114,6 +115,12 @@ class LayerView:
     #: the policy's protected sinks (:attr:`CachePolicy.sinks`): the first ``sinks`` real tokens of each row, which no
     #: part should drop or merge away. Stated once by the policy so that every part reads the same number.
     sinks: int = 0
+    #: where :meth:`rank` comes from when the engine keeps it (``f(valid, positions) -> rank or None``): the layer's
+    #: storage answers for its own ``valid``/``positions`` with a rank it keeps up to date between steps instead of
+    #: sorting the slots again; ``None`` (or an answer of ``None``, e.g. for a view whose ``valid`` was replaced): sort
+    rank_source: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None] | None = field(
+        default=None, repr=False, compare=False
+    )
     #: results of :meth:`order`, :meth:`rank` and :meth:`held`, computed once per view: several parts of one step ask
     #: for them (a scorer and its sink rule each rank the slots) and each costs a sort or a sum. Keyed by the identity
     #: of ``valid`` and ``positions``, so assigning either (tests, ``dataclasses.replace``) recomputes them.
@@ -147,8 +154,15 @@ class LayerView:
         return self._memoised("order", self._order)
 
     def _order(self) -> torch.Tensor:
+        known = self._known_rank()
+        if known is not None:  # the inverse permutation of a kept rank: no sort
+            order = torch.empty_like(known)
+            return order.scatter_(-1, known, torch.arange(known.shape[-1], device=known.device).expand_as(known))
         big = torch.iinfo(self.positions.dtype).max
         return torch.where(self.valid, self.positions, big).argsort(dim=-1, stable=True)
+
+    def _known_rank(self) -> torch.Tensor | None:
+        return None if self.rank_source is None else self.rank_source(self.valid, self.positions)
 
     def rank(self) -> torch.Tensor:
         """Positional rank of each slot among the valid slots of its row (0 = oldest); invalid slots rank last.
@@ -156,6 +170,9 @@ class LayerView:
         return self._memoised("rank", self._rank)
 
     def _rank(self) -> torch.Tensor:
+        known = self._known_rank()
+        if known is not None:
+            return known
         order = self.order()
         rank = torch.empty_like(order)
         rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))

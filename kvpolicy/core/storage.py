@@ -128,6 +128,10 @@ class PaddedStorage(SlotStorage):
         #: int64 ``[B, H, 1]``, the one free slot of every row (all others valid). Both false/None when not known.
         self._full = True
         self._hole: torch.Tensor | None = None
+        #: int64 ``[B, H, C]``: the positional rank of every used slot (what ``LayerView.rank`` computes with a sort),
+        #: made on the first request and then kept up to date by the decode fast paths (a drop from a full layout, a
+        #: token written into the one hole or at the end); ``None`` when not known. See :meth:`rank_for`.
+        self._rank: torch.Tensor | None = None
         #: views of the used slots, made once per layout change rather than at every read (see :meth:`_used`)
         self._views: dict[str, torch.Tensor] | None = None
 
@@ -233,6 +237,7 @@ class PaddedStorage(SlotStorage):
         self._k, self._v = grow(self._k, 0), grow(self._v, 0)
         self._valid, self._pos, self._types = grow(self._valid, False), grow(self._pos, 0), grow(self._types, 0)
         self._state = {k: grow(v, 0) for k, v in self._state.items()}
+        self._rank = None
         self._relayout()
 
     def append(
@@ -252,6 +257,11 @@ class PaddedStorage(SlotStorage):
         start = self._length
         self._reserve(start + q, slack)
         end = start + q
+        if self._rank is not None:  # the new tokens are the newest entries: ranks start..end-1 if nothing is free
+            if self._full:
+                self._rank[:, :, start:end] = torch.arange(start, end, device=self._rank.device) if q > 1 else start
+            else:
+                self._rank = None
         self._k[:, :, start:end] = k
         self._v[:, :, start:end] = v
         self._valid[:, :, start:end] = True
@@ -276,6 +286,7 @@ class PaddedStorage(SlotStorage):
             return
         slot = self._hole
         if slot is None:
+            self._rank = None
             free = ~self._valid[:, :, : self._length]
             has_free = free.any(-1)
             slot = torch.where(has_free, free.to(torch.int8).argmax(-1), self._length)[..., None]  # [B, H, 1]
@@ -308,7 +319,7 @@ class PaddedStorage(SlotStorage):
         assert slots is not None, "invalidate_new() right after a reduction"
         cur = self._valid.gather(2, slots)
         self._valid.scatter_(2, slots, cur & new_valid[:, None, :])
-        self._full, self._hole = False, None
+        self._full, self._hole, self._rank = False, None, None
 
     def compact(self, red: Reduction) -> None:
         """Replace the slots by a reducer's :class:`~kvpolicy.core.policy.Reduction` (gathered or merged)."""
@@ -330,7 +341,7 @@ class PaddedStorage(SlotStorage):
         self.pristine = False
         self._new = None
         self._relayout()
-        self._full, self._hole = bool(self._valid.all()), None
+        self._full, self._hole, self._rank = bool(self._valid.all()), None, None
 
     def write_kv(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Overwrite the used slots' keys and values (a reducer merged dropped entries into their neighbours)."""
@@ -342,11 +353,19 @@ class PaddedStorage(SlotStorage):
         slot): a later token may overwrite them."""
         if ok is None:
             self._valid.scatter_(2, victims, False)
-            self._hole = victims if self._full and victims.shape[-1] == 1 else None
+            one = self._full and victims.shape[-1] == 1
+            self._hole = victims if one else None
+            if one and self._rank is not None:
+                # the newer entries move down one rank; the hole (the only free slot) ranks last
+                rank = self._rank[:, :, : self._length]
+                rank.sub_((rank > rank.gather(2, victims)).to(torch.long))
+                rank.scatter_(2, victims, self._length - 1)
+            else:
+                self._rank = None
         else:
             cur = self._valid.gather(2, victims)
             self._valid.scatter_(2, victims, cur & ~ok)
-            self._hole = None
+            self._hole, self._rank = None, None
         self._full = False
         self.pristine = False
 
@@ -356,9 +375,28 @@ class PaddedStorage(SlotStorage):
         self._state = {k: v[index] for k, v in self._state.items()}
         if self._hole is not None:
             self._hole = self._hole[index]
+        if self._rank is not None:
+            self._rank = self._rank[index]
         self._relayout()
 
     # ------------------------------------------------------------------ reads
+    def rank_for(self, valid: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+        """The positional rank of the used slots, int64 ``[B, H, P]`` (read-only), when ``valid`` and ``positions``
+        are this storage's own current views (a view built from them asks; anything else gets ``None`` and sorts).
+
+        Made with the same sort as :meth:`~kvpolicy.core.policy.LayerView.rank` on the first request, then kept up to
+        date by the decode fast paths instead of re-sorting at every step (a sort of the budget per layer and step)."""
+        used = self._used()
+        if valid is not used["valid"] or positions is not used["pos"]:
+            return None
+        n = self._length
+        if self._rank is None:
+            order = torch.where(valid, positions, torch.iinfo(positions.dtype).max).argsort(dim=-1, stable=True)
+            rank = torch.empty(*valid.shape[:2], self.capacity, dtype=torch.long, device=valid.device)
+            rank[:, :, :n].scatter_(-1, order, torch.arange(n, device=valid.device).expand_as(order))
+            self._rank = rank
+        return self._rank[:, :, :n]
+
     def held(self) -> torch.Tensor:
         return self.valid.sum(-1)
 
