@@ -54,6 +54,9 @@ class GeneralStorage(PaddedStorage):
     def rank_for(self, valid, positions):
         return None  # every view sorts its slots
 
+    def prepare(self, col, token_type, slack) -> bool:
+        return False  # every one-token step searches for its slot when it writes
+
 
 def _model(layers: int = 4) -> torch.nn.Module:
     torch.manual_seed(0)
@@ -118,17 +121,18 @@ def test_fast_paths_generate_exactly_what_the_general_path_does(preset, pads, mo
 
 def test_the_shortcuts_are_taken_on_a_batch_without_padding(monkeypatch):
     """The comparison above must not pass because nothing took a shortcut: on rows of equal length a local policy's
-    layers stay full (no search, no mask) and drop back to back at the first layer's update."""
+    layers stay full (no search, no mask), and drop and choose their new token's slot back to back at the first
+    layer's update."""
     model = _model()
     cache = kvpolicy.make_cache(model, load_policy({"preset": "local"}, overrides={"ratio": 0.6}))
     early = []
-    original = layer_module.PolicyLayer._drop_early
+    original = layer_module.PolicyLayer._begin_early
 
     def spy(self, q):
         original(self, q)
-        early.append((self.layer_idx, self._begun))
+        early.append((self.layer_idx, self._begun, self.storage._prepared))
 
-    monkeypatch.setattr(layer_module.PolicyLayer, "_drop_early", spy)
+    monkeypatch.setattr(layer_module.PolicyLayer, "_begin_early", spy)
     masks = []
     real = storage_module.slot_mask
     monkeypatch.setattr(storage_module, "slot_mask", lambda *args: masks.append(args[2]) or real(*args))
@@ -136,7 +140,8 @@ def test_the_shortcuts_are_taken_on_a_batch_without_padding(monkeypatch):
                    do_sample=False, pad_token_id=PAD)
     assert all(layer.storage.full for layer in cache.policy_layers)
     assert not masks  # no decode step built a mask or read validity for one
-    assert {i for i, _ in early} == {1, 2, 3} and all(begun == 1 for _, begun in early)
+    assert {i for i, _, _ in early} == {1, 2, 3} and all(begun == 1 for _, begun, _ in early)
+    assert all(slot is not None for _, _, slot in early)  # each layer's slot chosen and described in the batch
 
 
 def _view(storage: PaddedStorage) -> LayerView:

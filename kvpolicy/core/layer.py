@@ -89,7 +89,7 @@ class PolicyLayer(DynamicLayer):
         #: set by :meth:`~kvpolicy.core.cache.PolicyCache.appending`: forwards store their tokens uncompressed
         self.append_chunk = False
         #: the policy layers of one cache in model order (set by :class:`~kvpolicy.core.cache.PolicyCache`; alone by
-        #: default): their decode drops run back to back, see :meth:`_drop_early` and :meth:`finish_step`
+        #: default): their decode bookkeeping runs back to back, see :meth:`_begin_early` and :meth:`finish_step`
         self.group: list[PolicyLayer] = [self]
         #: tokens of the current step already counted, and dropped for, by the group's first layer (0: none)
         self._begun = 0
@@ -215,20 +215,16 @@ class PolicyLayer(DynamicLayer):
         return "append"
 
     def _decode_update(self, key_states: torch.Tensor, value_states: torch.Tensor, start: int, begun: bool) -> str:
-        """Store a decode step's tokens, the first at column ``start`` (dropping first when the decode rule needs no
-        attention; ``begun``: the group's first layer already counted the tokens and dropped); returns the stage left
-        pending for :meth:`finish_step`."""
+        """Store a decode step's tokens, the first at column ``start``; returns the stage left pending for
+        :meth:`finish_step`. ``begun``: the group's first layer already began the step here (:meth:`_begin_early`),
+        so only the keys and values remain to be written."""
         q = key_states.shape[2]
         key_states = self._rotate_new(key_states)
-        policy = self.policy
-        in_update = self._in_update
         if not begun:
-            self.n_tokens += q  # corrected in resolve_new_tokens if some new token is padding
-            if in_update:
-                self._decode_drop(incoming=q)
+            self._begin_step(q, start)
             if self.group[0] is self:
                 for layer in self.group[1:]:
-                    layer._drop_early(q)
+                    layer._begin_early(q)
         if q == 1:  # one column, one type: the storage writes them as numbers
             cols: torch.Tensor | int = start
             types: torch.Tensor | int = GENERATED
@@ -236,29 +232,35 @@ class PolicyLayer(DynamicLayer):
             cols = torch.arange(start, start + q, device=self.device)
             types = self._new_types(cols)
         self.storage.append(key_states, value_states, cols, types, slack=growth(self.length))
-        return "decode" if (policy.decode is not None and not in_update) else "done"
+        return "decode" if (self.policy.decode is not None and not self._in_update) else "done"
 
-    def _drop_early(self, q: int) -> None:
-        """Count this step's ``q`` tokens and run the decode drop now, for the group's first layer, rather than in
-        this layer's own ``update()``.
+    def _begin_step(self, q: int, start: int) -> None:
+        """What a decode step does before it has this layer's keys: count the ``q`` tokens (first at column
+        ``start``), drop when the decode rule needs no attention (the new tokens count toward the budget), and for a
+        one-token step let the storage choose the new token's slot and write its column and type
+        (:meth:`~kvpolicy.core.storage.PaddedStorage.prepare`)."""
+        self.n_tokens += q  # corrected in resolve_new_tokens if some new token is padding
+        if self._in_update:
+            self._decode_drop(incoming=q)
+        storage = self.storage
+        if q == 1 and isinstance(storage, PaddedStorage):
+            storage.prepare(start, GENERATED, growth(storage.length))
+
+    def _begin_early(self, q: int) -> None:
+        """:meth:`_begin_step` run by the group's first layer for this one, before any layer of the step.
 
         Why: a decode step's bookkeeping is many small tensor operations per layer, and between two layers the
         model's matmuls evict everything they touch from the CPU caches — the same operations cost about three times
         as much run one layer at a time as back to back (measured on the 12-layer bench model, docs/performance.md).
         Nothing reads or writes this layer between the first layer's update and its own, so the drop chooses and
-        frees exactly what it would have there; this layer's ``update()`` then only writes the new token."""
-        if (
-            not self.is_initialized
-            or not self.prefilled
-            or self.append_chunk
-            or self._pending is not None
-            or not self._in_update
-        ):
+        frees exactly what it would have there, and the slot is the one its own update would take; that update then
+        only writes the keys and values."""
+        if not self.is_initialized or not self.prefilled or self.append_chunk or self._pending is not None:
             return
         self._run_deferred()
+        start = self.seen
         self.seen += q
-        self.n_tokens += q
-        self._decode_drop(incoming=q)
+        self._begin_step(q, start)
         self._begun = q
 
     def _new_types(self, cols: torch.Tensor) -> torch.Tensor:
@@ -363,7 +365,7 @@ class PolicyLayer(DynamicLayer):
         if pending == "prefill":
             self._finish_prefill(attention, queries)
         elif pending == "decode":
-            # the group's drops after attention run back to back at its last layer (see _drop_early for why): the
+            # the group's drops after attention run back to back at its last layer (see _begin_early for why): the
             # statistics are this step's either way, and nothing reads a layer between its attention and the end
             self._deferred = (attention, queries)
             if self.group[-1] is self:

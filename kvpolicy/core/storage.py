@@ -134,6 +134,8 @@ class PaddedStorage(SlotStorage):
         self._rank: torch.Tensor | None = None
         #: views of the used slots, made once per layout change rather than at every read (see :meth:`_used`)
         self._views: dict[str, torch.Tensor] | None = None
+        #: the slot :meth:`prepare` chose for the next one-token :meth:`append` (``(start, 1)`` at the end)
+        self._prepared: torch.Tensor | tuple[int, int] | None = None
 
     # ------------------------------------------------------------------ read-only views of the used slots
     def _used(self) -> dict[str, torch.Tensor]:
@@ -244,11 +246,76 @@ class PaddedStorage(SlotStorage):
         self, k: torch.Tensor, v: torch.Tensor, cols: torch.Tensor | int, types: torch.Tensor | int, slack: int
     ) -> None:
         """One token into each row's first free slot once slots are unordered, else at the end. ``cols``/``types``
-        may be ints (one token, the same column and type in every row: a decode step)."""
-        if k.shape[2] == 1 and not self.pristine:
+        may be ints (one token, the same column and type in every row: a decode step). After :meth:`prepare` the
+        token goes where it chose (``cols``/``types`` were written then)."""
+        if self._prepared is not None:
+            self._write_prepared(k, v)
+        elif k.shape[2] == 1 and not self.pristine:
             self._append_into_free(k, v, cols, types)
         else:
             self._append_at_end(k, v, cols, types, slack)
+
+    def prepare(self, col: torch.Tensor | int, token_type: torch.Tensor | int, slack: int) -> bool:
+        """Choose the slot of a one-token step's token and write its validity, column, type and fresh state now;
+        the next :meth:`append` writes its key and value there. Only where the layout is known (:attr:`full`: a new
+        slot at the end of every row; or one free slot per row): that is the slot the first-free-slot search would
+        pick. Returns whether it did (otherwise ``append`` searches as usual).
+
+        Why apart: the engine prepares every layer of a step back to back, where these writes cost a third of what
+        they cost one layer at a time between the model's matmuls (see ``PolicyLayer._begin_early``)."""
+        if self.pristine:
+            return False
+        if self._full:
+            start = self._length
+            self._reserve(start + 1, slack)
+            if self._rank is not None:
+                self._rank[:, :, start] = start  # the newest entry
+            self._valid[:, :, start] = True
+            self._pos[:, :, start] = col
+            self._types[:, :, start] = token_type
+            for t in self._state.values():
+                t[:, :, start] = 0
+            self._length = start + 1
+            self._relayout()
+            self._new = self._prepared = (start, 1)
+            return True
+        hole = self._hole
+        if hole is None:
+            return False
+        self._fill(hole, col, token_type)  # the hole ranks last already: the newest entry takes its rank
+        self._full, self._hole = True, None
+        self._new = self._prepared = hole
+        return True
+
+    def _write_prepared(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        slot, self._prepared = self._prepared, None
+        if k.shape[2] != 1:
+            raise RuntimeError(f"kvpolicy: a slot was prepared for one token and the step brought {k.shape[2]}")
+        if isinstance(slot, tuple):
+            start = slot[0]
+            self._k[:, :, start : start + 1] = k
+            self._v[:, :, start : start + 1] = v
+        else:
+            self._write_kv_at(slot, k, v)
+
+    def _write_kv_at(self, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        d_idx = slot[..., None]
+        self._k.scatter_(2, d_idx.expand(*slot.shape, self._k.shape[-1]), k)
+        self._v.scatter_(2, d_idx.expand(*slot.shape, self._v.shape[-1]), v)
+
+    def _fill(self, slot: torch.Tensor, cols: torch.Tensor | int, types: torch.Tensor | int) -> None:
+        """Validity, column, type and fresh state of one new token per row at ``slot`` (int64 ``[B, H, 1]``)."""
+        self._valid.scatter_(2, slot, True)
+        if isinstance(cols, int):
+            self._pos.scatter_(2, slot, cols)
+        else:
+            self._pos.scatter_(2, slot, cols.view(1, 1, 1).expand_as(slot))
+        if isinstance(types, int):
+            self._types.scatter_(2, slot, types)
+        else:
+            self._types.scatter_(2, slot, types.view(1, 1, 1).expand_as(slot).to(torch.int8))
+        for t in self._state.values():
+            t.scatter_(2, slot, 0)
 
     def _append_at_end(
         self, k: torch.Tensor, v: torch.Tensor, cols: torch.Tensor | int, types: torch.Tensor | int, slack: int
@@ -259,7 +326,7 @@ class PaddedStorage(SlotStorage):
         end = start + q
         if self._rank is not None:  # the new tokens are the newest entries: ranks start..end-1 if nothing is free
             if self._full:
-                self._rank[:, :, start:end] = torch.arange(start, end, device=self._rank.device) if q > 1 else start
+                self._rank[:, :, start:end] = torch.arange(start, end, device=self._rank.device)
             else:
                 self._rank = None
         self._k[:, :, start:end] = k
@@ -277,41 +344,21 @@ class PaddedStorage(SlotStorage):
         self, k: torch.Tensor, v: torch.Tensor, cols: torch.Tensor | int, types: torch.Tensor | int
     ) -> None:
         """One new token per row, written into the row's first free slot (grows by one only if a row has none).
-
-        Where the layout is known it writes without searching: when no row has a free slot (:attr:`full`) the
-        search would pick the new slot at the end for every row; when each row has exactly one (a single drop from
-        a full layout) it would pick that one."""
-        if self._full:
-            self._append_at_end(k, v, cols, types, growth(self._length))
+        Where the layout is known (:meth:`prepare`) without searching."""
+        if self.prepare(cols, types, growth(self._length)):
+            self._write_prepared(k, v)
             return
-        slot = self._hole
-        if slot is None:
-            self._rank = None
-            free = ~self._valid[:, :, : self._length]
-            has_free = free.any(-1)
-            slot = torch.where(has_free, free.to(torch.int8).argmax(-1), self._length)[..., None]  # [B, H, 1]
-            if not bool(has_free.all()):
-                self._reserve(self._length + 1, growth(self._length))
-                self._valid[:, :, self._length] = False
-                self._length += 1
-                self._relayout()
-        else:
-            self._full = True  # the one free slot of every row is taken
-        self._hole = None
-        d_idx = slot[..., None]
-        self._k.scatter_(2, d_idx.expand(*slot.shape, self._k.shape[-1]), k)
-        self._v.scatter_(2, d_idx.expand(*slot.shape, self._v.shape[-1]), v)
-        self._valid.scatter_(2, slot, True)
-        if isinstance(cols, int):
-            self._pos.scatter_(2, slot, cols)
-        else:
-            self._pos.scatter_(2, slot, cols.view(1, 1, 1).expand_as(slot))
-        if isinstance(types, int):
-            self._types.scatter_(2, slot, types)
-        else:
-            self._types.scatter_(2, slot, types.view(1, 1, 1).expand_as(slot).to(torch.int8))
-        for t in self._state.values():
-            t.scatter_(2, slot, 0)
+        self._rank = None
+        free = ~self._valid[:, :, : self._length]
+        has_free = free.any(-1)
+        slot = torch.where(has_free, free.to(torch.int8).argmax(-1), self._length)[..., None]  # [B, H, 1]
+        if not bool(has_free.all()):
+            self._reserve(self._length + 1, growth(self._length))
+            self._valid[:, :, self._length] = False
+            self._length += 1
+            self._relayout()
+        self._write_kv_at(slot, k, v)
+        self._fill(slot, cols, types)
         self._new = slot
 
     def invalidate_new(self, new_valid: torch.Tensor) -> None:
