@@ -75,7 +75,8 @@ def _outputs(
     elif layer.pristine and mask_fits:
         return call()[0]
     elif whole and q <= FUSED_DECODE_MAX_QUERIES:
-        out, received = masked_attention_with_received(query, key, value, layer.mask(q), new_valid, scaling)
+        real = None if layer.no_padding else new_valid  # (skips a check of new_valid per layer and step)
+        out, received = masked_attention_with_received(query, key, value, layer.mask(q), real, scaling)
     else:
         return layer.attend(query, scaling, eager)
     for need in whole:

@@ -232,11 +232,12 @@ def masked_attention_with_received(
     key: torch.Tensor,
     value: torch.Tensor,
     mask: torch.Tensor | None,
-    query_valid: torch.Tensor,
+    query_valid: torch.Tensor | None,
     scaling: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Outputs of every query and the attention each key receives from all of them, from one probability block,
-    under the engine's per-slot ``mask [B, H, q, P]`` (``None``: every slot visible).
+    under the engine's per-slot ``mask [B, H, q, P]`` (``None``: every slot visible); ``query_valid`` bool ``[B, q]``
+    (``None``: every query is a real token).
 
     For the decode steps of a compressed layer whose policy needs this step's attention (H2O, TOVA): the step
     already attends under the engine's own mask, so computing outputs and statistics together saves one pass over
@@ -246,8 +247,8 @@ def masked_attention_with_received(
     b, hq, q, d = query.shape
     h, p = key.shape[1], key.shape[2]
     g = hq // h
-    qg = query.to(torch.float32).reshape(b * h, g * q, d)
-    k3 = key.to(torch.float32).reshape(b * h, p, d)
+    qg = _float32(query).reshape(b * h, g * q, d)
+    k3 = _float32(key).reshape(b * h, p, d)
     logits = torch.bmm(qg, k3.transpose(1, 2)).mul_(scaling)
     if mask is not None:
         m = mask[:, :, None].expand(b, h, g, q, p).reshape(b * h, g * q, p)
@@ -255,9 +256,14 @@ def masked_attention_with_received(
     probs = torch.softmax(logits, dim=-1)
     if mask is not None:
         probs.nan_to_num_(0.0)  # a query that sees nothing (padding) attends to nothing
-    out = torch.bmm(probs.to(value.dtype), value.reshape(b * h, p, value.shape[-1]))
+    out = torch.bmm(probs if probs.dtype == value.dtype else probs.to(value.dtype), value.reshape(b * h, p, -1))
     out = out.view(b, hq, q, value.shape[-1]).transpose(1, 2).contiguous()
     pv = probs.view(b, h, g, q, p)
-    if not bool(query_valid.all()):
+    if query_valid is not None and not bool(query_valid.all()):
         pv = pv * query_valid[:, None, None, :, None].to(pv.dtype)
     return out, pv.sum(dim=(2, 3)).div_(g)
+
+
+def _float32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 (itself when it already is: even a no-op ``.to`` is an operator call)."""
+    return t if t.dtype == torch.float32 else t.to(torch.float32)

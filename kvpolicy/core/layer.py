@@ -88,6 +88,8 @@ class PolicyLayer(DynamicLayer):
         self.is_initialized = False
         #: set by :meth:`~kvpolicy.core.cache.PolicyCache.appending`: forwards store their tokens uncompressed
         self.append_chunk = False
+        #: set by :meth:`resolve_new_tokens`: this decode step has no padding token (every new token is real)
+        self.no_padding = False
         #: the policy layers of one cache in model order (set by :class:`~kvpolicy.core.cache.PolicyCache`; alone by
         #: default): their decode bookkeeping runs back to back, see :meth:`_begin_early` and :meth:`finish_step`
         self.group: list[PolicyLayer] = [self]
@@ -321,7 +323,8 @@ class PolicyLayer(DynamicLayer):
     def resolve_new_tokens(self, mask: torch.Tensor | None, q: int) -> torch.Tensor:
         """Learn which of this step's tokens are padding from transformers' mask (its last query row sees every real
         column), mark them invalid, and return the validity of the new tokens, bool ``[B, q]``."""
-        if mask is None and self.prefilled:  # no padding anywhere (transformers drops the mask only then)
+        self.no_padding = mask is None and self.prefilled
+        if self.no_padding:  # no padding anywhere (transformers drops the mask only then)
             return self._all_real(q)
         new_valid = new_token_validity(mask, q, self.n_tokens.shape[0], self.device)
         if not bool(new_valid.all()):
