@@ -126,13 +126,13 @@ def test_the_shortcuts_are_taken_on_a_batch_without_padding(monkeypatch):
     model = _model()
     cache = kvpolicy.make_cache(model, load_policy({"preset": "local"}, overrides={"ratio": 0.6}))
     early = []
-    original = layer_module.PolicyLayer._begin_early
+    original = layer_module.PolicyLayer.begin_early
 
     def spy(self, q):
         original(self, q)
         early.append((self.layer_idx, self._begun, self.storage._prepared))
 
-    monkeypatch.setattr(layer_module.PolicyLayer, "_begin_early", spy)
+    monkeypatch.setattr(layer_module.PolicyLayer, "begin_early", spy)
     masks = []
     real = storage_module.slot_mask
     monkeypatch.setattr(storage_module, "slot_mask", lambda *args: masks.append(args[2]) or real(*args))

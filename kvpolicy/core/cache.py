@@ -65,7 +65,7 @@ class PolicyCache(Cache):
                 )
         super().__init__(layers=layers)
         group = self.policy_layers
-        for layer in group:  # decode bookkeeping of all policy layers runs back to back (PolicyLayer._begin_early)
+        for layer in group:  # decode bookkeeping of all policy layers runs back to back (PolicyLayer.begin_early)
             layer.group = group
 
     def check_inputs(self, batch: int, new_tokens: int) -> None:

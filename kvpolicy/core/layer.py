@@ -91,7 +91,7 @@ class PolicyLayer(DynamicLayer):
         #: set by :meth:`resolve_new_tokens`: this decode step has no padding token (every new token is real)
         self.no_padding = False
         #: the policy layers of one cache in model order (set by :class:`~kvpolicy.core.cache.PolicyCache`; alone by
-        #: default): their decode bookkeeping runs back to back, see :meth:`_begin_early` and :meth:`finish_step`
+        #: default): their decode bookkeeping runs back to back, see :meth:`begin_early` and :meth:`finish_step`
         self.group: list[PolicyLayer] = [self]
         #: tokens of the current step already counted, and dropped for, by the group's first layer (0: none)
         self._begun = 0
@@ -177,7 +177,7 @@ class PolicyLayer(DynamicLayer):
                 "kvpolicy: the model did not call kvpolicy's attention function after the cache update. Attach the "
                 "model first: kvpolicy.attach(model) (it sets attn_implementation to 'kvpolicy')."
             )
-        self._run_deferred()  # a forward that ended before the group's last layer: its drop is still due
+        self.run_deferred()  # a forward that ended before the group's last layer: its drop is still due
         q = key_states.shape[2]
         begun, self._begun = self._begun, 0
         if begun and (begun != q or not self.prefilled or self.append_chunk):
@@ -218,7 +218,7 @@ class PolicyLayer(DynamicLayer):
 
     def _decode_update(self, key_states: torch.Tensor, value_states: torch.Tensor, start: int, begun: bool) -> str:
         """Store a decode step's tokens, the first at column ``start``; returns the stage left pending for
-        :meth:`finish_step`. ``begun``: the group's first layer already began the step here (:meth:`_begin_early`),
+        :meth:`finish_step`. ``begun``: the group's first layer already began the step here (:meth:`begin_early`),
         so only the keys and values remain to be written."""
         q = key_states.shape[2]
         key_states = self._rotate_new(key_states)
@@ -226,7 +226,7 @@ class PolicyLayer(DynamicLayer):
             self._begin_step(q, start)
             if self.group[0] is self:
                 for layer in self.group[1:]:
-                    layer._begin_early(q)
+                    layer.begin_early(q)
         if q == 1:  # one column, one type: the storage writes them as numbers
             cols: torch.Tensor | int = start
             types: torch.Tensor | int = GENERATED
@@ -248,8 +248,9 @@ class PolicyLayer(DynamicLayer):
         if q == 1 and isinstance(storage, PaddedStorage):
             storage.prepare(start, GENERATED, growth(storage.length))
 
-    def _begin_early(self, q: int) -> None:
-        """:meth:`_begin_step` run by the group's first layer for this one, before any layer of the step.
+    def begin_early(self, q: int) -> None:
+        """:meth:`_begin_step` run by the group's first layer for this one, before any layer of the step (engine use:
+        a no-op unless this layer is prefilled and between steps).
 
         Why: a decode step's bookkeeping is many small tensor operations per layer, and between two layers the
         model's matmuls evict everything they touch from the CPU caches — the same operations cost about three times
@@ -259,7 +260,7 @@ class PolicyLayer(DynamicLayer):
         only writes the keys and values."""
         if not self.is_initialized or not self.prefilled or self.append_chunk or self._pending is not None:
             return
-        self._run_deferred()
+        self.run_deferred()
         start = self.seen
         self.seen += q
         self._begin_step(q, start)
@@ -294,7 +295,7 @@ class PolicyLayer(DynamicLayer):
         if not self.is_initialized:
             return
         index = index.to(self.device)
-        self._run_deferred()
+        self.run_deferred()
         self.storage.select_rows(index)
         batch = self.n_tokens.shape[0]
         self.n_tokens = self.n_tokens[index]
@@ -368,12 +369,12 @@ class PolicyLayer(DynamicLayer):
         if pending == "prefill":
             self._finish_prefill(attention, queries)
         elif pending == "decode":
-            # the group's drops after attention run back to back at its last layer (see _begin_early for why): the
+            # the group's drops after attention run back to back at its last layer (see begin_early for why): the
             # statistics are this step's either way, and nothing reads a layer between its attention and the end
             self._deferred = (attention, queries)
             if self.group[-1] is self:
                 for layer in self.group:
-                    layer._run_deferred()
+                    layer.run_deferred()
         elif pending == "append":
             self.appended += self.n_tokens - self._before_append
             self._row_budget = None
@@ -452,8 +453,9 @@ class PolicyLayer(DynamicLayer):
         if after is not None:
             after(self.view("decode"))
 
-    def _run_deferred(self) -> None:
-        """Run the drop after attention left for the group's last layer, if any."""
+    def run_deferred(self) -> None:
+        """Run the drop after attention left for the group's last layer, if any (engine use: the group's last layer
+        calls it for every layer; ``update()`` and row selection call it first in case a forward stopped early)."""
         deferred, self._deferred = self._deferred, None
         if deferred is not None:
             self._decode_drop(0, *deferred)

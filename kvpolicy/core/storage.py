@@ -262,7 +262,7 @@ class PaddedStorage(SlotStorage):
         pick. Returns whether it did (otherwise ``append`` searches as usual).
 
         Why apart: the engine prepares every layer of a step back to back, where these writes cost a third of what
-        they cost one layer at a time between the model's matmuls (see ``PolicyLayer._begin_early``)."""
+        they cost one layer at a time between the model's matmuls (see ``PolicyLayer.begin_early``)."""
         if self.pristine:
             return False
         if self._full:
