@@ -43,9 +43,9 @@ class GeneralStorage(PaddedStorage):
         self._full, self._hole = False, None
         super()._append_into_free(k, v, cols, types)
 
-    def free(self, victims, ok=None) -> None:
+    def free(self, victims, ok=None, refill=False) -> None:
         assert ok is not None, "the general path always masks its victims"
-        super().free(victims, ok)
+        super().free(victims, ok, refill)
 
     def mask(self, q, seen):
         self._full = False
@@ -176,7 +176,15 @@ def test_storage_knows_its_layout_only_when_it_is_so(seed):
         elif op == "drop1" and bool(valid.all(-1).any()) and storage.length > 1:
             scores = torch.rand(b, h, storage.length, generator=g).masked_fill(~valid, float("inf"))
             victims = scores.argmin(-1, keepdim=True)
-            if storage.full:
+            if storage.full and rng.random() < 0.5:  # a drop inside the update: the token is prepared at once
+                free = ~valid.scatter(2, victims, False)
+                expect = torch.where(free.any(-1), free.to(torch.int8).argmax(-1), storage.length)
+                storage.free(victims, refill=True)
+                assert storage.prepare(col, 2, 1)
+                storage.append(torch.randn(b, h, 1, d, generator=g), torch.randn(b, h, 1, d, generator=g), col, 2, 1)
+                assert torch.equal(storage.new_slots[..., 0], expect)
+                col += 1
+            elif storage.full:
                 storage.free(victims)  # every victim valid, every row drops one: the unmasked path
             else:
                 storage.free(victims, valid.gather(2, victims))

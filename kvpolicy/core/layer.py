@@ -242,9 +242,9 @@ class PolicyLayer(DynamicLayer):
         one-token step let the storage choose the new token's slot and write its column and type
         (:meth:`~kvpolicy.core.storage.PaddedStorage.prepare`)."""
         self.n_tokens += q  # corrected in resolve_new_tokens if some new token is padding
-        if self._in_update:
-            self._decode_drop(incoming=q)
         storage = self.storage
+        if self._in_update:
+            self._decode_drop(incoming=q, refill=q == 1)
         if q == 1 and isinstance(storage, PaddedStorage):
             storage.prepare(start, GENERATED, growth(storage.length))
 
@@ -461,9 +461,12 @@ class PolicyLayer(DynamicLayer):
             self._decode_drop(0, *deferred)
             self._sync()
 
-    def _decode_drop(self, incoming: int, attention: dict | None = None, queries: dict | None = None) -> None:
+    def _decode_drop(
+        self, incoming: int, attention: dict | None = None, queries: dict | None = None, refill: bool = False
+    ) -> None:
         """Apply the decode-stage budget rule: free the lowest-scored slots (``incoming`` tokens are about to be
-        written and count toward the budget)."""
+        written and count toward the budget; ``refill``: the storage prepares a one-token write right after, see
+        :meth:`~kvpolicy.core.storage.PaddedStorage.free`)."""
         decode = self.policy.decode
         if decode is None:
             return
@@ -487,10 +490,10 @@ class PolicyLayer(DynamicLayer):
         )
         on_drop = getattr(self.policy.reducer, "on_drop", None)
         if on_drop is not None:
-            merged = on_drop(view, victims, torch.ones_like(victims, dtype=torch.bool) if ok is None else ok)
+            merged = on_drop(view, victims, self._filled(tuple(victims.shape), True) if ok is None else ok)
             if merged is not None:
                 storage.write_kv(*check_merge(self.policy, merged, view))
-        storage.free(victims, ok)
+        storage.free(victims, ok, refill)
 
     def _excess(
         self, storage: PaddedStorage, view: LayerView, incoming: int
@@ -518,12 +521,13 @@ class PolicyLayer(DynamicLayer):
         k_max = int(excess.max()) if excess.numel() else 0
         return (excess if k_max > 0 else None), k_max, False
 
-    def _filled(self, shape: tuple[int, int], value: int) -> torch.Tensor:
-        """int64 ``shape`` filled with ``value``, made once: read-only."""
-        key = (shape, value)
+    def _filled(self, shape: tuple[int, ...], value: int | bool) -> torch.Tensor:
+        """int64 (bool for a bool ``value``) ``shape`` filled with ``value``, made once: read-only."""
+        key = (shape, value, type(value))
         t = self._constants.get(key)
         if t is None:
-            t = self._constants[key] = torch.full(shape, value, dtype=torch.long, device=self.device)
+            dtype = torch.bool if isinstance(value, bool) else torch.long
+            t = self._constants[key] = torch.full(shape, value, dtype=dtype, device=self.device)
         return t
 
     # ------------------------------------------------------------------ reporting

@@ -14,7 +14,8 @@ from .policy import LayerView, Reduction
 def _expand(scores: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if scores.dim() != 3:
         raise ValueError(f"scores must be [B, H or 1, P], got shape {tuple(scores.shape)}")
-    return scores.to(torch.float32).expand_as(like)
+    scores = scores if scores.dtype == torch.float32 else scores.to(torch.float32)
+    return scores.expand_as(like)
 
 
 def ranked_slots(view: LayerView, scores: torch.Tensor) -> torch.Tensor:

@@ -128,6 +128,8 @@ class PaddedStorage(SlotStorage):
         #: int64 ``[B, H, 1]``, the one free slot of every row (all others valid). Both false/None when not known.
         self._full = True
         self._hole: torch.Tensor | None = None
+        #: whether ``valid`` already reads False at ``_hole`` (see :meth:`free`'s ``refill``)
+        self._hole_marked = True
         #: int64 ``[B, H, C]``: the positional rank of every used slot (what ``LayerView.rank`` computes with a sort),
         #: made on the first request and then kept up to date by the decode fast paths (a drop from a full layout, a
         #: token written into the one hole or at the end); ``None`` when not known. See :meth:`rank_for`.
@@ -282,7 +284,7 @@ class PaddedStorage(SlotStorage):
         hole = self._hole
         if hole is None:
             return False
-        self._fill(hole, col, token_type)  # the hole ranks last already: the newest entry takes its rank
+        self._fill(hole, col, token_type, self._hole_marked)  # the hole ranks last: the new entry takes its rank
         self._full, self._hole = True, None
         self._new = self._prepared = hole
         return True
@@ -303,9 +305,11 @@ class PaddedStorage(SlotStorage):
         self._k.scatter_(2, d_idx.expand(*slot.shape, self._k.shape[-1]), k)
         self._v.scatter_(2, d_idx.expand(*slot.shape, self._v.shape[-1]), v)
 
-    def _fill(self, slot: torch.Tensor, cols: torch.Tensor | int, types: torch.Tensor | int) -> None:
-        """Validity, column, type and fresh state of one new token per row at ``slot`` (int64 ``[B, H, 1]``)."""
-        self._valid.scatter_(2, slot, True)
+    def _fill(self, slot: torch.Tensor, cols: torch.Tensor | int, types: torch.Tensor | int, mark: bool = True) -> None:
+        """Validity (unless ``mark`` is false: still set), column, type and fresh state of one new token per row at
+        ``slot`` (int64 ``[B, H, 1]``)."""
+        if mark:
+            self._valid.scatter_(2, slot, True)
         if isinstance(cols, int):
             self._pos.scatter_(2, slot, cols)
         else:
@@ -395,12 +399,16 @@ class PaddedStorage(SlotStorage):
         n = self._length
         self._k[:, :, :n], self._v[:, :, :n] = keys, values
 
-    def free(self, victims: torch.Tensor, ok: torch.Tensor | None = None) -> None:
+    def free(self, victims: torch.Tensor, ok: torch.Tensor | None = None, refill: bool = False) -> None:
         """Free slots ``victims`` (int64 ``[B, H, k]``) where ``ok`` (``None``: every victim, each a distinct valid
-        slot): a later token may overwrite them."""
+        slot): a later token may overwrite them. ``refill``: the caller's next call is :meth:`prepare` for one token
+        (a decode drop inside the update), so a single victim per row of a full layout is not marked invalid only
+        to be marked valid again: the hole keeps its flag until then."""
         if ok is None:
-            self._valid.scatter_(2, victims, False)
             one = self._full and victims.shape[-1] == 1
+            self._hole_marked = not (one and refill)
+            if self._hole_marked:
+                self._valid.scatter_(2, victims, False)
             self._hole = victims if one else None
             if one and self._rank is not None:
                 # the newer entries move down one rank; the hole (the only free slot) ranks last

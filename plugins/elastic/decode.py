@@ -104,7 +104,8 @@ class DistanceOffset:
             idx = view.layer_state[DROP_INDEX_KEY]
         else:
             raise RuntimeError("distance_offset: no frozen drop index (after_prefill was not called)")
-        idx = idx.to(view.positions.device)
+        if idx.device != view.positions.device:
+            idx = idx.to(view.positions.device)
         held = view.held()
         rank = view.rank()
         big = float(view.num_slots)
