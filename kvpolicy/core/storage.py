@@ -33,6 +33,14 @@ def growth(length: int) -> int:
     return max(1, length // 32)
 
 
+def _set(t: torch.Tensor, value: torch.Tensor | int) -> None:
+    """``t[...] = value`` (a number without making a tensor of it first)."""
+    if isinstance(value, torch.Tensor):
+        t.copy_(value.view(()) if value.numel() == 1 else value)
+    else:
+        t.fill_(value)
+
+
 class SlotStorage(ABC):
     """The storage interface of one layer: what every step needs, whatever the layout."""
 
@@ -271,14 +279,15 @@ class PaddedStorage(SlotStorage):
             start = self._length
             self._reserve(start + 1, slack)
             if self._rank is not None:
-                self._rank[:, :, start] = start  # the newest entry
-            self._valid[:, :, start] = True
-            self._pos[:, :, start] = col
-            self._types[:, :, start] = token_type
+                self._rank[:, :, start].fill_(start)  # the newest entry
+            self._valid[:, :, start].fill_(True)
+            _set(self._pos[:, :, start], col)
+            _set(self._types[:, :, start], token_type)
             for t in self._state.values():
-                t[:, :, start] = 0
+                t[:, :, start].fill_(0)
             self._length = start + 1
             self._relayout()
+            self._used()  # the views of the new length, made here rather than in the layer's own update
             self._new = self._prepared = (start, 1)
             return True
         hole = self._hole
