@@ -9,7 +9,7 @@ to the full cache at B (``xB``). ``--no-batch`` also runs each policy with its l
 at a time (``PolicyLayer.group`` of one), the engine's behaviour before it ran back to back.
 
 Usage: ``python benchmarks/decode_step_ab.py --contexts 1024,4096 --ratios 0.8 --policies local,h2o,elastic
---threads 1`` (bench model llama-125m, random weights, float32, batch 1).
+--threads 1`` (bench model llama-125m, random weights, float32 unless ``--dtype``, batch 1).
 """
 
 from __future__ import annotations
@@ -92,14 +92,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--steps", type=int, default=9)
     ap.add_argument("--config", default="llama-125m")
+    ap.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or auto (as kvpolicy bench)")
     ap.add_argument("--no-batch", action="store_true", help="also run each policy's layers one at a time")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     contexts = [int(x) for x in args.contexts.split(",")]
     ratios = [float(x) for x in args.ratios.split(",")]
-    spec = BenchSpec(config=args.config, contexts=contexts, ratios=ratios, dtype="float32", steps=args.steps)
-    print(f"CPU: {cpu_name()}, torch {torch.__version__}, threads {torch.get_num_threads()}, config {args.config}")
+    spec = BenchSpec(config=args.config, contexts=contexts, ratios=ratios, dtype=args.dtype, steps=args.steps)
     model, _ = build_model(spec)
+    print(f"CPU: {cpu_name()}, torch {torch.__version__}, threads {torch.get_num_threads()}, config {args.config}, "
+          f"dtype {next(model.parameters()).dtype}")
     runner = Runner(spec, model, log=lambda msg: None)
     with torch.inference_mode():
         for n in contexts:
