@@ -6,7 +6,9 @@ alive (each policy prefilled once at the context, a ``DynamicCache`` of B random
 ``--rounds`` rounds of ``--steps`` decode steps of each in turn (the full caches cropped back to B each round), so
 that drift of the machine hits all of them alike; it prints the median per-step wall and CPU time and their ratio
 to the full cache at B (``xB``). ``--no-batch`` also runs each policy with its layers' decode bookkeeping one layer
-at a time (``PolicyLayer.group`` of one), the engine's behaviour before it ran back to back.
+at a time (``PolicyLayer.group`` of one), the engine's behaviour before it ran back to back; ``--control`` a second
+full cache at B, whose ratio to the first shows the harness's noise. The order of the configurations is shuffled in
+every round.
 
 Usage: ``python benchmarks/decode_step_ab.py --contexts 1024,4096 --ratios 0.8 --policies local,h2o,elastic
 --threads 1`` (bench model llama-125m, random weights, float32 unless ``--dtype``, batch 1).
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import random
 import statistics
 import time
 
@@ -55,6 +58,8 @@ def run_context(runner: Runner, n: int, ratios: list[float], policies: list[str]
         b = budget_tokens(n, ratio)
         if f"full@{b}" not in configs:
             configs[f"full@{b}"] = [runner.random_full_cache(b), runner.prompt(1), None, b]
+            if args.control:  # a second, identical full cache: its ratio to the first is the harness's noise
+                configs[f"full (control)@{b}"] = [runner.random_full_cache(b), runner.prompt(1), None, b]
         for name in policies:
             variants = [(name, False)] + ([(name + " (no batch)", True)] if args.no_batch else [])
             for label, alone in variants:
@@ -66,8 +71,12 @@ def run_context(runner: Runner, n: int, ratios: list[float], policies: list[str]
                 configs[f"{label} r={ratio}"] = [cache, tok, ratio, b]
     wall: dict[str, list[float]] = {k: [] for k in configs}
     cpu: dict[str, list[float]] = {k: [] for k in configs}
+    order = list(configs)
+    shuffle = random.Random(n)
     for _ in range(args.rounds):
-        for key, entry in configs.items():
+        shuffle.shuffle(order)  # no configuration always runs first, or right after the same one
+        for key in order:
+            entry = configs[key]
             cache, tok, ratio, b = entry
             runner.use(None if ratio is None else True)
             if ratio is None and cache.get_seq_length() > b:
@@ -94,6 +103,7 @@ def main() -> None:
     ap.add_argument("--config", default="llama-125m")
     ap.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or auto (as kvpolicy bench)")
     ap.add_argument("--no-batch", action="store_true", help="also run each policy's layers one at a time")
+    ap.add_argument("--control", action="store_true", help="also run a second full cache at B (the noise floor)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     contexts = [int(x) for x in args.contexts.split(",")]
