@@ -65,7 +65,7 @@ def heads(t: torch.Tensor, per_head: bool) -> torch.Tensor:
 
     The engine's attention statistics are already averaged over the query heads of each kv head, and every kv head
     has the same number of query heads, so the mean over kv heads is the mean over all query heads."""
-    t = t.to(torch.float32)
+    t = t if t.dtype == torch.float32 else t.to(torch.float32)
     return t if per_head else t.mean(dim=1, keepdim=True)
 
 
@@ -87,7 +87,7 @@ def recent(view: LayerView, n: int) -> torch.Tensor:
 def protect(view: LayerView, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``scores`` as ``[B, H, P]`` with ``+inf`` where ``mask``: such entries are kept first and never dropped (a
     new tensor; one out-of-place fill where the shapes allow, as every decode drop of a scorer calls this)."""
-    out = scores.to(torch.float32).masked_fill(mask, INF)
+    out = (scores if scores.dtype == torch.float32 else scores.to(torch.float32)).masked_fill(mask, INF)
     if out.shape != (view.batch_size, view.num_heads, view.num_slots):
         out = full_shape(view, out)
     return out

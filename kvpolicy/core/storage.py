@@ -422,7 +422,7 @@ class PaddedStorage(SlotStorage):
             if one and self._rank is not None:
                 # the newer entries move down one rank; the hole (the only free slot) ranks last
                 rank = self._rank[:, :, : self._length]
-                rank.sub_((rank > rank.gather(2, victims)).to(torch.long))
+                rank.add_(rank > rank.gather(2, victims), alpha=-1)
                 rank.scatter_(2, victims, self._length - 1)
             else:
                 self._rank = None
