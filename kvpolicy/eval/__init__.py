@@ -12,7 +12,7 @@ forcing, generation), :mod:`.honesty` (the ratio-0 check), :mod:`.scoring` (per-
 """
 
 from .budget import kept_by_type
-from .runner import evaluate
+from .runner import evaluate, evaluate_many
 from .spec import (
     BatchUpdate,
     EvalError,
@@ -41,6 +41,7 @@ __all__ = [
     "Task",
     "TaskError",
     "evaluate",
+    "evaluate_many",
     "get_task",
     "kept_by_type",
     "load_result",

@@ -266,6 +266,16 @@ class PrefillStore(Generic[R]):
         return doc["value"]
 
 
+def store_for(spec: Any) -> PrefillStore | None:
+    """The store an :class:`~kvpolicy.eval.EvalSpec` asks for (``None`` when ``share_prefill`` is off): its
+    ``prefill_cache_gb`` bound and spill settings (a ``prefill_spill_dir`` is kept, ``prefill_spill`` alone uses a
+    temporary directory)."""
+    if not spec.share_prefill:
+        return None
+    spill: bool | str = spec.prefill_spill_dir or bool(spec.prefill_spill)
+    return PrefillStore(bytes_from_gb(spec.prefill_cache_gb, spec.device), spill=spill, device=spec.device)
+
+
 __all__ = [
     "DEFAULT_FRACTION",
     "FILE_FORMAT",
@@ -275,4 +285,6 @@ __all__ = [
     "available_bytes",
     "bytes_from_gb",
     "default_max_bytes",
+    "store_for",
 ]
+

@@ -50,6 +50,7 @@ from .space import SpaceParam
 
 __all__ = [
     "METRICS",
+    "PREFILL_SETTINGS",
     "PRUNERS",
     "RUN_SETTINGS",
     "SAMPLERS",
@@ -268,7 +269,11 @@ class WandbSpec(BaseModel):
 _NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 #: task settings that change how fast a trial runs or where files go, not its values: a study may be resumed with
 #: other values of these
-RUN_SETTINGS = ("threads", "device", "reference_dir", "use_reference_cache", "check_ratio0", "sleep_s")
+#: the task settings of how prefills are shared between trials (EvalSpec's fields; a trial's numbers are the same
+#: with or without a shared prefill, see kvpolicy.eval.compare) - also command-line overrides of ``sweep``/``ablate``
+PREFILL_SETTINGS = ("share_prefill", "prefill_cache_gb", "prefill_spill", "prefill_spill_dir")
+RUN_SETTINGS = ("threads", "device", "reference_dir", "use_reference_cache", "check_ratio0", "sleep_s",
+                *PREFILL_SETTINGS)
 
 
 class SweepSpec(BaseModel):
