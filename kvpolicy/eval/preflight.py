@@ -83,7 +83,24 @@ def prepare(
             policy_ratio0 = build_policy(spec.policy, 0.0, spec.overrides)
         else:
             raise EvalError("a policy passed as an object needs policy_ratio0 for the ratio-0 check")
+    if task is not None:
+        check_task_data(task, spec.model, spec.samples, spec.seed, opts)
     return Prepared(policy=policy, policy_ratio0=policy_ratio0, task=task, options=opts)
+
+
+def check_task_data(task: Any, model: str, samples: int, seed: int, options: Any) -> None:
+    """The task's own check of its data against the options (:meth:`~kvpolicy.eval.tasks.Task.check`: a prompt
+    length the committed texts cannot fill), in the model's tokens, when the tokenizer is on disk
+    (:func:`kvpolicy.models.local_tokenizer`; no weights load). Last of the checks, so a typo elsewhere is reported
+    without reading a tokenizer; where the tokenizer is not on disk, the task refuses the same case when it loads."""
+    from ..models import local_tokenizer
+    from .tasks import Task
+
+    if type(task).check is Task.check:
+        return
+    tokenizer = local_tokenizer(model)
+    if tokenizer is not None:
+        task.check(tokenizer, samples, seed, options)
 
 
 #: EvalSpec fields a policy file's ``evaluation:`` section may set (what decides the numbers a run reports)
@@ -153,4 +170,12 @@ def plan_cells(
     return cells
 
 
-__all__ = ["EVALUATION_FIELDS", "Prepared", "check_model_name", "plan_cells", "policy_evaluation", "prepare"]
+__all__ = [
+    "EVALUATION_FIELDS",
+    "Prepared",
+    "check_model_name",
+    "check_task_data",
+    "plan_cells",
+    "policy_evaluation",
+    "prepare",
+]

@@ -113,7 +113,7 @@ class HarnessEvaluator:
         except TaskError as exc:
             return issues + [ConfigIssue("task.name", str(exc))]
         try:
-            t.options(options)
+            opts = t.options(options)
         except ValidationError as exc:
             for e in exc.errors(include_url=False):
                 loc = ".".join(str(x) for x in e["loc"])
@@ -122,6 +122,8 @@ class HarnessEvaluator:
                     msg = (f"unknown option of task {name!r}; options: {', '.join(t.Options.model_fields)}; "
                            f"settings: {', '.join(HARNESS_FIELDS)}")
                 issues.append(ConfigIssue(f"task.{loc}", f"{msg} (value {e.get('input')!r})"))
+        else:
+            issues += cls.data_issues(t, model, samples, settings, opts)
         produces = _TASK_PRODUCES.get(name, set(METRICS) - {"exact_match"}) | _ALWAYS
         for i, m in enumerate(metrics):
             if m not in produces:
@@ -129,6 +131,20 @@ class HarnessEvaluator:
                     f"objectives[{i}].metric",
                     f"task {name!r} does not produce {m!r}; it gives: {', '.join(sorted(produces))}"))
         return issues
+
+    @staticmethod
+    def data_issues(task: Any, model: str, samples: int, settings: Mapping[str, Any], options: Any
+                    ) -> list[ConfigIssue]:
+        """The task's check of its data against the options (a prompt length its texts cannot fill), before the
+        model loads where the tokenizer is on disk (:func:`kvpolicy.eval.preflight.check_task_data`)."""
+        from ..eval import TaskError
+        from ..eval.preflight import check_task_data
+
+        try:
+            check_task_data(task, model, samples, int(settings.get("seed", 0)), options)
+        except TaskError as exc:
+            return [ConfigIssue("task", str(exc))]
+        return []
 
     def setup(self) -> None:
         from ..eval import get_task

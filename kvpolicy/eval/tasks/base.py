@@ -100,6 +100,12 @@ class Task:
     def load(self, tokenizer: Any, samples: int, seed: int, options: BaseModel) -> list[Sample]:
         raise NotImplementedError
 
+    def check(self, tokenizer: Any, samples: int, seed: int, options: BaseModel) -> None:
+        """Raise :class:`TaskError` when :meth:`load` could not give what ``options`` ask with this tokenizer (a
+        prompt length the data cannot fill). Run before the model loads when the tokenizer is on disk
+        (:func:`kvpolicy.eval.preflight.prepare`); :meth:`load` must refuse the same cases. Default: nothing to
+        check."""
+
 
 # ------------------------------------------------------------------------------------------------ helpers
 @lru_cache(maxsize=8)

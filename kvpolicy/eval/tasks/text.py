@@ -43,6 +43,19 @@ def drawn_rows(data: str, kind: str, samples: int, seed: int) -> list[dict]:
     return [rows[i] for i in permutation(len(rows), samples, seed, f"{data}-{kind}")]
 
 
+def check_fills(options: ContinuationOptions, lengths: list[int], samples: int, seed: int) -> None:
+    """Raise :class:`TaskError` unless every drawn window's prompt (BOS + its context, in the model's tokens) holds
+    ``context_tokens``: a prompt the data cannot fill would silently be shorter than asked. The maximum named comes
+    from the data (the shortest window drawn), so longer committed windows raise it without a code change."""
+    if lengths and min(lengths) < options.context_tokens:
+        raise TaskError(
+            f"continuation: context_tokens={options.context_tokens} is more than the committed windows hold: with "
+            f"this tokenizer the shortest of the {samples} windows drawn (kind {options.kind}, seed {seed}) has "
+            f"{min(lengths)} tokens; allowed: context_tokens <= {min(lengths)} (longer prompts: the needle or ruler "
+            "task)"
+        )
+
+
 @register_task
 class Continuation(Task):
     """PPL of the true continuation of held-out real text (stdlib source and Python docs prose)."""
@@ -50,11 +63,19 @@ class Continuation(Task):
     name = "continuation"
     Options = ContinuationOptions
 
+    def check(self, tokenizer, samples, seed, options):
+        bos = bos_prefix(tokenizer)
+        rows = drawn_rows("continuation", options.kind, samples, seed)
+        check_fills(options, [len(bos) + len(encode(tokenizer, r["context"])) for r in rows], samples, seed)
+
     def load(self, tokenizer, samples, seed, options):
         out = []
         bos = bos_prefix(tokenizer)
-        for r in drawn_rows("continuation", options.kind, samples, seed):
-            ctx = encode(tokenizer, r["context"])[-(options.context_tokens - len(bos)) :]
+        rows = drawn_rows("continuation", options.kind, samples, seed)
+        contexts = [encode(tokenizer, r["context"]) for r in rows]
+        check_fills(options, [len(bos) + len(c) for c in contexts], samples, seed)
+        for r, full in zip(rows, contexts):
+            ctx = full[-(options.context_tokens - len(bos)) :]
             tgt = encode(tokenizer, r["continuation"])[: options.target_tokens]
             out.append(
                 Sample(
