@@ -80,19 +80,19 @@ def setting(request) -> Setting:
     return Setting(*request.param)
 
 
-def _close(a: list[float], b: list[float], exact: bool) -> bool:
+def _close(a: list[float], b: list[float], exact: bool, atol: float) -> bool:
     if exact:
         return a == b
-    return len(a) == len(b) and all(abs(x - y) <= ATOL for x, y in zip(a, b))
+    return len(a) == len(b) and all(abs(x - y) <= atol for x, y in zip(a, b))
 
 
-def compare_rows(direct, shared, exact: bool) -> None:
+def compare_rows(direct, shared, exact: bool, atol: float = ATOL) -> None:
     for a, b in zip(direct, shared):
         assert not a.prefill_shared and a.prefill_reason == "no prefill store (sharing is off)"
         assert b.prefill_shared and b.prefill_reason is None
         assert a.allocation == b.allocation
         for name in ("nll", "kl"):
-            assert _close(getattr(a, name), getattr(b, name), exact), (name, getattr(a, name), getattr(b, name))
+            assert _close(getattr(a, name), getattr(b, name), exact, atol), (name, getattr(a, name), getattr(b, name))
         for name in ("target", "argmax", "top1", "generation", "kept_prefill", "kept_end", "types_prefill",
                      "bytes_prefill", "bytes_end", "allocated_prefill", "allocated_end", "seen_end", "decode_steps",
                      "prompt_tokens"):
@@ -164,3 +164,62 @@ def test_another_batch_composition_is_another_recording():
     assert store.records == 4 and len(store.items) == 4
     run_reference(shared, samples[:2])
     assert store.records == 4
+
+
+# ------------------------------------------------------------------------------------------ the default model
+#: float32 rounding of the one-pass kernel carried through SmolLM2-135M's 30 layers, NLL and KL per token (measured:
+#: at most 2.6e-5 on these samples, kept positions identical in every layer)
+REAL_ATOL = 2e-4
+
+
+def _default_model_samples(tokenizer, split: bool) -> list[Sample]:
+    """4 continuation samples of different lengths (left padding), each also generating 4 tokens."""
+    from kvpolicy.eval.tasks import get_task
+
+    task = get_task("continuation")
+    samples = task.load(tokenizer, 4, 0, task.Options(context_tokens=160, target_tokens=6))
+    return [
+        dataclasses.replace(s, prompt_ids=s.prompt_ids[-n:], generate=True, max_new_tokens=4,
+                            question_tokens=8 if split else 0)
+        for s, n in zip(samples, (160, 131, 117, 148))
+    ]
+
+
+def _kept_positions_agree(ctx, shared, samples, policy_name: str, ratio: float) -> None:
+    from kvpolicy.eval.prefill import batch_inputs, run_prefill
+
+    inputs = batch_inputs(ctx, samples)
+    a = run_prefill(ctx, samples, inputs, build_policy(policy_name, ratio), share=False).cache
+    b = run_prefill(shared, samples, inputs, build_policy(policy_name, ratio)).cache
+    for x, y in zip(a.policy_layers, b.policy_layers):
+        for h in range(x.held().shape[1]):
+            assert all(x.kept_positions(r, h) == y.kept_positions(r, h) for r in range(len(samples))), x.layer_idx
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "auto"])
+def test_default_model_shared_prefill_equals_the_direct_path(dtype):
+    """SmolLM2-135M, 4 samples in one left-padded batch, both protocol modes. In its default dtype (bfloat16 on a CPU
+    with AVX-512 BF16) only the same-kernel presets are compared: there the one-pass kernel's bfloat16 rounding
+    changes what later layers keep near ties, so the replay is not the direct path's result until the prefill kernel
+    returns SDPA's outputs bit for bit (docs/architecture.md, "Recording and replay")."""
+    from kvpolicy.eval.context import load_eval_model
+
+    model, tokenizer = load_eval_model("smollm2-135m", dtype=dtype)
+    ctx = make_context(kvpolicy.attach(model), tokenizer, kl_topk=64)
+    store = DictStore()
+    shared = dataclasses.replace(ctx, prefill_store=store)
+    presets = [p for p in sorted(KERNEL) if dtype == "float32" or KERNEL[p] == SAME]
+    for split in (False, True):
+        samples = _default_model_samples(tokenizer, split)
+        rows = run_reference(ctx, samples)
+        refs = [reference_from_row(s, r, [x.id for x in samples]) for s, r in zip(samples, rows)]
+        for preset in presets:
+            over = {"allocator.per_prompt": False} if preset == "d2o" else None
+            for ratio in (0.5, 0.9):
+                direct = run_policy(ctx, samples, build_policy(preset, ratio, over), refs)
+                replayed = run_policy(shared, samples, build_policy(preset, ratio, over), refs)
+                compare_rows(direct, replayed, KERNEL[preset] == SAME, REAL_ATOL)
+                if KERNEL[preset] != SAME and not split:
+                    _kept_positions_agree(ctx, shared, samples, preset, ratio)
+    assert store.records == 2  # one recording per batch (one per protocol mode), every policy replayed from it
