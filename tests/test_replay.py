@@ -252,3 +252,21 @@ def test_a_recording_holds_each_policy_layers_queries_keys_and_validity():
     assert rec.valid.tolist() == [[True] * WIDTH, [False] * PADS[1] + [True] * (WIDTH - PADS[1])]
     assert torch.equal(rec.position_ids, fam.positions)
     assert rec.lse is None  # no output kernel returns it yet
+
+
+@pytest.mark.parametrize("preset", ["local", "snapkv", "h2o", "elastic"])
+def test_the_eager_backend_replays_as_its_direct_path(preset):
+    """The recording runs the backend the model is attached with, so eager outputs are recorded for an eager run."""
+    fam = Family.__new__(Family)
+    fam.model = kvpolicy.attach(build_model("qwen2", attn="eager"), backend="eager")
+    fam.batch = make_batch(2, WIDTH, pads=PADS)
+    fam.positions = (fam.batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    fam.recording = record(fam.model, fam.forward)
+    direct = kvpolicy.make_cache(fam.model, build_policy(preset, 0.9))
+    logits = fam.forward(direct)
+    with torch.inference_mode():
+        replayed = replay(fam.model, build_policy(preset, 0.9), fam.recording)
+    _same(logits, fam.recording.logits, KERNEL[preset] == SAME, "prefill logits")
+    _compare_layers(direct, replayed, KERNEL[preset])
+    for a, b in zip(fam.decode(direct), fam.decode(replayed)):
+        _same(a, b, KERNEL[preset] == SAME, "decode logits")

@@ -185,12 +185,12 @@ def _default_model_samples(tokenizer, split: bool) -> list[Sample]:
     ]
 
 
-def _kept_positions_agree(ctx, shared, samples, policy_name: str, ratio: float) -> None:
+def _kept_positions_agree(ctx, shared, samples, policy_name: str, ratio: float, over) -> None:
     from kvpolicy.eval.prefill import batch_inputs, run_prefill
 
     inputs = batch_inputs(ctx, samples)
-    a = run_prefill(ctx, samples, inputs, build_policy(policy_name, ratio), share=False).cache
-    b = run_prefill(shared, samples, inputs, build_policy(policy_name, ratio)).cache
+    a = run_prefill(ctx, samples, inputs, build_policy(policy_name, ratio, over), share=False).cache
+    b = run_prefill(shared, samples, inputs, build_policy(policy_name, ratio, over)).cache
     for x, y in zip(a.policy_layers, b.policy_layers):
         for h in range(x.held().shape[1]):
             assert all(x.kept_positions(r, h) == y.kept_positions(r, h) for r in range(len(samples))), x.layer_idx
@@ -221,5 +221,5 @@ def test_default_model_shared_prefill_equals_the_direct_path(dtype):
                 replayed = run_policy(shared, samples, build_policy(preset, ratio, over), refs)
                 compare_rows(direct, replayed, KERNEL[preset] == SAME, REAL_ATOL)
                 if KERNEL[preset] != SAME and not split:
-                    _kept_positions_agree(ctx, shared, samples, preset, ratio)
+                    _kept_positions_agree(ctx, shared, samples, preset, ratio, over)
     assert store.records == 2  # one recording per batch (one per protocol mode), every policy replayed from it
