@@ -9,10 +9,11 @@ with a mask function under the same name (``AttentionMaskInterface``; without on
    ("pristine", so a policy that drops nothing reproduces the plain cache bit for bit), otherwise through the layer's
    storage under the engine's per-slot mask (:mod:`kvpolicy.core.masks`), attending per kv-head group (keys are never
    repeated to query heads);
-3. compute the statistics the policy declared (:class:`~kvpolicy.core.policy.AttentionStat`) in query chunks
-   (:mod:`kvpolicy.core.kernels`) and the query statistics (:class:`~kvpolicy.core.policy.QueryStat`,
-   :mod:`kvpolicy.core.querystats`), and
-4. hand them to the layer, which compresses right away if its stage asks for it.
+3. compute the statistics the policy declared (:class:`~kvpolicy.core.policy.AttentionStat`,
+   :class:`~kvpolicy.core.policy.QueryStat`) with :func:`~kvpolicy.core.statistics.step_statistics`, the function a
+   replayed prefill (:mod:`kvpolicy.core.replay`) calls too, keeping any the output kernel already produced;
+4. on a recording cache (:mod:`kvpolicy.core.recording`), hand the layer's recorder the step's queries, and
+5. hand the statistics to the layer, which compresses right away if its stage asks for it.
 
 This module only chooses the path; the tensor work is in :mod:`kvpolicy.core.kernels`.
 """
@@ -28,10 +29,10 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
-from .kernels import attention_received, attention_with_received, masked_attention_with_received
+from .kernels import attention_with_received, masked_attention_with_received
 from .layer import PolicyLayer, take_active_layer
-from .policy import AttentionStat, QueryStat
-from .querystats import QueryStats, query_statistics
+from .policy import AttentionStat
+from .statistics import Stats, step_statistics
 
 __all__ = ["EAGER", "FUSED_DECODE_MAX_QUERIES", "SDPA", "register"]
 
@@ -39,8 +40,6 @@ __all__ = ["EAGER", "FUSED_DECODE_MAX_QUERIES", "SDPA", "register"]
 FUSED_DECODE_MAX_QUERIES = 16
 
 SDPA, EAGER = "kvpolicy", "kvpolicy_eager"
-
-Stats = dict[int | None, torch.Tensor]
 
 
 def _mask_fits(attention_mask: torch.Tensor | None, q: int, kv: int) -> bool:
@@ -83,31 +82,6 @@ def _outputs(
     return out
 
 
-def _query_stats(
-    layer: PolicyLayer,
-    query: torch.Tensor,
-    heads: int,
-    position_ids: Any,
-    new_valid: torch.Tensor,
-    needs: list[QueryStat],
-) -> dict[QueryStat, QueryStats]:
-    """The declared query statistics of this step. RoPE positions are the ``position_ids`` the model used (a left-padded
-    row's first real token may sit at 0); without them, the columns, which is what transformers derives by default."""
-    b, _, q, _ = query.shape
-    if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2:
-        positions = position_ids.to(query.device).expand(b, q)
-    else:
-        positions = torch.arange(layer.seen - q, layer.seen, device=query.device).expand(b, q)
-    before = layer.n_tokens - new_valid.sum(-1)
-    assert layer.rope is not None  # set by PolicyCache whenever the policy declares a QueryStat
-    return {
-        need: query_statistics(
-            query, positions, new_valid, heads, layer.rope, need.window, need.covariance, need.skip_first, before
-        )
-        for need in needs
-    }
-
-
 def _policy_attention(base: Callable, eager: bool) -> Callable:
     def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
         layer: PolicyLayer | None = take_active_layer(getattr(module, "layer_idx", None))
@@ -121,29 +95,19 @@ def _policy_attention(base: Callable, eager: bool) -> Callable:
         if layer.shift is not None and layer.prefilled:
             query = layer.shift.rotate(query)
         new_valid = layer.resolve_new_tokens(attention_mask, q)
-        stats: Stats = {}
-        needs: frozenset[AttentionStat] = layer.pending_needs()
-        queries: dict[QueryStat, QueryStats] | None = None
-        if needs and any(isinstance(need, QueryStat) for need in needs):
-            asked = [need for need in needs if isinstance(need, QueryStat)]
-            queries = _query_stats(layer, query, key.shape[1], kwargs.get("position_ids"), new_valid, asked)
-            needs = frozenset(need for need in needs if not isinstance(need, QueryStat))
+        needs = layer.pending_needs()
+        attention_needs = frozenset(need for need in needs if isinstance(need, AttentionStat))
 
         def call() -> tuple[torch.Tensor, Any]:
             return base(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
         fits = _mask_fits(attention_mask, q, key.shape[2])
-        out = _outputs(call, layer, query, key, value, fits, new_valid, needs, scaling, eager, stats)
-        needs = frozenset(need for need in needs if need.window not in stats)
-        if needs:
-            # an uncompressed layer's slot j holds column (seen - length) + j: the causal-prefix path applies
-            first_col = layer.seen - layer.length if layer.pristine else None
-            cols = torch.arange(layer.seen - q, layer.seen, device=key.device)
-            for need in needs:
-                stats[need.window] = attention_received(
-                    query, key, layer.valid, layer.positions, cols, new_valid, scaling, need.window,
-                    first_slot_col=first_col,
-                )
+        known: Stats = {}
+        out = _outputs(call, layer, query, key, value, fits, new_valid, attention_needs, scaling, eager, known)
+        position_ids = kwargs.get("position_ids")
+        stats, queries = step_statistics(layer, query, key, new_valid, needs, scaling, position_ids, known)
+        if layer.recorder is not None:
+            layer.recorder(query=query, position_ids=position_ids, scaling=scaling, lse=None)
         layer.finish_step(stats, queries)
         return out, None
 
