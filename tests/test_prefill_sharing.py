@@ -13,13 +13,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from checkpoints import tiny_checkpoint
+from pydantic import BaseModel
 
+import kvpolicy
 from kvpolicy.eval import EvalSpec, runner
 from kvpolicy.eval.compare import compare, is_done, spec_signature
 from kvpolicy.eval.prefill_store import PrefillStore, store_for
-from kvpolicy.eval.tasks import TaskError, get_task
+from kvpolicy.eval.tasks import Sample, Task, TaskError, get_task, register_task
 from kvpolicy.eval.tasks.base import bos_prefix, encode, read_data
+from kvpolicy.testing import VOCAB, build_model
 
 KVPOLICY = Path(sys.executable).with_name("kvpolicy")
 
@@ -72,7 +76,7 @@ def test_prefill_settings_do_not_change_what_a_cell_or_study_computes():
     assert _run_key(one, {"p": 1}) == _run_key(two, {"p": 1}) != _run_key(one, {"p": 2})
 
 
-def kvpolicy(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "KVPOLICY_CACHE": str(cwd / "cache"),
            "COLUMNS": "80"}
     return subprocess.run([str(KVPOLICY), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
@@ -98,7 +102,7 @@ def test_bad_values_are_one_line_exit_2_before_the_model_loads(tiny_dir, tmp_pat
     (tmp_path / "long.yaml").write_text(SWEEP.format(model=tiny_dir, ctx=5000))
     before = set(tmp_path.iterdir())
     model = [] if args[0] == "sweep" else ["--model", str(tiny_dir), "--samples", "2"]
-    done = kvpolicy([*args, *model, "--output", "out"], tmp_path)
+    done = cli([*args, *model, "--output", "out"], tmp_path)
     assert done.returncode == 2, done.stderr
     assert done.stderr.splitlines() == [done.stderr.strip()] and expected in done.stderr, done.stderr
     assert "Loading" not in done.stderr + done.stdout  # refused before any weights loaded
@@ -215,3 +219,74 @@ def test_the_sweep_evaluator_keeps_one_store_for_its_trials(tiny_dir, tmp_path):
     off.setup()
     assert off.prefill_store is None
     assert off.evaluate({"preset": "h2o", "ratio": 0.5}).details["prefill"]["reasons"] == {"share_prefill is off": 4}
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+class _CharTok:
+    eos_token_id, pad_token_id, bos_token_id, chat_template = 2, 0, None, None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(97 + (i % 26)) for i in ids if i > 2)
+
+
+class _Opts(BaseModel):
+    pass
+
+
+@register_task
+class _Varied(Task):
+    """Prompts of 34-60 tokens (left padding in every batch, longer than snapkv's 32-token window), gold targets
+    for teacher forcing and greedy generations."""
+
+    name = "pstore-varied"
+    Options = _Opts
+
+    def load(self, tokenizer, samples, seed, options):
+        g = torch.Generator().manual_seed(seed)
+        out = []
+        for i in range(samples):
+            n = int(torch.randint(34, 61, (1,), generator=g))
+            ids = torch.randint(3, VOCAB - 3, (n + 5,), generator=g).tolist()
+            out.append(Sample(id=f"v{i}", prompt_ids=ids[:n], target_ids=ids[n:], generate=True, max_new_tokens=4))
+        return out
+
+
+#: the kernel each preset's direct prefill computes with (the replay's tests/test_replay.py decides which is which):
+#: "same" -> bit-identical results; "one-pass" -> a whole-prompt statistic makes the direct path compute the layer's
+#: outputs with the one-pass kernel, equal to SDPA's only up to float32 rounding, while the recording ran SDPA: kept
+#: positions identical on this tiny model, NLL/KL within TOL (tighten to "same" when that kernel matches SDPA's)
+GRID_KERNEL = {"local": "same", "snapkv": "same", "tova": "same", "h2o": "one-pass", "elastic": "one-pass"}
+TOL = 1e-4
+
+
+def test_a_shared_grid_equals_the_direct_grid_with_one_recording_per_batch(tmp_path, monkeypatch):
+    model = kvpolicy.attach(build_model("llama"))  # GQA: 4 query heads per kv head
+    monkeypatch.setattr(runner, "load_eval_model", lambda name, dtype="auto", device="cpu": (model, _CharTok()))
+    base = dict(model="test/tiny", samples=7, batch_size=3, dtype="float32", bootstrap=0, quiet=True, kl_topk=0,
+                use_reference_cache=False)
+    policies, ratios = list(GRID_KERNEL), [0.5, 0.9]
+    shared = compare(policies, ratios, ["pstore-varied"], tmp_path / "shared", base=base)
+    direct = compare(policies, ratios, ["pstore-varied"], tmp_path / "direct", base={**base, "share_prefill": False})
+    assert set(shared["cells"]["pstore-varied"]) == set(direct["cells"]["pstore-varied"]) == {"full", *policies}
+    batches = 3  # 7 samples in batches of 3
+    made = 0
+    for name in policies:
+        for ratio in ratios:
+            cell = f"pstore-varied__{name}__{ratio:g}.json"
+            a = json.loads((tmp_path / "shared" / "cells" / cell).read_text())
+            b = json.loads((tmp_path / "direct" / "cells" / cell).read_text())
+            assert a["prefill"]["replayed"] == 7 and a["prefill"]["direct"] == 0, (cell, a["prefill"])
+            assert b["prefill"]["replayed"] == 0 and b["prefill"]["reasons"] == {"share_prefill is off": 7}
+            made += a["prefill"]["store"]["misses"]
+            for sa, sb in zip(a["samples"], b["samples"], strict=True):
+                pa, pb = sa["policy"], sb["policy"]
+                assert pa["kept_per_layer_prefill"] == pb["kept_per_layer_prefill"]  # the same positions kept
+                assert pa["bytes_end"] == pb["bytes_end"] and pa["steps"] == pb["steps"]
+                assert sa["full"]["nll_sum"] == sb["full"]["nll_sum"]  # the reference from the recording
+                if GRID_KERNEL[name] == "same":
+                    for key in ("nll_sum", "kl_sum", "top1_hits", "generation"):
+                        assert pa[key] == pb[key], (cell, key)
+                else:
+                    assert pa["nll_sum"] == pytest.approx(pb["nll_sum"], rel=TOL, abs=TOL)
+                    assert pa["kl_sum"] == pytest.approx(pb["kl_sum"], abs=TOL)
+    assert made == batches  # one recording per batch for the whole grid (the first cell's references make them)

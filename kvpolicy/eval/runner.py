@@ -204,6 +204,7 @@ class Setup:
     #: why rows of this evaluation ran their own prefill, with counts (filled as the batches run)
     direct_reasons: Counter[str] = field(default_factory=Counter)
     replayed: int = 0  #: rows whose cache was replayed from a recording
+    allocation: Counter[str] = field(default_factory=Counter)  #: rows per allocation mode (per-layer, whole-model)
 
 
 def setup(spec: EvalSpec, model: Any, tokenizer: Any, samples: Sequence[Sample] | None,
@@ -234,6 +235,7 @@ def setup(spec: EvalSpec, model: Any, tokenizer: Any, samples: Sequence[Sample] 
     task_info["query_aware"] = task_info["options"].get("query_aware")
     task_info["question_chunks"] = sum(1 for s in samples if s.question_tokens)
     ctx = make_context(model, tokenizer, spec.kl_topk)
+    ctx.prefill_store = prefill_store  # None: every batch prefills directly (share_prefill off)
     fingerprint = model_fingerprint(model, spec.model)
     settings = {
         "model": fingerprint,
@@ -293,12 +295,14 @@ def run_policy_batches(
 def count_sharing(run: Setup, rows: Sequence[RowRun]) -> None:
     """Tally how each row of a batch got its policy cache: replayed from a recording, or its own prefill (and why)."""
     for row in rows:
-        if getattr(row, "prefill_shared", False):
+        if row.prefill_shared:
             run.replayed += 1
         elif run.prefill_store is None:
             run.direct_reasons["share_prefill is off"] += 1
         else:
-            run.direct_reasons[getattr(row, "prefill_reason", None) or "this engine cannot replay a prefill"] += 1
+            run.direct_reasons[row.prefill_reason or "not shared"] += 1
+        if row.allocation is not None:
+            run.allocation[row.allocation] += 1
 
 
 def sharing_report(run: Setup, before: StoreStats | None) -> PrefillSharing:
@@ -309,6 +313,7 @@ def sharing_report(run: Setup, before: StoreStats | None) -> PrefillSharing:
         replayed=run.replayed,
         direct=sum(run.direct_reasons.values()),
         reasons=dict(run.direct_reasons),
+        allocation=dict(run.allocation),
         store=store.stats().since(before).as_dict() if store is not None and before is not None else None,
     )
 

@@ -180,6 +180,9 @@ class PrefillSharing(BaseModel):
     direct: int = 0  #: batch rows that ran the policy's own prefill
     #: why rows ran directly (sharing disabled, or the policy's prefill depends on the policy), with their counts
     reasons: dict[str, int] = Field(default_factory=dict)
+    #: rows per way the prefill budgets were allocated across layers: ``per-layer`` (each layer as it is compressed)
+    #: or ``whole-model`` (an allocator that sees every layer first: only on a replayed prefill)
+    allocation: dict[str, int] = Field(default_factory=dict)
     #: the store's counters during this evaluation (hits, disk_hits, misses = recordings made, evictions, spills, ...)
     store: dict[str, int] | None = None
 
