@@ -24,7 +24,6 @@ Vision-language configs (LLaVA, Qwen2-VL, ...) get ``AutoModelForImageTextToText
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
 import importlib
 import importlib.metadata
@@ -271,35 +270,6 @@ def load_model(
     dtype = resolve_dtype(dtype, device)
     model, tokenizer = _load(resolve_model(name or DEFAULT_MODEL), dtype=dtype, device=device)
     return model, prepare_for_batches(model, tokenizer)
-
-
-def local_tokenizer(name: str) -> Any | None:
-    """The tokenizer (a vision-language model's processor) of ``name`` without its weights, when it is on this
-    machine already: a converted alias or a local checkpoint directory. ``None`` otherwise (a Hub id, a GGUF file, an
-    alias not converted yet, anything that does not load): a caller then checks after the model loads instead.
-
-    Why: a task can tell whether its data fits the options (a prompt length the committed texts cannot fill) only in
-    the model's own tokens, and that should be said in a second, before the weights load."""
-    try:
-        source = resolve_model(name)
-    except (FileNotFoundError, UnknownModelError):
-        return None
-    on_disk = source.kind == "local" or (source.kind == "alias" and source.is_cached)
-    if source.path is None or not on_disk:
-        return None
-    return _tokenizer_only(str(source.path))
-
-
-@functools.lru_cache(maxsize=4)
-def _tokenizer_only(path: str) -> Any | None:
-    from transformers import AutoConfig, AutoProcessor, AutoTokenizer
-
-    try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-        loader = AutoProcessor if is_vision_language_config(config) else AutoTokenizer
-        return loader.from_pretrained(path, local_files_only=True)
-    except Exception:  # noqa: BLE001 - not loadable here: the check happens after the model loads
-        return None
 
 
 def prepare_for_batches(model: Any, tokenizer: Any) -> Any:
@@ -590,7 +560,6 @@ __all__ = [
     "is_vision_language_config",
     "known_aliases",
     "load_model",
-    "local_tokenizer",
     "model_cache_dir",
     "model_problem",
     "prepare_for_batches",

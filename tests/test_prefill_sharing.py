@@ -114,7 +114,7 @@ def test_continuation_refuses_a_length_its_windows_cannot_fill_and_names_the_max
     """The maximum is the shortest drawn window in the tokenizer's tokens (BOS included), computed here directly
     from the data; at that length every prompt holds exactly context_tokens tokens (nothing silently shorter)."""
     from kvpolicy.eval.tasks.text import drawn_rows
-    from kvpolicy.models import local_tokenizer
+    from kvpolicy.eval.preflight import local_tokenizer
 
     tok = local_tokenizer(str(tiny_dir))
     assert tok is not None
