@@ -239,31 +239,45 @@ def _grow(msk: torch.Tensor) -> torch.Tensor:
     return torch.cat([msk, torch.ones(msk.shape[0], 1, dtype=msk.dtype, device=msk.device)], 1)
 
 
-def prefill(ctx: Context, inputs: BatchInputs, cache: Any) -> tuple[torch.Tensor, float]:
-    """The prompts through ``cache``: the last position's logits (float32) and the seconds it took. With question
-    chunks: the contexts first (the policy compresses them), then the questions appended uncompressed."""
-    t0 = time.perf_counter()
+def prefill_context(ctx: Context, inputs: BatchInputs, cache: Any) -> torch.Tensor:
+    """The first prefill forward: the whole prompts, or with question chunks the contexts alone (the policy compresses
+    them). Returns the model's output (last position's logits only)."""
     positions = inputs.positions if inputs.pass_positions else None
-    first_mask = inputs.mask if inputs.q_ids is None else inputs.context_mask
     with torch.inference_mode():
-        out = ctx.model(
+        return ctx.model(
             input_ids=inputs.ids,
-            attention_mask=first_mask,
+            attention_mask=inputs.mask if inputs.q_ids is None else inputs.context_mask,
             position_ids=None if positions is None else positions[:, : inputs.ids.shape[1]],
             logits_to_keep=1,
             **inputs.extra,
             **{"past_key_values": cache, "use_cache": True},
         )
-        if inputs.q_ids is not None:
-            appending = cache.appending() if isinstance(cache, PolicyCache) else contextlib.nullcontext()
-            with appending:
-                out = ctx.model(
-                    input_ids=inputs.q_ids,
-                    attention_mask=inputs.mask,
-                    position_ids=None if positions is None else positions[:, -inputs.q_ids.shape[1] :],
-                    logits_to_keep=1,
-                    **{"past_key_values": cache, "use_cache": True},
-                )
+
+
+def append_question(ctx: Context, inputs: BatchInputs, cache: Any) -> Any:
+    """The second prefill forward of the query-agnostic protocol: the question chunks appended to a cache that holds
+    the (compressed) contexts, uncompressed (:meth:`~kvpolicy.core.cache.PolicyCache.appending`; a full
+    ``DynamicCache`` just grows). Returns the model's output (last position's logits only)."""
+    assert inputs.q_ids is not None
+    positions = inputs.positions if inputs.pass_positions else None
+    appending = cache.appending() if isinstance(cache, PolicyCache) else contextlib.nullcontext()
+    with torch.inference_mode(), appending:
+        return ctx.model(
+            input_ids=inputs.q_ids,
+            attention_mask=inputs.mask,
+            position_ids=None if positions is None else positions[:, -inputs.q_ids.shape[1] :],
+            logits_to_keep=1,
+            **{"past_key_values": cache, "use_cache": True},
+        )
+
+
+def prefill(ctx: Context, inputs: BatchInputs, cache: Any) -> tuple[torch.Tensor, float]:
+    """The prompts through ``cache``: the last position's logits (float32) and the seconds it took. With question
+    chunks: the contexts first (the policy compresses them), then the questions appended uncompressed."""
+    t0 = time.perf_counter()
+    out = prefill_context(ctx, inputs, cache)
+    if inputs.q_ids is not None:
+        out = append_question(ctx, inputs, cache)
     logits0 = out.logits[:, -1].to(torch.float32)
     return logits0, time.perf_counter() - t0
 
@@ -438,11 +452,13 @@ __all__ = [
     "BatchInputs",
     "RowRun",
     "Stepper",
+    "append_question",
     "batch_inputs",
     "batches",
     "generate",
     "left_pad",
     "prefill",
+    "prefill_context",
     "run_exact",
     "run_policy",
     "run_reference",
