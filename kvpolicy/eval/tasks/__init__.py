@@ -14,7 +14,11 @@ looks them up by name (``EvalSpec.task``). Built in:
   assignments); the gold answer is teacher-forced and the generation is scored by string match;
 * ``ruler`` — RULER's 11 synthetic tasks (``niah_*``, ``vt``, ``cwe``, ``fwe``) at any ``context_tokens``, in the
   model's tokens; scored by RULER's ``string_match_all`` per task and averaged (:mod:`.ruler`);
-* ``jsonl`` — a user file with ``prompt`` and optional ``answer``, ``image`` and ``id`` per line.
+* ``jsonl`` — a user file with ``prompt`` (or ``context`` and ``question``) and optional ``answer``, ``image`` and
+  ``id`` per line.
+
+``ruler``, ``needle`` and ``jsonl`` carry each sample's ``context`` and ``question`` apart and take ``query_aware``:
+``false`` prefills the question as a second chunk appended to the compressed context (``Sample.question_tokens``).
 
 Sampling is deterministic and nested: with seed ``s`` the first ``n`` samples are always the first ``n`` of the same
 seeded permutation, so 50 samples are a subset of 100 and their cached references are reused.

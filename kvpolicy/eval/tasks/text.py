@@ -25,6 +25,7 @@ from .base import (
     permutation,
     read_data,
     register_task,
+    split_question,
 )
 
 
@@ -139,6 +140,11 @@ class NeedleOptions(BaseModel):
         default="prose", description="Python reference-manual paragraphs, or RULER's repeated 'grass is green' noise"
     )
     chat: bool | None = None
+    query_aware: bool = Field(
+        default=True,
+        description="true (this short task's published protocol): context and question are one prompt, compressed "
+        "together; false (kvpress's): the context is compressed before the question is appended uncompressed",
+    )
 
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -180,17 +186,20 @@ class Needle(Task):
             slots = sorted(rng.randint(0, len(hay)) for _ in needles)
             for offset, (slot, needle) in enumerate(zip(slots, needles)):
                 hay.insert(slot + offset, needle)
-            context = " ".join(hay)
-            user = f"{context}\n\n{question}"
+            context = " ".join(hay) + "\n\n"  # the user turn is context + question
+            ids = chat_prompt(tokenizer, context + question, prefix, options.chat)
             out.append(
                 Sample(
                     id=f"needle-{variant}-{seed}-{i:04d}",
-                    prompt_ids=chat_prompt(tokenizer, user, prefix, options.chat),
+                    prompt_ids=ids,
+                    question_tokens=split_question(tokenizer, ids, context, question, options),
                     target_ids=encode(tokenizer, " " + ", ".join(answers)),
                     generate=True,
                     max_new_tokens=8 + 6 * len(answers),
                     answers=answers,
                     kind=variant,
+                    context=context,
+                    question=question,
                     meta={"depths": [s / max(1, len(hay) - len(needles)) for s in slots]},
                 )
             )
@@ -252,20 +261,56 @@ class Needle(Task):
 # ------------------------------------------------------------------------------------------------ jsonl
 class JsonlOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    path: str = Field(description="a .jsonl file: one object per line with 'prompt', optional 'answer', 'image', 'id'")
+    path: str = Field(
+        description="a .jsonl file: one object per line with 'prompt' (or 'context' and 'question'), optional "
+        "'answer', 'image', 'id'"
+    )
     max_new_tokens: int = Field(default=64, ge=1, le=4096)
     chat: bool | None = None
     shuffle: bool = Field(default=True, description="draw the samples with the seeded permutation (else file order)")
+    query_aware: bool = Field(
+        default=False,
+        description="false (kvpress's protocol): a line's 'context' is compressed before its 'question' is appended "
+        "uncompressed; true: context and question are one prompt. Lines with a 'prompt' are always one prompt",
+    )
+
+
+def jsonl_rows(path: Path) -> list[dict[str, Any]]:
+    """The file's lines as dicts, each checked: a string ``prompt``, or string ``context`` and ``question`` (the user
+    turn is ``context + question``), not both; ``id`` defaults to ``<stem>-<line>``."""
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise TaskError(f"{path}:{n}: not JSON ({exc})") from exc
+            if not isinstance(row, dict):
+                raise TaskError(f"{path}:{n}: each line needs a string 'prompt', or 'context' and 'question'")
+            split = [k for k in ("context", "question") if k in row]
+            if split and "prompt" in row:
+                raise TaskError(f"{path}:{n}: give 'prompt', or 'context' and 'question', not both")
+            fields = ("context", "question") if split else ("prompt",)
+            if not all(isinstance(row.get(k), str) for k in fields):
+                raise TaskError(f"{path}:{n}: each line needs a string 'prompt', or 'context' and 'question'")
+            row.setdefault("id", f"{path.stem}-{n:05d}")
+            rows.append(row)
+    return rows
 
 
 @register_task
 class Jsonl(Task):
-    """Any user file: ``{"prompt": ..., "answer": ... (optional), "image": path (optional), "id": ... (optional)}``.
+    """Any user file: ``{"prompt": ..., "answer": ... (optional), "image": path (optional), "id": ... (optional)}``,
+    or ``"context"`` and ``"question"`` instead of ``"prompt"`` (the user turn is their concatenation).
 
     With an ``answer`` the answer is teacher-forced (PPL of the ground truth, the authors' protocol) and the generation
     is scored by string match against it (``match``: RULER's ``string_match_all`` of one answer); without one the
-    full-cache greedy answer is the reference. Image paths are relative to the file; an image needs a vision-language
-    model whose loader returned a processor."""
+    full-cache greedy answer is the reference. A context/question line is prefilled in two chunks unless
+    ``query_aware`` (the query-agnostic protocol, ``docs/evaluation.md``); a ``prompt`` line, or a line with an image,
+    is one prompt. Image paths are relative to the file; an image needs a vision-language model whose loader returned
+    a processor."""
 
     name = "jsonl"
     Options = JsonlOptions
@@ -274,45 +319,39 @@ class Jsonl(Task):
         path = Path(options.path).expanduser()
         if not path.exists():
             raise TaskError(f"jsonl task: file {str(path)!r} does not exist")
-        rows = []
-        with path.open(encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise TaskError(f"{path}:{n}: not JSON ({exc})") from exc
-                if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                    raise TaskError(f"{path}:{n}: each line needs a string 'prompt'")
-                row.setdefault("id", f"{path.stem}-{n:05d}")
-                rows.append(row)
+        rows = jsonl_rows(path)
         if samples > len(rows):
             raise TaskError(f"{path} has {len(rows)} samples; asked for {samples}")
         order = permutation(len(rows), samples, seed, f"jsonl-{path.name}") if options.shuffle else range(samples)
-        out = []
-        for i in order:
-            r = rows[i]
-            answer = r.get("answer")
-            extra: dict[str, Any] = {}
-            if r.get("image"):
-                image = load_image(path.parent / r["image"], f"{path}: sample {r['id']}")
-                ids, extra = image_prompt(tokenizer, image, r["prompt"], chat=options.chat)
-            else:
-                ids = chat_prompt(tokenizer, r["prompt"], chat=options.chat)
-            out.append(
-                Sample(
-                    id=str(r["id"]),
-                    prompt_ids=ids,
-                    target_ids=encode(tokenizer, answer) if isinstance(answer, str) and answer else None,
-                    answers=[answer] if isinstance(answer, str) and answer else None,
-                    generate=True,
-                    max_new_tokens=options.max_new_tokens,
-                    kind="image" if extra else "text",
-                    extra=extra,
-                )
-            )
-        return out
+        return [self.sample(tokenizer, rows[i], path, options) for i in order]
+
+    @staticmethod
+    def sample(tokenizer: Any, r: dict[str, Any], path: Path, options: JsonlOptions) -> Sample:
+        answer = r.get("answer")
+        context, question = r.get("context"), r.get("question")
+        user = r["prompt"] if context is None else context + question
+        extra: dict[str, Any] = {}
+        split = 0
+        if r.get("image"):
+            image = load_image(path.parent / r["image"], f"{path}: sample {r['id']}")
+            ids, extra = image_prompt(tokenizer, image, user, chat=options.chat)
+        else:
+            ids = chat_prompt(tokenizer, user, chat=options.chat)
+            if context is not None:
+                split = split_question(tokenizer, ids, context, question, options)
+        return Sample(
+            id=str(r["id"]),
+            prompt_ids=ids,
+            question_tokens=split,
+            target_ids=encode(tokenizer, answer) if isinstance(answer, str) and answer else None,
+            answers=[answer] if isinstance(answer, str) and answer else None,
+            generate=True,
+            max_new_tokens=options.max_new_tokens,
+            kind="image" if extra else "text",
+            context=context,
+            question=question,
+            extra=extra,
+        )
 
 
 __all__ = ["Continuation", "Instruct", "Jsonl", "Needle"]
