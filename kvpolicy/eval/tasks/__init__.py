@@ -7,6 +7,7 @@ looks them up by name (``EvalSpec.task``). Built in:
 * ``continuation`` — a window of real text (CPython standard-library source or Python reference documentation, from
   ``kvpolicy/data/continuation.jsonl.gz``): the last ``context_tokens`` tokens of the window's first part are the
   prompt, the first ``target_tokens`` tokens of the rest are teacher-forced (PPL of the true continuation);
+  ``windows=long`` draws from ``continuation_long.jsonl.gz`` (32 windows of 10k+ tokens) for long contexts;
 * ``instruct`` — an instruction about a document (summarise / explain / list / ...), rendered with the tokenizer's
   chat template; the full-cache greedy answer is the reference (the Elastic Cache paper's protocol);
 * ``needle`` — RULER-style synthetic retrieval generated on the fly at ``context_tokens``: ``single`` (one needle in a

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +36,15 @@ class ContinuationOptions(BaseModel):
     context_tokens: int = Field(default=256, ge=8, le=1 << 16, description="prompt length in tokens")
     target_tokens: int = Field(default=32, ge=2, le=4096, description="tokens of the true continuation scored")
     kind: Literal["all", "code", "prose"] = Field(default="all", description="which windows to draw from")
+    windows: Literal["short", "long"] = Field(
+        default="short",
+        description="short: the 199 windows of up to ~3,000 characters (~400-1,800 tokens); long: 32 windows of "
+        "~48,000 characters (10k+ tokens) for long contexts",
+    )
+
+
+#: the committed data file of each ``windows`` option
+WINDOW_FILES = {"short": "continuation", "long": "continuation_long"}
 
 
 def drawn_rows(data: str, kind: str, samples: int, seed: int) -> list[dict]:
@@ -42,6 +52,30 @@ def drawn_rows(data: str, kind: str, samples: int, seed: int) -> list[dict]:
     a seed are always the same rows, so a larger run reuses the references of a smaller one)."""
     rows = [r for r in read_data(data) if kind in ("all", r["kind"])]
     return [rows[i] for i in permutation(len(rows), samples, seed, f"{data}-{kind}")]
+
+
+@lru_cache(maxsize=8)
+def window_sizes(tokenizer: Any, data: str) -> dict[str, int]:
+    """Row id -> tokens of the row's context, for every row of a committed continuation file (memoised per tokenizer:
+    a sweep pays the ~1-5 s once)."""
+    return {r["id"]: len(encode(tokenizer, r["context"])) for r in read_data(data)}
+
+
+def check_fill(tokenizer: Any, options: ContinuationOptions, room: int) -> None:
+    """Refuse a ``context_tokens`` that some window of the pool cannot fill (it would be silently shorter). The
+    maximum comes from the data: the shortest window of the pool (``windows`` and ``kind``) in this tokenizer's
+    tokens, plus the BOS token (so the check does not depend on ``--samples``)."""
+    data = WINDOW_FILES[options.windows]
+    every = window_sizes(tokenizer, data)
+    sizes = {r["id"]: every[r["id"]] for r in read_data(data) if options.kind in ("all", r["kind"])}
+    fewest = min(sizes, key=sizes.__getitem__)
+    if room > sizes[fewest]:
+        most = sizes[fewest] + options.context_tokens - room
+        hint = " (windows=long holds 10k+ tokens per window)" if options.windows == "short" else ""
+        raise TaskError(
+            f"continuation: context_tokens={options.context_tokens} is more than the {options.windows} windows "
+            f"(kind={options.kind}) hold: at most {most} with this tokenizer, window {fewest}{hint}"
+        )
 
 
 @register_task
@@ -54,7 +88,8 @@ class Continuation(Task):
     def load(self, tokenizer, samples, seed, options):
         out = []
         bos = bos_prefix(tokenizer)
-        for r in drawn_rows("continuation", options.kind, samples, seed):
+        check_fill(tokenizer, options, options.context_tokens - len(bos))
+        for r in drawn_rows(WINDOW_FILES[options.windows], options.kind, samples, seed):
             ctx = encode(tokenizer, r["context"])[-(options.context_tokens - len(bos)) :]
             tgt = encode(tokenizer, r["continuation"])[: options.target_tokens]
             out.append(
