@@ -92,9 +92,9 @@ SWEEP = ("name: s\nmodel: {model}\ntask: {{name: continuation, context_tokens: {
     (["run", "--prefill-spill-dir", "a_file"], "error: prefill_spill_dir: 'a_file' is a file; allowed: a directory"),
     (["sweep", "ok.yaml", "--prefill-cache-gb", "-1"], "task.prefill_cache_gb: Input should be greater than or equal"),
     (["run", "--task", "continuation", "--task-option", "context_tokens=5000"], "error: continuation: "
-     "context_tokens=5000 is more than the committed windows hold"),
+     "context_tokens=5000 is more than the short windows"),
     (["compare", "--task", "continuation", "--task-option", "context_tokens=5000"], "context_tokens=5000 is more"),
-    (["sweep", "long.yaml"], "task: continuation: context_tokens=5000 is more than the committed windows hold"),
+    (["sweep", "long.yaml"], "task: continuation: context_tokens=5000 is more than the short windows"),
 ])
 def test_bad_values_are_one_line_exit_2_before_the_model_loads(tiny_dir, tmp_path, args, expected):
     (tmp_path / "a_file").write_text("x")

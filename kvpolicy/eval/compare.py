@@ -90,6 +90,14 @@ def query_mode(spec: EvalSpec) -> bool | None:
     return bool(value) if value is not None else None
 
 
+def one_prompt_is_aware(mode: bool | None) -> bool:
+    """A recorded or resolved ``query_aware``, with ``None`` (a cell from before a task had the option, or a task
+    without it: one prompt) read as ``True``: one prompt compressed together is the query-aware computation. So a
+    ``needle`` cell from before the option resumes under its default (``true``), and a ``ruler`` one is recomputed
+    under its default (``false``)."""
+    return True if mode is None else mode
+
+
 def is_done(path: Path, spec: EvalSpec) -> bool:
     """Whether ``path`` holds a complete result of the same computation as ``spec`` (an unreadable file: no)."""
     if not path.exists():
@@ -97,7 +105,7 @@ def is_done(path: Path, spec: EvalSpec) -> bool:
     try:
         old = json.loads(path.read_text())
         old_signature = spec_signature(EvalSpec(**old["spec"]), dtype=cell_dtype(old))
-        same_mode = old["task"].get("query_aware") == query_mode(spec)  # cells from before the option: recompute
+        same_mode = one_prompt_is_aware(old["task"].get("query_aware")) == one_prompt_is_aware(query_mode(spec))
         return bool(old.get("complete")) and old_signature == spec_signature(spec) and same_mode
     except (ValueError, KeyError, TypeError):
         return False

@@ -39,10 +39,12 @@ __all__ = [
     "BatchInputs",
     "PrefillRun",
     "PrefillStore",
+    "append_question",
     "batch_inputs",
     "left_pad",
     "mrope_model",
     "prefill",
+    "prefill_context",
     "recording_key",
     "run_prefill",
 ]
@@ -123,7 +125,7 @@ def mrope_model(model: Any) -> Any:
 
 
 # ================================================================================================== direct
-def _context_forward(ctx: Context, inputs: BatchInputs, cache: Any) -> Any:
+def prefill_context(ctx: Context, inputs: BatchInputs, cache: Any) -> Any:
     """The first forward of the prefill: the whole prompts, or the contexts when there are question chunks."""
     positions = inputs.positions if inputs.pass_positions else None
     first_mask = inputs.mask if inputs.q_ids is None else inputs.context_mask
@@ -138,7 +140,7 @@ def _context_forward(ctx: Context, inputs: BatchInputs, cache: Any) -> Any:
         )
 
 
-def _question_forward(ctx: Context, inputs: BatchInputs, cache: Any) -> Any:
+def append_question(ctx: Context, inputs: BatchInputs, cache: Any) -> Any:
     """The questions appended to the prefilled contexts, uncompressed (query-agnostic protocol)."""
     assert inputs.q_ids is not None
     positions = inputs.positions if inputs.pass_positions else None
@@ -157,9 +159,9 @@ def prefill(ctx: Context, inputs: BatchInputs, cache: Any) -> tuple[torch.Tensor
     """The prompts through ``cache``: the last position's logits (float32) and the seconds it took. With question
     chunks: the contexts first (the policy compresses them), then the questions appended uncompressed."""
     t0 = time.perf_counter()
-    out = _context_forward(ctx, inputs, cache)
+    out = prefill_context(ctx, inputs, cache)
     if inputs.q_ids is not None:
-        out = _question_forward(ctx, inputs, cache)
+        out = append_question(ctx, inputs, cache)
     return out.logits[:, -1].to(torch.float32), time.perf_counter() - t0
 
 
@@ -208,7 +210,7 @@ class PrefillRun:
 
 def _record(ctx: Context, inputs: BatchInputs) -> PrefillRecording:
     """The batch's first forward, recorded (M-RoPE models: with the ``rope_deltas`` it left in the model)."""
-    recording = record(ctx.model, lambda cache: _context_forward(ctx, inputs, cache).logits[:, -1])
+    recording = record(ctx.model, lambda cache: prefill_context(ctx, inputs, cache).logits[:, -1])
     mrope = mrope_model(ctx.model)
     if mrope is not None and isinstance(mrope.rope_deltas, torch.Tensor):
         recording.rope_deltas = mrope.rope_deltas.clone()
@@ -247,5 +249,5 @@ def run_prefill(
         mrope.rope_deltas = None if recording.rope_deltas is None else recording.rope_deltas.clone()
     logits = recording.logits.clone()
     if inputs.q_ids is not None:
-        logits = _question_forward(ctx, inputs, cache).logits[:, -1].to(torch.float32)
+        logits = append_question(ctx, inputs, cache).logits[:, -1].to(torch.float32)
     return PrefillRun(cache, logits, time.perf_counter() - t0, True, None)

@@ -187,6 +187,14 @@ def question_tokens(tokenizer: Any, prompt_ids: list[int], context: str, questio
     return len(prompt_ids) - k if 0 < k < len(prompt_ids) else 0
 
 
+def split_question(tokenizer: Any, ids: list[int], context: str, question: str, options: BaseModel) -> int:
+    """``Sample.question_tokens`` under the task's ``query_aware`` option: 0 (one prompt) when query-aware, else the
+    trailing tokens of ``ids`` that form the question chunk (:func:`question_tokens`)."""
+    if getattr(options, "query_aware", True):
+        return 0
+    return question_tokens(tokenizer, ids, context, question, getattr(options, "chat", None))
+
+
 def fit_lines(text: str, budget: int, measure: Callable[[str], int]) -> str:
     """The longest prefix of ``text`` made of whole lines whose ``measure`` is at most ``budget`` (binary search)."""
     lines = text.splitlines(keepends=True)
@@ -310,5 +318,6 @@ __all__ = [
     "question_tokens",
     "read_data",
     "register_task",
+    "split_question",
     "text_tokenizer",
 ]

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .base import Sample, Task, TaskError, chat_prompt, encode, question_tokens, register_task
+from .base import Sample, Task, TaskError, chat_prompt, encode, register_task, split_question
 from .ruler_gen import CommonWords, FreqWords, Niah, Parts, VariableTracking
 from .ruler_text import NIAH_TASKS, RULER_TASKS, TOKENS_TO_GENERATE, RulerTaskName, family
 
@@ -159,11 +159,10 @@ class Ruler(Task):
         if task == "fwe":
             check_fwe_answer(gen, units)
         ids = prompt(parts)
-        split = 0 if options.query_aware else question_tokens(tokenizer, ids, parts.context, parts.question, options.chat)
         return Sample(
             id=f"ruler-{task}-{seed}-{j:04d}",
             prompt_ids=ids,
-            question_tokens=split,
+            question_tokens=split_question(tokenizer, ids, parts.context, parts.question, options),
             target_ids=encode(tokenizer, parts.target),
             generate=True,
             max_new_tokens=options.max_new_tokens or TOKENS_TO_GENERATE[family(task)],
