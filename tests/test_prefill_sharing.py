@@ -111,22 +111,22 @@ def test_bad_values_are_one_line_exit_2_before_the_model_loads(tiny_dir, tmp_pat
 
 # ------------------------------------------------------------------------------------------------ continuation
 def test_continuation_refuses_a_length_its_windows_cannot_fill_and_names_the_maximum(tiny_dir):
-    """The maximum is the shortest drawn window in the tokenizer's tokens (BOS included), computed here directly
-    from the data; at that length every prompt holds exactly context_tokens tokens (nothing silently shorter)."""
-    from kvpolicy.eval.tasks.text import drawn_rows
+    """The maximum is the shortest window of the pool in the tokenizer's tokens (BOS included), computed here directly
+    from the data; ``check`` (run before any model loads) and ``load`` refuse one token more, naming it; at that length
+    every prompt holds exactly context_tokens tokens (nothing silently shorter)."""
     from kvpolicy.eval.preflight import local_tokenizer
 
     tok = local_tokenizer(str(tiny_dir))
     assert tok is not None
     task, samples, seed = get_task("continuation"), 6, 3
-    rows = drawn_rows("continuation", "prose", samples, seed)
-    most = min(len(bos_prefix(tok)) + len(encode(tok, r["context"])) for r in rows)
-    assert most < max(len(r["context"]) for r in read_data("continuation"))  # the data, not a constant, decides
-    with pytest.raises(TaskError, match=rf"context_tokens={most + 1} is more .* has {most} tokens; allowed: "
-                                        rf"context_tokens <= {most} "):
-        task.load(tok, samples, seed, task.options({"context_tokens": most + 1, "kind": "prose"}))
-    with pytest.raises(TaskError, match=f"<= {most} "):
-        task.check(tok, samples, seed, task.options({"context_tokens": most + 1, "kind": "prose"}))
+    pool = [r for r in read_data("continuation") if r["kind"] == "prose"]
+    most = min(len(bos_prefix(tok)) + len(encode(tok, r["context"])) for r in pool)
+    assert most < max(len(r["context"]) for r in pool)  # the data, not a constant, decides
+    options = task.options({"context_tokens": most + 1, "kind": "prose"})
+    with pytest.raises(TaskError, match=rf"context_tokens={most + 1} is more .* at most {most} with this tokenizer"):
+        task.load(tok, samples, seed, options)
+    with pytest.raises(TaskError, match=rf"at most {most} with this tokenizer"):
+        task.check(tok, samples, seed, options)
     loaded = task.load(tok, samples, seed, task.options({"context_tokens": most, "kind": "prose"}))
     assert [len(s.prompt_ids) for s in loaded] == [most] * samples
 
