@@ -270,3 +270,37 @@ def test_the_eager_backend_replays_as_its_direct_path(preset):
     _compare_layers(direct, replayed, KERNEL[preset])
     for a, b in zip(fam.decode(direct), fam.decode(replayed)):
         _same(a, b, KERNEL[preset] == SAME, "decode logits")
+
+
+class Vandal:
+    """An encode scorer that breaks the read-only contract: it scores by attention, then zeroes the statistic."""
+
+    needs = frozenset({AttentionStat(None)})
+
+    def score(self, view):
+        scores = view.attention[None].clone()
+        view.attention[None].zero_()
+        return scores
+
+
+def test_statistics_are_computed_once_per_recording_and_never_shared_by_reference():
+    from kvpolicy.core.budget import Budget
+    from kvpolicy.core.policy import CachePolicy
+    from kvpolicy.testing import PlainEvict
+
+    fam = Family("llama")
+
+    def policy():
+        return CachePolicy(reducer=PlainEvict(), budget=Budget(ratio=0.5), encode=Vandal())
+
+    direct = kvpolicy.make_cache(fam.model, policy())
+    fam.forward(direct)
+    with torch.inference_mode():
+        first = replay(fam.model, policy(), fam.recording)
+        memo = [dict(x.statistics) for x in fam.recording.policy_layers]
+        second = replay(fam.model, policy(), fam.recording)
+    assert all(set(m) == {AttentionStat(None)} for m in memo)
+    assert all(m[AttentionStat(None)] is x.statistics[AttentionStat(None)] and bool(m[AttentionStat(None)].any())
+               for m, x in zip(memo, fam.recording.policy_layers))  # computed by the first replay, kept intact
+    _compare_layers(direct, first, ONE_PASS)
+    _compare_layers(first, second, SAME)

@@ -152,6 +152,9 @@ def test_prefill_seconds_are_the_replays_not_the_recordings():
     samples = make_samples(False)
     rows = run_reference(dataclasses.replace(ctx, prefill_store=store), samples)
     assert store.records == 1 and sum(r.prefill_s for r in rows) < 2.0
+    assert sum(r.prefill_record_s for r in rows) > 0  # the recording's own time is reported apart
+    again = run_reference(dataclasses.replace(ctx, prefill_store=store), samples)
+    assert store.records == 1 and sum(r.prefill_record_s for r in again) == 0.0
 
 
 def test_another_batch_composition_is_another_recording():

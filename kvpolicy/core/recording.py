@@ -53,9 +53,13 @@ class LayerRecording:
     position_ids: torch.Tensor | None  #: the RoPE positions the model passed (None: the columns)
     scaling: float
     lse: torch.Tensor | None = None  #: float32 [B, Hq, S], when the output kernel returned it
+    #: the prefill statistics replays have computed from this layer so far, by need (they depend on the recorded
+    #: tensors only, not on the policy: a grid computes each once); derived data, not part of :meth:`to_dict`
+    statistics: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in _tensors(self))
+        memo = [t for v in self.statistics.values() for t in ([v] if isinstance(v, torch.Tensor) else _tensors(v))]
+        return sum(t.nbytes for t in _tensors(self) + memo)
 
 
 @dataclass
@@ -100,7 +104,8 @@ class PrefillRecording:
         layers = []
         for layer in self.layers:
             if isinstance(layer, LayerRecording):
-                layers.append({"kind": "policy", **{f.name: getattr(layer, f.name) for f in fields(layer)}})
+                kept = {f.name: getattr(layer, f.name) for f in fields(layer) if f.name != "statistics"}
+                layers.append({"kind": "policy", **kept})
             else:
                 layers.append({"kind": "other", "class": layer.kind, "state": dict(layer.state)})
         return {
@@ -125,8 +130,9 @@ class PrefillRecording:
         return cls(layers, d["token_types"], d["logits"], d["rope_deltas"], d["format"])
 
 
-def _tensors(rec: LayerRecording) -> list[torch.Tensor]:
-    return [t for t in (getattr(rec, f.name) for f in fields(rec)) if isinstance(t, torch.Tensor)]
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    """The tensor fields of a dataclass (a layer's recording, query statistics)."""
+    return [t for t in (getattr(obj, f.name) for f in fields(obj)) if isinstance(t, torch.Tensor)]
 
 
 class _NoReduction:

@@ -20,6 +20,7 @@ Whole-model allocation: because every layer's prefill is at hand before any is c
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -29,7 +30,8 @@ from .cache import PolicyCache
 from .engine import BACKENDS, make_cache
 from .layer import PolicyLayer, take_active_layer
 from .partcheck import PartError, part_label
-from .policy import CachePolicy, ModelView
+from .policy import AttentionStat, CachePolicy, ModelView, QueryStat
+from .querystats import QueryStats
 from .recording import LayerRecording, OtherLayer, PrefillRecording
 from .statistics import received_per_query_head, step_statistics
 
@@ -65,12 +67,31 @@ def _check(cache: Any, recording: PrefillRecording) -> None:
 
 def _feed(layer: PolicyLayer, rec: LayerRecording) -> tuple[dict, dict | None]:
     """One recorded prefill step into ``layer``, up to its statistics (what the attention function does before
-    ``finish_step``, with the recorded tensors in place of the forward's)."""
+    ``finish_step``, with the recorded tensors in place of the forward's). A statistic another replay of the same
+    recording already computed is reused (a copy: parts must not write into it, and a copy makes sure of it)."""
     layer.update(rec.keys, rec.values)
     take_active_layer(layer.layer_idx)  # the hand-off is meant for an attention call, and none follows
     new_valid = layer.mark_new_tokens(rec.valid)
-    return step_statistics(
-        layer, rec.query, layer.keys, new_valid, layer.pending_needs(), rec.scaling, rec.position_ids, lse=rec.lse
+    needs = layer.pending_needs()
+    memo = rec.statistics
+    todo = frozenset(need for need in needs if need not in memo)
+    stats, queries = step_statistics(
+        layer, rec.query, layer.keys, new_valid, todo, rec.scaling, rec.position_ids, lse=rec.lse
+    )
+    for need in todo:
+        memo[need] = queries[need] if isinstance(need, QueryStat) else stats[need.window]
+    attention = {need.window: memo[need].clone() for need in needs if isinstance(need, AttentionStat)}
+    asked = {need: _copy(memo[need]) for need in needs if isinstance(need, QueryStat)}
+    return attention, asked or None
+
+
+def _copy(stats: QueryStats) -> QueryStats:
+    return dataclasses.replace(
+        stats,
+        mean=stats.mean.clone(),
+        covariance=None if stats.covariance is None else stats.covariance.clone(),
+        count=stats.count.clone(),
+        next_position=stats.next_position.clone(),
     )
 
 

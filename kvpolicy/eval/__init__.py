@@ -6,7 +6,8 @@ them. The ``kvpolicy run`` / ``kvpolicy compare`` commands (:mod:`kvpolicy.cli.e
 
 The package, in the order an evaluation goes through it: :mod:`.spec` (what defines a run and its result),
 :mod:`.preflight` (checks before a model loads), :mod:`.context` (model, tokenizer, eos/pad ids), :mod:`.tasks`
-(samples), :mod:`.references` (the full-cache side, cached on disk), :mod:`.protocol` (one batch: prefill, teacher
+(samples), :mod:`.references` (the full-cache side, cached on disk), :mod:`.prefill` (a batch's inputs and its
+prefill, direct or replayed from a prefill recorded once per batch), :mod:`.protocol` (one batch: prefill, teacher
 forcing, generation), :mod:`.honesty` (the ratio-0 check), :mod:`.scoring` (per-sample results), :mod:`.aggregate`
 (metrics, intervals, the paired bootstrap), :mod:`.runner` (:func:`evaluate`), :mod:`.compare` and :mod:`.report`.
 """

@@ -206,6 +206,7 @@ class PrefillRun:
     seconds: float
     shared: bool  #: replayed from a recorded prefill
     reason: str | None  #: why it was not shared (None when it was)
+    record_seconds: float = 0.0  #: seconds this run spent recording the batch's prefill (a store miss), else 0
 
 
 def _record(ctx: Context, inputs: BatchInputs) -> PrefillRecording:
@@ -239,8 +240,15 @@ def run_prefill(
         cache = make_cache(ctx.model, policy) if policy is not None else DynamicCache(config=ctx.model.config)
         logits, seconds = prefill(ctx, inputs, cache)
         return PrefillRun(cache, logits, seconds, False, reason)
-    key = recording_key(ctx, samples, inputs)
-    recording = ctx.prefill_store.get_or_record(key, lambda: _record(ctx, inputs))
+    recorded = []
+
+    def timed_record() -> PrefillRecording:
+        t = time.perf_counter()
+        out = _record(ctx, inputs)
+        recorded.append(time.perf_counter() - t)
+        return out
+
+    recording = ctx.prefill_store.get_or_record(recording_key(ctx, samples, inputs), timed_record)
     t0 = time.perf_counter()
     with torch.inference_mode():
         cache = replay(ctx.model, policy, recording) if policy is not None else full_cache(ctx.model, recording)
@@ -250,4 +258,4 @@ def run_prefill(
     logits = recording.logits.clone()
     if inputs.q_ids is not None:
         logits = append_question(ctx, inputs, cache).logits[:, -1].to(torch.float32)
-    return PrefillRun(cache, logits, time.perf_counter() - t0, True, None)
+    return PrefillRun(cache, logits, time.perf_counter() - t0, True, None, sum(recorded))

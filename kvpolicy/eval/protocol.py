@@ -65,6 +65,7 @@ class RowRun:
     decode_steps: int = 0
     prefill_shared: bool = False  #: the cache was replayed from the batch's recorded prefill
     prefill_reason: str | None = None  #: why the prefill was not shared (None when it was)
+    prefill_record_s: float = 0.0  #: the row's share of the recording's seconds, where this run recorded the batch
     #: how the prefill budgets were allocated across layers: ``"per-layer"`` or ``"whole-model"`` (an allocator with
     #: ``model_keep`` on a shared prefill, the only place it can see every layer first); None for the full cache
     allocation: str | None = None
@@ -277,6 +278,7 @@ def _run(
         rows[r].types_prefill = budget0.types[r].tolist() if budget0.types is not None else None
         rows[r].prefill_s = run.seconds / b
         rows[r].prefill_shared, rows[r].prefill_reason = run.shared, run.reason
+        rows[r].prefill_record_s = run.record_seconds / b
         rows[r].allocation = getattr(cache, "allocation", None)
 
     self_target = [t is None for t in targets]
