@@ -290,3 +290,34 @@ def test_a_shared_grid_equals_the_direct_grid_with_one_recording_per_batch(tmp_p
                     assert pa["nll_sum"] == pytest.approx(pb["nll_sum"], rel=TOL, abs=TOL)
                     assert pa["kl_sum"] == pytest.approx(pb["kl_sum"], abs=TOL)
     assert made == batches  # one recording per batch for the whole grid (the first cell's references make them)
+
+
+def test_the_ratio0_check_runs_the_full_cache_once_per_grid_and_still_refuses_a_bad_policy(monkeypatch):
+    """The check's full-cache side (a direct run of one sample) is shared by the policies of a grid; each policy's
+    side still runs directly, and a policy that differs at ratio 0 is still refused after a shared full side."""
+    from kvpolicy import Budget
+    from kvpolicy.eval import HonestyCheckError, evaluate, honesty
+    from kvpolicy.testing import first_last_policy
+
+    model = kvpolicy.attach(build_model("qwen2"))
+    samples = _Varied().load(None, 4, 0, _Opts())
+    spec = EvalSpec(model="test/tiny", samples=4, batch_size=2, dtype="float32", bootstrap=0, quiet=True,
+                    use_reference_cache=False, kl_topk=0)
+    runs: list[object] = []
+    real = honesty.run_exact
+
+    def spy(ctx, group, policy, targets, label=""):
+        runs.append(policy)
+        return real(ctx, group, policy, targets, label)
+
+    monkeypatch.setattr(honesty, "run_exact", spy)
+    monkeypatch.setattr(honesty, "CHECKED", {})
+    kw = dict(model=model, tokenizer=_CharTok(), samples=samples)
+    for name in ("local", "snapkv", "tova"):
+        res = evaluate(spec.model_copy(update={"policy": name, "ratio": 0.5}), **kw)
+        assert res.honesty["passed"] and not res.honesty.get("memoised")
+    assert [p is None for p in runs] == [True, False, False, False]  # full side once, each policy's side directly
+    bad = first_last_policy(Budget(tokens=12))
+    with pytest.raises(HonestyCheckError, match="ratio 0"):
+        evaluate(spec.model_copy(update={"policy": "local", "ratio": 0.5}), policy=bad, policy_ratio0=bad, **kw)
+    assert runs[-1] is bad and sum(p is None for p in runs) == 1

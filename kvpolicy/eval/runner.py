@@ -261,7 +261,10 @@ def honesty(run: Setup) -> dict[str, Any]:
         [run.fingerprint, policy_document(run.policy_ratio0), run.samples[0].content_hash(), run.settings],
         default=str,
     )
-    return ratio0_check(run.ctx, run.samples[0], run.policy_ratio0, memo_key=memo)
+    # the full cache's side of the check is the same for every policy of a grid: reused within one thread count
+    full = json.dumps([run.fingerprint, run.samples[0].content_hash(), run.settings, torch.get_num_threads()],
+                      default=str)
+    return ratio0_check(run.ctx, run.samples[0], run.policy_ratio0, memo_key=memo, full_key=full)
 
 
 def run_policy_batches(
