@@ -30,8 +30,10 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from .kernels import attention_received, attention_with_received, masked_attention_with_received
 from .layer import PolicyLayer, take_active_layer
+from .lse import received_from_lse
 from .policy import AttentionStat, QueryStat
 from .querystats import QueryStats, query_statistics
+from .sdpa import sdpa_with_lse
 
 __all__ = ["EAGER", "FUSED_DECODE_MAX_QUERIES", "SDPA", "register"]
 
@@ -52,6 +54,7 @@ def _mask_fits(attention_mask: torch.Tensor | None, q: int, kv: int) -> bool:
 
 def _outputs(
     call: Callable[[], tuple[torch.Tensor, Any]],
+    call_lse: Callable[[], tuple[torch.Tensor, torch.Tensor] | None],
     layer: PolicyLayer,
     query: torch.Tensor,
     key: torch.Tensor,
@@ -63,12 +66,25 @@ def _outputs(
     eager: bool,
     stats: Stats,
 ) -> torch.Tensor:
-    """The step's outputs, by the cheapest path that keeps the engine's guarantees; a path that also yields the
-    whole-step statistics stores them in ``stats``. ``call`` runs transformers' own attention function."""
+    """The step's outputs, by the cheapest path that keeps the engine's guarantees; a path that also yields
+    statistics stores them in ``stats``. ``call`` runs transformers' own attention function; ``call_lse`` the same
+    SDPA call with each query's log-sum-exp, or ``None`` where it cannot be reproduced (:mod:`kvpolicy.core.sdpa`)."""
     q = query.shape[2]
+    if layer.pristine and mask_fits and needs and q > 1:
+        # an uncompressed layer (prefill): transformers' own outputs, bit for bit, and every statistic from the lse
+        got = call_lse()
+        if got is not None:
+            out, lse = got
+            first_col = layer.seen - layer.length
+            for need in needs:
+                stats[need.window] = received_from_lse(
+                    query, key, lse, layer.valid, new_valid, scaling, need.window, first_col, layer.seen - q
+                )
+            return out
     whole = [need for need in needs if need.window is None or need.window >= q]
     if layer.pristine and mask_fits and whole and layer.prefill_drops():
-        # an uncompressed layer about to be compressed: outputs and statistics from one pass over the keys
+        # no lse (eager attention, not a CPU, a call the flash kernel refuses) and the layer is about to be
+        # compressed: outputs and statistics from one pass over the keys (outputs equal up to float rounding)
         out, received = attention_with_received(
             query, key, value, layer.valid, new_valid, scaling, layer.seen - layer.length, layer.seen - q
         )
@@ -132,8 +148,13 @@ def _policy_attention(base: Callable, eager: bool) -> Callable:
         def call() -> tuple[torch.Tensor, Any]:
             return base(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
+        def call_lse() -> tuple[torch.Tensor, torch.Tensor] | None:
+            if eager:
+                return None
+            return sdpa_with_lse(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
         fits = _mask_fits(attention_mask, q, key.shape[2])
-        out = _outputs(call, layer, query, key, value, fits, new_valid, needs, scaling, eager, stats)
+        out = _outputs(call, call_lse, layer, query, key, value, fits, new_valid, needs, scaling, eager, stats)
         needs = frozenset(need for need in needs if need.window not in stats)
         if needs:
             # an uncompressed layer's slot j holds column (seen - length) + j: the causal-prefix path applies

@@ -1,0 +1,100 @@
+"""The attention each key receives, from the log-sum-exp that SDPA's flash kernel returns with its outputs.
+
+Why: a policy that ranks the prompt by the attention it receives needs every query's softmax over its keys, which
+SDPA never writes out. Recomputing the softmax costs a max, an exp and a division per logit; with each query's
+log-sum-exp ``lse_i`` already known (the CPU flash kernel computes it anyway, :mod:`kvpolicy.core.sdpa`), the
+probability is one subtraction and one exponential, ``p_ij = exp(s * q_i . k_j - lse_i)``, and the outputs can stay
+the ones transformers' own SDPA call produces, bit for bit.
+
+:func:`received_from_lse` is a pure function of ``(query, key, lse, validity, query validity, scaling, window,
+column offsets)``, so a recorded prefill (queries, keys and lse per layer) replays to the same statistics.
+
+Cost, per chunk of query rows: one matmul into the block of logits with ``-lse`` as its initial value (``baddbmm``),
+the causal mask on the diagonal block, ``exp2`` (the scale carries ``log2(e)``: torch's float32 ``exp2`` was measured
+about 5x faster than its ``exp`` on an AMD EPYC) and a column sum. Memory: one block of float32 logits, bounded like
+:func:`kvpolicy.core.kernels.causal_prefix_blocks`, plus float32 copies of the keys.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from .kernels import MIN_CHUNK_ROWS, STATS_CHUNK_ELEMENTS, prefix_chunks
+
+__all__ = ["exact_bf16_matmul", "received_from_lse"]
+
+_LOG2E = 1.0 / math.log(2.0)
+
+
+@contextmanager
+def exact_bf16_matmul(active: bool) -> Iterator[None]:
+    """Let float32 matmuls run through oneDNN's bfloat16 path while ``active`` (restored on exit).
+
+    Only for float32 operands that are exact bfloat16 values (a bfloat16 model's queries and keys, upcast): rounding
+    them to bfloat16 changes nothing and the products accumulate in float32, so the result is the float32 matmul's up
+    to summation order, at bfloat16 speed (measured 2x on an AMD EPYC with AVX-512 BF16; AMX does more). The switch
+    is process state (torch's ``mkldnn.matmul.fp32_precision``): another thread's float32 matmul running at the same
+    moment would be rounded too."""
+    setting = torch.backends.mkldnn.matmul
+    if not active or not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        yield
+        return
+    before = setting.fp32_precision
+    setting.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        setting.fp32_precision = before
+
+
+def received_from_lse(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    lse: torch.Tensor,
+    valid: torch.Tensor,
+    query_valid: torch.Tensor,
+    scaling: float,
+    window: int | None,
+    first_slot_col: int,
+    query_col0: int,
+    chunk_elements: int = STATS_CHUNK_ELEMENTS,
+    min_rows: int = MIN_CHUNK_ROWS,
+) -> torch.Tensor:
+    """Attention each key receives from the last ``window`` queries (``None``: all), averaged over each group's query
+    heads: float32 ``[B, H, P]``, the statistic of :class:`~kvpolicy.core.policy.AttentionStat`.
+
+    ``query [B, Hq, q, D]``; ``key [B, H, P, D]`` of an uncompressed layer, slot ``j`` holding column
+    ``first_slot_col + j``; queries at columns ``query_col0 ...`` (so ``P = query_col0 - first_slot_col + q``, and
+    query ``i`` sees the slots up to its own column); ``lse [B, Hq, q]`` the natural log-sum-exp of each query's
+    scaled, masked logits (as SDPA's flash kernel returns it); ``valid [B, H, P]`` and ``query_valid [B, q]``.
+    Padding queries contribute nothing (their ``lse`` is not read) and padding keys receive nothing."""
+    b, hq, q, d = query.shape
+    h, p = key.shape[1], key.shape[2]
+    g = hq // h
+    start = 0 if window is None else max(0, q - window)
+    total = torch.zeros(b * h, p, dtype=torch.float32, device=key.device)
+    if p == 0 or start >= q:
+        return total.view(b, h, p)
+    col0 = query_col0 - first_slot_col  # slot of the first query's own column
+    # log2 units: p = exp2(q . k * s * log2(e) - lse * log2(e)); a padding query's row is -inf, so exp2 gives 0
+    neg = torch.where(query_valid[:, None, :], lse.to(torch.float32) * -_LOG2E, float("-inf")).view(b, h, g, q)
+    keys_t = key.to(torch.float32).transpose(2, 3)  # [B, H, D, P]
+    exact_bf16 = query.dtype == torch.bfloat16 and key.dtype == torch.bfloat16 and key.device.type == "cpu"
+    with exact_bf16_matmul(exact_bf16):
+        for i0, i1, kmax, lo in prefix_chunks(b * hq, q, p, start, col0, chunk_elements, min_rows):
+            c = i1 - i0
+            qc = query[:, :, i0:i1].to(torch.float32).reshape(b * h, g * c, d)
+            init = neg[:, :, :, i0:i1].reshape(b * h, g * c, 1)
+            # the scale goes to alpha, not into the operands: they stay exact bfloat16 values (exact_bf16_matmul)
+            logits = torch.baddbmm(init, qc, keys_t[:, :, :, :kmax].reshape(b * h, d, kmax), alpha=scaling * _LOG2E)
+            if lo < kmax:  # the diagonal block: keys after some query of the chunk
+                future = torch.ones(c, kmax - lo, dtype=torch.bool, device=key.device).triu_(0)
+                logits.view(b * h, g, c, kmax)[..., lo:kmax].masked_fill_(future, float("-inf"))
+            total[:, :kmax] += logits.exp2_().sum(dim=1)
+            del logits
+    # a padding key's logits were never masked (its column sum may be anything, even inf): it receives nothing
+    return torch.where(valid, total.view(b, h, p), 0.0).div_(g)
