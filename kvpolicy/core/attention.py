@@ -8,13 +8,18 @@ with a mask function under the same name (``AttentionMaskInterface``; without on
 2. produce the outputs: with transformers' own mask and attention function while the layer is uncompressed
    ("pristine", so a policy that drops nothing reproduces the plain cache bit for bit), otherwise through the layer's
    storage under the engine's per-slot mask (:mod:`kvpolicy.core.masks`), attending per kv-head group (keys are never
-   repeated to query heads);
-3. compute the statistics the policy declared (:class:`~kvpolicy.core.policy.AttentionStat`) in query chunks
-   (:mod:`kvpolicy.core.kernels`) and the query statistics (:class:`~kvpolicy.core.policy.QueryStat`,
-   :mod:`kvpolicy.core.querystats`), and
+   repeated to query heads). A pristine layer whose policy declared attention statistics runs the same SDPA call
+   through the CPU flash kernel directly (:mod:`kvpolicy.core.sdpa`): outputs bit for bit transformers' own, plus
+   each query's log-sum-exp — so even a policy that compresses at prefill leaves every prefill hidden state equal to
+   the full cache's;
+3. compute the statistics the policy declared (:class:`~kvpolicy.core.policy.AttentionStat`) in query chunks: from
+   that log-sum-exp where there is one (:mod:`kvpolicy.core.lse`), otherwise with a softmax of their own
+   (:mod:`kvpolicy.core.kernels`: eager attention, devices other than CPU — on CUDA the flash kernel has a
+   log-sum-exp too, untested here — and calls the flash kernel does not take); and the query statistics
+   (:class:`~kvpolicy.core.policy.QueryStat`, :mod:`kvpolicy.core.querystats`), and
 4. hand them to the layer, which compresses right away if its stage asks for it.
 
-This module only chooses the path; the tensor work is in :mod:`kvpolicy.core.kernels`.
+This module only chooses the path; the tensor work is in :mod:`kvpolicy.core.kernels` and :mod:`kvpolicy.core.lse`.
 """
 
 from __future__ import annotations

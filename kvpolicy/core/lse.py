@@ -23,6 +23,7 @@ from contextlib import contextmanager
 
 import torch
 
+from ..hardware import cpu_has_fast_bf16
 from .kernels import MIN_CHUNK_ROWS, STATS_CHUNK_ELEMENTS, prefix_chunks
 
 __all__ = ["exact_bf16_matmul", "received_from_lse"]
@@ -40,7 +41,7 @@ def exact_bf16_matmul(active: bool) -> Iterator[None]:
     is process state (torch's ``mkldnn.matmul.fp32_precision``): another thread's float32 matmul running at the same
     moment would be rounded too."""
     setting = torch.backends.mkldnn.matmul
-    if not active or not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if not active or not cpu_has_fast_bf16():  # emulated bfloat16 (no AVX-512 BF16 or AMX) would be slower
         yield
         return
     before = setting.fp32_precision
