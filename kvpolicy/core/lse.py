@@ -9,9 +9,12 @@ the ones transformers' own SDPA call produces, bit for bit.
 :func:`received_from_lse` is a pure function of ``(query, key, lse, validity, query validity, scaling, window,
 column offsets)``, so a recorded prefill (queries, keys and lse per layer) replays to the same statistics.
 
-Cost, per chunk of query rows: one matmul into the block of logits with ``-lse`` as its initial value (``baddbmm``),
-the causal mask on the diagonal block, ``exp2`` (the scale carries ``log2(e)``: torch's float32 ``exp2`` was measured
-about 5x faster than its ``exp`` on an AMD EPYC) and a column sum. Memory: one block of float32 logits, bounded like
+Cost, per chunk of query rows: one matmul that yields the logits already shifted by ``-lse`` (three extra columns of
+the queries carry it, against rows of ones under the keys), the causal mask on the diagonal block, ``exp2`` (the
+matmul's alpha carries ``log2(e)``: torch's float32 ``exp2`` was measured about 5x faster than its ``exp`` on an AMD
+EPYC) and a column sum — no max, no division, no broadcast pass. For a bfloat16 model the float32 matmul runs on
+oneDNN's bfloat16 path, exactly (:func:`exact_bf16_matmul`). The matmul is the floor: it recomputes ``q . k``, which
+the flash kernel computed but does not return. Memory: one block of float32 logits, bounded like
 :func:`kvpolicy.core.kernels.causal_prefix_blocks`, plus float32 copies of the keys.
 """
 
@@ -26,9 +29,24 @@ import torch
 from ..hardware import cpu_has_fast_bf16
 from .kernels import MIN_CHUNK_ROWS, STATS_CHUNK_ELEMENTS, prefix_chunks
 
-__all__ = ["exact_bf16_matmul", "received_from_lse"]
+__all__ = ["LSE_TERMS", "exact_bf16_matmul", "received_from_lse"]
 
 _LOG2E = 1.0 / math.log(2.0)
+#: bfloat16 terms that carry each query's float32 ``-lse / s`` into the matmul (their sum is exact to ~2^-24)
+LSE_TERMS = 3
+
+
+def _exact_terms(x: torch.Tensor) -> torch.Tensor:
+    """``x [...]`` float32 as ``[..., LSE_TERMS]`` bfloat16-exact float32 terms that sum to it: operands of a matmul
+    that may round to bfloat16 (:func:`exact_bf16_matmul`) lose nothing. ``-inf`` stays ``(-inf, 0, 0)``."""
+    terms = []
+    rest = torch.where(torch.isfinite(x), x, 0.0)
+    for _ in range(LSE_TERMS):
+        term = rest.to(torch.bfloat16).to(torch.float32)
+        terms.append(term)
+        rest = rest - term
+    terms[0] = torch.where(torch.isfinite(x), terms[0], x)
+    return torch.stack(terms, dim=-1)
 
 
 @contextmanager
@@ -81,21 +99,29 @@ def received_from_lse(
     if p == 0 or start >= q:
         return total.view(b, h, p)
     col0 = query_col0 - first_slot_col  # slot of the first query's own column
-    # log2 units: p = exp2(q . k * s * log2(e) - lse * log2(e)); a padding query's row is -inf, so exp2 gives 0
-    neg = torch.where(query_valid[:, None, :], lse.to(torch.float32) * -_LOG2E, float("-inf")).view(b, h, g, q)
-    keys_t = key.to(torch.float32).transpose(2, 3)  # [B, H, D, P]
+    # -lse enters the matmul as LSE_TERMS extra columns of the queries against rows of ones under the keys, so the
+    # matmul yields q . k - lse / s at once (no pass to subtract it) and alpha = s * log2(e) makes it log2 units
+    shift = _exact_terms(torch.where(query_valid[:, None, :], lse.to(torch.float32) / -scaling, float("-inf")))
+    shift = shift.view(b, h, g, q, LSE_TERMS)
+    ones = torch.ones(b * h, LSE_TERMS, p, dtype=torch.float32, device=key.device)
+    keys_t = torch.cat([key.to(torch.float32).transpose(2, 3).reshape(b * h, d, p), ones], dim=1)  # contiguous
+    queries = query.view(b, h, g, q, d)
     exact_bf16 = query.dtype == torch.bfloat16 and key.dtype == torch.bfloat16 and key.device.type == "cpu"
+    unused = torch.empty(1, 1, 1, dtype=torch.float32, device=key.device)
+    future: torch.Tensor | None = None  # the causal mask of the diagonal block, the same for every full chunk
     with exact_bf16_matmul(exact_bf16):
         for i0, i1, kmax, lo in prefix_chunks(b * hq, q, p, start, col0, chunk_elements, min_rows):
             c = i1 - i0
-            qc = query[:, :, i0:i1].to(torch.float32).reshape(b * h, g * c, d)
-            init = neg[:, :, :, i0:i1].reshape(b * h, g * c, 1)
-            # the scale goes to alpha, not into the operands: they stay exact bfloat16 values (exact_bf16_matmul)
-            logits = torch.baddbmm(init, qc, keys_t[:, :, :, :kmax].reshape(b * h, d, kmax), alpha=scaling * _LOG2E)
+            qc = torch.cat([queries[:, :, :, i0:i1].to(torch.float32), shift[:, :, :, i0:i1]], dim=-1)
+            # the scale is alpha, not part of the operands: they stay exact bfloat16 values (exact_bf16_matmul)
+            logits = torch.baddbmm(
+                unused, qc.view(b * h, g * c, d + LSE_TERMS), keys_t[:, :, :kmax], beta=0, alpha=scaling * _LOG2E
+            )
             if lo < kmax:  # the diagonal block: keys after some query of the chunk
-                future = torch.ones(c, kmax - lo, dtype=torch.bool, device=key.device).triu_(0)
+                if future is None or future.shape != (c, kmax - lo):
+                    future = torch.ones(c, kmax - lo, dtype=torch.bool, device=key.device).triu_(0)
                 logits.view(b * h, g, c, kmax)[..., lo:kmax].masked_fill_(future, float("-inf"))
             total[:, :kmax] += logits.exp2_().sum(dim=1)
-            del logits
+            del logits, qc
     # a padding key's logits were never masked (its column sum may be anything, even inf): it receives nothing
     return torch.where(valid, total.view(b, h, p), 0.0).div_(g)
