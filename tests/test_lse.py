@@ -199,3 +199,17 @@ def test_eager_attention_keeps_the_one_pass_path():
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(got[real], expected[real], atol=1e-4, rtol=1e-4)
     assert (cache.policy_layers[0].held()[:, 0] < batch["attention_mask"].sum(-1)).all()
+
+
+@pytest.mark.parametrize("preset", ["h2o", "snapkv"])
+def test_ratio_zero_with_statistics_generates_like_the_full_cache(preset):
+    """A policy whose prefill needs statistics but drops nothing (ratio 0) still reproduces the full cache's greedy
+    generation token for token (the honesty check's guarantee), now through the lse route."""
+    model = build_model("qwen2")
+    batch = make_batch(3, 36, [0, 4, 11])
+    kwargs = dict(batch, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    expected = model.generate(**kwargs)
+    kvpolicy.attach(model)
+    cache = kvpolicy.make_cache(model, load_policy({"preset": preset, "ratio": 0.0}))
+    got = model.generate(**kwargs, past_key_values=cache)
+    assert torch.equal(got, expected)
