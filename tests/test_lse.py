@@ -107,11 +107,12 @@ def test_calls_the_flash_kernel_cannot_reproduce_answer_none():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [None, 5, 1])
-@pytest.mark.parametrize("chunk", [1, 40, 1 << 20])
+@pytest.mark.parametrize("block", [(1, 1), (4, 3), (7, 64), (None, None)])
 @pytest.mark.parametrize("col0", [0, 6])
-def test_statistics_equal_a_naive_full_softmax(dtype, window, chunk, col0):
-    """GQA, left padding (keys and queries), queries after earlier columns (``col0``), windows, chunks down to one
-    row: the statistics from the kernel's lse equal a float64 softmax over every query and key."""
+def test_statistics_equal_a_naive_full_softmax(dtype, window, block, col0):
+    """GQA, left padding (keys and queries), queries after earlier columns (``col0``), windows, blocks down to one
+    query by one key and blocks whose diagonal spans tiles: the statistics from the kernel's lse equal a float64
+    softmax over every query and key."""
     torch.manual_seed(2)
     b, hq, h, q, d = 3, 6, 2, 19, 16
     p = col0 + q
@@ -127,7 +128,7 @@ def test_statistics_equal_a_naive_full_softmax(dtype, window, chunk, col0):
     _, lse = sdpa_with_lse(_module(hq, h), query, key, value, mask, scaling=d**-0.5)
     valid_h = valid[:, None].expand(b, h, p)
     got = received_from_lse(
-        query, key, lse, valid_h, query_valid, d**-0.5, window, 100, 100 + col0, chunk_elements=chunk, min_rows=1
+        query, key, lse, valid_h, query_valid, d**-0.5, window, 100, 100 + col0, rows=block[0], tile=block[1]
     )
     ref = naive_received(query, key, valid, query_valid, d**-0.5, window, col0)
     tol = 1e-5 if dtype == torch.float32 else 2e-4

@@ -26,7 +26,6 @@ __all__ = [
     "attention_received",
     "attention_with_received",
     "causal_prefix_blocks",
-    "prefix_chunks",
     "grouped_attention",
     "masked_attention_with_received",
 ]
@@ -123,22 +122,6 @@ def attention_received(
     return total.div_(g)
 
 
-def prefix_chunks(
-    rows_heads: int, q: int, p: int, start: int, col0: int, chunk_elements: int, min_rows: int
-) -> Iterator[tuple[int, int, int, int]]:
-    """The query chunks of a causal-prefix pass over an uncompressed layer (slot ``j`` holds the column of query
-    ``j - col0``): yields ``(i0, i1, kmax, lo)`` for the queries ``start..q``, where the chunk's last query sees slots
-    ``[0, kmax)`` and from slot ``lo`` on some query of the chunk is before the key (the diagonal block to mask).
-
-    Rows per chunk: ``rows_heads`` (batch x query heads) times rows times the keys of the chunk's last query stay
-    within ``chunk_elements``, widened to ``min_rows`` while under :data:`MAX_CHUNK_ELEMENTS` (see there)."""
-    per_row = max(1, rows_heads * min(p, col0 + q))
-    rows = max(1, min(min_rows, MAX_CHUNK_ELEMENTS // per_row), chunk_elements // per_row)
-    for i0 in range(start, q, rows):
-        i1 = min(q, i0 + rows)
-        yield i0, i1, min(p, col0 + i1), col0 + i0 + 1
-
-
 def causal_prefix_blocks(
     query: torch.Tensor,
     k32: torch.Tensor,
@@ -159,8 +142,15 @@ def causal_prefix_blocks(
     g = hq // h
     padded = not bool(valid.all())
     padded_queries = not bool(query_valid[:, start:].all())
-    for i0, i1, kmax, lo in prefix_chunks(b * hq, q, p, start, col0, chunk_elements, min_rows):
+    i0 = start
+    while i0 < q:
+        # rows so that rows * (keys seen by the chunk's last query) stays within the budget
+        per_row = max(1, b * hq * min(p, col0 + q))
+        rows = min(q - i0, max(1, min(min_rows, MAX_CHUNK_ELEMENTS // per_row), chunk_elements // per_row))
+        i1 = i0 + rows
         c = i1 - i0
+        kmax = min(p, col0 + i1)  # the chunk's last query sees slots [0, kmax)
+        lo = col0 + i0 + 1  # from here on, some query of the chunk is before the key
         qc = query[:, :, i0:i1].to(torch.float32).reshape(b, h, g * c, d)
         logits = torch.matmul(qc, k32[:, :, :kmax].transpose(2, 3)).mul_(scaling).view(b, h, g, c, kmax)
         if lo < kmax:
@@ -173,6 +163,7 @@ def causal_prefix_blocks(
         if padded_queries:
             probs.nan_to_num_(0.0).mul_(query_valid[:, None, None, i0:i1, None].to(probs.dtype))
         yield i0, i1, kmax, probs
+        i0 = i1
 
 
 def _received_causal_prefix(
