@@ -70,22 +70,18 @@ def _outputs(
     scaling: float,
     eager: bool,
     stats: Stats,
-) -> torch.Tensor:
-    """The step's outputs, by the cheapest path that keeps the engine's guarantees; a path that also yields
-    statistics stores them in ``stats``. ``call`` runs transformers' own attention function; ``call_lse`` the same
-    SDPA call with each query's log-sum-exp, or ``None`` where it cannot be reproduced (:mod:`kvpolicy.core.sdpa`)."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The step's outputs, by the cheapest path that keeps the engine's guarantees, and each query's log-sum-exp
+    where that path yields it (``None`` otherwise); a path that also yields statistics stores them in ``stats``.
+    ``call`` runs transformers' own attention function; ``call_lse`` the same SDPA call with the log-sum-exp, or
+    ``None`` where it cannot be reproduced (:mod:`kvpolicy.core.sdpa`)."""
     q = query.shape[2]
     if layer.pristine and mask_fits and needs and q > 1:
-        # an uncompressed layer (prefill): transformers' own outputs, bit for bit, and every statistic from the lse
+        # an uncompressed layer (prefill) with statistics to compute: transformers' own outputs, bit for bit, and
+        # the lse that turns each logit into a probability (:func:`_statistics`)
         got = call_lse()
         if got is not None:
-            out, lse = got
-            first_col = layer.seen - layer.length
-            for need in needs:
-                stats[need.window] = received_from_lse(
-                    query, key, lse, layer.valid, new_valid, scaling, need.window, first_col, layer.seen - q
-                )
-            return out
+            return got
     whole = [need for need in needs if need.window is None or need.window >= q]
     if layer.pristine and mask_fits and whole and layer.prefill_drops():
         # no lse (eager attention, not a CPU, a call the flash kernel refuses) and the layer is about to be
@@ -94,14 +90,44 @@ def _outputs(
             query, key, value, layer.valid, new_valid, scaling, layer.seen - layer.length, layer.seen - q
         )
     elif layer.pristine and mask_fits:
-        return call()[0]
+        return call()[0], None
     elif whole and q <= FUSED_DECODE_MAX_QUERIES:
         out, received = masked_attention_with_received(query, key, value, layer.mask(q), new_valid, scaling)
     else:
-        return layer.attend(query, scaling, eager)
+        return layer.attend(query, scaling, eager), None
     for need in whole:
         stats[need.window] = received
-    return out
+    return out, None
+
+
+def _statistics(
+    layer: PolicyLayer,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    lse: torch.Tensor | None,
+    new_valid: torch.Tensor,
+    needs: frozenset[AttentionStat],
+    scaling: float,
+    stats: Stats,
+) -> None:
+    """The attention statistics ``needs`` the output path did not produce, into ``stats``: from the log-sum-exp when
+    the outputs came with one (an uncompressed layer: slot ``j`` holds column ``seen - length + j``), otherwise with a
+    softmax of their own (causal-prefix path on an uncompressed layer)."""
+    q = query.shape[2]
+    first_col = layer.seen - layer.length if layer.pristine else None
+    cols = torch.arange(layer.seen - q, layer.seen, device=key.device)
+    for need in needs:
+        if need.window in stats:
+            continue
+        if lse is not None and first_col is not None:
+            stats[need.window] = received_from_lse(
+                query, key, lse, layer.valid, new_valid, scaling, need.window, first_col, layer.seen - q
+            )
+        else:
+            stats[need.window] = attention_received(
+                query, key, layer.valid, layer.positions, cols, new_valid, scaling, need.window,
+                first_slot_col=first_col,
+            )
 
 
 def _query_stats(
@@ -159,17 +185,8 @@ def _policy_attention(base: Callable, eager: bool) -> Callable:
             return sdpa_with_lse(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
         fits = _mask_fits(attention_mask, q, key.shape[2])
-        out = _outputs(call, call_lse, layer, query, key, value, fits, new_valid, needs, scaling, eager, stats)
-        needs = frozenset(need for need in needs if need.window not in stats)
-        if needs:
-            # an uncompressed layer's slot j holds column (seen - length) + j: the causal-prefix path applies
-            first_col = layer.seen - layer.length if layer.pristine else None
-            cols = torch.arange(layer.seen - q, layer.seen, device=key.device)
-            for need in needs:
-                stats[need.window] = attention_received(
-                    query, key, layer.valid, layer.positions, cols, new_valid, scaling, need.window,
-                    first_slot_col=first_col,
-                )
+        out, lse = _outputs(call, call_lse, layer, query, key, value, fits, new_valid, needs, scaling, eager, stats)
+        _statistics(layer, query, key, lse, new_valid, needs, scaling, stats)
         layer.finish_step(stats, queries)
         return out, None
 
