@@ -8,14 +8,19 @@ with a mask function under the same name (``AttentionMaskInterface``; without on
 2. produce the outputs: with transformers' own mask and attention function while the layer is uncompressed
    ("pristine", so a policy that drops nothing reproduces the plain cache bit for bit), otherwise through the layer's
    storage under the engine's per-slot mask (:mod:`kvpolicy.core.masks`), attending per kv-head group (keys are never
-   repeated to query heads);
+   repeated to query heads). A pristine layer whose policy declared attention statistics (or that records a prefill)
+   runs the same SDPA call through the CPU flash kernel directly (:mod:`kvpolicy.core.sdpa`): outputs bit for bit
+   transformers' own, plus each query's log-sum-exp — so even a policy that compresses at prefill leaves every
+   prefill hidden state equal to the full cache's;
 3. compute the statistics the policy declared (:class:`~kvpolicy.core.policy.AttentionStat`,
    :class:`~kvpolicy.core.policy.QueryStat`) with :func:`~kvpolicy.core.statistics.step_statistics`, the function a
-   replayed prefill (:mod:`kvpolicy.core.replay`) calls too, keeping any the output kernel already produced;
-4. on a recording cache (:mod:`kvpolicy.core.recording`), hand the layer's recorder the step's queries, and
+   replayed prefill (:mod:`kvpolicy.core.replay`) calls too, from that log-sum-exp where there is one
+   (:mod:`kvpolicy.core.lse`), keeping any the output kernel already produced;
+4. on a recording cache (:mod:`kvpolicy.core.recording`), hand the layer's recorder the step's queries and
+   log-sum-exp, and
 5. hand the statistics to the layer, which compresses right away if its stage asks for it.
 
-This module only chooses the path; the tensor work is in :mod:`kvpolicy.core.kernels`.
+This module only chooses the path; the tensor work is in :mod:`kvpolicy.core.kernels` and :mod:`kvpolicy.core.lse`.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 from .kernels import attention_with_received, masked_attention_with_received
 from .layer import PolicyLayer, take_active_layer
 from .policy import AttentionStat
+from .sdpa import sdpa_with_lse
 from .statistics import Stats, step_statistics
 
 __all__ = ["EAGER", "FUSED_DECODE_MAX_QUERIES", "SDPA", "register"]
@@ -51,6 +57,7 @@ def _mask_fits(attention_mask: torch.Tensor | None, q: int, kv: int) -> bool:
 
 def _outputs(
     call: Callable[[], tuple[torch.Tensor, Any]],
+    call_lse: Callable[[], tuple[torch.Tensor, torch.Tensor] | None],
     layer: PolicyLayer,
     query: torch.Tensor,
     key: torch.Tensor,
@@ -61,25 +68,35 @@ def _outputs(
     scaling: float,
     eager: bool,
     stats: Stats,
-) -> torch.Tensor:
-    """The step's outputs, by the cheapest path that keeps the engine's guarantees; a path that also yields the
-    whole-step statistics stores them in ``stats``. ``call`` runs transformers' own attention function."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The step's outputs, by the cheapest path that keeps the engine's guarantees, and each query's log-sum-exp
+    where that path yields it (``None`` otherwise); a path that also yields statistics stores them in ``stats``.
+    ``call`` runs transformers' own attention function; ``call_lse`` the same SDPA call with the log-sum-exp, or
+    ``None`` where it cannot be reproduced (:mod:`kvpolicy.core.sdpa`)."""
     q = query.shape[2]
+    if layer.pristine and mask_fits and (needs or layer.recorder is not None) and q > 1:
+        # an uncompressed layer (prefill) with statistics to compute, or a prefill being recorded for replay:
+        # transformers' own outputs, bit for bit, and the lse that turns each logit into a probability
+        # (:func:`~kvpolicy.core.statistics.step_statistics`; a replay computes from the recorded lse the very same)
+        got = call_lse()
+        if got is not None:
+            return got
     whole = [need for need in needs if need.window is None or need.window >= q]
     if layer.pristine and mask_fits and whole and layer.prefill_drops():
-        # an uncompressed layer about to be compressed: outputs and statistics from one pass over the keys
+        # no lse (eager attention, not a CPU, a call the flash kernel refuses) and the layer is about to be
+        # compressed: outputs and statistics from one pass over the keys (outputs equal up to float rounding)
         out, received = attention_with_received(
             query, key, value, layer.valid, new_valid, scaling, layer.seen - layer.length, layer.seen - q
         )
     elif layer.pristine and mask_fits:
-        return call()[0]
+        return call()[0], None
     elif whole and q <= FUSED_DECODE_MAX_QUERIES:
         out, received = masked_attention_with_received(query, key, value, layer.mask(q), new_valid, scaling)
     else:
-        return layer.attend(query, scaling, eager)
+        return layer.attend(query, scaling, eager), None
     for need in whole:
         stats[need.window] = received
-    return out
+    return out, None
 
 
 def _policy_attention(base: Callable, eager: bool) -> Callable:
@@ -101,13 +118,26 @@ def _policy_attention(base: Callable, eager: bool) -> Callable:
         def call() -> tuple[torch.Tensor, Any]:
             return base(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
+        def call_lse() -> tuple[torch.Tensor, torch.Tensor] | None:
+            if eager:
+                return None
+            return sdpa_with_lse(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+        fits = _mask_fits(attention_mask, q, key.shape[2])
+        def call_lse() -> tuple[torch.Tensor, torch.Tensor] | None:
+            if eager:
+                return None
+            return sdpa_with_lse(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
         fits = _mask_fits(attention_mask, q, key.shape[2])
         known: Stats = {}
-        out = _outputs(call, layer, query, key, value, fits, new_valid, attention_needs, scaling, eager, known)
+        out, lse = _outputs(
+            call, call_lse, layer, query, key, value, fits, new_valid, attention_needs, scaling, eager, known
+        )
         position_ids = kwargs.get("position_ids")
-        stats, queries = step_statistics(layer, query, key, new_valid, needs, scaling, position_ids, known)
+        stats, queries = step_statistics(layer, query, key, new_valid, needs, scaling, position_ids, known, lse)
         if layer.recorder is not None:
-            layer.recorder(query=query, position_ids=position_ids, scaling=scaling, lse=None)
+            layer.recorder(query=query, position_ids=position_ids, scaling=scaling, lse=lse)
         layer.finish_step(stats, queries)
         return out, None
 

@@ -357,9 +357,10 @@ class PolicyLayer(DynamicLayer):
         self._planned_keep = check_keep(self.policy, keep, given, self.layer_idx)
 
     def prefill_drops(self) -> bool:
-        """Whether the pending prefill compression removes entries. When it does, the layer's outputs need not be
-        bit-identical to transformers' own attention (the cache changes anyway), so the attention function may
-        compute outputs and statistics in one pass; when it does not (ratio 0), the plain path keeps the run
+        """Whether the pending prefill compression removes entries. When it does and the attention function has no
+        exact route (SDPA's own outputs and log-sum-exp, :mod:`kvpolicy.core.sdpa`; e.g. eager attention), the
+        layer's outputs need not be bit-identical to transformers' own attention (the cache changes anyway), so it
+        may compute outputs and statistics in one pass; when it does not (ratio 0), the plain path keeps the run
         identical to the full cache."""
         if self._pending != "prefill" or self.policy.encode is None:
             return False

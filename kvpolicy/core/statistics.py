@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .kernels import MIN_CHUNK_ROWS, STATS_CHUNK_ELEMENTS, attention_received, causal_prefix_blocks
+from .lse import received_from_lse
 from .policy import AttentionStat, QueryStat
 from .querystats import QueryStats, query_statistics
 
@@ -75,11 +76,11 @@ def step_statistics(
     Returns ``(attention, queries)`` as :meth:`~kvpolicy.core.layer.PolicyLayer.finish_step` takes them
     (``queries`` is ``None`` when no :class:`QueryStat` is declared).
 
-    ``lse`` (float32 ``[B, Hq, q]``): the log-sum-exp of each query's softmax, where the kernel that produced the
-    outputs returns it; the place for a statistics kernel that reuses it instead of a softmax of its own. No kernel
-    returns it yet, and the statistics below run their own softmax either way, so the result does not depend on it.
+    ``lse`` (float32 ``[B, Hq, q]``): the log-sum-exp of each query's softmax where the kernel that produced the
+    outputs returned it (:func:`~kvpolicy.core.sdpa.sdpa_with_lse` on an uncompressed layer): then each probability is
+    ``exp(q.k * scale - lse)`` (:func:`~kvpolicy.core.lse.received_from_lse`), no second softmax. A replay passes the
+    recorded lse, so it computes the very numbers the direct path did.
     """
-    del lse  # see the docstring: reserved for the kernel that will return it
     stats: Stats = dict(known or {})
     asked = [need for need in needs if isinstance(need, QueryStat)]
     queries = _query_stats(layer, query, key.shape[1], position_ids, new_valid, asked) if asked else None
@@ -90,10 +91,15 @@ def step_statistics(
         first_col = layer.seen - layer.length if layer.pristine else None
         cols = torch.arange(layer.seen - q, layer.seen, device=key.device)
         for need in rest:
-            stats[need.window] = attention_received(
-                query, key, layer.valid, layer.positions, cols, new_valid, scaling, need.window,
-                first_slot_col=first_col,
-            )
+            if lse is not None and first_col is not None:
+                stats[need.window] = received_from_lse(
+                    query, key, lse, layer.valid, new_valid, scaling, need.window, first_col, layer.seen - q
+                )
+            else:
+                stats[need.window] = attention_received(
+                    query, key, layer.valid, layer.positions, cols, new_valid, scaling, need.window,
+                    first_slot_col=first_col,
+                )
     return stats, queries
 
 
