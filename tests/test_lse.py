@@ -16,6 +16,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 import kvpolicy
 from kvpolicy.config import load_policy
 from kvpolicy.core import attention as attention_module
+from kvpolicy.core import statistics as statistics_module
 from kvpolicy.core.lse import received_from_lse
 from kvpolicy.core.sdpa import sdpa_with_lse
 from kvpolicy.testing import build_model, make_batch
@@ -177,8 +178,8 @@ def test_compressing_prefill_logits_equal_the_full_cache_bit_for_bit(dtype, fami
     expected = _prompt_logits(model, batch, DynamicCache(config=model.config))
     kvpolicy.attach(model)
     calls = []
-    real = attention_module.received_from_lse
-    monkeypatch.setattr(attention_module, "received_from_lse", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = statistics_module.received_from_lse
+    monkeypatch.setattr(statistics_module, "received_from_lse", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(attention_module, "attention_with_received", None)  # the one-pass path must not run
     cache = kvpolicy.make_cache(model, load_policy({"preset": preset, "ratio": 0.5}))
     got = _prompt_logits(model, batch, cache)

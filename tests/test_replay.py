@@ -31,24 +31,25 @@ from kvpolicy.registry import get_registry
 from kvpolicy.testing import VOCAB, build_model, make_batch, tiny_text_config
 
 SAME, ONE_PASS = "same kernel", "one-pass kernel"
-#: which kernel the direct path's prefill outputs come from, per shipped preset (prompt of 48 columns, ratio > 0):
-#: ONE_PASS where a whole-prompt AttentionStat meets a compression (the outputs are the one-pass kernel's, equal to
-#: SDPA's up to rounding), SAME otherwise (no statistic, a window shorter than the prompt — snapkv's 32, tova's 1 —,
-#: query statistics only, or no prefill compression: h2o_elastic_code only seeds its decode state)
+#: which kernel the direct path's prefill outputs come from, per shipped preset (prompt of 48 columns, ratio > 0,
+#: SDPA backend on CPU). Every one is SAME: a layer about to be compressed with whole-prompt statistics runs
+#: transformers' own SDPA call through the flash kernel (kvpolicy.core.sdpa: bit-identical outputs plus the lse), and
+#: the statistics come from that lse both in the direct path and in the replay (from the recorded lse). ONE_PASS (the
+#: one-pass kernel, equal to SDPA up to rounding) remains the path where no lse exists (eager, non-CPU devices).
 KERNEL = {
     "adakv": SAME,
-    "cam": ONE_PASS,
-    "d2o": ONE_PASS,
-    "elastic": ONE_PASS,
-    "elastic_reference": ONE_PASS,
+    "cam": SAME,
+    "d2o": SAME,
+    "elastic": SAME,
+    "elastic_reference": SAME,
     "expected_attention": SAME,
     "full": SAME,
-    "h2o": ONE_PASS,
+    "h2o": SAME,
     "h2o_elastic_code": SAME,
     "keydiff": SAME,
     "knorm": SAME,
     "local": SAME,
-    "lookm": ONE_PASS,
+    "lookm": SAME,
     "pyramidkv": SAME,
     "random": SAME,
     "snapkv": SAME,
@@ -66,7 +67,8 @@ def test_the_kernel_table_covers_every_preset_and_loosens_only_one_pass_cases():
         policy = build_policy(name, 0.5)
         whole = any(isinstance(n, AttentionStat) and (n.window is None or n.window >= WIDTH)
                     for n in policy.prefill_needs())
-        assert (kernel == ONE_PASS) == (whole and policy.encode is not None), name
+        # a preset that compresses with whole-prompt statistics would be ONE_PASS without the lse route
+        assert kernel == SAME, (name, whole and policy.encode is not None)
 
 
 class Family:
@@ -179,7 +181,9 @@ def test_recording_round_trips_through_torch_save_weights_only(tmp_path):
     again = pickle.loads(pickle.dumps(rec))
     assert back.nbytes() == again.nbytes() == rec.nbytes()
     expected = sum(x.keys.nbytes + x.values.nbytes + x.query.nbytes + x.valid.nbytes + x.position_ids.nbytes
-                   for x in rec.policy_layers) + rec.logits.nbytes + rec.token_types.nbytes
+                   + (0 if x.lse is None else x.lse.nbytes) for x in rec.policy_layers)
+    expected += rec.logits.nbytes + rec.token_types.nbytes
+    assert all(x.lse is not None for x in rec.policy_layers)  # the recording ran the flash call (CPU, sdpa)
     assert rec.nbytes() == expected
     policy = build_policy("snapkv", 0.5)
     with torch.inference_mode():
@@ -251,7 +255,14 @@ def test_a_recording_holds_each_policy_layers_queries_keys_and_validity():
     assert rec.query.shape == (2, 4, WIDTH, 16) and rec.keys.shape == (2, 2, WIDTH, 16)
     assert rec.valid.tolist() == [[True] * WIDTH, [False] * PADS[1] + [True] * (WIDTH - PADS[1])]
     assert torch.equal(rec.position_ids, fam.positions)
-    assert rec.lse is None  # no output kernel returns it yet
+    assert rec.lse is not None and rec.lse.shape == (2, 4, WIDTH) and rec.lse.dtype == torch.float32
+    # the lse of each real query's softmax over its causal prefix (a naive computation)
+    rep = rec.keys.repeat_interleave(2, dim=1).to(torch.float32)
+    logits = rec.query.to(torch.float32) @ rep.transpose(-1, -2) * 16**-0.5
+    allowed = torch.ones(WIDTH, WIDTH, dtype=torch.bool).tril() & rec.valid[:, None, None, :]
+    naive = logits.masked_fill(~allowed, float("-inf")).logsumexp(-1)
+    real = rec.valid[:, None, :].expand_as(naive)
+    torch.testing.assert_close(rec.lse[real], naive[real], rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("preset", ["local", "snapkv", "h2o", "elastic"])
