@@ -11,7 +11,7 @@ import hashlib
 import json
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 __all__ = ["CALIBRATION_VERSION", "DEFAULT_TASKS", "HeadCalibration"]
 
@@ -74,15 +74,21 @@ class HeadCalibration(BaseModel):
             raise ValueError(f"unknown RULER task(s) {', '.join(unknown)}; allowed: {', '.join(RULER_TASKS)}")
         return value
 
+    @field_validator("context_tokens")
+    @classmethod
+    def window_inside_context(cls, value: int | None, info: ValidationInfo) -> int | None:
+        window = info.data.get("sinks", 0) + info.data.get("recent", 0)
+        if value is not None and window >= value // 2:
+            raise ValueError(
+                f"{value} is too short for sinks + recent = {window}: a streamed head must lose most of the context "
+                f"for its score to mean anything; allowed: >= {2 * window + 2}"
+            )
+        return value
+
     @model_validator(mode="after")
-    def _window_inside_context(self) -> HeadCalibration:
+    def _default_context(self) -> HeadCalibration:
         if self.context_tokens is None:
             self.context_tokens = max(1024, -(-4 * (self.sinks + self.recent) // 256) * 256)
-        if self.sinks + self.recent >= self.context_tokens // 2:
-            raise ValueError(
-                f"sinks + recent ({self.sinks} + {self.recent}) must be under half of context_tokens "
-                f"({self.context_tokens}): a streamed head must lose most of the context for the score to mean anything"
-            )
         return self
 
     def key_document(self) -> dict[str, Any]:
