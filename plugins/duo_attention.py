@@ -156,7 +156,7 @@ class DuoReducer:
             found = cached_scores(path)
             if found is None:
                 name = getattr(model.config, "name_or_path", "") or "MODEL"
-                raise LookupError(
+                raise HeadScoresError(
                     f"duo_attention: no head scores for this model and window (sinks {self.params.sinks}, recent "
                     f"{self.params.recent}); run `kvpolicy calibrate-heads --model {name} --sinks {self.params.sinks} "
                     f"--recent {self.params.recent}` once, or set reducer.head_scores to a score file"

@@ -172,7 +172,7 @@ def test_reducer_finds_the_models_calibrated_scores(tmp_path, monkeypatch):
     monkeypatch.setenv("KVPOLICY_CACHE", str(tmp_path))
     model = tiny_llama(layers=3)
     policy = load_policy({"preset": "duo_attention", "sinks": SINKS, "reducer": {"recent": RECENT}, "ratio": 0.5})
-    with pytest.raises(LookupError, match=f"kvpolicy calibrate-heads --model .* --sinks {SINKS} --recent {RECENT}"):
+    with pytest.raises(HeadScoresError, match=f"kvpolicy calibrate-heads --model .* --sinks {SINKS} --recent {RECENT}"):
         kvpolicy.make_cache(model, policy)
     table = torch.tensor([[0.5, 0.1], [0.9, 0.2], [0.4, 0.3]], dtype=torch.float64)
     path = scores_path(model_identity(model), HeadCalibration(sinks=SINKS, recent=RECENT))

@@ -19,13 +19,15 @@ from typing import Any
 
 import torch
 
+from ..errors import ConfigError
 from ..io import atomic_write_text
 
 __all__ = ["HeadScores", "HeadScoresError", "read_scores", "write_scores"]
 
 
-class HeadScoresError(ValueError):
-    """A head-score file cannot be used (missing, not a table of numbers, wrong shape); the message names the file."""
+class HeadScoresError(ConfigError):
+    """Head scores cannot be used (a file missing, not a table of numbers, of another model's shape; no calibration
+    for the model): an input error the user acts on, one line naming the file or the command to run."""
 
 
 @dataclass
