@@ -176,6 +176,8 @@ def calibrate_heads(
         "settings": settings.key_document(),
         "items": len(items),
         "seconds": round(time.perf_counter() - t0, 3),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
     }
     result = HeadScores(scores, source=str(path), meta=meta)
     save_scores(path, result)

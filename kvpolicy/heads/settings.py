@@ -58,11 +58,11 @@ class HeadCalibration(BaseModel):
     @field_validator("tasks", mode="before")
     @classmethod
     def comma_list(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = [t.strip() for t in value.split(",") if t.strip()]
-        if isinstance(value, list):
-            value = list(dict.fromkeys(value))
-        return value
+        """``--tasks vt,cwe`` is one string: parsed as the ``ruler`` task parses its own option (only when tasks are
+        given, so reading the defaults never imports the evaluation package)."""
+        from ..eval.tasks.ruler import RulerOptions
+
+        return RulerOptions.comma_list(value)
 
     @field_validator("tasks")
     @classmethod
