@@ -51,7 +51,7 @@ def calibrate_heads_command(
     context_tokens: int = typer.Option(None, help="calibration prompt length (default max(1024, 4 (sinks+recent)))"),
     tasks: str = typer.Option(None, help="RULER tasks, comma list (default: the eight niah_* tasks)"),
     samples: int = typer.Option(None, help="calibration samples (default 8)"),
-    seed: int = typer.Option(None, help="seed of the RULER generators (default 0)"),
+    seed: int = typer.Option(None, help="seed of the RULER generators (default 1000, apart from evaluation seeds)"),
     batch: int = typer.Option(None, help="kv heads measured per forward (default 4; memory vs speed)"),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, bfloat16, float16 or float32"),

@@ -13,10 +13,15 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-__all__ = ["CALIBRATION_VERSION", "DEFAULT_TASKS", "HeadCalibration"]
+__all__ = ["CALIBRATION_SEED", "CALIBRATION_VERSION", "DEFAULT_TASKS", "HeadCalibration"]
 
 #: bumped whenever the measurement changes in a way that changes the numbers (old cached scores are then not reused)
 CALIBRATION_VERSION = 1
+
+#: the calibration's default seed: evaluations use small seeds (``kvpolicy run --seed`` defaults to 0), and the
+#: ``ruler`` generators draw a sample's needles from ``(task, seed, index)`` whatever the length, so a calibration on
+#: seed 0 would have seen the needles of the samples it is later evaluated on
+CALIBRATION_SEED = 1000
 
 #: RULER's eight needle-in-a-haystack tasks (``kvpolicy.eval.tasks.ruler_text.NIAH_TASKS``, named here so that reading
 #: the settings never imports the evaluation package): retrieval from anywhere in the context, what streaming heads
@@ -47,7 +52,11 @@ class HeadCalibration(BaseModel):
         description="RULER tasks the samples are dealt over (comma list); default: the eight niah_* tasks",
     )
     samples: int = Field(default=8, ge=1, le=4096, description="calibration samples (round-robin over the tasks)")
-    seed: int = Field(default=0, ge=0, description="seed of the RULER generators")
+    seed: int = Field(
+        default=CALIBRATION_SEED, ge=0,
+        description="seed of the RULER generators (default 1000: not an evaluation's seed, so that no evaluated "
+        "sample's needles were part of the calibration)",
+    )
     chat: bool | None = Field(default=None, description="use the chat template (default: when the tokenizer has one)")
     batch: int = Field(
         default=4, ge=1, le=256,
