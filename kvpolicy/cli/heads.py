@@ -13,13 +13,14 @@ import time
 from pathlib import Path
 
 import typer
-from pydantic import ValidationError
 from rich.text import Text
 
 from .common import app, fail, stderr_console, stdout_console, validation_lines
 
 
 def _settings(**values):
+    from pydantic import ValidationError
+
     from ..heads.settings import HeadCalibration
 
     try:
