@@ -211,3 +211,29 @@ def test_bad_score_files_fail_naming_the_field_or_the_shape(tmp_path):
     policy = duo_policy(tmp_path / "wide.tsv", 0.5)
     with pytest.raises(HeadScoresError, match="3 layers x 4 kv heads; the model has 3 layers x 2 kv heads"):
         kvpolicy.make_cache(tiny_llama(), policy)
+
+
+def test_evaluation_runs_per_head_budgets_and_counts_them_per_head(tmp_path):
+    """``kvpolicy run``'s path (``evaluate``) on the bucketed layout that per-head budgets produce (duo_attention,
+    adakv): the run completes, and the entries it reports by token type equal the kept positions counted head by
+    head (the cache after a prefill, all TEXT)."""
+    from kvpolicy.eval import evaluate, kept_by_type
+
+    from test_eval import CharTokenizer, synthetic_samples, tiny_spec
+
+    model = tiny_llama(layers=2)
+    write_scores(tmp_path / "s.tsv", random_table(2, 2, 3))
+    doc = {"preset": "duo_attention", "sinks": 2, "reducer": {"recent": 4, "head_scores": str(tmp_path / "s.tsv")}}
+    for policy in (doc, "adakv"):
+        result = evaluate(tiny_spec(policy=policy, ratio=0.5), model=model, tokenizer=CharTokenizer(),
+                          samples=synthetic_samples())
+        assert 0.3 < result.policy_metrics.ratio_prefill < 0.7, policy
+    cache = kvpolicy.make_cache(model, duo_policy(tmp_path / "s.tsv", ratio=0.5, recent=4))
+    with torch.no_grad():
+        model(**make_batch(2, 30, pads=[0, 7], seed=5), past_key_values=cache, use_cache=True)
+    assert any(isinstance(layer.storage, BucketedStorage) for layer in cache.policy_layers)
+    counts = kept_by_type(cache)  # [layers, B, (text, image, generated)]
+    for i, layer in enumerate(cache.policy_layers):
+        for b in range(2):
+            per_head = [len(layer.kept_positions(b, h)) for h in range(2)]
+            assert counts[i, b].tolist() == [sum(per_head) / 2, 0.0, 0.0]
