@@ -128,6 +128,9 @@ def print_summary(console: Any, spec: SweepSpec, summary: Mapping[str, Any], out
     imp = summary.get("importances") or {}
     for m, vals in imp.items():
         console.print(f"parameter importance for {m}: " + ", ".join(f"{k} {v:.2f}" for k, v in vals.items()))
+    drawn = any(str(p).startswith("plots/importance") for p in summary.get("plots") or [])
+    if summary.get("importance_warning") and (imp or drawn):
+        console.print(f"[yellow]warning: {summary['importance_warning']}[/]", soft_wrap=True)
     files = ["trials.csv", "trials.json", "best_policy.yaml", "summary.json"]
     console.print(f"results in {out}: " + ", ".join(f for f in files if (out / f).exists())
                   + (f", plots/ ({len(summary.get('plots', []))} PNG)" if summary.get("plots") else ""))
