@@ -95,7 +95,9 @@ def plot_importance(study: Any, spec: SweepSpec, i: int) -> Any:
     note = importance_warning(study)
     if note:
         fig = ax.figure
-        ax.set_title(f"{ax.get_title()} - TOO FEW TRIALS, see the note below", color="crimson")
+        title = ax.get_title(loc="left") or ax.get_title()  # optuna writes its title on the left
+        ax.set_title("", loc="center")
+        ax.set_title(f"{title} - TOO FEW TRIALS, see the note below", loc="left", color="crimson")
         fig.subplots_adjust(bottom=0.3)
         fig.text(0.01, 0.01, "\n".join(textwrap.wrap("warning: " + note, 110)), color="crimson", fontsize=7,
                  ha="left", va="bottom")

@@ -114,14 +114,15 @@ def print_summary(console: Any, spec: SweepSpec, summary: Mapping[str, Any], out
         table.add_column("trial", justify="right")
         for m in spec.metrics:
             table.add_column(m, justify="right")
-        pcols = [k for k in best[0] if k.startswith("params.")]
+        # every parameter any listed trial has (a conditional parameter is absent from other branches' trials: "-")
+        pcols = list(dict.fromkeys(k for r in best for k in r if k.startswith("params.")))
         for c in pcols:
             table.add_column(c[len("params."):], justify="right")
         key = spec.metrics[-1] if spec.multi_objective else spec.metrics[0]
         for r in sorted(best, key=lambda r: (r.get(key) is None, r.get(key))):
             mark = " *" if r["number"] == summary.get("chosen_trial") else ""
             table.add_row(f"{r['number']}{mark}", *[fmt(r.get(m)) for m in spec.metrics],
-                          *[fmt(r.get(c)) for c in pcols])
+                          *[fmt(r[c]) if c in r else "-" for c in pcols])
         console.print(table)
         if spec.multi_objective:
             console.print(f"* chosen: {summary.get('chosen_rule')}")
