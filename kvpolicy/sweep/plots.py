@@ -90,8 +90,10 @@ def plot_importance(study: Any, spec: SweepSpec, i: int) -> Any:
     :func:`~.importance.importance_warning` written on the figure when the trials are too few."""
     import optuna.visualization.matplotlib as ovm
 
-    ax = ovm.plot_param_importances(study, evaluator=importance_evaluator(), target=importance_target(spec, i),
-                                    target_name=spec.metrics[i])
+    with warnings.catch_warnings():  # experimental API; PED-ANOVA's reminder that lower is better (it is: signed)
+        warnings.simplefilter("ignore")
+        ax = ovm.plot_param_importances(study, evaluator=importance_evaluator(), target=importance_target(spec, i),
+                                        target_name=spec.metrics[i])
     note = importance_warning(study)
     if note:
         fig = ax.figure
