@@ -26,21 +26,23 @@ from .base import (
     read_data,
     register_task,
 )
+from .split import SplitOption, draw_in_split, needles_key, split_id, split_label, split_rows
 
 
 # ------------------------------------------------------------------------------------------------ continuation
-class ContinuationOptions(BaseModel):
+class ContinuationOptions(SplitOption):
     model_config = ConfigDict(extra="forbid")
     context_tokens: int = Field(default=256, ge=8, le=1 << 16, description="prompt length in tokens")
     target_tokens: int = Field(default=32, ge=2, le=4096, description="tokens of the true continuation scored")
     kind: Literal["all", "code", "prose"] = Field(default="all", description="which windows to draw from")
 
 
-def drawn_rows(data: str, kind: str, samples: int, seed: int) -> list[dict]:
-    """The rows of a committed data file of one ``kind`` (or ``all``), in the seeded nested order (the first ``n`` of
-    a seed are always the same rows, so a larger run reuses the references of a smaller one)."""
-    rows = [r for r in read_data(data) if kind in ("all", r["kind"])]
-    return [rows[i] for i in permutation(len(rows), samples, seed, f"{data}-{kind}")]
+def drawn_rows(data: str, kind: str, samples: int, seed: int, split: str = "all") -> list[dict]:
+    """The rows of a committed data file of one ``kind`` (or ``all``) in one ``split`` (by id, :mod:`.split`), in the
+    seeded nested order (the first ``n`` of a seed are always the same rows, so a larger run reuses the references of
+    a smaller one)."""
+    rows = split_rows((r for r in read_data(data) if kind in ("all", r["kind"])), split, lambda r: r["id"])
+    return [rows[i] for i in permutation(len(rows), samples, seed, split_label(f"{data}-{kind}", split))]
 
 
 @register_task
@@ -53,7 +55,7 @@ class Continuation(Task):
     def load(self, tokenizer, samples, seed, options):
         out = []
         bos = bos_prefix(tokenizer)
-        for r in drawn_rows("continuation", options.kind, samples, seed):
+        for r in drawn_rows("continuation", options.kind, samples, seed, options.split):
             ctx = encode(tokenizer, r["context"])[-(options.context_tokens - len(bos)) :]
             tgt = encode(tokenizer, r["continuation"])[: options.target_tokens]
             out.append(
@@ -69,7 +71,7 @@ class Continuation(Task):
 
 
 # ------------------------------------------------------------------------------------------------ instruct
-class InstructOptions(BaseModel):
+class InstructOptions(SplitOption):
     model_config = ConfigDict(extra="forbid")
     context_tokens: int = Field(default=320, ge=32, le=1 << 16, description="prompt length budget (document clipped)")
     max_new_tokens: int = Field(default=32, ge=1, le=4096, description="length of the greedy answers")
@@ -86,7 +88,7 @@ class Instruct(Task):
 
     def load(self, tokenizer, samples, seed, options):
         out = []
-        for r in drawn_rows("instruct", options.kind, samples, seed):
+        for r in drawn_rows("instruct", options.kind, samples, seed, options.split):
 
             def render(doc: str, r=r) -> str:
                 block = f"```python\n{doc}\n```" if r["kind"] == "code" else doc
@@ -127,7 +129,7 @@ NOUNS = (
 ).split()
 
 
-class NeedleOptions(BaseModel):
+class NeedleOptions(SplitOption):
     model_config = ConfigDict(extra="forbid")
     context_tokens: int = Field(default=256, ge=64, le=1 << 17, description="prompt length in tokens (approximate)")
     variants: list[Literal["single", "multikey", "vt"]] = Field(
@@ -156,9 +158,10 @@ class Needle(Task):
         lengths = [len(encode(tokenizer, " " + s)) for s in sentences]
         out = []
         for i in range(samples):
-            rng = random.Random(f"needle-{seed}-{i}")
             variant = options.variants[i % len(options.variants)]
-            needles, question, prefix, answers = getattr(self, f"_{variant}")(rng, options)
+            (needles, question, prefix, answers), rng = draw_in_split(  # split: by the needles (.split)
+                options.split, f"needle-{seed}-{i}", lambda r, v=variant: getattr(self, f"_{v}")(r, options),
+                lambda drawn: needles_key(drawn[0]))
             # haystack: consecutive sentences from a random start until the token budget is used
             overhead = len(chat_prompt(tokenizer, " ".join(needles) + "\n\n" + question, prefix, options.chat))
             budget = options.context_tokens - overhead
@@ -184,7 +187,7 @@ class Needle(Task):
             user = f"{context}\n\n{question}"
             out.append(
                 Sample(
-                    id=f"needle-{variant}-{seed}-{i:04d}",
+                    id=split_id(f"needle-{variant}-{seed}", options.split, i),
                     prompt_ids=chat_prompt(tokenizer, user, prefix, options.chat),
                     target_ids=encode(tokenizer, " " + ", ".join(answers)),
                     generate=True,
@@ -250,7 +253,7 @@ class Needle(Task):
 
 
 # ------------------------------------------------------------------------------------------------ jsonl
-class JsonlOptions(BaseModel):
+class JsonlOptions(SplitOption):
     model_config = ConfigDict(extra="forbid")
     path: str = Field(description="a .jsonl file: one object per line with 'prompt', optional 'answer', 'image', 'id'")
     max_new_tokens: int = Field(default=64, ge=1, le=4096)
@@ -287,9 +290,12 @@ class Jsonl(Task):
                     raise TaskError(f"{path}:{n}: each line needs a string 'prompt'")
                 row.setdefault("id", f"{path.stem}-{n:05d}")
                 rows.append(row)
+        rows = split_rows(rows, options.split, lambda r: str(r["id"]))
         if samples > len(rows):
-            raise TaskError(f"{path} has {len(rows)} samples; asked for {samples}")
-        order = permutation(len(rows), samples, seed, f"jsonl-{path.name}") if options.shuffle else range(samples)
+            where = "" if options.split == "all" else f" in split {options.split!r}"
+            raise TaskError(f"{path} has {len(rows)} samples{where}; asked for {samples}")
+        label = split_label(f"jsonl-{path.name}", options.split)
+        order = permutation(len(rows), samples, seed, label) if options.shuffle else range(samples)
         out = []
         for i in order:
             r = rows[i]
