@@ -128,7 +128,12 @@ def load_sweep(source: str | Path | Mapping[str, Any], overrides: Mapping[str, A
     dup = sorted({m for m in spec.metrics if spec.metrics.count(m) > 1})
     if dup:
         issues.append(ConfigIssue("objectives", f"metric listed twice: {', '.join(dup)}"))
-    if spec.sampler.name == "grid":
+    if spec.sampler.name == "grid" and spec.conditional:
+        path = next(k for k, p in spec.space.items() if p.when)
+        issues.append(ConfigIssue(f"space.{path}.when", "the grid sampler cannot search a conditional space (a grid "
+                                                        "sets every parameter in every trial); use sampler: tpe, "
+                                                        "random or nsgaii"))
+    elif spec.sampler.name == "grid":
         for path, p in spec.space.items():
             if p.grid_values() is None:
                 issues.append(ConfigIssue(f"space.{path}", "the grid sampler needs a step for a float range "

@@ -324,6 +324,11 @@ class SweepSpec(BaseModel):
     def metrics(self) -> list[str]:
         return [o.metric for o in self.objectives]
 
+    @property
+    def conditional(self) -> bool:
+        """Some parameter is searched only for some choices (``when:``, :mod:`kvpolicy.sweep.conditions`)."""
+        return any(p.when for p in self.space.values())
+
     def output_dir(self) -> Path:
         return Path(self.output) if self.output else Path("results") / "sweeps" / self.name
 
@@ -360,7 +365,8 @@ class SweepSpec(BaseModel):
         return {
             "model": self.model,
             "evaluator": self.evaluator,
-            "task": {k: v for k, v in self.task.items() if k not in RUN_SETTINGS},
+            # `split: all` is the default: writing it must not make a study created without it unresumable
+            "task": {k: v for k, v in self.task.items() if k not in RUN_SETTINGS and not (k == "split" and v == "all")},
             "samples": self.samples,
             "policy": self.policy,
             "space": {k: v.model_dump(exclude_defaults=True) for k, v in self.space.items()},

@@ -28,10 +28,11 @@ from .base import (
     register_task,
     split_question,
 )
+from .split import SplitOption, draw_in_split, needles_key, split_id, split_label, split_rows
 
 
 # ------------------------------------------------------------------------------------------------ continuation
-class ContinuationOptions(BaseModel):
+class ContinuationOptions(SplitOption):
     model_config = ConfigDict(extra="forbid")
     context_tokens: int = Field(default=256, ge=8, le=1 << 16, description="prompt length in tokens")
     target_tokens: int = Field(default=32, ge=2, le=4096, description="tokens of the true continuation scored")
@@ -47,11 +48,12 @@ class ContinuationOptions(BaseModel):
 WINDOW_FILES = {"short": "continuation", "long": "continuation_long"}
 
 
-def drawn_rows(data: str, kind: str, samples: int, seed: int) -> list[dict]:
-    """The rows of a committed data file of one ``kind`` (or ``all``), in the seeded nested order (the first ``n`` of
-    a seed are always the same rows, so a larger run reuses the references of a smaller one)."""
-    rows = [r for r in read_data(data) if kind in ("all", r["kind"])]
-    return [rows[i] for i in permutation(len(rows), samples, seed, f"{data}-{kind}")]
+def drawn_rows(data: str, kind: str, samples: int, seed: int, split: str = "all") -> list[dict]:
+    """The rows of a committed data file of one ``kind`` (or ``all``) in one ``split`` (by id, :mod:`.split`), in the
+    seeded nested order (the first ``n`` of a seed are always the same rows, so a larger run reuses the references of
+    a smaller one)."""
+    rows = split_rows((r for r in read_data(data) if kind in ("all", r["kind"])), split, lambda r: r["id"])
+    return [rows[i] for i in permutation(len(rows), samples, seed, split_label(f"{data}-{kind}", split))]
 
 
 @lru_cache(maxsize=8)
@@ -92,7 +94,7 @@ class Continuation(Task):
         out = []
         bos = bos_prefix(tokenizer)
         check_fill(tokenizer, options, options.context_tokens - len(bos))
-        for r in drawn_rows(WINDOW_FILES[options.windows], options.kind, samples, seed):
+        for r in drawn_rows(WINDOW_FILES[options.windows], options.kind, samples, seed, options.split):
             ctx = encode(tokenizer, r["context"])[-(options.context_tokens - len(bos)) :]
             tgt = encode(tokenizer, r["continuation"])[: options.target_tokens]
             out.append(
@@ -108,7 +110,7 @@ class Continuation(Task):
 
 
 # ------------------------------------------------------------------------------------------------ instruct
-class InstructOptions(BaseModel):
+class InstructOptions(SplitOption):
     model_config = ConfigDict(extra="forbid")
     context_tokens: int = Field(default=320, ge=32, le=1 << 16, description="prompt length budget (document clipped)")
     max_new_tokens: int = Field(default=32, ge=1, le=4096, description="length of the greedy answers")
@@ -125,7 +127,7 @@ class Instruct(Task):
 
     def load(self, tokenizer, samples, seed, options):
         out = []
-        for r in drawn_rows("instruct", options.kind, samples, seed):
+        for r in drawn_rows("instruct", options.kind, samples, seed, options.split):
 
             def render(doc: str, r=r) -> str:
                 block = f"```python\n{doc}\n```" if r["kind"] == "code" else doc
@@ -166,7 +168,7 @@ NOUNS = (
 ).split()
 
 
-class NeedleOptions(BaseModel):
+class NeedleOptions(SplitOption):
     model_config = ConfigDict(extra="forbid")
     context_tokens: int = Field(default=256, ge=64, le=1 << 17, description="prompt length in tokens (approximate)")
     variants: list[Literal["single", "multikey", "vt"]] = Field(
@@ -200,9 +202,10 @@ class Needle(Task):
         lengths = [len(encode(tokenizer, " " + s)) for s in sentences]
         out = []
         for i in range(samples):
-            rng = random.Random(f"needle-{seed}-{i}")
             variant = options.variants[i % len(options.variants)]
-            needles, question, prefix, answers = getattr(self, f"_{variant}")(rng, options)
+            (needles, question, prefix, answers), rng = draw_in_split(  # split: by the needles (.split)
+                options.split, f"needle-{seed}-{i}", lambda r, v=variant: getattr(self, f"_{v}")(r, options),
+                lambda drawn: needles_key(drawn[0]))
             # haystack: consecutive sentences from a random start until the token budget is used
             overhead = len(chat_prompt(tokenizer, " ".join(needles) + "\n\n" + question, prefix, options.chat))
             budget = options.context_tokens - overhead
@@ -228,7 +231,7 @@ class Needle(Task):
             ids = chat_prompt(tokenizer, context + question, prefix, options.chat)
             out.append(
                 Sample(
-                    id=f"needle-{variant}-{seed}-{i:04d}",
+                    id=split_id(f"needle-{variant}-{seed}", options.split, i),
                     prompt_ids=ids,
                     question_tokens=split_question(tokenizer, ids, context, question, options),
                     target_ids=encode(tokenizer, " " + ", ".join(answers)),
@@ -297,7 +300,7 @@ class Needle(Task):
 
 
 # ------------------------------------------------------------------------------------------------ jsonl
-class JsonlOptions(BaseModel):
+class JsonlOptions(SplitOption):
     model_config = ConfigDict(extra="forbid")
     path: str = Field(
         description="a .jsonl file: one object per line with 'prompt' (or 'context' and 'question'), optional "
@@ -357,10 +360,12 @@ class Jsonl(Task):
         path = Path(options.path).expanduser()
         if not path.exists():
             raise TaskError(f"jsonl task: file {str(path)!r} does not exist")
-        rows = jsonl_rows(path)
+        rows = split_rows(jsonl_rows(path), options.split, lambda r: str(r["id"]))
         if samples > len(rows):
-            raise TaskError(f"{path} has {len(rows)} samples; asked for {samples}")
-        order = permutation(len(rows), samples, seed, f"jsonl-{path.name}") if options.shuffle else range(samples)
+            where = "" if options.split == "all" else f" in split {options.split!r}"
+            raise TaskError(f"{path} has {len(rows)} samples{where}; asked for {samples}")
+        label = split_label(f"jsonl-{path.name}", options.split)
+        order = permutation(len(rows), samples, seed, label) if options.shuffle else range(samples)
         return [self.sample(tokenizer, rows[i], path, options) for i in order]
 
     @staticmethod
