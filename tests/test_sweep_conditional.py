@@ -77,6 +77,16 @@ def test_a_value_invalid_in_its_own_branch_names_the_branch_and_allowed_values()
               "'always'")
 
 
+def test_an_unknown_choice_is_one_issue_on_its_parameter():
+    d = doc()
+    d["space"]["reducer.name"] = ["evict", "anchor_merge", "cam", "nope"]  # a switch
+    one_issue(d, "space.reducer.name", "with value 'nope'", "unknown reducer 'nope'", "anchor_merge")
+    d = doc()
+    d["space"]["encode.name"] = ["frequency", "nope"]  # no condition names it: invalid in every branch, said once
+    msg = one_issue(d, "space.encode.name", "with value 'nope'", "unknown encode scorer 'nope'", "frequency")
+    assert " when " not in msg and "branch" not in msg
+
+
 @pytest.mark.parametrize("when, path, words", [
     ({"reducer.nam": "cam"}, "space.reducer.probability.when", ("not a parameter", "did you mean 'reducer.name'")),
     ({"ratio": 0.5}, "space.reducer.probability.when", ("'ratio' is a float range", "reducer.name")),

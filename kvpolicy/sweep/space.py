@@ -169,6 +169,7 @@ class _BranchCheck:
         self.doc, self.space, self.extra, self.sets_budget = doc, space, extra, sets_budget
         self.failed: dict[str, list[tuple[dict[str, Any], Any, str]]] = {}
         self.valid: dict[str, list[dict[str, Any]]] = {}
+        self.checked: dict[str, int] = {}  # branches in which each path was checked
 
     def error(self, overrides: Mapping[str, Any]) -> str | None:
         found = _resolve_issues(self.doc, {**self.extra, **expand_params(overrides)}, self.sets_budget)
@@ -177,10 +178,8 @@ class _BranchCheck:
     def run(self, every: list[dict[str, Any]]) -> list[ConfigIssue]:
         joint: list[ConfigIssue] = []
         for branch in every:
-            if branch and (msgs := self.error(branch)) is not None:  # a switch's choice is itself invalid here
-                last = list(branch)[-1]
-                self.failed.setdefault(last, []).append(({k: branch[k] for k in list(branch)[:-1]}, branch[last],
-                                                         msgs))
+            if branch and self.error(branch) is not None:  # a switch's choice is itself invalid here
+                self.blame_switch(branch)
                 continue
             active = active_paths(self.space, branch)
             passed = [self.check_path(path, branch) for path in active]  # every path, not only up to the first
@@ -193,7 +192,19 @@ class _BranchCheck:
         issues = [self.issue(path, fails) for path, fails in self.failed.items()]
         return issues or joint
 
+    def blame_switch(self, branch: dict[str, Any]) -> None:
+        """The first switch (in dependency order) whose choice makes the branch invalid, given the switches before it:
+        an unknown part name is reported once, not once per combination with the other switches."""
+        keys = list(branch)
+        for n, key in enumerate(keys, 1):
+            if (msgs := self.error({k: branch[k] for k in keys[:n]})) is not None:
+                entry = ({k: branch[k] for k in keys[: n - 1]}, branch[key], msgs)
+                if entry not in self.failed.get(key, []):
+                    self.failed.setdefault(key, []).append(entry)
+                return
+
     def check_path(self, path: str, branch: dict[str, Any]) -> bool:
+        self.checked[path] = self.checked.get(path, 0) + 1
         for value in self.space[path].sample_values():
             if (msgs := self.error({**branch, path: value})) is not None:
                 self.failed.setdefault(path, []).append((branch, value, msgs))
@@ -205,6 +216,8 @@ class _BranchCheck:
         branch, value, msgs = fails[0]
         where = f" when {_label(branch)}" if branch else ""
         more = f" (and in {len(fails) - 1} other branch(es))" if len(fails) > 1 else ""
+        if len(fails) > 1 and len(fails) == self.checked.get(path):  # invalid whatever the other choices
+            where, more = "", ""
         return ConfigIssue(f"space.{path}", f"with value {value!r} the policy is invalid{where}{more}: {msgs}"
                            + self.hint(fails, self.valid.get(path, [])))
 

@@ -27,8 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .base import Sample, Task, TaskError, chat_prompt, encode, register_task, split_question
 from .ruler_gen import CommonWords, FreqWords, Niah, Parts, VariableTracking
-from .split import SplitOption, draw_in_split, needles_key, split_id
 from .ruler_text import CWE_NUM, NIAH_TASKS, RULER_TASKS, TOKENS_TO_GENERATE, RulerTaskName, family
+from .split import SplitOption, draw_in_split, needles_key, split_id
 
 #: a fitted prompt is at least this fraction of ``context_tokens``
 LENGTH_TOLERANCE = 0.98
