@@ -26,7 +26,8 @@ import kvpolicy
 from kvpolicy.core.policy import AttentionStat
 from kvpolicy.core.recording import PrefillRecording, record
 from kvpolicy.core.replay import can_share, full_cache, replay
-from kvpolicy.eval.context import build_policy
+from kvpolicy.eval.context import build_policy as _build_policy
+from kvpolicy.heads.table import write_scores
 from kvpolicy.registry import get_registry
 from kvpolicy.testing import VOCAB, build_model, make_batch, tiny_text_config
 
@@ -40,6 +41,7 @@ KERNEL = {
     "adakv": SAME,
     "cam": SAME,
     "d2o": SAME,
+    "duo_attention": SAME,
     "elastic": SAME,
     "elastic_reference": SAME,
     "expected_attention": SAME,
@@ -55,6 +57,29 @@ KERNEL = {
     "snapkv": SAME,
     "tova": SAME,
 }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _duo_scores(tmp_path_factory):
+    """A random head-score table for the tiny models (2 layers x 2 kv heads), so duo_attention needs no calibration."""
+    path = tmp_path_factory.mktemp("duo") / "scores.tsv"
+    write_scores(path, torch.rand(2, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64))
+    _DUO["head_scores"] = str(path)
+    yield
+    _DUO.clear()
+
+
+_DUO: dict[str, str] = {}
+
+
+def build_policy(name: str, ratio: float):
+    """The preset at ``ratio``; duo_attention gets a small window and the test's score table (48-column prompts)."""
+    if name == "duo_attention":
+        return _build_policy({"preset": name, "sinks": 2, "ratio": ratio,
+                              "reducer": {"recent": 6, "head_scores": _DUO["head_scores"]}}, None)
+    return _build_policy(name, ratio)
+
+
 #: float32 rounding of the one-pass kernel, carried through a 2-layer model (measured differences are ~1e-6)
 ATOL = 1e-4
 WIDTH, PADS, STEPS = 48, [0, 7], 4
