@@ -67,6 +67,10 @@ class PolicyCache(Cache):
         group = self.policy_layers
         for layer in group:  # decode bookkeeping of all policy layers runs back to back (PolicyLayer.begin_early)
             layer.group = group
+        #: which rule fixed the prefill budgets of the layers: ``"per-layer"`` (the budget and the allocator's
+        #: ``layer_keep``, layer by layer) or ``"whole-model"`` (a replay whose allocator saw every layer first,
+        #: :func:`~kvpolicy.core.replay.replay`)
+        self.allocation = "per-layer"
 
     def check_inputs(self, batch: int, new_tokens: int) -> None:
         """Raise :class:`~kvpolicy.core.reuse.CacheReuseError` when this cache already holds a generation and a forward
