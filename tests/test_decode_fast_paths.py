@@ -6,11 +6,14 @@ is (no search, no mask), the budget rule of such a layout runs on Python numbers
 ``rank`` / ``held`` once, and the drops of all policy layers run back to back. Each must choose, write and attend
 exactly as the general path: here every registered preset generates with all shortcuts and with none of them (a
 storage that never trusts its layout, each layer dropping on its own), on a tiny GQA model, and the logits of every
-step, the tokens and the entries held at every step must be identical.
+step, the tokens and the entries held at every step must be identical. A cache built from a recorded prefill
+(:func:`~kvpolicy.core.replay.replay`) runs its decode steps through the same layers: its steps must equal the general
+path's too, and take the same shortcuts.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 
@@ -24,11 +27,36 @@ from kvpolicy.config import load_policy
 from kvpolicy.core import layer as layer_module
 from kvpolicy.core import storage as storage_module
 from kvpolicy.core.policy import LayerView
+from kvpolicy.core.recording import record
+from kvpolicy.core.replay import replay
 from kvpolicy.core.storage import PaddedStorage
+from kvpolicy.heads.table import write_scores
 from kvpolicy.registry import get_registry
 from kvpolicy.testing import PAD, make_batch, tiny_text_config
 
 STEPS = 14
+LAYERS = 4
+OVERRIDES = ({"ratio": 0.6}, {"ratio": 0.6, "decode_budget": "fixed"})
+_DUO: dict[str, str] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _duo_scores(tmp_path_factory):
+    """A random head-score table for the tiny model (LAYERS x 2 kv heads), so duo_attention needs no calibration."""
+    path = tmp_path_factory.mktemp("duo") / "scores.tsv"
+    write_scores(path, torch.rand(LAYERS, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64))
+    _DUO["head_scores"] = str(path)
+    yield
+    _DUO.clear()
+
+
+def _policy(preset: str, overrides: dict):
+    """The preset under ``overrides``; duo_attention with a window that fits the 20-column prompts and the test's
+    score table."""
+    doc: dict = {"preset": preset}
+    if preset == "duo_attention":
+        doc.update(sinks=2, reducer={"recent": 4, "head_scores": _DUO["head_scores"]})
+    return load_policy(doc, overrides=overrides)
 
 
 class GeneralStorage(PaddedStorage):
@@ -58,7 +86,7 @@ class GeneralStorage(PaddedStorage):
         return False  # every one-token step searches for its slot when it writes
 
 
-def _model(layers: int = 4) -> torch.nn.Module:
+def _model(layers: int = LAYERS) -> torch.nn.Module:
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**tiny_text_config(layers=layers))).eval()
     return kvpolicy.attach(model)
@@ -110,21 +138,83 @@ def _presets() -> list[str]:
 def test_fast_paths_generate_exactly_what_the_general_path_does(preset, pads, monkeypatch):
     model = _model()
     batch = make_batch(3, 20, pads)
-    for overrides in ({"ratio": 0.6}, {"ratio": 0.6, "decode_budget": "fixed"}):
-        policy = load_policy({"preset": preset}, overrides=overrides)
-        fast = _run(model, batch, policy, general=False, monkeypatch=monkeypatch)
-        general = _run(model, batch, load_policy({"preset": preset}, overrides=overrides), True, monkeypatch)
+    for overrides in OVERRIDES:
+        fast = _run(model, batch, _policy(preset, overrides), general=False, monkeypatch=monkeypatch)
+        general = _run(model, batch, _policy(preset, overrides), True, monkeypatch)
         assert torch.equal(fast[0], general[0]), (preset, overrides)
         assert torch.equal(fast[1], general[1]), (preset, overrides)
         assert fast[2] == general[2], (preset, overrides)
 
 
-def test_the_shortcuts_are_taken_on_a_batch_without_padding(monkeypatch):
-    """The comparison above must not pass because nothing took a shortcut: on rows of equal length a local policy's
-    layers stay full (no search, no mask), and drop and choose their new token's slot back to back at the first
-    layer's update."""
+@functools.lru_cache(maxsize=None)
+def _recorded(pads: tuple[int, ...]):
+    """The model, a batch with these left pads, its prompt positions and its prefill recorded once."""
     model = _model()
-    cache = kvpolicy.make_cache(model, load_policy({"preset": "local"}, overrides={"ratio": 0.6}))
+    batch = make_batch(len(pads), 20, list(pads))
+    positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+
+    def forward(cache) -> torch.Tensor:
+        with torch.inference_mode():
+            out = model(**batch, position_ids=positions, past_key_values=cache, use_cache=True)
+        return out.logits[:, -1].to(torch.float32)
+
+    return model, batch, positions, record(model, forward)
+
+
+def _greedy(model, batch, positions, cache, first: torch.Tensor, steps: int = STEPS):
+    """Decode ``steps`` greedy tokens one forward at a time after a prefill whose last logits are ``first``: every
+    step's logits, the tokens, and the positions held after the prefill and after every step."""
+    mask, pos = batch["attention_mask"], positions[:, -1:]
+    logits, tokens, held = [first], [], [_held(cache)]
+    for _ in range(steps):
+        tok = logits[-1].argmax(-1, keepdim=True)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        pos = pos + 1
+        with torch.inference_mode():
+            out = model(input_ids=tok, attention_mask=mask, position_ids=pos, past_key_values=cache)
+        logits.append(out.logits[:, -1].to(torch.float32))
+        tokens.append(tok)
+        held.append(_held(cache))
+    return torch.stack(logits[1:]), torch.cat(tokens, 1), held
+
+
+def _replayed(pads: tuple[int, ...], policy, general: bool, monkeypatch):
+    """Greedy decode steps on ``policy``'s cache replayed from the recorded prefill, with all shortcuts or (general)
+    with none of them, as :func:`_run` does on the direct path."""
+    model, batch, positions, recording = _recorded(pads)
+    with monkeypatch.context() as patch:
+        if general:
+            patch.setattr(layer_module, "PaddedStorage", GeneralStorage)
+        with torch.inference_mode():
+            cache = replay(model, policy, recording)
+        if general:
+            for layer in cache.policy_layers:
+                layer.group = [layer]
+        out = _greedy(model, batch, positions, cache, recording.logits)
+        if general and policy.decode is not None:
+            assert all(isinstance(layer.storage, GeneralStorage) for layer in cache.policy_layers)
+    return out
+
+
+@pytest.mark.parametrize("pads", [(0, 0, 0), (0, 3, 6)], ids=["same-length", "left-padded"])
+@pytest.mark.parametrize("preset", _presets())
+def test_a_replayed_cache_decodes_exactly_as_the_general_path(preset, pads, monkeypatch):
+    """A replay fills each layer's storage through the layer's own update and compression, not through a forward:
+    the decode steps that follow must still choose, write and attend as the general path does."""
+    for overrides in OVERRIDES:
+        fast = _replayed(pads, _policy(preset, overrides), general=False, monkeypatch=monkeypatch)
+        general = _replayed(pads, _policy(preset, overrides), general=True, monkeypatch=monkeypatch)
+        assert torch.equal(fast[0], general[0]), (preset, overrides)
+        assert torch.equal(fast[1], general[1]), (preset, overrides)
+        assert fast[2] == general[2], (preset, overrides)
+
+
+@pytest.mark.parametrize("source", ["direct", "replay"])
+def test_the_shortcuts_are_taken_on_a_batch_without_padding(source, monkeypatch):
+    """The comparisons above must not pass because nothing took a shortcut: on rows of equal length a local policy's
+    layers stay full (no search, no mask), and drop and choose their new token's slot back to back at the first
+    layer's update — after the model's own prefill and after a replayed one alike."""
+    policy = load_policy({"preset": "local"}, overrides={"ratio": 0.6})
     early = []
     original = layer_module.PolicyLayer.begin_early
 
@@ -136,8 +226,17 @@ def test_the_shortcuts_are_taken_on_a_batch_without_padding(monkeypatch):
     masks = []
     real = storage_module.slot_mask
     monkeypatch.setattr(storage_module, "slot_mask", lambda *args: masks.append(args[2]) or real(*args))
-    model.generate(**make_batch(2, 20, [0, 0]), past_key_values=cache, max_new_tokens=6, min_new_tokens=6,
-                   do_sample=False, pad_token_id=PAD)
+    if source == "direct":
+        model = _model()
+        cache = kvpolicy.make_cache(model, policy)
+        model.generate(**make_batch(2, 20, [0, 0]), past_key_values=cache, max_new_tokens=6, min_new_tokens=6,
+                       do_sample=False, pad_token_id=PAD)
+    else:
+        model, batch, positions, recording = _recorded((0, 0))
+        with torch.inference_mode():
+            cache = replay(model, policy, recording)
+        _greedy(model, batch, positions, cache, recording.logits, steps=6)
+    assert early and all(layer.prefilled for layer in cache.policy_layers)
     assert all(layer.storage.full for layer in cache.policy_layers)
     assert not masks  # no decode step built a mask or read validity for one
     assert {i for i, _, _ in early} == {1, 2, 3} and all(begun == 1 for _, begun, _ in early)
