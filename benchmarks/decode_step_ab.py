@@ -11,7 +11,8 @@ full cache at B, whose ratio to the first shows the harness's noise. The order o
 every round.
 
 Usage: ``python benchmarks/decode_step_ab.py --contexts 1024,4096 --ratios 0.8 --policies local,h2o,elastic
---threads 1`` (bench model llama-125m, random weights, float32 unless ``--dtype``, batch 1).
+--threads 1`` (bench model llama-125m, random weights, float32 unless ``--dtype``, batch 1); ``--model smollm2-135m``
+times a real model (its cached weights, ``kvpolicy.load_model``) instead of a random-weight shape.
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--steps", type=int, default=9)
     ap.add_argument("--config", default="llama-125m")
+    ap.add_argument("--model", default=None, help="a model alias (e.g. smollm2-135m) in place of --config")
     ap.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or auto (as kvpolicy bench)")
     ap.add_argument("--no-batch", action="store_true", help="also run each policy's layers one at a time")
     ap.add_argument("--control", action="store_true", help="also run a second full cache at B (the noise floor)")
@@ -108,10 +110,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     contexts = [int(x) for x in args.contexts.split(",")]
     ratios = [float(x) for x in args.ratios.split(",")]
-    spec = BenchSpec(config=args.config, contexts=contexts, ratios=ratios, dtype=args.dtype, steps=args.steps)
+    spec = BenchSpec(model=args.model, config=None if args.model else args.config, contexts=contexts, ratios=ratios,
+                     dtype=args.dtype, steps=args.steps)
     model, _ = build_model(spec)
-    print(f"CPU: {cpu_name()}, torch {torch.__version__}, threads {torch.get_num_threads()}, config {args.config}, "
-          f"dtype {next(model.parameters()).dtype}")
+    print(f"CPU: {cpu_name()}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"{'model ' + args.model if args.model else 'config ' + args.config}, dtype {next(model.parameters()).dtype}")
     runner = Runner(spec, model, log=lambda msg: None)
     with torch.inference_mode():
         for n in contexts:
