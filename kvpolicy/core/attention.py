@@ -28,6 +28,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
+from .features import refuse_attention_kwargs
 from .kernels import attention_received, attention_with_received, masked_attention_with_received
 from .layer import PolicyLayer, take_active_layer
 from .policy import AttentionStat, QueryStat
@@ -70,7 +71,8 @@ def _outputs(
     if layer.pristine and mask_fits and whole and layer.prefill_drops():
         # an uncompressed layer about to be compressed: outputs and statistics from one pass over the keys
         out, received = attention_with_received(
-            query, key, value, layer.valid, new_valid, scaling, layer.seen - layer.length, layer.seen - q
+            query, key, value, layer.valid, new_valid, scaling, layer.seen - layer.length, layer.seen - q,
+            sliding_window=layer.window_size,
         )
     elif layer.pristine and mask_fits:
         return call()[0]
@@ -113,13 +115,12 @@ def _policy_attention(base: Callable, eager: bool) -> Callable:
         layer: PolicyLayer | None = take_active_layer(getattr(module, "layer_idx", None))
         if layer is None:  # not a policy layer (vision tower, sliding layer, no cache)
             return base(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-        if kwargs.get("softcap") is not None:
-            raise NotImplementedError("kvpolicy: attention logit soft-capping is not supported")
+        refuse_attention_kwargs(kwargs)
         if scaling is None:
             scaling = query.shape[-1] ** -0.5
         q = query.shape[2]
         if layer.shift is not None and layer.prefilled:
-            query = layer.shift.rotate(query)
+            query = layer.shift.rotate(query, layer.layer_type)
         new_valid = layer.resolve_new_tokens(attention_mask, q)
         stats: Stats = {}
         needs: frozenset[AttentionStat] = layer.pending_needs()
@@ -142,7 +143,7 @@ def _policy_attention(base: Callable, eager: bool) -> Callable:
             for need in needs:
                 stats[need.window] = attention_received(
                     query, key, layer.valid, layer.positions, cols, new_valid, scaling, need.window,
-                    first_slot_col=first_col,
+                    first_slot_col=first_col, sliding_window=layer.window_size,
                 )
         layer.finish_step(stats, queries)
         return out, None
