@@ -78,6 +78,7 @@ def test_ratio_zero_is_bit_identical_to_transformers_sliding_cache(attn, pads):
         seen = LENGTH + STEPS - 1
         n_real = batch["attention_mask"].sum(-1) + STEPS - 1
         for layer, kind in zip(cache.policy_layers, TINY_GEMMA_LAYERS):
+            assert layer.n_tokens.tolist() == n_real.tolist()  # every real token counted, also those out of the window
             expect = n_real.clamp(max=W) if kind == "sliding_attention" else n_real
             assert layer.held()[:, 0].tolist() == expect.tolist()
             if kind == "sliding_attention":
