@@ -153,28 +153,20 @@ def _presets():
     return sorted(get_registry().presets())
 
 
-@pytest.mark.parametrize("name", _presets())
-def test_every_preset_runs_and_its_sliding_layers_follow_window_then_budget(name):
+def check_window_then_budget(policy, cache, steps, pads, length, window, layer_types):
     """Any policy: a sliding layer holds only entries of its window, after a step only what it held before plus the
     new token, and as many as the budget rule allows for what remained in the window (the rule's count, whichever
-    entries the policy chose)."""
-    from kvpolicy.config import load_policy
-
-    policy = load_policy(name)
-    model = kvpolicy.attach(build_model("gemma3"))
-    batch = make_batch(len(PADS), LENGTH, PADS, seed=4)
-    cache = kvpolicy.make_cache(model, policy)
-    log = KeptLog(cache)
-    _generate(model, batch, cache, record=log)
+    entries the policy chose). ``steps``: :class:`KeptLog` steps of a generation from ``length``-column prompts."""
     budget = policy.budget
-    sliding = [i for i, kind in enumerate(TINY_GEMMA_LAYERS) if kind == "sliding_attention"]
-    for r, pad in enumerate(PADS):
-        n = LENGTH - pad
+    sliding = [i for i, kind in enumerate(layer_types) if kind == "sliding_attention"]
+    assert sliding
+    for r, pad in enumerate(pads):
+        n = length - pad
         for i in sliding:
             layer = cache.policy_layers[i]
-            heads = log.steps[0][r][i]
-            n_w = min(W, n)
-            assert all(p >= LENGTH - W and p >= pad for held in heads for p in held)
+            heads = steps[0][r][i]
+            n_w = min(window, n)
+            assert all(p >= length - window and p >= pad for held in heads for p in held)
             if policy.encode is None:  # nothing compressed at prefill: the whole window is held
                 assert all(len(held) == n_w for held in heads), (r, i)
             elif policy.allocator is None and budget.ratio is not None:
@@ -183,18 +175,31 @@ def test_every_preset_runs_and_its_sliding_layers_follow_window_then_budget(name
                 # the authors' Elastic Cache keeps one entry fewer than asked (their off-by-one, reproduced on purpose)
                 short = int(getattr(getattr(policy.reducer, "params", None), "quirk_off_by_one", False))
                 assert sum(map(len, heads)) == len(heads) * (keep - short), (r, i)
-            for step in range(1, STEPS):
-                col = LENGTH + step - 1
-                for h, held in enumerate(log.steps[step][r][i]):
-                    before = [p for p in log.steps[step - 1][r][i][h] if p > col - W]
+            for step in range(1, len(steps)):
+                col = length + step - 1
+                for h, held in enumerate(steps[step][r][i]):
+                    before = [p for p in steps[step - 1][r][i][h] if p > col - window]
                     assert set(held) <= set(before) | {col}, (r, i, step, h)
                     expect = len(before) + 1
                     if policy.decode is not None and budget.decode == "fraction":
-                        expect -= max(0, math.trunc(expect - min(W, n + step) * (1 - budget.ratio)))
+                        expect -= max(0, math.trunc(expect - min(window, n + step) * (1 - budget.ratio)))
                     elif policy.decode is not None and budget.decode == "fixed":
                         cap = budget.tokens if budget.tokens is not None else int(layer.prefill_keep[r])
                         expect = min(expect, cap)
                     assert len(held) == expect, (r, i, step, h)
+
+
+@pytest.mark.parametrize("name", _presets())
+def test_every_preset_runs_and_its_sliding_layers_follow_window_then_budget(name):
+    from kvpolicy.config import load_policy
+
+    policy = load_policy(name)
+    model = kvpolicy.attach(build_model("gemma3"))
+    batch = make_batch(len(PADS), LENGTH, PADS, seed=4)
+    cache = kvpolicy.make_cache(model, policy)
+    log = KeptLog(cache)
+    _generate(model, batch, cache, record=log)
+    check_window_then_budget(policy, cache, log.steps, PADS, LENGTH, W, TINY_GEMMA_LAYERS)
 
 
 # ---------------------------------------------------------------------------------- statistics respect the window
@@ -334,3 +339,58 @@ def test_softcapping_and_learned_sinks_are_refused_before_any_forward():
     sinky.model.layers[1].self_attn.sinks = torch.nn.Parameter(torch.zeros(4))
     with pytest.raises(UnsupportedModelError, match=r"sinks` of model\.layers\.1\.self_attn.*s_aux"):
         kvpolicy.make_cache(sinky, keep_all_policy())
+
+
+# ------------------------------------------------------------------------------------------ the real Gemma 3 270M
+
+REAL_LENGTH, REAL_PADS = 600, [0, 40]  # longer than Gemma 3's 512-column window, with padding
+
+
+@pytest.fixture(scope="module")
+def gemma3():
+    model, tokenizer = kvpolicy.load_model("gemma3-270m")
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, 20000, (len(REAL_PADS), REAL_LENGTH), generator=gen)
+    mask = torch.ones_like(ids)
+    for r, p in enumerate(REAL_PADS):
+        ids[r, :p], mask[r, :p] = tokenizer.pad_token_id, 0
+    return model, {"input_ids": ids, "attention_mask": mask}, tokenizer.pad_token_id
+
+
+@pytest.mark.slow
+def test_real_gemma3_ratio_zero_is_bit_identical_past_the_window(gemma3):
+    """Prompts of 600 columns and 530 generated tokens, both longer than the 512-column window (minutes of CPU)."""
+    model, batch, pad = gemma3
+    window = model.config.sliding_window
+    steps = 530
+    kw = dict(batch, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=pad,
+              output_logits=True, return_dict_in_generate=True)
+    assert REAL_LENGTH > window and steps > window
+    with torch.no_grad():
+        expected = model.generate(**kw)
+        kvpolicy.attach(model)
+        cache = kvpolicy.make_cache(model, keep_all_policy())
+        got = model.generate(**kw, past_key_values=cache)
+    assert torch.equal(got.sequences, expected.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(got.logits, expected.logits))
+    n_real = batch["attention_mask"].sum(-1) + steps - 1
+    for layer, kind in zip(cache.policy_layers, model.config.layer_types):
+        expect = n_real.clamp(max=window) if kind == "sliding_attention" else n_real
+        assert layer.held()[:, 0].tolist() == expect.tolist()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", _presets())
+def test_real_gemma3_every_preset_follows_window_then_budget(gemma3, name):
+    from kvpolicy.config import load_policy
+
+    model, batch, pad = gemma3
+    kvpolicy.attach(model)
+    policy = load_policy(name)
+    cache = kvpolicy.make_cache(model, policy)
+    log = KeptLog(cache)
+    with torch.no_grad():
+        model.generate(**batch, past_key_values=cache, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                       pad_token_id=pad, logits_processor=LogitsProcessorList([log]))
+    config = model.config
+    check_window_then_budget(policy, cache, log.steps, REAL_PADS, REAL_LENGTH, config.sliding_window, config.layer_types)
