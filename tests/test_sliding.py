@@ -85,6 +85,29 @@ def test_ratio_zero_is_bit_identical_to_transformers_sliding_cache(attn, pads):
                 assert min(min(layer.kept_positions(r)) for r in range(len(pads))) == seen - W
 
 
+def _presets():
+    from kvpolicy.registry import get_registry
+
+    return sorted(get_registry().presets())
+
+
+@pytest.mark.parametrize("name", _presets())
+def test_every_preset_at_ratio_zero_is_bit_identical_past_the_window(name):
+    """Including the presets that count new tokens' RoPE positions from the compressed length (the shift must not
+    count what the window dropped) and those that drop after attention. A ``fixed`` decode rule holds the prefill
+    size, so at ratio 0 it still drops one entry per step: those presets must differ."""
+    from kvpolicy.config import load_policy
+
+    policy = load_policy(name, overrides={"ratio": 0.0})
+    model = build_model("gemma3")
+    batch = make_batch(len(PADS), LENGTH, PADS, seed=7)
+    expected = _generate(model, batch)
+    kvpolicy.attach(model)
+    got = _generate(model, batch, kvpolicy.make_cache(model, policy))
+    same = all(torch.equal(a, b) for a, b in zip(got.logits, expected.logits))
+    assert same == (policy.decode is None or policy.budget.decode != "fixed")
+
+
 # --------------------------------------------------------------------------------- window, then budget: naive
 
 
@@ -145,12 +168,6 @@ def test_held_entries_equal_a_naive_window_then_budget_at_every_step(budget):
 
 
 # --------------------------------------------------------------------------------------------- every preset
-
-
-def _presets():
-    from kvpolicy.registry import get_registry
-
-    return sorted(get_registry().presets())
 
 
 def check_window_then_budget(policy, cache, steps, pads, length, window, layer_types):

@@ -63,6 +63,10 @@ class PolicyCache(Cache):
                     f"kvpolicy: layer {i} of {type(config).__name__} has type {kind!r}; "
                     "only 'full_attention' and 'sliding_attention' layers are supported"
                 )
+        if shift is not None and layers:
+            # positions count from the compressed length of the first global layer (a sliding layer's length is
+            # bounded by its window, not by the policy): read by layer 0, which runs first in every step
+            layers[0].shift_source = next((x for x in layers if x.window is None), layers[0])
         super().__init__(layers=layers)
 
     def check_inputs(self, batch: int, new_tokens: int) -> None:

@@ -87,7 +87,9 @@ class PolicyLayer(DynamicLayer):
         self.shift = shift
         #: the model's RoPE frequencies, set only when the policy declares a query statistic
         self.rope = rope
-        self._first = first_policy_layer
+        #: the layer whose logical minus physical length sets the step's RoPE shift (``compressed_positions``): set
+        #: on the first layer only, which runs first in every step (see :class:`~kvpolicy.core.cache.PolicyCache`)
+        self.shift_source: PolicyLayer | None = self if first_policy_layer else None
         self.policy = policy
         self.layer_idx = layer_idx
         self.num_layers = num_layers
@@ -181,6 +183,11 @@ class PolicyLayer(DynamicLayer):
                 "model first: kvpolicy.attach(model) (it sets attn_implementation to 'kvpolicy')."
             )
         q = key_states.shape[2]
+        if self.shift_source is not None and self.prefilled and self.shift is not None:
+            # one shift per step for every layer, set before anything moves: the entries the policy removed from the
+            # source layer so far (its logical minus physical length; a window's own drops are not the policy's)
+            source = self.shift_source
+            self.shift.delta = source.uncompressed()[0] - source.held()[:, 0]
         if self.window is not None:  # the window rule first: what this step's first query cannot see is gone
             self._expire(self.seen - self.window.size + 1)
         cols = torch.arange(self.seen, self.seen + q, device=self.device)
@@ -203,8 +210,6 @@ class PolicyLayer(DynamicLayer):
         """New keys at the compressed positions when the policy re-numbers them (``compressed_positions``)."""
         if self.shift is None:
             return key_states
-        if self._first:  # one shift per step for every layer: layer 0's logical minus physical position
-            self.shift.delta = self.n_tokens - self.held()[:, 0]
         return self.shift.rotate(key_states, self.layer_type)
 
     def _append_update(self, key_states: torch.Tensor, value_states: torch.Tensor, cols: torch.Tensor) -> str:

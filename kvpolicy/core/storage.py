@@ -279,8 +279,11 @@ class PaddedStorage(SlotStorage):
         k = min(n, max(0, before - (seen - n)))
         if k == 0:
             return 0
-        for t in (self._k, self._v, self._valid, self._pos, self._types, *self._state.values()):
-            t[:, :, : n - k] = t[:, :, k:n].clone()
+        # views past the dropped slots, no copy: the buffers' next growth (:func:`growth`) reallocates them and
+        # releases the dropped front; until then :meth:`nbytes` counts it
+        self._k, self._v = self._k[:, :, k:], self._v[:, :, k:]
+        self._valid, self._pos, self._types = self._valid[:, :, k:], self._pos[:, :, k:], self._types[:, :, k:]
+        self._state = {name: t[:, :, k:] for name, t in self._state.items()}
         self._length = n - k
         if self.new_slots is not None:  # a pristine layout's new tokens are its last slots: those that remain
             b, h, q = self.new_slots.shape
@@ -313,7 +316,8 @@ class PaddedStorage(SlotStorage):
         return grouped_attention(query, self.keys, self.values, self.mask(query.shape[2], seen), scaling, eager)
 
     def nbytes(self) -> int:
-        return self._k.nbytes + self._v.nbytes
+        # the buffers' storage, which outgrows the tensors while a sliding window's dropped front is still held
+        return self._k.untyped_storage().nbytes() + self._v.untyped_storage().nbytes()
 
     def slot_nbytes(self) -> int:
         b, h = self._k.shape[:2]
