@@ -14,6 +14,7 @@ from transformers import LogitsProcessorList
 
 import kvpolicy
 from kvpolicy import Budget
+from kvpolicy.bench.memory import cache_bytes
 from kvpolicy.core.policy import AttentionStat, CachePolicy
 from kvpolicy.testing import (
     PAD,
@@ -159,12 +160,14 @@ def test_held_entries_equal_a_naive_window_then_budget_at_every_step(budget):
     log = KeptLog(cache)
     _generate(model, batch, cache, record=log)
     assert len(log.steps) == STEPS
+    promised = cache_bytes(cache, STEPS - 1).layers  # what `kvpolicy bench` says the budget rule allows
     for r, pad in enumerate(PADS):
         for layer_idx, kind in enumerate(TINY_GEMMA_LAYERS):
             expected = naive_first_last(pad, budget, first, W if kind == "sliding_attention" else None)
             for step in range(STEPS):
                 for heads in log.steps[step][r][layer_idx]:
                     assert heads == expected[step], (r, kind, step)
+            assert promised[layer_idx].promised[r] == [len(expected[-1])] * 2
 
 
 # --------------------------------------------------------------------------------------------- every preset
