@@ -222,6 +222,48 @@ def test_every_preset_runs_and_its_sliding_layers_follow_window_then_budget(name
     check_window_then_budget(policy, cache, log.steps, PADS, LENGTH, W, TINY_GEMMA_LAYERS)
 
 
+def test_appended_chunk_counts_in_full_while_inside_the_window():
+    """A question chunk appended uncompressed after a compressed context (``PolicyCache.appending``), padded in the
+    middle of the sequence: in a sliding layer its real tokens count as held in full while they are in the window,
+    padding columns never count, and once they leave the window the ordinary fraction applies again."""
+    model = kvpolicy.attach(build_model("gemma3"))
+    ctx = make_batch(2, LENGTH, [0, 3], seed=8)
+    chunk_pads, q = [2, 0], 5
+    chunk = make_batch(2, q, chunk_pads, seed=9)
+    ratio = 0.5
+    cache = kvpolicy.make_cache(model, first_last_policy(Budget(ratio=ratio), first=2))
+    mask = ctx["attention_mask"]
+    with torch.no_grad():
+        out = model(**ctx, past_key_values=cache, use_cache=True)
+        mask = torch.cat([mask, chunk["attention_mask"]], 1)
+        with cache.appending():
+            out = model(input_ids=chunk["input_ids"], attention_mask=mask, past_key_values=cache, use_cache=True)
+        layer = cache.policy_layers[0]
+        assert layer.window_size == W
+        real = mask.bool()  # [B, columns]
+        chunk_cols = range(LENGTH, LENGTH + q)
+        held = [set(layer.kept_positions(r)) for r in range(2)]
+        for r in range(2):  # the chunk's real tokens all held, nothing older than the window
+            assert {c for c in chunk_cols if real[r, c]} <= held[r] and min(held[r]) >= LENGTH + q - W
+        for step in range(12):
+            token = out.logits[:, -1:].argmax(-1)
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+            real = mask.bool()
+            out = model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
+            col = mask.shape[1] - 1
+            for r in range(2):
+                before = {p for p in held[r] if p > col - W}
+                window = range(col + 1 - W, col + 1)
+                n_w = int(real[r, list(window)].sum())
+                a_w = sum(1 for c in chunk_cols if c in window and real[r, c])
+                target = (n_w - a_w) * (1 - ratio) + a_w
+                expect = len(before) + 1 - max(0, math.trunc(len(before) + 1 - target))
+                now = set(layer.kept_positions(r))
+                assert now <= before | {col} and len(now) == expect, (step, r)
+                held[r] = now
+        assert min(min(h) for h in held) > LENGTH + q - 1  # the chunk has left the window by now
+
+
 # ---------------------------------------------------------------------------------- statistics respect the window
 
 

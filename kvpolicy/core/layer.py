@@ -294,16 +294,18 @@ class PolicyLayer(DynamicLayer):
 
     # ------------------------------------------------------------------ used by the attention function
     def resolve_new_tokens(self, mask: torch.Tensor | None, q: int) -> torch.Tensor:
-        """Learn which of this step's tokens are padding from transformers' mask (its last query row sees every real
-        column), mark them invalid, and return the validity of the new tokens, bool ``[B, q]``."""
+        """Learn which of this step's tokens are padding from transformers' mask (each real query sees its own
+        column, :func:`~kvpolicy.core.masks.new_token_validity`), mark them invalid, and return the validity of the new
+        tokens, bool ``[B, q]``."""
         new_valid = new_token_validity(mask, q, self.n_tokens.shape[0], self.device)
-        if not bool(new_valid.all()):
+        padded = not bool(new_valid.all())
+        if padded:
             self.storage.invalidate_new(new_valid)
             if self.prefilled:
                 self.n_tokens -= (~new_valid).sum(-1)
         if not self.prefilled:
             self.n_tokens += new_valid.sum(-1)
-        if self.window is not None:
+        if self.window is not None and (padded or self._pending == "append"):
             self.window.record(self.seen - q, new_valid, appended=self._pending == "append")
         return new_valid
 

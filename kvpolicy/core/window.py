@@ -56,11 +56,10 @@ class SlidingWindow:
         return max(0, seen - self.size)
 
     def record(self, col0: int, new_valid: torch.Tensor, appended: bool) -> None:
-        """Note this forward's columns ``col0 ...`` when some are padding (``new_valid`` bool ``[B, q]`` False) or they
-        were appended uncompressed; an all-real forward of the ordinary kind needs no record."""
-        pad = ~new_valid
-        if appended or bool(pad.any()):
-            self._spans.append(_Span(col0, pad, new_valid.clone() if appended else None))
+        """Note this forward's columns ``col0 ...``: some are padding (``new_valid`` bool ``[B, q]`` False) or they
+        were appended uncompressed. The layer calls it only then: an all-real forward of the ordinary kind is what an
+        unrecorded column means."""
+        self._spans.append(_Span(col0, ~new_valid, new_valid.clone() if appended else None))
 
     def counts(self, seen: int, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """``(real, appended)``, int64 ``[B]`` each: real tokens among the window's columns ``[seen - W, seen)`` (what
