@@ -109,6 +109,47 @@ def test_every_preset_at_ratio_zero_is_bit_identical_past_the_window(name):
     assert same == (policy.decode is None or policy.budget.decode != "fixed")
 
 
+def _windowed_model(family: str, attn: str):
+    """Mistral sliding every layer, Qwen2 sliding all but its first (``max_window_layers``), window ``W``."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from kvpolicy.testing import tiny_text_config
+
+    torch.manual_seed(0)
+    if family == "mistral":
+        model = MistralForCausalLM(MistralConfig(**tiny_text_config(), sliding_window=W))
+    else:
+        config = Qwen2Config(**tiny_text_config(3), use_sliding_window=True, sliding_window=W, max_window_layers=1)
+        assert config.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
+        model = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.15)
+    model.eval().set_attn_implementation(attn)
+    return model
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_other_windowed_families_are_bit_identical_at_ratio_zero_and_hold_the_window_budget(family, attn):
+    from kvpolicy.config import load_policy
+
+    model = _windowed_model(family, attn)
+    batch = make_batch(len(PADS), LENGTH, PADS)
+    expected = _generate(model, batch)
+    kvpolicy.attach(model, backend=attn)
+    for policy in (keep_all_policy(), load_policy("h2o_elastic_code", overrides={"ratio": 0.0})):
+        got = _generate(model, batch, kvpolicy.make_cache(model, policy))
+        assert all(torch.equal(a, b) for a, b in zip(got.logits, expected.logits)), policy.name
+    policy = load_policy("h2o")
+    cache = kvpolicy.make_cache(model, policy)
+    log = KeptLog(cache)
+    _generate(model, batch, cache, record=log)
+    kinds = ["sliding_attention"] * 2 if family == "mistral" else model.config.layer_types
+    check_window_then_budget(policy, cache, log.steps, PADS, LENGTH, W, kinds)
+
+
 # --------------------------------------------------------------------------------- window, then budget: naive
 
 
