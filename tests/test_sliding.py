@@ -26,6 +26,7 @@ from kvpolicy.testing import (
     first_last_policy,
     keep_all_policy,
     make_batch,
+    random_head_scores,
 )
 
 W = TINY_WINDOW
@@ -92,15 +93,33 @@ def _presets():
     return sorted(get_registry().presets())
 
 
+@pytest.fixture(scope="module")
+def scores_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("head_scores")
+
+
+def preset_policy(name: str, model, scores_dir, ratio: float | None = None, tiny: bool = True):
+    """The preset (at ``ratio`` when given); ``duo_attention`` gets a random head-score table for ``model`` (its
+    global layers scored, :func:`kvpolicy.testing.random_head_scores`) and, on a ``tiny`` model, a streaming window
+    short enough for the test's prompts (2 sinks + 4 recent)."""
+    from kvpolicy.config import load_policy
+
+    overrides: dict = {} if ratio is None else {"ratio": ratio}
+    if name == "duo_attention":
+        path = random_head_scores(str(scores_dir / f"{type(model).__name__}.tsv"), model)
+        overrides["reducer.head_scores"] = path
+        if tiny:
+            overrides.update({"sinks": 2, "reducer.recent": 4})
+    return load_policy(name, overrides=overrides)
+
+
 @pytest.mark.parametrize("name", _presets())
-def test_every_preset_at_ratio_zero_is_bit_identical_past_the_window(name):
+def test_every_preset_at_ratio_zero_is_bit_identical_past_the_window(name, scores_dir):
     """Including the presets that count new tokens' RoPE positions from the compressed length (the shift must not
     count what the window dropped) and those that drop after attention. A ``fixed`` decode rule holds the prefill
     size, so at ratio 0 it still drops one entry per step: those presets must differ."""
-    from kvpolicy.config import load_policy
-
-    policy = load_policy(name, overrides={"ratio": 0.0})
     model = build_model("gemma3")
+    policy = preset_policy(name, model, scores_dir, ratio=0.0)
     batch = make_batch(len(PADS), LENGTH, PADS, seed=7)
     expected = _generate(model, batch)
     kvpolicy.attach(model)
@@ -228,7 +247,8 @@ def check_window_then_budget(policy, cache, steps, pads, length, window, layer_t
             heads = steps[0][r][i]
             n_w = min(window, n)
             assert all(p >= length - window and p >= pad for held in heads for p in held)
-            if policy.encode is None:  # nothing compressed at prefill: the whole window is held
+            if policy.encode is None or _duo(policy):  # nothing compressed at prefill: the whole window is held
+                # (duo_attention streams heads of scored layers only: a sliding layer is never scored)
                 assert all(len(held) == n_w for held in heads), (r, i)
             elif policy.allocator is None and budget.ratio is not None:
                 keep = min(n_w, max(1, math.ceil(n_w * (1 - budget.ratio))))
@@ -250,12 +270,14 @@ def check_window_then_budget(policy, cache, steps, pads, length, window, layer_t
                     assert len(held) == expect, (r, i, step, h)
 
 
-@pytest.mark.parametrize("name", _presets())
-def test_every_preset_runs_and_its_sliding_layers_follow_window_then_budget(name):
-    from kvpolicy.config import load_policy
+def _duo(policy) -> bool:
+    return type(policy.reducer).__name__ == "DuoReducer"
 
-    policy = load_policy(name)
+
+@pytest.mark.parametrize("name", _presets())
+def test_every_preset_runs_and_its_sliding_layers_follow_window_then_budget(name, scores_dir):
     model = kvpolicy.attach(build_model("gemma3"))
+    policy = preset_policy(name, model, scores_dir)
     batch = make_batch(len(PADS), LENGTH, PADS, seed=4)
     cache = kvpolicy.make_cache(model, policy)
     log = KeptLog(cache)
@@ -484,12 +506,10 @@ def test_real_gemma3_ratio_zero_is_bit_identical_past_the_window(gemma3):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", _presets())
-def test_real_gemma3_every_preset_follows_window_then_budget(gemma3, name):
-    from kvpolicy.config import load_policy
-
+def test_real_gemma3_every_preset_follows_window_then_budget(gemma3, name, scores_dir):
     model, batch, pad = gemma3
     kvpolicy.attach(model)
-    policy = load_policy(name)
+    policy = preset_policy(name, model, scores_dir, tiny=False)
     cache = kvpolicy.make_cache(model, policy)
     log = KeptLog(cache)
     with torch.no_grad():

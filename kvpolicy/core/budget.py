@@ -18,7 +18,15 @@ __all__ = ["Budget", "BudgetAllocator"]
 
 @runtime_checkable
 class BudgetAllocator(Protocol):
-    """Optional part: re-distributes the per-row budget across layers (e.g. PyramidKV)."""
+    """Optional part: re-distributes the per-row budget across layers (e.g. PyramidKV).
+
+    ``layer_keep`` is the per-layer rule, called for each layer right after its own prefill attention.
+
+    Optional hook, looked up with ``getattr``: ``model_keep(model: ModelView) -> Tensor | None``, a whole-model
+    allocation that sees every layer's prefill (views and statistics, :class:`~kvpolicy.core.policy.ModelView`) before
+    any layer is compressed, and returns int64 ``[L, B]`` entries kept per policy layer (in ``model.layers`` order)
+    and row, or ``None`` to keep the per-layer rule. Only a replayed prefill can call it (the direct path has compressed
+    layer ``l`` before layer ``l + 1`` runs); there ``layer_keep`` applies and the result says which rule ran."""
 
     def layer_keep(self, layer_idx: int, num_layers: int, keep: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
         ...

@@ -68,6 +68,10 @@ class PolicyCache(Cache):
             # bounded by its window, not by the policy): read by layer 0, which runs first in every step
             layers[0].shift_source = next((x for x in layers if x.window is None), layers[0])
         super().__init__(layers=layers)
+        #: which rule fixed the prefill budgets of the layers: ``"per-layer"`` (the budget and the allocator's
+        #: ``layer_keep``, layer by layer) or ``"whole-model"`` (a replay whose allocator saw every layer first,
+        #: :func:`~kvpolicy.core.replay.replay`)
+        self.allocation = "per-layer"
 
     def check_inputs(self, batch: int, new_tokens: int) -> None:
         """Raise :class:`~kvpolicy.core.reuse.CacheReuseError` when this cache already holds a generation and a forward

@@ -112,4 +112,15 @@ def make_cache(model: Any, policy: CachePolicy) -> PolicyCache:
             f"the model's attention implementation is {impl!r}: call kvpolicy.attach(model) before using a policy cache"
         )
     check_attention_modules(model)
+    bind_parts(policy, model)
     return PolicyCache(policy, model.config)
+
+
+def bind_parts(policy: CachePolicy, model: Any) -> None:
+    """Hand ``model`` to every part of ``policy`` that defines the optional hook ``bind_model(model)``, once per
+    cache and before any forward: a part whose data belongs to one model (per-head scores calibrated for it) finds
+    and checks them here, and fails before the prefill rather than in the middle of it."""
+    for name in ("encode", "decode", "reducer", "allocator"):
+        bind = getattr(getattr(policy, name), "bind_model", None)
+        if bind is not None:
+            bind(model)

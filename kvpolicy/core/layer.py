@@ -26,6 +26,7 @@ freed at every step, and the budget applies to the entries inside it (:mod:`kvpo
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -98,6 +99,9 @@ class PolicyLayer(DynamicLayer):
         self.is_initialized = False
         #: set by :meth:`~kvpolicy.core.cache.PolicyCache.appending`: forwards store their tokens uncompressed
         self.append_chunk = False
+        #: set on a recording cache (:mod:`kvpolicy.core.recording`): the attention function hands it the step's
+        #: queries, RoPE positions and scaling, the inputs of the statistics that the cache itself does not keep
+        self.recorder: Callable[..., None] | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -297,7 +301,13 @@ class PolicyLayer(DynamicLayer):
         """Learn which of this step's tokens are padding from transformers' mask (each real query sees its own
         column, :func:`~kvpolicy.core.masks.new_token_validity`), mark them invalid, and return the validity of the new
         tokens, bool ``[B, q]``."""
-        new_valid = new_token_validity(mask, q, self.n_tokens.shape[0], self.device)
+        return self.mark_new_tokens(new_token_validity(mask, q, self.n_tokens.shape[0], self.device))
+
+    def mark_new_tokens(self, new_valid: torch.Tensor) -> torch.Tensor:
+        """Mark this step's padding (``new_valid`` bool ``[B, q]`` is False) invalid and count its real tokens; what
+        :meth:`resolve_new_tokens` does once it has read the mask, and what a replay does with the recorded validity
+        (:mod:`kvpolicy.core.replay`). Returns ``new_valid``."""
+        q = new_valid.shape[1]
         padded = not bool(new_valid.all())
         if padded:
             self.storage.invalidate_new(new_valid)
@@ -394,10 +404,20 @@ class PolicyLayer(DynamicLayer):
             self._planned_keep = keep
         return self._planned_keep
 
+    def plan_prefill_keep(self, keep: torch.Tensor) -> None:
+        """Fix the entries this layer keeps after the pending prefill (int64 ``[B]``), in place of the budget and the
+        allocator's per-layer rule: a whole-model allocation (``BudgetAllocator.model_keep``), which only a replay
+        can make, since it needs every layer's prefill before any layer is compressed."""
+        if self._pending != "prefill":
+            raise RuntimeError(f"layer {self.layer_idx}: a prefill keep is planned while no prefill is pending")
+        given = self.policy.budget.prefill_keep(self.n_tokens)
+        self._planned_keep = check_keep(self.policy, keep, given, self.layer_idx)
+
     def prefill_drops(self) -> bool:
-        """Whether the pending prefill compression removes entries. When it does, the layer's outputs need not be
-        bit-identical to transformers' own attention (the cache changes anyway), so the attention function may
-        compute outputs and statistics in one pass; when it does not (ratio 0), the plain path keeps the run
+        """Whether the pending prefill compression removes entries. When it does and the attention function has no
+        exact route (SDPA's own outputs and log-sum-exp, :mod:`kvpolicy.core.sdpa`; e.g. eager attention), the
+        layer's outputs need not be bit-identical to transformers' own attention (the cache changes anyway), so it
+        may compute outputs and statistics in one pass; when it does not (ratio 0), the plain path keeps the run
         identical to the full cache."""
         if self._pending != "prefill" or self.policy.encode is None:
             return False

@@ -26,12 +26,11 @@ def kept_by_type(cache: PolicyCache) -> torch.Tensor:
     for layer in cache.policy_layers:
         if not layer.is_initialized:
             continue
-        view = layer.view("decode")
-        counts = [
-            ((view.token_types == code) & view.valid).sum(-1).to(torch.float32).mean(-1)
-            for code in (TEXT, IMAGE, GENERATED)
-        ]
-        out.append(torch.stack(counts, -1))
+        per_head = []
+        for h in range(layer.held().shape[1]):  # slots(h): any storage layout (a bucketed layer has no [B, H, P] view)
+            valid, _, types = layer.slots(h)
+            per_head.append(torch.stack([((types == code) & valid).sum(-1) for code in (TEXT, IMAGE, GENERATED)], -1))
+        out.append(torch.stack(per_head).to(torch.float32).mean(0))
     if not out:
         return torch.zeros(0, 0, 3)
     return torch.stack(out)
