@@ -8,7 +8,6 @@ part against a naive reference, and a policy whose effect is trivial to rebuild 
 * tiny models: :func:`build_model` (llama, qwen2, mistral, llava, and gemma3 with sliding-window layers of
   :data:`TINY_WINDOW` columns; 4 query / 2 kv heads, random init, no download; its text decoder's keywords:
   :func:`tiny_text_config`) and :func:`make_batch` (left-padded batches, optionally with LLaVA image placeholders);
-  :func:`random_head_scores` (a head-score table for a tiny model, for ``duo_attention`` without a calibration);
 * views: :func:`make_view`, and what a reduction keeps of one: :func:`kept_entries`;
 * trivial parts and policies: :class:`KeepAll`, :class:`FirstLast`, :class:`PlainEvict`, :func:`keep_all_policy`,
   :func:`first_last_policy`.
@@ -271,19 +270,3 @@ def first_last_policy(budget: Budget, first: int = 2, decode: bool = True) -> Ca
         decode=FirstLast(first) if decode else None,
         name="first-last",
     )
-
-
-def random_head_scores(path: str, model: torch.nn.Module, seed: int = 7) -> str:
-    """Write a random head-score table for ``model`` to ``path`` (returned): a score per kv head of the layers a head
-    calibration scores (:func:`kvpolicy.heads.store.policy_layers`), ``nan`` for the others, so that
-    ``duo_attention`` runs on a tiny model with ``reducer.head_scores`` set to it."""
-    from kvpolicy.heads.store import policy_layers
-    from kvpolicy.heads.table import write_scores
-
-    text = model.config.get_text_config(decoder=True)
-    gen = torch.Generator().manual_seed(seed)
-    scores = torch.full((text.num_hidden_layers, text.num_key_value_heads), float("nan"), dtype=torch.float64)
-    for layer in policy_layers(model.config):
-        scores[layer] = torch.rand(text.num_key_value_heads, generator=gen, dtype=torch.float64)
-    write_scores(path, scores)
-    return path

@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from head_tables import random_head_scores
 from transformers import LogitsProcessorList
 
 import kvpolicy
@@ -26,7 +27,6 @@ from kvpolicy.testing import (
     first_last_policy,
     keep_all_policy,
     make_batch,
-    random_head_scores,
 )
 
 W = TINY_WINDOW
@@ -100,7 +100,7 @@ def scores_dir(tmp_path_factory):
 
 def preset_policy(name: str, model, scores_dir, ratio: float | None = None, tiny: bool = True):
     """The preset (at ``ratio`` when given); ``duo_attention`` gets a random head-score table for ``model`` (its
-    global layers scored, :func:`kvpolicy.testing.random_head_scores`) and, on a ``tiny`` model, a streaming window
+    global layers scored, :func:`head_tables.random_head_scores`) and, on a ``tiny`` model, a streaming window
     short enough for the test's prompts (2 sinks + 4 recent)."""
     from kvpolicy.config import load_policy
 

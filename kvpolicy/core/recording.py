@@ -136,6 +136,7 @@ class _Recorder:
     def __init__(self, layer: PolicyLayer):
         self.layer = layer
         self.step: dict[str, Any] | None = None
+        self.token_types: torch.Tensor | None = None  #: int8 [B, S]: the prompt columns' types, as the layer stored them
 
     def __call__(self, query: torch.Tensor, position_ids: Any, scaling: float, lse: torch.Tensor | None) -> None:
         layer = self.layer
@@ -146,6 +147,7 @@ class _Recorder:
             "keys": layer.keys, "values": layer.values, "valid": layer.valid[:, 0].clone(),
             "query": query, "position_ids": positions, "scaling": float(scaling), "lse": lse,
         }
+        self.token_types = layer.token_types[:, 0].clone()
 
     def recording(self) -> LayerRecording:
         if self.step is None:
@@ -166,6 +168,6 @@ def record(model: Any, forward: Callable[[PolicyCache], torch.Tensor]) -> Prefil
         recorders.append(layer.recorder)
     logits = forward(cache)
     layers = [recorder.recording() for recorder in recorders]
-    first = cache.policy_layers[0]
-    types = first.token_types[:, 0].clone()
+    types = recorders[0].token_types
+    assert types is not None  # recording() raised otherwise
     return PrefillRecording(layers, types, logits.detach().to(torch.float32).clone())
