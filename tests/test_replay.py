@@ -278,12 +278,14 @@ def test_replay_refuses_a_recording_of_another_model():
         replay(other, build_policy("local", 0.5), small.recording)
 
 
-def test_can_share_needs_an_attached_model():
-    model = build_model("llama")
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_can_share_needs_an_attached_model(family):
+    """Nothing else is a reason: compressed_positions, decode stages, merges, sliding-window layers (Gemma 3)."""
+    model = build_model(family)
     assert "attach" in can_share(build_policy("h2o", 0.5), model)
     kvpolicy.attach(model)
-    for name in KERNEL:  # compressed_positions, decode stages, merges: nothing of today's presets touches the prefill
-        assert can_share(build_policy(name, 0.5), model) is None
+    for name in KERNEL:
+        assert can_share(build_policy(name, 0.5, model), model) is None
 
 
 def test_a_recording_holds_one_forward():

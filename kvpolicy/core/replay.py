@@ -46,7 +46,9 @@ def can_share(policy: CachePolicy | None, model: Any) -> str | None:
     only applied once a layer is prefilled), a chunked prefill (the engine's prefill is one forward; chunks appended
     after it, :meth:`~kvpolicy.core.cache.PolicyCache.appending`, run through the model on each replayed cache), the
     eager backend (the recording runs the same backend as the direct path: its pristine outputs are the same call),
-    decode scorers, merges and per-slot state (they act after the prefill, on the replayed cache, by the same code)."""
+    decode scorers, merges and per-slot state (they act after the prefill, on the replayed cache, by the same code),
+    sliding-window layers (recorded whole, before their window rule, which each replay runs itself; only a whole-model
+    allocation gives way to the per-layer rule where a window is shorter than the prompt, see :func:`replay`)."""
     impl = model.config.get_text_config(decoder=True)._attn_implementation
     if impl not in BACKENDS.values():
         return f"the model's attention implementation is {impl!r}, not kvpolicy's (kvpolicy.attach(model) first)"
@@ -137,7 +139,8 @@ def replay(
     teacher forcing, an appended question chunk); the prefill's logits are ``recording.logits``.
 
     ``whole_model``: let an allocator with ``model_keep`` fix every layer's budget from the whole prompt (``False``:
-    its per-layer rule, as on the direct path)."""
+    its per-layer rule, as on the direct path). Ignored when a sliding-window layer's window is shorter than the
+    recorded prompt (:func:`_window_binds`): the cache's ``allocation`` then says ``per-layer``."""
     cache = make_cache(model, policy)
     _check(cache, recording)
     model_keep = getattr(policy.allocator, "model_keep", None) if whole_model else None
