@@ -269,8 +269,8 @@ def test_ratio_zero_with_statistics_generates_like_the_full_cache(preset):
 @pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_real_model_compressing_prefill_logits_equal_the_full_cache(name, dtype):
-    """The real models (SmolLM2: every layer; Gemma 3: its global layers), a left-padded batch of ~300 tokens, h2o
-    and elastic at ratio 0.5: the prompt's logits equal the full cache's bit for bit."""
+    """The real models (every layer compressed, Gemma 3's sliding ones included), a left-padded batch of ~300
+    tokens, h2o and elastic at ratio 0.5: the prompt's logits equal the full cache's bit for bit."""
     model, tokenizer = kvpolicy.load_model(name, dtype=dtype)
     texts = ["The history of the Roman empire spans many centuries, " * 30, "Light becomes chemical energy. " * 20]
     batch = tokenizer(texts, return_tensors="pt", padding=True)
