@@ -30,32 +30,34 @@ from kvpolicy.core.policy import LayerView
 from kvpolicy.core.recording import record
 from kvpolicy.core.replay import replay
 from kvpolicy.core.storage import PaddedStorage
-from kvpolicy.heads.table import write_scores
 from kvpolicy.registry import get_registry
-from kvpolicy.testing import PAD, make_batch, tiny_text_config
+from kvpolicy.testing import PAD, build_model, make_batch, tiny_text_config
+from head_tables import random_head_scores
 
 STEPS = 14
-LAYERS = 4
 OVERRIDES = ({"ratio": 0.6}, {"ratio": 0.6, "decode_budget": "fixed"})
-_DUO: dict[str, str] = {}
+#: a 4-layer GQA Llama, and the tiny Gemma 3 whose sliding-window layers (window 8) are policy layers too: the
+#: 20-column prompts and 14 steps outrun the window, so its rule frees slots at every step
+FAMILIES = ("llama", "gemma3")
+_TABLES: dict[str, object] = {}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _duo_scores(tmp_path_factory):
-    """A random head-score table for the tiny model (LAYERS x 2 kv heads), so duo_attention needs no calibration."""
-    path = tmp_path_factory.mktemp("duo") / "scores.tsv"
-    write_scores(path, torch.rand(LAYERS, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64))
-    _DUO["head_scores"] = str(path)
+def _tables(tmp_path_factory):
+    """Where the random head-score tables of the tiny models go, so duo_attention needs no calibration."""
+    _TABLES["dir"] = tmp_path_factory.mktemp("duo")
     yield
-    _DUO.clear()
+    _TABLES.clear()
 
 
-def _policy(preset: str, overrides: dict):
-    """The preset under ``overrides``; duo_attention with a window that fits the 20-column prompts and the test's
-    score table."""
+def _policy(preset: str, overrides: dict, model):
+    """The preset under ``overrides``; duo_attention with a window that fits the 20-column prompts and a random
+    score table for ``model``."""
     doc: dict = {"preset": preset}
     if preset == "duo_attention":
-        doc.update(sinks=2, reducer={"recent": 4, "head_scores": _DUO["head_scores"]})
+        family = model.config.model_type
+        path = random_head_scores(str(_TABLES["dir"] / f"{family}.tsv"), model)  # type: ignore[operator]
+        doc.update(sinks=2, reducer={"recent": 4, "head_scores": path})
     return load_policy(doc, overrides=overrides)
 
 
@@ -86,10 +88,11 @@ class GeneralStorage(PaddedStorage):
         return False  # every one-token step searches for its slot when it writes
 
 
-def _model(layers: int = LAYERS) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**tiny_text_config(layers=layers))).eval()
-    return kvpolicy.attach(model)
+def _model(family: str = "llama") -> torch.nn.Module:
+    if family == "llama":
+        torch.manual_seed(0)
+        return kvpolicy.attach(LlamaForCausalLM(LlamaConfig(**tiny_text_config(layers=4))).eval())
+    return kvpolicy.attach(build_model(family))
 
 
 def _run(model, batch, policy, general: bool, monkeypatch) -> tuple[torch.Tensor, list, list]:
@@ -135,21 +138,22 @@ def _presets() -> list[str]:
 
 @pytest.mark.parametrize("pads", [[0, 0, 0], [0, 3, 6]], ids=["same-length", "left-padded"])
 @pytest.mark.parametrize("preset", _presets())
-def test_fast_paths_generate_exactly_what_the_general_path_does(preset, pads, monkeypatch):
-    model = _model()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fast_paths_generate_exactly_what_the_general_path_does(family, preset, pads, monkeypatch):
+    model = _model(family)
     batch = make_batch(3, 20, pads)
     for overrides in OVERRIDES:
-        fast = _run(model, batch, _policy(preset, overrides), general=False, monkeypatch=monkeypatch)
-        general = _run(model, batch, _policy(preset, overrides), True, monkeypatch)
+        fast = _run(model, batch, _policy(preset, overrides, model), general=False, monkeypatch=monkeypatch)
+        general = _run(model, batch, _policy(preset, overrides, model), True, monkeypatch)
         assert torch.equal(fast[0], general[0]), (preset, overrides)
         assert torch.equal(fast[1], general[1]), (preset, overrides)
         assert fast[2] == general[2], (preset, overrides)
 
 
 @functools.lru_cache(maxsize=None)
-def _recorded(pads: tuple[int, ...]):
+def _recorded(family: str, pads: tuple[int, ...]):
     """The model, a batch with these left pads, its prompt positions and its prefill recorded once."""
-    model = _model()
+    model = _model(family)
     batch = make_batch(len(pads), 20, list(pads))
     positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
 
@@ -178,10 +182,11 @@ def _greedy(model, batch, positions, cache, first: torch.Tensor, steps: int = ST
     return torch.stack(logits[1:]), torch.cat(tokens, 1), held
 
 
-def _replayed(pads: tuple[int, ...], policy, general: bool, monkeypatch):
+def _replayed(family: str, pads: tuple[int, ...], preset: str, overrides: dict, general: bool, monkeypatch):
     """Greedy decode steps on ``policy``'s cache replayed from the recorded prefill, with all shortcuts or (general)
     with none of them, as :func:`_run` does on the direct path."""
-    model, batch, positions, recording = _recorded(pads)
+    model, batch, positions, recording = _recorded(family, pads)
+    policy = _policy(preset, overrides, model)
     with monkeypatch.context() as patch:
         if general:
             patch.setattr(layer_module, "PaddedStorage", GeneralStorage)
@@ -198,12 +203,13 @@ def _replayed(pads: tuple[int, ...], policy, general: bool, monkeypatch):
 
 @pytest.mark.parametrize("pads", [(0, 0, 0), (0, 3, 6)], ids=["same-length", "left-padded"])
 @pytest.mark.parametrize("preset", _presets())
-def test_a_replayed_cache_decodes_exactly_as_the_general_path(preset, pads, monkeypatch):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_replayed_cache_decodes_exactly_as_the_general_path(family, preset, pads, monkeypatch):
     """A replay fills each layer's storage through the layer's own update and compression, not through a forward:
     the decode steps that follow must still choose, write and attend as the general path does."""
     for overrides in OVERRIDES:
-        fast = _replayed(pads, _policy(preset, overrides), general=False, monkeypatch=monkeypatch)
-        general = _replayed(pads, _policy(preset, overrides), general=True, monkeypatch=monkeypatch)
+        fast = _replayed(family, pads, preset, overrides, general=False, monkeypatch=monkeypatch)
+        general = _replayed(family, pads, preset, overrides, general=True, monkeypatch=monkeypatch)
         assert torch.equal(fast[0], general[0]), (preset, overrides)
         assert torch.equal(fast[1], general[1]), (preset, overrides)
         assert fast[2] == general[2], (preset, overrides)
@@ -232,7 +238,7 @@ def test_the_shortcuts_are_taken_on_a_batch_without_padding(source, monkeypatch)
         model.generate(**make_batch(2, 20, [0, 0]), past_key_values=cache, max_new_tokens=6, min_new_tokens=6,
                        do_sample=False, pad_token_id=PAD)
     else:
-        model, batch, positions, recording = _recorded((0, 0))
+        model, batch, positions, recording = _recorded("llama", (0, 0))
         with torch.inference_mode():
             cache = replay(model, policy, recording)
         _greedy(model, batch, positions, cache, recording.logits, steps=6)

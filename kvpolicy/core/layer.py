@@ -18,6 +18,9 @@ Slots are unordered: a compressed layer attends through a mask built from per-sl
 (:mod:`kvpolicy.core.masks`), never through transformers' mask, whose padding columns are only right for an
 uncompressed ("pristine") layer. This is what lets rows of a left-padded batch keep different positions and different
 numbers of entries, and lets a decode step overwrite the dropped slot in place.
+
+A sliding-window layer (``window``) is the same layer with the window rule first: entries that left the window are
+freed at every step, and the budget applies to the entries inside it (:mod:`kvpolicy.core.window`).
 """
 
 from __future__ import annotations
@@ -30,15 +33,16 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from .buckets import bucketed_if_uneven
+from .droprule import DropRule
 from .masks import new_token_validity
-from .partcheck import check_keep, check_merge, check_reduction, check_scores, check_state
+from .partcheck import check_keep, check_reduction, check_scores, check_state
 from .policy import GENERATED, AttentionStat, CachePolicy, LayerView
 from .positions import RopeShift
 from .querystats import RopeFrequencies
 from .reuse import check_batch
-from .selection import lowest_slot, ranked_slots
 from .storage import PaddedStorage, SlotStorage, growth
 from .token_types import TokenTypes
+from .window import SlidingWindow
 
 __all__ = ["PolicyLayer", "take_active_layer"]
 
@@ -71,12 +75,22 @@ class PolicyLayer(DynamicLayer):
         shift: RopeShift | None = None,
         first_policy_layer: bool = False,
         rope: RopeFrequencies | None = None,
+        window: int | None = None,
+        layer_type: str = "full_attention",
     ):
         super().__init__()
+        #: transformers' layer type (``full_attention`` / ``sliding_attention``): which RoPE the model gives the layer
+        self.layer_type = layer_type
+        #: a sliding-window layer's window (``None``: the layer attends to every column)
+        self.window = SlidingWindow(window) if window is not None else None
+        #: read by transformers (``Cache.is_sliding``) to size the sliding layers' mask from this layer
+        self.is_sliding = window is not None
         self.shift = shift
         #: the model's RoPE frequencies, set only when the policy declares a query statistic
         self.rope = rope
-        self._first = first_policy_layer
+        #: the layer whose logical minus physical length sets the step's RoPE shift (``compressed_positions``): set
+        #: on the first layer only, which runs first in every step (see :class:`~kvpolicy.core.cache.PolicyCache`)
+        self.shift_source: PolicyLayer | None = self if first_policy_layer else None
         self.policy = policy
         #: the policy's decode statistics, and whether its decode drop runs inside ``update()`` (it needs none), read
         #: once: a decode step asks in every layer
@@ -105,7 +119,7 @@ class PolicyLayer(DynamicLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         #: where the entries live; a :class:`PaddedStorage` until a prefill with per-head budgets may bucket it
-        self.storage: SlotStorage = PaddedStorage(key_states, value_states)
+        self.storage: SlotStorage = PaddedStorage(key_states, value_states, self.window_size)
         self.layer_state: dict[str, Any] = {}
         self.n_tokens = torch.zeros(key_states.shape[0], dtype=torch.long, device=self.device)
         self.prefill_kept: torch.Tensor | None = None
@@ -117,10 +131,10 @@ class PolicyLayer(DynamicLayer):
         self.prefilled = False
         self._pending: str | None = None
         self._planned_keep: torch.Tensor | None = None  # see _prefill_budget
-        #: small read-only tensors a decode step would otherwise rebuild in every layer (see _all_real, _excess)
-        self._constants: dict[Any, torch.Tensor] = {}
-        #: ``(prefill_keep, appended)`` as Python lists, for the budget rule of a full layout (see _excess)
-        self._row_budget: tuple[list[int], list[int]] | None = None
+        self._rule = DropRule(self.policy, self.device, self.window is not None)
+        self._step_tokens = 0
+        if self.window is not None:
+            self.window.clear()
         self.is_initialized = True
         self._sync()
 
@@ -137,6 +151,11 @@ class PolicyLayer(DynamicLayer):
     @property
     def capacity(self) -> int:
         return self.storage.capacity
+
+    @property
+    def window_size(self) -> int | None:
+        """Columns a query of this layer attends over (``None``: all of them, a global layer)."""
+        return self.window.size if self.window is not None else None
 
     @property
     def pristine(self) -> bool:
@@ -186,8 +205,13 @@ class PolicyLayer(DynamicLayer):
         begun, self._begun = self._begun, 0
         if begun and (begun != q or not self.prefilled or self.append_chunk):
             raise RuntimeError(f"kvpolicy: layer {self.layer_idx} was prepared for a {begun}-token decode step")
-        start = self.seen - begun
-        self.seen = start + q
+        if self.shift_source is not None and self.prefilled and self.shift is not None:
+            # one shift per step for every layer, set before anything moves (layer 0 begins the others' steps only
+            # after this): the entries the policy removed from the source layer so far (its logical minus physical
+            # length; a window's own drops are not the policy's)
+            source = self.shift_source
+            self.shift.delta = source.uncompressed()[0] - source.held()[:, 0]
+        start = self.seen - begun if begun else self._advance(q)
         if not self.prefilled:
             if self.append_chunk:
                 raise RuntimeError("kvpolicy: a chunk is appended to a prefilled cache; run the prefill forward first")
@@ -207,9 +231,7 @@ class PolicyLayer(DynamicLayer):
         """New keys at the compressed positions when the policy re-numbers them (``compressed_positions``)."""
         if self.shift is None:
             return key_states
-        if self._first:  # one shift per step for every layer: layer 0's logical minus physical position
-            self.shift.delta = self.n_tokens - self.held()[:, 0]
-        return self.shift.rotate(key_states)
+        return self.shift.rotate(key_states, self.layer_type)
 
     def _append_update(self, key_states: torch.Tensor, value_states: torch.Tensor, cols: torch.Tensor) -> str:
         """Store an appended chunk's tokens as prompt tokens (their own token types), dropping nothing."""
@@ -252,6 +274,16 @@ class PolicyLayer(DynamicLayer):
         if q == 1 and isinstance(storage, PaddedStorage):
             storage.prepare(start, GENERATED, growth(storage.length))
 
+    def _advance(self, q: int) -> int:
+        """Enter a step of ``q`` columns and return the first: the window rule first (what the step's first query
+        cannot see is gone), then the columns are counted."""
+        if self.window is not None:
+            self._expire(self.seen - self.window.size + 1)
+        start = self.seen
+        self.seen = start + q
+        self._step_tokens = q
+        return start
+
     def begin_early(self, q: int) -> None:
         """:meth:`_begin_step` run by the group's first layer for this one, before any layer of the step (engine use:
         a no-op unless this layer is prefilled and between steps).
@@ -265,9 +297,7 @@ class PolicyLayer(DynamicLayer):
         if not self.is_initialized or not self.prefilled or self.append_chunk or self._pending is not None:
             return
         self.run_deferred()
-        start = self.seen
-        self.seen += q
-        self._begin_step(q, start)
+        self._begin_step(q, self._advance(q))
         self._begun = q
 
     def _new_types(self, cols: torch.Tensor) -> torch.Tensor:
@@ -281,12 +311,17 @@ class PolicyLayer(DynamicLayer):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         if not self.is_initialized:
             return query_length, 0
-        return self.length + query_length, self.seen - self.length
+        length = self.length
+        if self.window is not None and self.pristine:  # update() will first drop the front slots out of the window
+            length = min(length, self.window.size - 1)
+        return length + query_length, self.seen - length
 
     def get_max_length(self) -> int:
         return -1
 
     def reset(self) -> None:
+        if self.window is not None:
+            self.window.clear()
         self.is_initialized = False
         self.keys = self.values = None
         self.seen = 0
@@ -304,7 +339,9 @@ class PolicyLayer(DynamicLayer):
         batch = self.n_tokens.shape[0]
         self.n_tokens = self.n_tokens[index]
         self.appended = self.appended[index]
-        self._row_budget = None
+        self._rule.forget_rows()
+        if self.window is not None:
+            self.window.select_rows(index)
         # per-row tensors a part keeps in layer_state follow their rows too
         for key, value in list(self.layer_state.items()):
             if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
@@ -326,11 +363,14 @@ class PolicyLayer(DynamicLayer):
 
     # ------------------------------------------------------------------ used by the attention function
     def resolve_new_tokens(self, mask: torch.Tensor | None, q: int) -> torch.Tensor:
-        """Learn which of this step's tokens are padding from transformers' mask (its last query row sees every real
-        column), mark them invalid, and return the validity of the new tokens, bool ``[B, q]``."""
-        self.no_padding = mask is None and self.prefilled
-        if self.no_padding:  # no padding anywhere (transformers drops the mask only then)
-            return self._all_real(q)
+        """Learn which of this step's tokens are padding from transformers' mask (each real query sees its own
+        column, :func:`~kvpolicy.core.masks.new_token_validity`), mark them invalid, and return the validity of the new
+        tokens, bool ``[B, q]``."""
+        # a decode step without padding anywhere (transformers drops the mask only then) has nothing to mark; an
+        # appended chunk still goes through mark_new_tokens (a sliding layer's window records it)
+        self.no_padding = mask is None and self.prefilled and not self.append_chunk
+        if self.no_padding:
+            return self._rule.filled((self.n_tokens.shape[0], q), True)
         return self.mark_new_tokens(new_token_validity(mask, q, self.n_tokens.shape[0], self.device))
 
     def mark_new_tokens(self, new_valid: torch.Tensor) -> torch.Tensor:
@@ -338,21 +378,17 @@ class PolicyLayer(DynamicLayer):
         :meth:`resolve_new_tokens` does once it has read the mask, and what a replay does with the recorded validity
         (:mod:`kvpolicy.core.replay`). Returns ``new_valid``."""
         self.no_padding = False  # the attention function then checks ``new_valid`` (a caller here may pass padding)
-        if not bool(new_valid.all()):
+        q = new_valid.shape[1]
+        padded = not bool(new_valid.all())
+        if padded:
             self.storage.invalidate_new(new_valid)
             if self.prefilled:
                 self.n_tokens -= (~new_valid).sum(-1)
         if not self.prefilled:
             self.n_tokens += new_valid.sum(-1)
+        if self.window is not None and (padded or self._pending == "append"):
+            self.window.record(self.seen - q, new_valid, appended=self._pending == "append")
         return new_valid
-
-    def _all_real(self, q: int) -> torch.Tensor:
-        """bool ``[B, q]`` of True (every new token real), made once per shape: read-only."""
-        key = (self.n_tokens.shape[0], q)
-        ones = self._constants.get(key)
-        if ones is None:
-            ones = self._constants[key] = torch.ones(key, dtype=torch.bool, device=self.device)
-        return ones
 
     def mask(self, q: int) -> torch.Tensor | None:
         """The engine's per-slot mask (:func:`~kvpolicy.core.masks.slot_mask`) of this step's ``q`` queries."""
@@ -382,14 +418,19 @@ class PolicyLayer(DynamicLayer):
             # the group's drops after attention run back to back at its last layer (see begin_early for why): the
             # statistics are this step's either way, and nothing reads a layer between its attention and the end
             self._deferred = (attention, queries)
+            if self.window is not None and self._step_tokens > 1:
+                self.run_deferred()  # the window rule below comes after the drop, as in a step of one layer alone
             if self.group[-1] is self:
                 for layer in self.group:
                     layer.run_deferred()
         elif pending == "append":
             self.appended += self.n_tokens - self._before_append
-            self._row_budget = None
+            self._rule.forget_rows()
             if self._observes():
                 self.policy.decode.observe(self.view("decode", attention))  # type: ignore[union-attr]
+        if self.window is not None and pending != "prefill" and self._step_tokens > 1:
+            # what the step's last query could not see (after one query, update() already left exactly its window)
+            self._expire(self.seen - self.window.size)
         self._sync()
 
     # ------------------------------------------------------------------ the policy's stages
@@ -416,15 +457,29 @@ class PolicyLayer(DynamicLayer):
             rank_source=storage.rank_for,
         )
 
+    def _expire(self, before: int) -> int:
+        """The window rule of a sliding layer: free the entries at columns ``< before`` (see
+        :meth:`PaddedStorage.expire`; returns the slots removed from the front of a pristine layout)."""
+        return self._padded().expire(before, self.seen)
+
+    def uncompressed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(tokens, appended)``, int64 ``[B]``: the real tokens an uncompressed layer would hold now and how many of
+        them were appended uncompressed — what the budget rule is a fraction of. A global layer: every real token
+        seen. A sliding layer: the real tokens among the last ``window`` columns (:mod:`kvpolicy.core.window`)."""
+        if self.window is None:
+            return self.n_tokens, self.appended
+        return self.window.counts(self.seen, self.n_tokens.shape[0], self.device)
+
     def _prefill_budget(self) -> torch.Tensor:
         """Entries this layer keeps after prefill (budget, then the allocator), computed once per prefill: the
         attention function asks for it before the outputs (:meth:`prefill_drops`) and the prefill stage after."""
         if self._planned_keep is None:
             policy = self.policy
-            keep = policy.budget.prefill_keep(self.n_tokens)
+            n = self.uncompressed()[0]
+            keep = policy.budget.prefill_keep(n)
             if policy.allocator is not None:
                 given = keep
-                keep = policy.allocator.layer_keep(self.layer_idx, self.num_layers, keep, self.n_tokens)
+                keep = policy.allocator.layer_keep(self.layer_idx, self.num_layers, keep, n)
                 keep = check_keep(policy, keep, given, self.layer_idx)
             self._planned_keep = keep
         return self._planned_keep
@@ -446,17 +501,20 @@ class PolicyLayer(DynamicLayer):
         identical to the full cache."""
         if self._pending != "prefill" or self.policy.encode is None:
             return False
-        held = self.held().amin(-1)
+        held = self.held().amin(-1) if self.window is None else self.uncompressed()[0]  # a window's expiry is no drop
         return bool((self._prefill_budget() < held).any())
 
     def _finish_prefill(self, attention: dict, queries: dict | None = None) -> None:
         policy = self.policy
         storage = self._padded()
         self.prefilled = True
+        if self.window is not None:  # the window first: the policy compresses what the last query could see
+            gone = self._expire(self.seen - self.window.size)
+            attention = {w: a[..., gone:] for w, a in attention.items()} if gone else attention
         keep = self._prefill_budget()
         self._planned_keep = None
         self.prefill_keep = keep
-        self._row_budget = None
+        self._rule.forget_rows()
         view = self.view("prefill", attention, queries)
         view.keep = keep
         init_state = getattr(policy.decode, "init_state", None)
@@ -466,7 +524,8 @@ class PolicyLayer(DynamicLayer):
         if policy.encode is not None and bool((keep < view.held().amin(-1)).any()):
             scores = check_scores(policy, "encode", policy.encode.score(view), view)
             storage.compact(check_reduction(policy, policy.reducer.reduce(view, scores, keep), view))
-            if policy.decode is None and not storage.has_slot_state:  # no stage left: the layout is chosen once
+            if policy.decode is None and not storage.has_slot_state and self.window is None:
+                # no stage left: the layout is chosen once (a sliding layer keeps freeing slots: it stays padded)
                 self.storage = bucketed_if_uneven(storage)
         self.prefill_kept = self.held()
         after = getattr(policy.decode, "after_prefill", None)
@@ -484,71 +543,10 @@ class PolicyLayer(DynamicLayer):
     def _decode_drop(
         self, incoming: int, attention: dict | None = None, queries: dict | None = None, refill: bool = False
     ) -> None:
-        """Apply the decode-stage budget rule: free the lowest-scored slots (``incoming`` tokens are about to be
-        written and count toward the budget; ``refill``: the storage prepares a one-token write right after, see
-        :meth:`~kvpolicy.core.storage.PaddedStorage.free`)."""
-        decode = self.policy.decode
-        if decode is None:
-            return
-        storage = self._padded()
-        view = self.view("decode", attention, queries)
-        observe = getattr(decode, "observe", None)
-        if observe is not None:
-            observe(view)
-        excess, k_max, every = self._excess(storage, view, incoming)
-        if excess is None:
-            return
-        view.excess = excess
-        scores = check_scores(self.policy, "decode", decode.drop_scores(view), view, what="drop scores")
-        if k_max == 1:
-            victims = lowest_slot(view, scores, checked=True, full=storage.full)
-        else:
-            victims = ranked_slots(view, -scores.to(torch.float32))[..., :k_max]
-        # every row and head of a full layout drops k_max: each victim is a valid slot, nothing to mask
-        ok = None if every else (torch.arange(k_max, device=self.device) < excess[..., None]) & view.valid.gather(
-            2, victims
-        )
-        on_drop = getattr(self.policy.reducer, "on_drop", None)
-        if on_drop is not None:
-            merged = on_drop(view, victims, self._filled(tuple(victims.shape), True) if ok is None else ok)
-            if merged is not None:
-                storage.write_kv(*check_merge(self.policy, merged, view))
-        storage.free(victims, ok, refill)
-
-    def _excess(
-        self, storage: PaddedStorage, view: LayerView, incoming: int
-    ) -> tuple[torch.Tensor | None, int, bool]:
-        """Entries the budget rule drops now: int64 ``[B, H]`` (``None`` when nothing goes), the largest count, and
-        whether every row and head drops exactly that many from a full layout.
-
-        When the layout is full (every row and head holds ``length`` entries, :attr:`PaddedStorage.full`) the rule
-        runs on Python numbers, one per row (:meth:`~kvpolicy.core.budget.Budget.decode_excess_rows`): no tensor is
-        read or made unless something goes. Otherwise it runs on the held counts."""
-        budget = self.policy.budget
-        keep = self.prefill_keep
-        if storage.full and keep is not None and keep.dim() == 1:
-            if self._row_budget is None:
-                self._row_budget = (keep.tolist(), self.appended.tolist())
-            rows = budget.decode_excess_rows(storage.length + incoming, self.n_tokens.tolist(), *self._row_budget)
-            k_max = max(rows, default=0)
-            if k_max == 0:
-                return None, 0, True
-            b, h = view.valid.shape[:2]
-            if min(rows) == k_max and k_max <= storage.length:
-                return self._filled((b, h), k_max), k_max, True
-            return torch.tensor(rows, device=self.device)[:, None].expand(b, h), k_max, False
-        excess = budget.decode_excess(view.held() + incoming, self.n_tokens, keep, self.appended)  # type: ignore[arg-type]
-        k_max = int(excess.max()) if excess.numel() else 0
-        return (excess if k_max > 0 else None), k_max, False
-
-    def _filled(self, shape: tuple[int, ...], value: int | bool) -> torch.Tensor:
-        """int64 (bool for a bool ``value``) ``shape`` filled with ``value``, made once: read-only."""
-        key = (shape, value, type(value))
-        t = self._constants.get(key)
-        if t is None:
-            dtype = torch.bool if isinstance(value, bool) else torch.long
-            t = self._constants[key] = torch.full(shape, value, dtype=dtype, device=self.device)
-        return t
+        """Apply the decode-stage budget rule (:class:`~kvpolicy.core.droprule.DropRule`)."""
+        if self.policy.decode is not None:
+            view = self.view("decode", attention, queries)
+            self._rule.drop(self._padded(), view, incoming, self.prefill_keep, self.uncompressed, refill)
 
     # ------------------------------------------------------------------ reporting
     def nbytes(self) -> int:

@@ -117,8 +117,10 @@ class PaddedStorage(SlotStorage):
     ``torch.cat``, tensors that stay exactly at a fixed budget) and grows by :func:`growth` only when a row has none.
     """
 
-    def __init__(self, key_states: torch.Tensor, value_states: torch.Tensor):
+    def __init__(self, key_states: torch.Tensor, value_states: torch.Tensor, window: int | None = None):
         b, h, _, d = key_states.shape
+        #: a sliding-window layer's window in columns (:mod:`kvpolicy.core.window`), for the mask of multi-token steps
+        self.window = window
         device = key_states.device
         self._k = key_states.new_empty(b, h, 0, d)
         self._v = value_states.new_empty(b, h, 0, value_states.shape[-1])
@@ -433,6 +435,36 @@ class PaddedStorage(SlotStorage):
         self._full = False
         self.pristine = False
 
+    def expire(self, before: int, seen: int) -> int:
+        """Free the slots at logical columns ``< before`` (they left a sliding window, :mod:`kvpolicy.core.window`).
+
+        A pristine layout (slot ``j`` holds column ``seen - P + j`` in every row) drops them from its front and stays
+        pristine, in order, as transformers' own sliding layer does, so that its mask still applies (bit-identical
+        outputs while nothing else is dropped); returns how many front slots went (0 for an unordered layout, whose
+        slots are only marked free for later tokens to overwrite)."""
+        n = self._length
+        if not self.pristine:
+            if n:
+                self._valid[:, :, :n] &= self._pos[:, :, :n] >= before
+                # what the decode fast paths knew of the free slots may no longer hold (not read back: a sync)
+                self._full, self._hole, self._rank = False, None, None
+            return 0
+        k = min(n, max(0, before - (seen - n)))
+        if k == 0:
+            return 0
+        # views past the dropped slots, no copy: the buffers' next growth (:func:`growth`) reallocates them and
+        # releases the dropped front; until then :meth:`nbytes` counts it
+        self._k, self._v = self._k[:, :, k:], self._v[:, :, k:]
+        self._valid, self._pos, self._types = self._valid[:, :, k:], self._pos[:, :, k:], self._types[:, :, k:]
+        self._state = {name: t[:, :, k:] for name, t in self._state.items()}
+        self._length = n - k
+        self._rank = None
+        self._relayout()
+        if self._new is not None:  # a pristine layout's new tokens are its last slots: those that remain
+            left = min(self.new_count, n - k)
+            self._new = (n - k - left, left)
+        return k
+
     def select_rows(self, index: torch.Tensor) -> None:
         self._k, self._v = self._k[index], self._v[index]
         self._valid, self._pos, self._types = self._valid[index], self._pos[index], self._types[index]
@@ -477,7 +509,7 @@ class PaddedStorage(SlotStorage):
         reading ``valid`` when one query meets a layout known to be :attr:`full`)."""
         if q == 1 and self._full:
             return None
-        mask = slot_mask(self.valid, self.positions, q, seen)
+        mask = slot_mask(self.valid, self.positions, q, seen, self.window)
         if mask is None:  # slot_mask found every slot valid: remember it until the next drop or padding
             self._full = True
         return mask
@@ -486,7 +518,8 @@ class PaddedStorage(SlotStorage):
         return grouped_attention(query, self.keys, self.values, self.mask(query.shape[2], seen), scaling, eager)
 
     def nbytes(self) -> int:
-        return self._k.nbytes + self._v.nbytes
+        # the buffers' storage, which outgrows the tensors while a sliding window's dropped front is still held
+        return self._k.untyped_storage().nbytes() + self._v.untyped_storage().nbytes()
 
     def slot_nbytes(self) -> int:
         b, h = self._k.shape[:2]
