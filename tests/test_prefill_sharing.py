@@ -292,17 +292,11 @@ def test_a_shared_grid_equals_the_direct_grid_with_one_recording_per_batch(tmp_p
     assert made == batches  # one recording per batch for the whole grid (the first cell's references make them)
 
 
-def test_the_ratio0_check_runs_the_full_cache_once_per_grid_and_still_refuses_a_bad_policy(monkeypatch):
-    """The check's full-cache side (a direct run of one sample) is shared by the policies of a grid; each policy's
-    side still runs directly, and a policy that differs at ratio 0 is still refused after a shared full side."""
-    from kvpolicy import Budget
-    from kvpolicy.eval import HonestyCheckError, evaluate, honesty
-    from kvpolicy.testing import first_last_policy
+def _spied_checks(monkeypatch) -> list[object]:
+    """Empty the ratio-0 check's memos; the list filled with the policy of each side the check runs directly (``None``:
+    the full cache's side)."""
+    from kvpolicy.eval import honesty
 
-    model = kvpolicy.attach(build_model("qwen2"))
-    samples = _Varied().load(None, 4, 0, _Opts())
-    spec = EvalSpec(model="test/tiny", samples=4, batch_size=2, dtype="float32", bootstrap=0, quiet=True,
-                    use_reference_cache=False, kl_topk=0)
     runs: list[object] = []
     real = honesty.run_exact
 
@@ -312,6 +306,22 @@ def test_the_ratio0_check_runs_the_full_cache_once_per_grid_and_still_refuses_a_
 
     monkeypatch.setattr(honesty, "run_exact", spy)
     monkeypatch.setattr(honesty, "CHECKED", {})
+    monkeypatch.setattr(honesty, "FULL_RUN", {})
+    return runs
+
+
+def test_the_ratio0_check_runs_the_full_cache_once_per_grid_and_still_refuses_a_bad_policy(monkeypatch):
+    """The check's full-cache side (a direct run of one sample) is shared by the policies of a grid; each policy's
+    side still runs directly, and a policy that differs at ratio 0 is still refused after a shared full side."""
+    from kvpolicy import Budget
+    from kvpolicy.eval import HonestyCheckError, evaluate
+    from kvpolicy.testing import first_last_policy
+
+    model = kvpolicy.attach(build_model("qwen2"))
+    samples = _Varied().load(None, 4, 0, _Opts())
+    spec = EvalSpec(model="test/tiny", samples=4, batch_size=2, dtype="float32", bootstrap=0, quiet=True,
+                    use_reference_cache=False, kl_topk=0)
+    runs = _spied_checks(monkeypatch)
     kw = dict(model=model, tokenizer=_CharTok(), samples=samples)
     for name in ("local", "snapkv", "tova"):
         res = evaluate(spec.model_copy(update={"policy": name, "ratio": 0.5}), **kw)
@@ -343,21 +353,12 @@ def test_the_ratio0_check_runs_once_per_policy_of_a_grid_and_is_keyed_by_what_it
     the later cells reuse the verdict. A change of thread count runs it again; a hand-built policy (no document) is
     checked every time, so one named and budgeted like a passed one cannot borrow its verdict."""
     from kvpolicy import Budget
-    from kvpolicy.eval import HonestyCheckError, evaluate, honesty
+    from kvpolicy.eval import HonestyCheckError, evaluate
     from kvpolicy.testing import first_last_policy
 
     model = kvpolicy.attach(build_model("llama"))
     monkeypatch.setattr(runner, "load_eval_model", lambda name, dtype="auto", device="cpu": (model, _CharTok()))
-    monkeypatch.setattr(honesty, "CHECKED", {})
-    monkeypatch.setattr(honesty, "FULL_RUN", {})
-    runs: list[object] = []
-    real = honesty.run_exact
-
-    def spy(ctx, group, policy, targets, label=""):
-        runs.append(policy)
-        return real(ctx, group, policy, targets, label)
-
-    monkeypatch.setattr(honesty, "run_exact", spy)
+    runs = _spied_checks(monkeypatch)
     base = dict(model="test/tiny", samples=5, batch_size=2, dtype="float32", bootstrap=0, quiet=True, kl_topk=0,
                 use_reference_cache=False, threads=1)
     compare(["local", "h2o"], [0.5, 0.75, 0.9], ["pstore-varied"], tmp_path / "grid", base=base)
