@@ -1,5 +1,5 @@
 """The transformers ``Cache`` that applies a :class:`~kvpolicy.core.policy.CachePolicy`: one
-:class:`~kvpolicy.core.layer.PolicyLayer` per full-attention layer.
+:class:`~kvpolicy.core.layer.PolicyLayer` per decoder layer, global or sliding-window.
 
 Logical vs physical length: ``get_seq_length()`` returns the columns seen ``S`` (transformers derives RoPE positions
 from it), ``get_mask_sizes(q)`` returns ``(P + q, S - P)`` for the physical length ``P`` (see ``docs/architecture.md``).
@@ -12,8 +12,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
+from transformers.cache_utils import Cache, get_layer_types_and_kwargs
 
+from .features import UnsupportedModelError, check_attention_config
 from .layer import PolicyLayer
 from .policy import CachePolicy, QueryStat
 from .positions import RopeShift
@@ -24,18 +25,17 @@ from .token_types import TokenTypes
 __all__ = ["PolicyCache", "UnsupportedModelError"]
 
 
-class UnsupportedModelError(ValueError):
-    """The engine cannot run this model (names the model class and the reason)."""
-
-
 class PolicyCache(Cache):
     """A transformers ``Cache`` that compresses under ``policy``; pass it as ``generate(past_key_values=...)``.
 
-    Full-attention layers get a :class:`PolicyLayer`; sliding-window layers (Gemma 3, Mistral with a window) keep
-    transformers' own sliding layer: their window already bounds them, and the policy leaves them alone.
+    Every layer is a :class:`PolicyLayer`. A sliding-window layer (Gemma 2/3, Mistral or Qwen2 with a window) is one
+    with its window: it frees what left the window and the policy compresses what is inside it, so that every layer
+    holds ``(1 - ratio)`` of what it would hold uncompressed (:mod:`kvpolicy.core.window`). A model whose attention
+    soft-caps logits is refused here, before any forward (:mod:`kvpolicy.core.features`).
     """
 
     def __init__(self, policy: CachePolicy, config: Any):
+        check_attention_config(config)
         text = config.get_text_config(decoder=True)
         n = text.num_hidden_layers
         layer_types, layer_kwargs = get_layer_types_and_kwargs(text)
@@ -45,24 +45,28 @@ class PolicyCache(Cache):
         # a query statistic needs the model's RoPE frequencies (read here, once; refused here for a model whose
         # rotation cannot be inverted, before any forward)
         declared = policy.prefill_needs() | policy.decode_needs()
-        rope = None
+        rope: dict[str, Any] = {}
         if any(isinstance(n, QueryStat) for n in declared):
             try:
-                rope = rope_frequencies(config)
+                rope = {kind: rope_frequencies(config, kind) for kind in set(layer_types[:n])}
             except QueryStatsUnsupportedError as exc:
                 raise UnsupportedModelError(str(exc)) from None
         layers: list[Any] = []
         for i, (kind, kwargs) in enumerate(zip(layer_types[:n], layer_kwargs[:n])):
-            if kind == "full_attention":
-                first = not any(isinstance(x, PolicyLayer) for x in layers)
-                layers.append(PolicyLayer(policy, i, n, self.token_types, shift, first, rope))
-            elif kind == "sliding_attention":
-                layers.append(DynamicSlidingWindowLayer(**kwargs))
+            if kind in ("full_attention", "sliding_attention"):
+                window = kwargs.get("sliding_window") if kind == "sliding_attention" else None
+                layers.append(
+                    PolicyLayer(policy, i, n, self.token_types, shift, i == 0, rope.get(kind), window, kind)
+                )
             else:
                 raise UnsupportedModelError(
                     f"kvpolicy: layer {i} of {type(config).__name__} has type {kind!r}; "
                     "only 'full_attention' and 'sliding_attention' layers are supported"
                 )
+        if shift is not None and layers:
+            # positions count from the compressed length of the first global layer (a sliding layer's length is
+            # bounded by its window, not by the policy): read by layer 0, which runs first in every step
+            layers[0].shift_source = next((x for x in layers if x.window is None), layers[0])
         super().__init__(layers=layers)
         #: which rule fixed the prefill budgets of the layers: ``"per-layer"`` (the budget and the allocator's
         #: ``layer_keep``, layer by layer) or ``"whole-model"`` (a replay whose allocator saw every layer first,
@@ -82,7 +86,8 @@ class PolicyCache(Cache):
         chunk attends causally within itself and to the entries the prefill kept, its entries are stored as prompt
         tokens, the prefill compression does not run again and the decode rule drops nothing during it; afterwards
         the decode budget counts the chunk's entries as held (:meth:`~kvpolicy.core.budget.Budget.decode_excess`).
-        A forward inside on a cache not yet prefilled raises ``RuntimeError``. Sliding-window layers are unaffected."""
+        A forward inside on a cache not yet prefilled raises ``RuntimeError``. In a sliding-window layer the chunk's
+        entries count as held in full while they are inside the window."""
         layers = self.policy_layers
         for layer in layers:
             layer.append_chunk = True
@@ -102,14 +107,8 @@ class PolicyCache(Cache):
 
     def nbytes(self) -> int:
         """Key/value bytes held by every layer (allocated buffers)."""
-        total = 0
-        for layer in self.layers:
-            if isinstance(layer, PolicyLayer):
-                total += layer.nbytes()
-            elif getattr(layer, "is_initialized", False) and layer.keys is not None:
-                total += layer.keys.nbytes + layer.values.nbytes
-        return total
+        return sum(layer.nbytes() for layer in self.policy_layers)
 
     def lengths(self) -> list[int]:
         """Physical slots per layer."""
-        return [layer.length if isinstance(layer, PolicyLayer) else layer.get_seq_length() for layer in self.layers]
+        return [layer.length for layer in self.policy_layers]

@@ -9,6 +9,7 @@ import torch
 
 from . import attention
 from .cache import PolicyCache, UnsupportedModelError
+from .features import check_attention_modules
 from .policy import CachePolicy
 from .token_types import set_forward_inputs
 
@@ -103,12 +104,14 @@ def _watch_inputs(model: Any) -> None:
 
 
 def make_cache(model: Any, policy: CachePolicy) -> PolicyCache:
-    """A fresh :class:`PolicyCache` for one generate() call or one manual forward loop."""
+    """A fresh :class:`PolicyCache` for one generate() call or one manual forward loop (a model whose attention
+    carries learned sinks or soft-caps logits is refused here, :mod:`kvpolicy.core.features`)."""
     impl = model.config.get_text_config(decoder=True)._attn_implementation
     if impl not in BACKENDS.values():
         raise RuntimeError(
             f"the model's attention implementation is {impl!r}: call kvpolicy.attach(model) before using a policy cache"
         )
+    check_attention_modules(model)
     bind_parts(policy, model)
     return PolicyCache(policy, model.config)
 

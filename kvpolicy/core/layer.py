@@ -18,6 +18,9 @@ Slots are unordered: a compressed layer attends through a mask built from per-sl
 (:mod:`kvpolicy.core.masks`), never through transformers' mask, whose padding columns are only right for an
 uncompressed ("pristine") layer. This is what lets rows of a left-padded batch keep different positions and different
 numbers of entries, and lets a decode step overwrite the dropped slot in place.
+
+A sliding-window layer (``window``) is the same layer with the window rule first: entries that left the window are
+freed at every step, and the budget applies to the entries inside it (:mod:`kvpolicy.core.window`).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from .reuse import check_batch
 from .selection import lowest_slot, ranked_slots
 from .storage import PaddedStorage, SlotStorage, growth
 from .token_types import TokenTypes
+from .window import SlidingWindow
 
 __all__ = ["PolicyLayer", "take_active_layer"]
 
@@ -71,12 +75,22 @@ class PolicyLayer(DynamicLayer):
         shift: RopeShift | None = None,
         first_policy_layer: bool = False,
         rope: RopeFrequencies | None = None,
+        window: int | None = None,
+        layer_type: str = "full_attention",
     ):
         super().__init__()
+        #: transformers' layer type (``full_attention`` / ``sliding_attention``): which RoPE the model gives the layer
+        self.layer_type = layer_type
+        #: a sliding-window layer's window (``None``: the layer attends to every column)
+        self.window = SlidingWindow(window) if window is not None else None
+        #: read by transformers (``Cache.is_sliding``) to size the sliding layers' mask from this layer
+        self.is_sliding = window is not None
         self.shift = shift
         #: the model's RoPE frequencies, set only when the policy declares a query statistic
         self.rope = rope
-        self._first = first_policy_layer
+        #: the layer whose logical minus physical length sets the step's RoPE shift (``compressed_positions``): set
+        #: on the first layer only, which runs first in every step (see :class:`~kvpolicy.core.cache.PolicyCache`)
+        self.shift_source: PolicyLayer | None = self if first_policy_layer else None
         self.policy = policy
         self.layer_idx = layer_idx
         self.num_layers = num_layers
@@ -92,7 +106,7 @@ class PolicyLayer(DynamicLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         #: where the entries live; a :class:`PaddedStorage` until a prefill with per-head budgets may bucket it
-        self.storage: SlotStorage = PaddedStorage(key_states, value_states)
+        self.storage: SlotStorage = PaddedStorage(key_states, value_states, self.window_size)
         self.layer_state: dict[str, Any] = {}
         self.n_tokens = torch.zeros(key_states.shape[0], dtype=torch.long, device=self.device)
         self.prefill_kept: torch.Tensor | None = None
@@ -104,6 +118,9 @@ class PolicyLayer(DynamicLayer):
         self.prefilled = False
         self._pending: str | None = None
         self._planned_keep: torch.Tensor | None = None  # see _prefill_budget
+        self._step_tokens = 0
+        if self.window is not None:
+            self.window.clear()
         self.is_initialized = True
         self._sync()
 
@@ -120,6 +137,11 @@ class PolicyLayer(DynamicLayer):
     @property
     def capacity(self) -> int:
         return self.storage.capacity
+
+    @property
+    def window_size(self) -> int | None:
+        """Columns a query of this layer attends over (``None``: all of them, a global layer)."""
+        return self.window.size if self.window is not None else None
 
     @property
     def pristine(self) -> bool:
@@ -165,8 +187,16 @@ class PolicyLayer(DynamicLayer):
                 "model first: kvpolicy.attach(model) (it sets attn_implementation to 'kvpolicy')."
             )
         q = key_states.shape[2]
+        if self.shift_source is not None and self.prefilled and self.shift is not None:
+            # one shift per step for every layer, set before anything moves: the entries the policy removed from the
+            # source layer so far (its logical minus physical length; a window's own drops are not the policy's)
+            source = self.shift_source
+            self.shift.delta = source.uncompressed()[0] - source.held()[:, 0]
+        if self.window is not None:  # the window rule first: what this step's first query cannot see is gone
+            self._expire(self.seen - self.window.size + 1)
         cols = torch.arange(self.seen, self.seen + q, device=self.device)
         self.seen += q
+        self._step_tokens = q
         if not self.prefilled:
             if self.append_chunk:
                 raise RuntimeError("kvpolicy: a chunk is appended to a prefilled cache; run the prefill forward first")
@@ -184,9 +214,7 @@ class PolicyLayer(DynamicLayer):
         """New keys at the compressed positions when the policy re-numbers them (``compressed_positions``)."""
         if self.shift is None:
             return key_states
-        if self._first:  # one shift per step for every layer: layer 0's logical minus physical position
-            self.shift.delta = self.n_tokens - self.held()[:, 0]
-        return self.shift.rotate(key_states)
+        return self.shift.rotate(key_states, self.layer_type)
 
     def _append_update(self, key_states: torch.Tensor, value_states: torch.Tensor, cols: torch.Tensor) -> str:
         """Store an appended chunk's tokens as prompt tokens (their own token types), dropping nothing."""
@@ -221,12 +249,17 @@ class PolicyLayer(DynamicLayer):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         if not self.is_initialized:
             return query_length, 0
-        return self.length + query_length, self.seen - self.length
+        length = self.length
+        if self.window is not None and self.pristine:  # update() will first drop the front slots out of the window
+            length = min(length, self.window.size - 1)
+        return length + query_length, self.seen - length
 
     def get_max_length(self) -> int:
         return -1
 
     def reset(self) -> None:
+        if self.window is not None:
+            self.window.clear()
         self.is_initialized = False
         self.keys = self.values = None
         self.seen = 0
@@ -242,6 +275,8 @@ class PolicyLayer(DynamicLayer):
         batch = self.n_tokens.shape[0]
         self.n_tokens = self.n_tokens[index]
         self.appended = self.appended[index]
+        if self.window is not None:
+            self.window.select_rows(index)
         # per-row tensors a part keeps in layer_state follow their rows too
         for key, value in list(self.layer_state.items()):
             if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
@@ -263,20 +298,25 @@ class PolicyLayer(DynamicLayer):
 
     # ------------------------------------------------------------------ used by the attention function
     def resolve_new_tokens(self, mask: torch.Tensor | None, q: int) -> torch.Tensor:
-        """Learn which of this step's tokens are padding from transformers' mask (its last query row sees every real
-        column), mark them invalid, and return the validity of the new tokens, bool ``[B, q]``."""
+        """Learn which of this step's tokens are padding from transformers' mask (each real query sees its own
+        column, :func:`~kvpolicy.core.masks.new_token_validity`), mark them invalid, and return the validity of the new
+        tokens, bool ``[B, q]``."""
         return self.mark_new_tokens(new_token_validity(mask, q, self.n_tokens.shape[0], self.device))
 
     def mark_new_tokens(self, new_valid: torch.Tensor) -> torch.Tensor:
         """Mark this step's padding (``new_valid`` bool ``[B, q]`` is False) invalid and count its real tokens; what
         :meth:`resolve_new_tokens` does once it has read the mask, and what a replay does with the recorded validity
         (:mod:`kvpolicy.core.replay`). Returns ``new_valid``."""
-        if not bool(new_valid.all()):
+        q = new_valid.shape[1]
+        padded = not bool(new_valid.all())
+        if padded:
             self.storage.invalidate_new(new_valid)
             if self.prefilled:
                 self.n_tokens -= (~new_valid).sum(-1)
         if not self.prefilled:
             self.n_tokens += new_valid.sum(-1)
+        if self.window is not None and (padded or self._pending == "append"):
+            self.window.record(self.seen - q, new_valid, appended=self._pending == "append")
         return new_valid
 
     def mask(self, q: int) -> torch.Tensor | None:
@@ -309,6 +349,9 @@ class PolicyLayer(DynamicLayer):
             self.appended += self.n_tokens - self._before_append
             if self._observes():
                 self.policy.decode.observe(self.view("decode", attention))  # type: ignore[union-attr]
+        if self.window is not None and pending != "prefill" and self._step_tokens > 1:
+            # what the step's last query could not see (after one query, update() already left exactly its window)
+            self._expire(self.seen - self.window.size)
         self._sync()
 
     # ------------------------------------------------------------------ the policy's stages
@@ -334,15 +377,29 @@ class PolicyLayer(DynamicLayer):
             sinks=self.policy.sinks or 0,
         )
 
+    def _expire(self, before: int) -> int:
+        """The window rule of a sliding layer: free the entries at columns ``< before`` (see
+        :meth:`PaddedStorage.expire`; returns the slots removed from the front of a pristine layout)."""
+        return self._padded().expire(before, self.seen)
+
+    def uncompressed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(tokens, appended)``, int64 ``[B]``: the real tokens an uncompressed layer would hold now and how many of
+        them were appended uncompressed — what the budget rule is a fraction of. A global layer: every real token
+        seen. A sliding layer: the real tokens among the last ``window`` columns (:mod:`kvpolicy.core.window`)."""
+        if self.window is None:
+            return self.n_tokens, self.appended
+        return self.window.counts(self.seen, self.n_tokens.shape[0], self.device)
+
     def _prefill_budget(self) -> torch.Tensor:
         """Entries this layer keeps after prefill (budget, then the allocator), computed once per prefill: the
         attention function asks for it before the outputs (:meth:`prefill_drops`) and the prefill stage after."""
         if self._planned_keep is None:
             policy = self.policy
-            keep = policy.budget.prefill_keep(self.n_tokens)
+            n = self.uncompressed()[0]
+            keep = policy.budget.prefill_keep(n)
             if policy.allocator is not None:
                 given = keep
-                keep = policy.allocator.layer_keep(self.layer_idx, self.num_layers, keep, self.n_tokens)
+                keep = policy.allocator.layer_keep(self.layer_idx, self.num_layers, keep, n)
                 keep = check_keep(policy, keep, given, self.layer_idx)
             self._planned_keep = keep
         return self._planned_keep
@@ -364,13 +421,16 @@ class PolicyLayer(DynamicLayer):
         identical to the full cache."""
         if self._pending != "prefill" or self.policy.encode is None:
             return False
-        held = self.held().amin(-1)
+        held = self.held().amin(-1) if self.window is None else self.uncompressed()[0]  # a window's expiry is no drop
         return bool((self._prefill_budget() < held).any())
 
     def _finish_prefill(self, attention: dict, queries: dict | None = None) -> None:
         policy = self.policy
         storage = self._padded()
         self.prefilled = True
+        if self.window is not None:  # the window first: the policy compresses what the last query could see
+            gone = self._expire(self.seen - self.window.size)
+            attention = {w: a[..., gone:] for w, a in attention.items()} if gone else attention
         keep = self._prefill_budget()
         self._planned_keep = None
         self.prefill_keep = keep
@@ -383,7 +443,8 @@ class PolicyLayer(DynamicLayer):
         if policy.encode is not None and bool((keep < view.held().amin(-1)).any()):
             scores = check_scores(policy, "encode", policy.encode.score(view), view)
             storage.compact(check_reduction(policy, policy.reducer.reduce(view, scores, keep), view))
-            if policy.decode is None and not storage.has_slot_state:  # no stage left: the layout is chosen once
+            if policy.decode is None and not storage.has_slot_state and self.window is None:
+                # no stage left: the layout is chosen once (a sliding layer keeps freeing slots: it stays padded)
                 self.storage = bucketed_if_uneven(storage)
         self.prefill_kept = self.held()
         after = getattr(policy.decode, "after_prefill", None)
@@ -402,7 +463,8 @@ class PolicyLayer(DynamicLayer):
         if observe is not None:
             observe(view)
         held = view.held() + incoming
-        excess = self.policy.budget.decode_excess(held, self.n_tokens, self.prefill_keep, self.appended)
+        tokens, appended = self.uncompressed()
+        excess = self.policy.budget.decode_excess(held, tokens, self.prefill_keep, appended)
         if not bool((excess > 0).any()):
             return
         view.excess = excess

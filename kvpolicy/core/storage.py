@@ -109,8 +109,10 @@ class PaddedStorage(SlotStorage):
     ``torch.cat``, tensors that stay exactly at a fixed budget) and grows by :func:`growth` only when a row has none.
     """
 
-    def __init__(self, key_states: torch.Tensor, value_states: torch.Tensor):
+    def __init__(self, key_states: torch.Tensor, value_states: torch.Tensor, window: int | None = None):
         b, h, _, d = key_states.shape
+        #: a sliding-window layer's window in columns (:mod:`kvpolicy.core.window`), for the mask of multi-token steps
+        self.window = window
         device = key_states.device
         self._k = key_states.new_empty(b, h, 0, d)
         self._v = value_states.new_empty(b, h, 0, value_states.shape[-1])
@@ -262,6 +264,33 @@ class PaddedStorage(SlotStorage):
         self._valid.scatter_(2, victims, cur & ~ok)
         self.pristine = False
 
+    def expire(self, before: int, seen: int) -> int:
+        """Free the slots at logical columns ``< before`` (they left a sliding window, :mod:`kvpolicy.core.window`).
+
+        A pristine layout (slot ``j`` holds column ``seen - P + j`` in every row) drops them from its front and stays
+        pristine, in order, as transformers' own sliding layer does, so that its mask still applies (bit-identical
+        outputs while nothing else is dropped); returns how many front slots went (0 for an unordered layout, whose
+        slots are only marked free for later tokens to overwrite)."""
+        n = self._length
+        if not self.pristine:
+            if n:
+                self._valid[:, :, :n] &= self._pos[:, :, :n] >= before
+            return 0
+        k = min(n, max(0, before - (seen - n)))
+        if k == 0:
+            return 0
+        # views past the dropped slots, no copy: the buffers' next growth (:func:`growth`) reallocates them and
+        # releases the dropped front; until then :meth:`nbytes` counts it
+        self._k, self._v = self._k[:, :, k:], self._v[:, :, k:]
+        self._valid, self._pos, self._types = self._valid[:, :, k:], self._pos[:, :, k:], self._types[:, :, k:]
+        self._state = {name: t[:, :, k:] for name, t in self._state.items()}
+        self._length = n - k
+        if self.new_slots is not None:  # a pristine layout's new tokens are its last slots: those that remain
+            b, h, q = self.new_slots.shape
+            left = min(q, n - k)
+            self.new_slots = torch.arange(n - k - left, n - k, device=self._k.device).expand(b, h, left)
+        return k
+
     def select_rows(self, index: torch.Tensor) -> None:
         self._k, self._v = self._k[index], self._v[index]
         self._valid, self._pos, self._types = self._valid[index], self._pos[index], self._types[index]
@@ -281,13 +310,14 @@ class PaddedStorage(SlotStorage):
 
     def mask(self, q: int, seen: int) -> torch.Tensor | None:
         """The engine's per-slot mask of the last ``q`` of ``seen`` columns over this layout's slots."""
-        return slot_mask(self.valid, self.positions, q, seen)
+        return slot_mask(self.valid, self.positions, q, seen, self.window)
 
     def attend(self, query: torch.Tensor, seen: int, scaling: float, eager: bool) -> torch.Tensor:
         return grouped_attention(query, self.keys, self.values, self.mask(query.shape[2], seen), scaling, eager)
 
     def nbytes(self) -> int:
-        return self._k.nbytes + self._v.nbytes
+        # the buffers' storage, which outgrows the tensors while a sliding window's dropped front is still held
+        return self._k.untyped_storage().nbytes() + self._v.untyped_storage().nbytes()
 
     def slot_nbytes(self) -> int:
         b, h = self._k.shape[:2]
