@@ -61,7 +61,7 @@ def run_grid(args: argparse.Namespace) -> None:
         for mode in args.modes:
             out = grid_dir(args.model, args.length, mode)
             base = {"model": args.model, "samples": args.samples, "seed": args.seed, "batch_size": args.batch_size,
-                    "threads": 1, "dtype": "auto", "quiet": True,
+                    "threads": 1, "dtype": "auto", "quiet": True, "prefill_cache_gb": args.prefill_cache_gb,
                     "prefill_spill_dir": str(Path(args.recordings) / f"{args.model}-{args.length}-{mode}")}
             options = {"ruler": {"context_tokens": args.length, "query_aware": MODES[mode]}}
 
@@ -272,6 +272,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--recordings", default=str(Path.home() / ".cache" / "kvpolicy" / "recordings"),
                    help="where recorded prefills are kept between slices and runs (large: ~60 KB per token)")
+    p.add_argument("--prefill-cache-gb", type=float, default=1.0,
+                   help="recordings kept in memory (GiB); the rest are read back from --recordings (a 2k batch of "
+                        "16 is ~1.9 GB, and two workers on a 24 GB machine must not hold a quarter of it each)")
     p.add_argument("--commit", action="store_true", help="git add + commit each finished cell's file")
     args = p.parse_args(argv)
     run_grid(args) if args.command == "run" else render(args)
