@@ -14,6 +14,9 @@ with a mask function under the same name (``AttentionMaskInterface``; without on
    :mod:`kvpolicy.core.querystats`), and
 4. hand them to the layer, which compresses right away if its stage asks for it.
 
+A probe chunk (:mod:`kvpolicy.core.probe`) takes a short path: transformers' own attention over the prompt and the
+chunk, then the chunk's statistic (:meth:`~kvpolicy.core.layer.PolicyLayer.finish_probe`).
+
 This module only chooses the path; the tensor work is in :mod:`kvpolicy.core.kernels`.
 """
 
@@ -31,6 +34,7 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 from .kernels import attention_received, attention_with_received, masked_attention_with_received
 from .layer import PolicyLayer, take_active_layer
 from .policy import AttentionStat, QueryStat
+from .probe import next_positions
 from .querystats import QueryStats, query_statistics
 
 __all__ = ["EAGER", "FUSED_DECODE_MAX_QUERIES", "SDPA", "register"]
@@ -118,16 +122,23 @@ def _policy_attention(base: Callable, eager: bool) -> Callable:
         if scaling is None:
             scaling = query.shape[-1] ** -0.5
         q = query.shape[2]
+        if layer.probing:
+            out = base(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)[0]
+            layer.finish_probe(query, key, scaling)
+            return out, None
         if layer.shift is not None and layer.prefilled:
             query = layer.shift.rotate(query)
         new_valid = layer.resolve_new_tokens(attention_mask, q)
         stats: Stats = {}
-        needs: frozenset[AttentionStat] = layer.pending_needs()
+        needs = layer.pending_needs()
         queries: dict[QueryStat, QueryStats] | None = None
         if needs and any(isinstance(need, QueryStat) for need in needs):
             asked = [need for need in needs if isinstance(need, QueryStat)]
             queries = _query_stats(layer, query, key.shape[1], kwargs.get("position_ids"), new_valid, asked)
-            needs = frozenset(need for need in needs if not isinstance(need, QueryStat))
+        if needs and len(needs) != sum(isinstance(need, AttentionStat) for need in needs):
+            if not layer.prefilled and layer.policy.probe_needs():
+                layer.next_position = next_positions(kwargs.get("position_ids"), new_valid, layer.seen)
+            needs = frozenset(need for need in needs if isinstance(need, AttentionStat))
 
         def call() -> tuple[torch.Tensor, Any]:
             return base(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)

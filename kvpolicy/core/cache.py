@@ -17,6 +17,7 @@ from transformers.cache_utils import Cache, DynamicSlidingWindowLayer, get_layer
 from .layer import PolicyLayer
 from .policy import CachePolicy, QueryStat
 from .positions import RopeShift
+from .probe import ProbeError, ProbeScores, load_tokenizer, run_probe
 from .querystats import QueryStatsUnsupportedError, rope_frequencies
 from .reuse import check_inputs
 from .token_types import TokenTypes
@@ -35,7 +36,7 @@ class PolicyCache(Cache):
     transformers' own sliding layer: their window already bounds them, and the policy leaves them alone.
     """
 
-    def __init__(self, policy: CachePolicy, config: Any):
+    def __init__(self, policy: CachePolicy, config: Any, tokenizer: Any = None):
         text = config.get_text_config(decoder=True)
         n = text.num_hidden_layers
         layer_types, layer_kwargs = get_layer_types_and_kwargs(text)
@@ -64,6 +65,24 @@ class PolicyCache(Cache):
                     "only 'full_attention' and 'sliding_attention' layers are supported"
                 )
         super().__init__(layers=layers)
+        #: the probes the prefill waits for (:mod:`kvpolicy.core.probe`), the tokenizer they build their ids with and
+        #: the prompt's input_ids (recorded by the hook ``kvpolicy.attach`` installs, only when a probe is declared)
+        self.probe_needs = sorted(policy.probe_needs(), key=repr)
+        self.tokenizer = tokenizer
+        self.prompt_ids: torch.Tensor | None = None
+        if self.probe_needs:
+            if not self.policy_layers:
+                raise UnsupportedModelError(f"kvpolicy: a probe needs full-attention layers; {type(config).__name__} "
+                                            "has none")
+            if self.tokenizer is None:
+                self.tokenizer = load_tokenizer(config)
+            wants = [type(n.probe).__name__ for n in self.probe_needs if getattr(n.probe, "needs_tokenizer", False)]
+            if wants and self.tokenizer is None:
+                raise ProbeError(
+                    f"kvpolicy: the probe {wants[0]} encodes text with the model's tokenizer and none was found next "
+                    f"to the checkpoint (config.name_or_path={getattr(config, 'name_or_path', '')!r}): pass "
+                    "kvpolicy.make_cache(model, policy, tokenizer=tokenizer)"
+                )
 
     def check_inputs(self, batch: int, new_tokens: int) -> None:
         """Raise :class:`~kvpolicy.core.reuse.CacheReuseError` when this cache already holds a generation and a forward
@@ -87,6 +106,31 @@ class PolicyCache(Cache):
         finally:
             for layer in layers:
                 layer.append_chunk = False
+
+    def record_prompt(self, input_ids: Any) -> None:
+        """Keep the prefill's ``input_ids`` for the probe (called by the forward hook; ignored once prefilled)."""
+        if self.probe_needs and not self.policy_layers[0].is_initialized:
+            self.prompt_ids = input_ids if isinstance(input_ids, torch.Tensor) else None
+
+    @property
+    def awaiting_probe(self) -> bool:
+        """Some layer's prefill stage waits for the probe (the prefill forward has run, the probe has not)."""
+        return any(layer.awaiting_probe for layer in self.policy_layers)
+
+    def run_probe(self, model: Any) -> ProbeScores:
+        """The probes' statistics on this cache's uncompressed prompt (:func:`~kvpolicy.core.probe.run_probe`)."""
+        return run_probe(model, self)
+
+    def compress_after_probe(self, scores: ProbeScores) -> None:
+        """Compress every layer that waited for the probe, with ``scores`` (from :meth:`run_probe`, now or earlier on
+        the same prompt). Afterwards the prompt ids are dropped: nothing else reads them."""
+        missing = [layer.layer_idx for layer in self.policy_layers if layer.awaiting_probe and not scores.get(
+            layer.layer_idx)]
+        if missing:
+            raise ProbeError(f"kvpolicy: no probe statistic for layers {missing}")
+        for layer in self.policy_layers:
+            layer.compress_after_probe(scores.get(layer.layer_idx, {}))
+        self.prompt_ids = None
 
     def set_token_types(self, types: torch.Tensor) -> None:
         """Tell the cache which prompt columns hold image tokens (int ``[B, S]``, see ``kvpolicy.core.policy``)."""

@@ -8,6 +8,10 @@ bucketed after a prefill with per-head budgets) and runs the policy's two stages
 * **decode**: each new token is written into a free slot; the budget rule frees the lowest-scored slots, inside
   ``update()`` (the step then attends to the reduced cache) or after the step's attention when the decode scorer
   needs it;
+* **probe** (a policy declaring :class:`~kvpolicy.core.policy.ProbeStat`, :mod:`kvpolicy.core.probe`): the prefill
+  stage waits instead of compressing; each probe forward's keys are returned with the prompt's but never stored, its
+  statistic is recorded after the attention, and :meth:`PolicyLayer.compress_after_probe` then runs the prefill
+  stage with it;
 * **append** (a forward inside :meth:`~kvpolicy.core.cache.PolicyCache.appending`, after the prefill): a chunk of
   prompt tokens (a question after a compressed context) is stored as it comes, attending causally within itself and
   to the kept entries; neither stage removes anything, and the decode budget counts the chunk's entries as held
@@ -31,8 +35,9 @@ from transformers.cache_utils import DynamicLayer
 from .buckets import bucketed_if_uneven
 from .masks import new_token_validity
 from .partcheck import check_keep, check_merge, check_reduction, check_scores, check_state
-from .policy import GENERATED, AttentionStat, CachePolicy, LayerView
+from .policy import GENERATED, AttentionStat, CachePolicy, LayerView, ProbeStat
 from .positions import RopeShift
+from .probe import ProbeScope, probe_statistic
 from .querystats import RopeFrequencies
 from .reuse import check_batch
 from .selection import lowest_slot, ranked_slots
@@ -84,6 +89,9 @@ class PolicyLayer(DynamicLayer):
         self.is_initialized = False
         #: set by :meth:`~kvpolicy.core.cache.PolicyCache.appending`: forwards store their tokens uncompressed
         self.append_chunk = False
+        #: probe pass (:mod:`kvpolicy.core.probe`): forwards are probe chunks, scored under ``probe_scope``
+        self.probing = False
+        self.probe_scope: ProbeScope | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -100,6 +108,12 @@ class PolicyLayer(DynamicLayer):
         self.prefilled = False
         self._pending: str | None = None
         self._planned_keep: torch.Tensor | None = None  # see _prefill_budget
+        #: the prefill stage waits for the probe (it would drop entries and the policy declares a ProbeStat)
+        self.awaiting_probe = False
+        self._deferred: tuple[dict, dict] = ({}, {})  # the prefill's statistics, kept for the deferred stage
+        self._probe_scores: dict[ProbeStat, torch.Tensor] = {}
+        #: int64 [B]: RoPE position after each row's last prompt token (recorded at prefill when a probe is declared)
+        self.next_position: torch.Tensor | None = None
         self.is_initialized = True
         self._sync()
 
@@ -155,6 +169,14 @@ class PolicyLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         check_batch(self.n_tokens.shape[0], self.seen, key_states.shape[0], self.layer_idx)
+        if self.probing:
+            return self._probe_update(key_states, value_states)
+        if self.awaiting_probe:
+            raise RuntimeError(
+                "kvpolicy: the policy's probe did not run after the prefill (the layers still wait for it): run the "
+                "prefill through the model returned by kvpolicy.attach (its forward hook runs the probe), not its "
+                "inner decoder"
+            )
         if self._pending is not None:
             raise RuntimeError(
                 "kvpolicy: the model did not call kvpolicy's attention function after the cache update. Attach the "
@@ -175,6 +197,12 @@ class PolicyLayer(DynamicLayer):
         self._sync()
         _active.layer = self
         return self.keys, self.values
+
+    def _probe_update(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """A probe chunk: the prompt's keys/values followed by the chunk's, which are never stored."""
+        self._pending = "probe"
+        _active.layer = self
+        return torch.cat((self.keys, key_states), dim=2), torch.cat((self.values, value_states), dim=2)
 
     def _rotate_new(self, key_states: torch.Tensor) -> torch.Tensor:
         """New keys at the compressed positions when the policy re-numbers them (``compressed_positions``)."""
@@ -288,6 +316,39 @@ class PolicyLayer(DynamicLayer):
     def _observes(self) -> bool:
         return getattr(self.policy.decode, "observe", None) is not None
 
+    # ------------------------------------------------------------------ the probe pass (kvpolicy.core.probe)
+    def start_probe(self) -> None:
+        self.probing, self._probe_scores = True, {}
+
+    def stop_probe(self) -> dict[ProbeStat, torch.Tensor]:
+        """End the probe pass; returns this layer's statistics (empty when the layer was not waiting for them)."""
+        self.probing, self.probe_scope, self._pending = False, None, None
+        scores, self._probe_scores = self._probe_scores, {}
+        return scores
+
+    def finish_probe(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
+        """After a probe chunk's attention: fold its statistic into the running maximum of each scored entry."""
+        self._pending = None
+        scope = self.probe_scope
+        if scope is None or not self.awaiting_probe:
+            return
+        stat = probe_statistic(scope, query, key, self.length, scaling)  # [B, H, K]
+        b, h, p = self.valid.shape
+        best = self._probe_scores.get(scope.need)
+        if best is None:
+            best = self._probe_scores[scope.need] = torch.zeros(b, h, p, dtype=torch.float32, device=self.device)
+        best.scatter_reduce_(2, scope.index[:, None, :].expand_as(stat), stat, reduce="amax")
+
+    def compress_after_probe(self, probe: dict[ProbeStat, torch.Tensor]) -> None:
+        """Run the prefill stage that waited for the probe, with the probe's statistics (``view.probe``)."""
+        if not self.awaiting_probe:
+            return
+        self.awaiting_probe = False
+        attention, queries = self._deferred
+        self._deferred = ({}, {})
+        self._compress_prefill(attention, queries, probe)
+        self._sync()
+
     def finish_step(self, attention: dict[int | None, torch.Tensor], queries: dict | None = None) -> None:
         """Called by the attention function once the outputs are computed: compress now if the policy says so.
         ``queries``: the declared query statistics (:class:`~kvpolicy.core.policy.QueryStat` -> stats)."""
@@ -303,7 +364,9 @@ class PolicyLayer(DynamicLayer):
         self._sync()
 
     # ------------------------------------------------------------------ the policy's stages
-    def view(self, stage: str, attention: dict | None = None, queries: dict | None = None) -> LayerView:
+    def view(
+        self, stage: str, attention: dict | None = None, queries: dict | None = None, probe: dict | None = None
+    ) -> LayerView:
         storage = self._padded()
         return LayerView(
             layer_idx=self.layer_idx,
@@ -319,6 +382,7 @@ class PolicyLayer(DynamicLayer):
             token_types=storage.token_types,
             attention=attention or {},
             queries=queries or {},
+            probe=probe or {},
             slot_state=storage.slot_state,
             layer_state=self.layer_state,
             prefill_kept=self.prefill_kept,
@@ -343,19 +407,28 @@ class PolicyLayer(DynamicLayer):
         bit-identical to transformers' own attention (the cache changes anyway), so the attention function may
         compute outputs and statistics in one pass; when it does not (ratio 0), the plain path keeps the run
         identical to the full cache."""
-        if self._pending != "prefill" or self.policy.encode is None:
+        return self._pending == "prefill" and self._drops()
+
+    def _drops(self) -> bool:
+        if self.policy.encode is None:
             return False
-        held = self.held().amin(-1)
-        return bool((self._prefill_budget() < held).any())
+        return bool((self._prefill_budget() < self.held().amin(-1)).any())
 
     def _finish_prefill(self, attention: dict, queries: dict | None = None) -> None:
+        if self.policy.probe_needs() and self._drops():
+            self.awaiting_probe = True  # compress once the probe has gone through every layer
+            self._deferred = (attention, queries or {})
+            return
+        self._compress_prefill(attention, queries)
+
+    def _compress_prefill(self, attention: dict, queries: dict | None = None, probe: dict | None = None) -> None:
         policy = self.policy
         storage = self._padded()
         self.prefilled = True
         keep = self._prefill_budget()
         self._planned_keep = None
         self.prefill_keep = keep
-        view = self.view("prefill", attention, queries)
+        view = self.view("prefill", attention, queries, probe)
         view.keep = keep
         init_state = getattr(policy.decode, "init_state", None)
         if init_state is not None:
