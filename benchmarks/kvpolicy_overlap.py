@@ -10,7 +10,10 @@ ratio: mean and minimum Jaccard over layers x kv heads, and the most entries one
 Policies (kvpress press in brackets): ``keydiff`` [KeyDiffPress]; ``knorm`` [KnormPress]; ``local`` with 4 sinks
 [StreamingLLMPress]; ``snapkv`` window 32, kernel 5, avg [SnapKVPress]; ``tova`` [TOVAPress]; ``h2o`` with no recent
 window, once with the paper's sum and once with ``normalize: mean_over_visible`` [ObservedAttentionPress];
-``expected_attention`` preset (512 future positions, 4 sinks, covariance, value norm) [ExpectedAttentionPress].
+``expected_attention`` preset (512 future positions, 4 sinks, covariance, value norm) [ExpectedAttentionPress];
+``kvzip`` preset (ranked across the kv heads of each layer) [KVzipPress, ``layerwise=True``], both given the
+character tokenizer of ``kvpress_overlap.py`` for the repeat prompt. The ``kept`` column is kvpress's count per head
+(``tokens`` budget); KVzip's rows keep that many per head *on average* over the heads of each layer.
 """
 
 from __future__ import annotations
@@ -45,13 +48,14 @@ POLICIES: dict[str, tuple[str, dict[str, Any]]] = {
         {"encode": {"name": "h2o", "recent": 0, "normalize": "mean_over_visible"}, "reducer": {"name": "evict"}},
     ),
     "expected_attention": ("expected_attention", {"preset": "expected_attention"}),
+    "kvzip": ("kvzip", {"preset": "kvzip"}),
 }
 
 
 def kvpolicy_kept(model: torch.nn.Module, ids: torch.Tensor, doc: dict[str, Any], keep: int) -> list[list[list[int]]]:
     """``[layer][kv head]`` -> sorted prompt positions kvpolicy keeps with a budget of ``keep`` entries."""
     policy = load_policy({**doc, "tokens": keep})
-    cache = kvpolicy.make_cache(model, policy)
+    cache = kvpolicy.make_cache(model, policy, tokenizer=SIDE["CharTokenizer"]())
     with torch.no_grad():
         model(input_ids=ids, past_key_values=cache, use_cache=True)
     return [[layer.kept_positions(0, h) for h in range(layer.held().shape[1])] for layer in cache.policy_layers]

@@ -17,8 +17,17 @@ How the kept entries are read: each press's ``compress`` is wrapped; the keys it
 (exact equality) to the keys it received, so the recorded indices are what kvpress really kept, whatever its
 internals. Presses (kvpolicy's names): ``keydiff`` = KeyDiffPress, ``knorm`` = KnormPress, ``local`` =
 StreamingLLMPress (4 sinks), ``snapkv`` = SnapKVPress, ``tova`` = TOVAPress, ``h2o`` = ObservedAttentionPress,
-``expected_attention`` = ExpectedAttentionPress (its defaults: 512 future positions, 4 sinks, covariance, value norm). Eager
-attention (ObservedAttentionPress needs the attention weights; the others give the same scores from them).
+``expected_attention`` = ExpectedAttentionPress (its defaults: 512 future positions, 4 sinks, covariance, value norm),
+``kvzip`` = KVzipPress with ``layerwise=True`` (each layer removes the ratio, ranked across its kv heads) and
+``kvzip_global`` = KVzipPress's default (one ranking across layers and heads). Eager attention (ObservedAttentionPress
+needs the attention weights; the others give the same scores from them), except KVzip, which refuses eager and runs
+on SDPA.
+
+KVzip reads its kept entries differently: KVzipPress does not shorten the cache but records the evicted
+``(row, head, position)`` of each layer in ``module.masked_key_indices`` (masked at attention time), so the kept
+entries are the complement. Its repeat prompt is encoded with ``AutoTokenizer.from_pretrained(name_or_path)``; the
+tiny model has no tokenizer, so that call is answered with :class:`CharTokenizer` (one id per character, no chat
+template), which kvpolicy's side hands to its probe too.
 
 This file never imports kvpolicy.
 """
@@ -46,10 +55,21 @@ CONFIG = {
 SEED = 0
 LENGTH = 384
 RATIOS = (0.5, 0.8)
-METHODS = ("keydiff", "knorm", "local", "snapkv", "tova", "h2o", "expected_attention")
+METHODS = ("keydiff", "knorm", "local", "snapkv", "tova", "h2o", "expected_attention", "kvzip", "kvzip_global")
 SINKS = 4  # StreamingLLM's n_sink (kvpress's default) = kvpolicy's local start_size
 WINDOW, KERNEL = 32, 5  # SnapKV's observation window and pooling kernel, set alike on both sides
 WEIGHT_STD = 0.08
+
+
+class CharTokenizer:
+    """Text to ids for KVzip's repeat prompt on the tiny model: one id per character, no special token, no chat
+    template (both sides use this class: kvpolicy's reads it from this file by path)."""
+
+    chat_template = None
+
+    def encode(self, text: str, add_special_tokens: bool = False, return_tensors: str | None = None):
+        ids = [3 + ord(c) % (CONFIG["vocab_size"] - 5) for c in text]
+        return torch.tensor([ids], dtype=torch.long) if return_tensors == "pt" else ids
 
 
 def build_model(seed: int = SEED, attn: str = "eager") -> torch.nn.Module:
@@ -104,7 +124,31 @@ def _press(method: str, ratio: float):
         return kvpress.ObservedAttentionPress(compression_ratio=ratio)
     if method == "expected_attention":
         return kvpress.ExpectedAttentionPress(compression_ratio=ratio)
+    if method in ("kvzip", "kvzip_global"):
+        return kvpress.KVzipPress(compression_ratio=ratio, layerwise=method == "kvzip")
     raise ValueError(method)
+
+
+def kvzip_kept(model: torch.nn.Module, ids: torch.Tensor, method: str, ratio: float) -> list[list[list[int]]]:
+    """``[layer][kv head]`` -> sorted prompt positions KVzipPress keeps (the complement of its masked indices)."""
+    from kvpress.presses import kvzip_press
+    from transformers import DynamicCache
+
+    press = _press(method, ratio)
+    original = kvzip_press.AutoTokenizer.from_pretrained
+    kvzip_press.AutoTokenizer.from_pretrained = staticmethod(lambda *a, **k: CharTokenizer())
+    try:
+        with torch.no_grad(), press(model):
+            model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
+    finally:
+        kvzip_press.AutoTokenizer.from_pretrained = original
+    out = []
+    for layer in model.model.layers:
+        _, heads, seq = layer.self_attn.masked_key_indices
+        dropped = [set(seq[heads == h].tolist()) for h in range(CONFIG["num_key_value_heads"])]
+        out.append([[t for t in range(ids.shape[1]) if t not in d] for d in dropped])
+        del layer.self_attn.masked_key_indices
+    return out
 
 
 def kept_indices(model: torch.nn.Module, ids: torch.Tensor, method: str, ratio: float) -> list[list[list[int]]]:
@@ -140,6 +184,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     model = build_model()
+    sdpa = build_model(attn="sdpa")  # the same weights: KVzipPress refuses eager attention
     ids = prompt()
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0, -1].tolist()
@@ -157,7 +202,10 @@ def main() -> None:
     }
     for method in args.methods.split(","):
         for ratio in (float(r) for r in args.ratios.split(",")):
-            out["kept"][f"{method}@{ratio}"] = kept_indices(model, ids, method, ratio)
+            if method.startswith("kvzip"):
+                out["kept"][f"{method}@{ratio}"] = kvzip_kept(sdpa, ids, method, ratio)
+            else:
+                out["kept"][f"{method}@{ratio}"] = kept_indices(model, ids, method, ratio)
             print(f"kvpress {method} ratio {ratio}: done", flush=True)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.output.with_suffix(".tmp")

@@ -27,15 +27,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from .kernels import probe_max_received
 from .policy import ProbeChunk, ProbeStat
-
-if TYPE_CHECKING:
-    from .cache import PolicyCache
 
 __all__ = ["ProbeError", "ProbeScope", "ProbeScores", "load_tokenizer", "next_positions", "probe_statistic", "run_probe"]
 
@@ -130,7 +127,7 @@ def _scope(need: ProbeStat, chunks: list[ProbeChunk], real_slots: list[torch.Ten
     return ProbeScope(need, index, ok, record, probe_valid)
 
 
-def _restorable(cache: PolicyCache) -> list[tuple[Any, Any, Any, int]]:
+def _restorable(cache: Any) -> list[tuple[Any, Any, Any, int]]:
     """The state of the layers a probe forward would change for good: sliding-window layers (their update replaces
     the tensors rather than writing into them, so keeping the references is a snapshot)."""
     return [
@@ -140,7 +137,7 @@ def _restorable(cache: PolicyCache) -> list[tuple[Any, Any, Any, int]]:
     ]
 
 
-def run_probe(model: Any, cache: PolicyCache) -> ProbeScores:
+def run_probe(model: Any, cache: Any) -> ProbeScores:
     """Run every declared probe through ``model``'s decoder on ``cache`` (holding the whole prompt, uncompressed)
     and return the statistics per policy layer. The cache's entries are unchanged afterwards."""
     layers = cache.policy_layers
