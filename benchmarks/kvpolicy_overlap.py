@@ -49,6 +49,7 @@ POLICIES: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "expected_attention": ("expected_attention", {"preset": "expected_attention"}),
     "kvzip": ("kvzip", {"preset": "kvzip"}),
+    "kvzip_global": ("kvzip_global", {"preset": "kvzip_global"}),
 }
 
 

@@ -9,10 +9,9 @@ authors' code github.com/snu-mllab/KVzip; kvpress's ``KVzipPress``).
   ``overlap`` tokens). An entry's score is the largest attention it receives from the reconstruction queries, max over
   the query heads of its kv group, each query's softmax running over the sinks, the chunk being reconstructed and the
   probe itself (the authors' and kvpress's reduction). The policy's sinks are kept (``+inf``).
-* ``kvzip_layers`` (allocator): KVzip's default selection across layers: the layers' budgets are re-divided so that
-  the entries kept are the best-scored of *all* layers and kv heads (one budget for the whole cache).
 * presets ``kvzip`` (one ranking across the kv heads of each layer, each layer removing ``ratio``: kvpress's
-  ``layerwise=True``) and ``kvzip_global`` (across layers too: kvpress's default), both ratio 0.5, 4 sinks.
+  ``layerwise=True``) and ``kvzip_global`` (across layers too, with the ``global`` allocator of
+  ``plugins/global_budget.py``: kvpress's default), both ratio 0.5, 4 sinks.
 
 Scores are per kv head and comparable across heads and layers (probabilities), which is what the selection across
 heads (the ``adakv`` reducer with ``alpha: 0``: no per-head floor, as KVzip) and layers needs.
@@ -160,6 +159,18 @@ def kvpolicy_presets() -> list[PresetSpec]:
             policy={
                 "encode": {"name": "kvzip"},
                 "reducer": {"name": "adakv", "alpha": 0.0},
+                "ratio": 0.5,
+                "sinks": 4,
+            },
+        ),
+        PresetSpec(
+            name="kvzip_global",
+            summary="KVzip with one budget for the whole cache (kvpress's default): the best entries of all layers "
+            "and kv heads, half removed",
+            policy={
+                "encode": {"name": "kvzip"},
+                "reducer": {"name": "adakv", "alpha": 0.0},
+                "allocator": {"name": "global"},
                 "ratio": 0.5,
                 "sinks": 4,
             },

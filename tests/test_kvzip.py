@@ -69,8 +69,8 @@ def prefill(model, policy, batch, generate_positions=True):
     """The policy's prefill (its probe included); returns the cache and the statistics the probe handed over."""
     cache = kvpolicy.make_cache(model, policy, tokenizer=TOK)
     seen: dict = {}
-    compress = cache.compress_after_probe
-    cache.compress_after_probe = lambda scores: (seen.update(scores), compress(scores))  # spy
+    compress = cache.compress_deferred
+    cache.compress_deferred = lambda scores: (seen.update(scores), compress(scores))  # spy
     mask = batch["attention_mask"]
     pos = (mask.cumsum(-1) - 1).clamp(min=0) if generate_positions else None
     with torch.no_grad():
@@ -172,7 +172,7 @@ def test_probe_entries_never_survive_and_the_next_step_matches_a_hand_built_cach
     mask = batch["attention_mask"]
     k0 = [[[layer.kept_positions(r, h) for h in range(2)] for r in range(2)] for layer in cache.policy_layers]
     for layer in cache.policy_layers:
-        assert layer.seen == length and not layer.awaiting_probe
+        assert layer.seen == length and not layer.deferred
         for r, p in enumerate(pads):
             for h in range(2):
                 kept = layer.kept_positions(r, h)
@@ -247,5 +247,55 @@ def test_errors_name_the_fix(model):
     batch = make_batch(1, 30, seed=1)
     with torch.no_grad():
         model.model(**batch, past_key_values=cache, use_cache=True)  # the inner decoder: no hook, no probe
-        with pytest.raises(RuntimeError, match="probe did not run"):
+        with pytest.raises(RuntimeError, match="deferred prefill stage"):
             model.model(input_ids=torch.tensor([[5]]), past_key_values=cache, use_cache=True)
+
+
+def naive_shares(counts: list[int], heads: int, total: int) -> list[int]:
+    """Largest remainder by hand: floor(count / heads), then +1 to the largest remainders (lower layer first)."""
+    base = [c // heads for c in counts]
+    rest = sorted(range(len(counts)), key=lambda i: (-(counts[i] / heads - base[i]), i))
+    for i in rest[: total - sum(base)]:
+        base[i] += 1
+    return base
+
+
+def test_global_budget_keeps_each_layers_share_of_the_best_entries(model):
+    """kvzip_global: a layer keeps (per head, rounded) its count among the row's best entries of all layers, and
+    within the layer the best entries across heads; the row's total is the uniform total."""
+    pads = [0, 6]
+    batch = make_batch(2, 48, pads=pads, seed=11)
+    policy = load_policy({"preset": "kvzip_global", "ratio": 0.7, "encode": {"chunk_size": 20}})
+    cache, stat = prefill(model, policy, batch)
+    layers = cache.policy_layers
+    for r, p in enumerate(pads):
+        n = 48 - p
+        per_layer = math.ceil(n * 0.3)
+        scored = []
+        for layer in layers:
+            s = stat[layer.layer_idx][r, :, p:].clone()
+            s[:, :4] = float("inf")
+            scored += [(-float(s[h, j]), layer.layer_idx, j, h) for h in range(2) for j in range(n)]
+        best = sorted(scored, key=lambda t: t[0])[: 2 * per_layer * len(layers)]  # stable: lower layer first on ties
+        shares = naive_shares([sum(1 for t in best if t[1] == i) for i in range(len(layers))], 2,
+                              per_layer * len(layers))
+        for layer, share in zip(layers, shares):
+            got = {(h, c) for h in range(2) for c in layer.kept_positions(r, h)}
+            assert len(got) == 2 * share
+            mine = sorted(t for t in scored if t[1] == layer.layer_idx)[: 2 * share]
+            assert got == {(h, j + p) for _, _, j, h in mine}
+
+
+def test_global_budget_refuses_a_budget_that_grows(model):
+    from kvpolicy_plugins.global_budget import GlobalBudget
+
+    from kvpolicy.core.partcheck import PartError, check_rebalanced
+
+    policy = load_policy({"preset": "kvzip_global", "ratio": 0.5})
+    keep = [torch.tensor([3, 4]), torch.tensor([3, 4])]
+    with pytest.raises(PartError, match="total budget"):
+        check_rebalanced(policy, [torch.tensor([3, 5]), torch.tensor([3, 4])], keep, [0, 1])
+    valid = [torch.ones(2, 2, 6, dtype=torch.bool)] * 2
+    scores = [torch.rand(2, 2, 6), torch.rand(2, 2, 6)]
+    out = GlobalBudget().rebalance(scores, valid, keep)
+    assert torch.equal(out[0] + out[1], keep[0] + keep[1])

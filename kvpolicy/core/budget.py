@@ -18,7 +18,13 @@ __all__ = ["Budget", "BudgetAllocator"]
 
 @runtime_checkable
 class BudgetAllocator(Protocol):
-    """Optional part: re-distributes the per-row budget across layers (e.g. PyramidKV)."""
+    """Optional part: re-distributes the per-row budget across layers (e.g. PyramidKV).
+
+    Optional hook ``rebalance(scores, valid, keep) -> keep``: one budget for the whole cache, divided from the
+    scores. ``scores``/``valid`` are each compressing layer's encode scores and slot validity (``[B, H or 1, P]``,
+    ``[B, H, P]``), ``keep`` their budgets after ``layer_keep`` (int64 ``[B]`` entries per head); it returns the new
+    ``keep`` per layer, whose sum over layers per row must stay the same. An allocator with this hook makes the engine
+    compress at the end of the prefill forward, when every layer's scores exist (``CachePolicy.defers_prefill``)."""
 
     def layer_keep(self, layer_idx: int, num_layers: int, keep: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
         ...

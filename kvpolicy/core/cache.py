@@ -15,6 +15,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
 
 from .layer import PolicyLayer
+from .partcheck import check_rebalanced
 from .policy import CachePolicy, QueryStat
 from .positions import RopeShift
 from .probe import ProbeError, ProbeScores, load_tokenizer, run_probe
@@ -113,23 +114,40 @@ class PolicyCache(Cache):
             self.prompt_ids = input_ids if isinstance(input_ids, torch.Tensor) else None
 
     @property
-    def awaiting_probe(self) -> bool:
-        """Some layer's prefill stage waits for the probe (the prefill forward has run, the probe has not)."""
-        return any(layer.awaiting_probe for layer in self.policy_layers)
+    def deferred(self) -> bool:
+        """Some layer's prefill stage waits (the prefill forward has run; the probe or the division of one budget
+        across layers has not)."""
+        return any(layer.deferred for layer in self.policy_layers)
 
     def run_probe(self, model: Any) -> ProbeScores:
         """The probes' statistics on this cache's uncompressed prompt (:func:`~kvpolicy.core.probe.run_probe`)."""
         return run_probe(model, self)
 
-    def compress_after_probe(self, scores: ProbeScores) -> None:
-        """Compress every layer that waited for the probe, with ``scores`` (from :meth:`run_probe`, now or earlier on
-        the same prompt). Afterwards the prompt ids are dropped: nothing else reads them."""
-        missing = [layer.layer_idx for layer in self.policy_layers if layer.awaiting_probe and not scores.get(
-            layer.layer_idx)]
+    def finish_prefill(self, model: Any) -> None:
+        """What the hook ``kvpolicy.attach`` installs runs after the prefill forward when layers wait: the probe (if
+        declared), then :meth:`compress_deferred`."""
+        self.compress_deferred(self.run_probe(model) if self.probe_needs else {})
+
+    def compress_deferred(self, scores: ProbeScores) -> None:
+        """Compress every waiting layer, with the probe's ``scores`` (from :meth:`run_probe`, now or earlier on the
+        same prompt) and, when the allocator divides one budget across layers (``rebalance``), the budgets it gives
+        each layer from all of their encode scores. Afterwards the prompt ids are dropped: nothing else reads them."""
+        layers = [layer for layer in self.policy_layers if layer.deferred]
+        missing = [layer.layer_idx for layer in layers if self.probe_needs and not scores.get(layer.layer_idx)]
         if missing:
             raise ProbeError(f"kvpolicy: no probe statistic for layers {missing}")
-        for layer in self.policy_layers:
-            layer.compress_after_probe(scores.get(layer.layer_idx, {}))
+        probes = [scores.get(layer.layer_idx, {}) for layer in layers]
+        rebalance = getattr(self.policy.allocator, "rebalance", None)
+        if rebalance is None or not layers:
+            for layer, probe in zip(layers, probes, strict=True):
+                layer.compress_deferred(probe)
+        else:
+            planned = [layer.deferred_scores(probe) for layer, probe in zip(layers, probes, strict=True)]
+            given = [keep for keep, _ in planned]
+            keeps = check_rebalanced(self.policy, rebalance([s for _, s in planned], [x.valid for x in layers], given),
+                                     given, [x.layer_idx for x in layers])
+            for layer, probe, keep, (_, s) in zip(layers, probes, keeps, planned, strict=True):
+                layer.compress_deferred(probe, keep, s)
         self.prompt_ids = None
 
     def set_token_types(self, types: torch.Tensor) -> None:

@@ -97,9 +97,9 @@ def _watch_inputs(model: Any) -> None:
     def after(module, args, kwargs, output):
         set_forward_inputs(None, image_ids)
         cache = kwargs.get("past_key_values")
-        if isinstance(cache, PolicyCache) and output is not None and cache.awaiting_probe:
-            # the prefill has gone through every layer: the probe pass, then the deferred compression
-            cache.compress_after_probe(cache.run_probe(module))
+        if isinstance(cache, PolicyCache) and output is not None and cache.deferred:
+            # the prefill has gone through every layer: the probe pass (if any), then the deferred compression
+            cache.finish_prefill(module)
 
     _WATCHED[model] = (
         model.register_forward_pre_hook(before, with_kwargs=True),

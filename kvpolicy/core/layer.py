@@ -10,8 +10,9 @@ bucketed after a prefill with per-head budgets) and runs the policy's two stages
   needs it;
 * **probe** (a policy declaring :class:`~kvpolicy.core.policy.ProbeStat`, :mod:`kvpolicy.core.probe`): the prefill
   stage waits instead of compressing; each probe forward's keys are returned with the prompt's but never stored, its
-  statistic is recorded after the attention, and :meth:`PolicyLayer.compress_after_probe` then runs the prefill
-  stage with it;
+  statistic is recorded after the attention, and :meth:`PolicyLayer.compress_deferred` then runs the prefill
+  stage with it (an allocator that divides one budget across layers also defers the stage to the end of the
+  forward, when every layer's scores exist);
 * **append** (a forward inside :meth:`~kvpolicy.core.cache.PolicyCache.appending`, after the prefill): a chunk of
   prompt tokens (a question after a compressed context) is stored as it comes, attending causally within itself and
   to the kept entries; neither stage removes anything, and the decode budget counts the chunk's entries as held
@@ -108,9 +109,10 @@ class PolicyLayer(DynamicLayer):
         self.prefilled = False
         self._pending: str | None = None
         self._planned_keep: torch.Tensor | None = None  # see _prefill_budget
-        #: the prefill stage waits for the probe (it would drop entries and the policy declares a ProbeStat)
-        self.awaiting_probe = False
-        self._deferred: tuple[dict, dict] = ({}, {})  # the prefill's statistics, kept for the deferred stage
+        #: the prefill stage waits for the end of the forward (it would drop entries and the policy declares a
+        #: ProbeStat or divides one budget across layers: :meth:`CachePolicy.defers_prefill`)
+        self.deferred = False
+        self._waiting_stats: tuple[dict, dict] = ({}, {})  # the prefill's statistics, kept for the deferred stage
         self._probe_scores: dict[ProbeStat, torch.Tensor] = {}
         #: int64 [B]: RoPE position after each row's last prompt token (recorded at prefill when a probe is declared)
         self.next_position: torch.Tensor | None = None
@@ -171,11 +173,11 @@ class PolicyLayer(DynamicLayer):
         check_batch(self.n_tokens.shape[0], self.seen, key_states.shape[0], self.layer_idx)
         if self.probing:
             return self._probe_update(key_states, value_states)
-        if self.awaiting_probe:
+        if self.deferred:
             raise RuntimeError(
-                "kvpolicy: the policy's probe did not run after the prefill (the layers still wait for it): run the "
-                "prefill through the model returned by kvpolicy.attach (its forward hook runs the probe), not its "
-                "inner decoder"
+                "kvpolicy: the policy's deferred prefill stage (its probe, or one budget across layers) did not run "
+                "after the prefill: run the prefill through the model returned by kvpolicy.attach (its forward hook "
+                "runs that stage), not its inner decoder"
             )
         if self._pending is not None:
             raise RuntimeError(
@@ -330,7 +332,7 @@ class PolicyLayer(DynamicLayer):
         """After a probe chunk's attention: fold its statistic into the running maximum of each scored entry."""
         self._pending = None
         scope = self.probe_scope
-        if scope is None or not self.awaiting_probe:
+        if scope is None or not self.deferred:
             return
         stat = probe_statistic(scope, query, key, self.length, scaling)  # [B, H, K]
         b, h, p = self.valid.shape
@@ -339,14 +341,26 @@ class PolicyLayer(DynamicLayer):
             best = self._probe_scores[scope.need] = torch.zeros(b, h, p, dtype=torch.float32, device=self.device)
         best.scatter_reduce_(2, scope.index[:, None, :].expand_as(stat), stat, reduce="amax")
 
-    def compress_after_probe(self, probe: dict[ProbeStat, torch.Tensor]) -> None:
-        """Run the prefill stage that waited for the probe, with the probe's statistics (``view.probe``)."""
-        if not self.awaiting_probe:
+    def deferred_scores(self, probe: dict[ProbeStat, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(keep [B], encode scores [B, H or 1, P])`` of the waiting prefill stage, for an allocator that divides
+        one budget across layers (``rebalance``) before any layer compresses."""
+        attention, queries = self._waiting_stats
+        keep = self._prefill_budget()
+        view = self.view("prefill", attention, queries, probe)
+        view.keep = keep
+        return keep, check_scores(self.policy, "encode", self.policy.encode.score(view), view)  # type: ignore[union-attr]
+
+    def compress_deferred(
+        self, probe: dict[ProbeStat, torch.Tensor], keep: torch.Tensor | None = None, scores: torch.Tensor | None = None
+    ) -> None:
+        """Run the prefill stage that waited (for the probe, or for every layer's scores), with the probe's statistics
+        (``view.probe``) and, when an allocator re-divided the budget, this layer's ``keep`` and its ``scores``."""
+        if not self.deferred:
             return
-        self.awaiting_probe = False
-        attention, queries = self._deferred
-        self._deferred = ({}, {})
-        self._compress_prefill(attention, queries, probe)
+        self.deferred = False
+        attention, queries = self._waiting_stats
+        self._waiting_stats = ({}, {})
+        self._compress_prefill(attention, queries, probe, keep, scores)
         self._sync()
 
     def finish_step(self, attention: dict[int | None, torch.Tensor], queries: dict | None = None) -> None:
@@ -415,17 +429,24 @@ class PolicyLayer(DynamicLayer):
         return bool((self._prefill_budget() < self.held().amin(-1)).any())
 
     def _finish_prefill(self, attention: dict, queries: dict | None = None) -> None:
-        if self.policy.probe_needs() and self._drops():
-            self.awaiting_probe = True  # compress once the probe has gone through every layer
-            self._deferred = (attention, queries or {})
+        if self.policy.defers_prefill() and self._drops():
+            self.deferred = True  # compress once the forward (and the probe) has gone through every layer
+            self._waiting_stats = (attention, queries or {})
             return
         self._compress_prefill(attention, queries)
 
-    def _compress_prefill(self, attention: dict, queries: dict | None = None, probe: dict | None = None) -> None:
+    def _compress_prefill(
+        self,
+        attention: dict,
+        queries: dict | None = None,
+        probe: dict | None = None,
+        keep: torch.Tensor | None = None,
+        scores: torch.Tensor | None = None,
+    ) -> None:
         policy = self.policy
         storage = self._padded()
         self.prefilled = True
-        keep = self._prefill_budget()
+        keep = self._prefill_budget() if keep is None else keep
         self._planned_keep = None
         self.prefill_keep = keep
         view = self.view("prefill", attention, queries, probe)
@@ -435,7 +456,8 @@ class PolicyLayer(DynamicLayer):
             for name, t in check_state(policy, init_state(view), view).items():
                 storage.set_slot_state(name, t.to(torch.float32).expand_as(view.valid).clone())
         if policy.encode is not None and bool((keep < view.held().amin(-1)).any()):
-            scores = check_scores(policy, "encode", policy.encode.score(view), view)
+            if scores is None:
+                scores = check_scores(policy, "encode", policy.encode.score(view), view)
             storage.compact(check_reduction(policy, policy.reducer.reduce(view, scores, keep), view))
             if policy.decode is None and not storage.has_slot_state:  # no stage left: the layout is chosen once
                 self.storage = bucketed_if_uneven(storage)

@@ -328,6 +328,11 @@ class CachePolicy:
         """The probes the prefill stage waits for (:class:`ProbeStat` among :meth:`prefill_needs`)."""
         return frozenset(need for need in self.prefill_needs() if isinstance(need, ProbeStat))
 
+    def defers_prefill(self) -> bool:
+        """Whether the prefill stage waits for the end of the prefill forward: a probe runs then, or the allocator
+        divides one budget across layers (``rebalance``), which needs every layer's scores at once."""
+        return bool(self.probe_needs()) or callable(getattr(self.allocator, "rebalance", None))
+
     def prefill_needs(self) -> frozenset[AttentionStat]:
         """What the prefill must compute: the encode scorer's needs, what a decode scorer seeds its state from
         (``decode.prefill_needs``) and what the reducer itself reads (``reducer.prefill_needs``)."""

@@ -13,13 +13,13 @@ the context and keeps the entries the reconstruction reads. A part declares :cla
    (:func:`probe_statistic`, a running maximum per entry) and forgets the chunk after its attention; sliding-window
    layers (Gemma 3), which would otherwise slide past the prompt, are restored after each chunk;
 3. then every waiting layer compresses with the statistic in ``view.probe``
-   (:meth:`~kvpolicy.core.cache.PolicyCache.compress_after_probe`).
+   (:meth:`~kvpolicy.core.cache.PolicyCache.compress_deferred`).
 
 Memory: one chunk's keys and values per layer at a time (the concatenation returned to the attention), the
 statistic's probabilities in blocks of query rows (:func:`~kvpolicy.core.kernels.probe_max_received`), and one
 float32 ``[B, H, P]`` score per layer. The statistic is a function of the uncompressed prompt's cache, the model and
 the probe only: :func:`run_probe` computes it on any cache holding the whole prompt, and
-:meth:`~kvpolicy.core.cache.PolicyCache.compress_after_probe` accepts scores computed earlier (one probe per sample
+:meth:`~kvpolicy.core.cache.PolicyCache.compress_deferred` accepts scores computed earlier (one probe per sample
 can serve every ratio of a grid).
 """
 
