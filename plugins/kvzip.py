@@ -149,6 +149,10 @@ def kvpolicy_parts() -> list[PartSpec]:
     ]
 
 
+#: the presets' common document: KVzip's scores ranked across the kv heads of a layer (no per-head floor)
+PRESET = {"encode": {"name": "kvzip"}, "reducer": {"name": "adakv", "alpha": 0.0}, "ratio": 0.5, "sinks": 4}
+
+
 @hookimpl
 def kvpolicy_presets() -> list[PresetSpec]:
     return [
@@ -156,23 +160,12 @@ def kvpolicy_presets() -> list[PresetSpec]:
             name="kvzip",
             summary="KVzip (context reconstruction, kvpress defaults: chunks of 2048, 4 sinks), one ranking across "
             "the kv heads of each layer, half removed",
-            policy={
-                "encode": {"name": "kvzip"},
-                "reducer": {"name": "adakv", "alpha": 0.0},
-                "ratio": 0.5,
-                "sinks": 4,
-            },
+            policy=dict(PRESET),
         ),
         PresetSpec(
             name="kvzip_global",
             summary="KVzip with one budget for the whole cache (kvpress's default): the best entries of all layers "
             "and kv heads, half removed",
-            policy={
-                "encode": {"name": "kvzip"},
-                "reducer": {"name": "adakv", "alpha": 0.0},
-                "allocator": {"name": "global"},
-                "ratio": 0.5,
-                "sinks": 4,
-            },
+            policy={**PRESET, "allocator": {"name": "global"}},
         ),
     ]
