@@ -131,7 +131,8 @@ class PolicyCache(Cache):
     def compress_deferred(self, scores: ProbeScores) -> None:
         """Compress every waiting layer, with the probe's ``scores`` (from :meth:`run_probe`, now or earlier on the
         same prompt) and, when the allocator divides one budget across layers (``rebalance``), the budgets it gives
-        each layer from all of their encode scores. Afterwards the prompt ids are dropped: nothing else reads them."""
+        each layer from all of their encode scores. Afterwards the prompt ids and the tokenizer are dropped: nothing
+        else reads them (and a copy of the cache, e.g. ``copy.deepcopy``, should not carry them)."""
         layers = [layer for layer in self.policy_layers if layer.deferred]
         missing = [layer.layer_idx for layer in layers if self.probe_needs and not scores.get(layer.layer_idx)]
         if missing:
@@ -148,7 +149,7 @@ class PolicyCache(Cache):
                                      given, [x.layer_idx for x in layers])
             for layer, probe, keep, (_, s) in zip(layers, probes, keeps, planned, strict=True):
                 layer.compress_deferred(probe, keep, s)
-        self.prompt_ids = None
+        self.prompt_ids = self.tokenizer = None
 
     def set_token_types(self, types: torch.Tensor) -> None:
         """Tell the cache which prompt columns hold image tokens (int ``[B, S]``, see ``kvpolicy.core.policy``)."""
