@@ -21,14 +21,15 @@ from .context import Context
 def kept_by_type(cache: PolicyCache) -> torch.Tensor:
     """Entries held by token type: float ``[num_policy_layers, B, 3]`` (columns ``TEXT``, ``IMAGE``, ``GENERATED``,
     the codes of :mod:`kvpolicy.policy`), averaged over kv heads. For a multimodal prompt this is how the kept budget
-    splits between text and image tokens (and tokens generated since)."""
+    splits between text and image tokens (and tokens generated since). Read head by head (``layer.slots``), which
+    works for the bucketed layout of per-head budgets (AdaKV, KVzip) as well as the padded one."""
     out = []
     for layer in cache.policy_layers:
         if not layer.is_initialized:
             continue
-        view = layer.view("decode")
+        heads = [layer.slots(h) for h in range(layer.held().shape[1])]
         counts = [
-            ((view.token_types == code) & view.valid).sum(-1).to(torch.float32).mean(-1)
+            torch.stack([((types == code) & valid).sum(-1) for valid, _, types in heads]).to(torch.float32).mean(0)
             for code in (TEXT, IMAGE, GENERATED)
         ]
         out.append(torch.stack(counts, -1))
