@@ -285,8 +285,7 @@ def probe_max_received(
     b, hq, q, d = query.shape
     h, k = context_keys.shape[1], context_keys.shape[2]
     g = hq // h
-    kc = context_keys.to(torch.float32)
-    kp = probe_keys.to(torch.float32)
+    keys = torch.cat((context_keys, probe_keys), dim=2).to(torch.float32)  # [B, H, K + q, D]
     best = torch.zeros(b, h, k, dtype=torch.float32, device=query.device)
     ctx_off = ~context_ok[:, None, None, None, :]
     per_row = max(1, b * hq * (k + q))
@@ -295,9 +294,7 @@ def probe_max_received(
         i1 = min(q, i0 + rows)
         c = i1 - i0
         qc = query[:, :, i0:i1].to(torch.float32).reshape(b, h, g * c, d)
-        logits = torch.cat(
-            (torch.matmul(qc, kc.transpose(2, 3)), torch.matmul(qc, kp[:, :, :i1].transpose(2, 3))), dim=-1
-        ).mul_(scaling).view(b, h, g, c, k + i1)
+        logits = torch.matmul(qc, keys[:, :, : k + i1].transpose(2, 3)).mul_(scaling).view(b, h, g, c, k + i1)
         logits[..., :k].masked_fill_(ctx_off, float("-inf"))
         own = torch.ones(c, i1, dtype=torch.bool, device=query.device).tril_(i0)  # key j <= query i0 + row
         own = own[None] & probe_valid[:, None, :i1]  # [B, c, i1]
