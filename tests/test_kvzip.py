@@ -12,6 +12,9 @@
   plain prefill with the kept positions (``kvzip`` scores, uniform per-head eviction), and nothing past the prompt;
 * the preset's selection across heads keeps the best ``H * keep`` entries of the layer by the statistic, sinks
   included, never a pad; ratio 0 generates exactly the plain cache's tokens and never runs the probe;
+* a Gemma 3 text model (sliding + full layers): after the probe the sliding layers hold exactly a plain prefill's
+  entries (the probe would have slid their window);
+* ``kvzip_global`` keeps each layer's largest-remainder share of the row's best entries of all layers;
 * the chunks match KVzip's construction (kvpress's ``prepare``), and the errors name their fix.
 """
 
@@ -299,3 +302,27 @@ def test_global_budget_refuses_a_budget_that_grows(model):
     scores = [torch.rand(2, 2, 6), torch.rand(2, 2, 6)]
     out = GlobalBudget().rebalance(scores, valid, keep)
     assert torch.equal(out[0] + out[1], keep[0] + keep[1])
+
+
+def test_sliding_window_layers_are_restored_after_the_probe():
+    """Gemma 3 (sliding layers + full layers): the probe's chunks would slide the window past the prompt; after the
+    prefill the sliding layers hold exactly a plain prefill's entries, and the full layers are compressed."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+                              layer_types=["sliding_attention", "full_attention"] * 2, pad_token_id=0)
+    gemma = kvpolicy.attach(Gemma3ForCausalLM(config).eval())
+    batch = make_batch(2, 30, pads=[0, 4], seed=3)
+    plain = DynamicCache(config=gemma.config)
+    cache = kvpolicy.make_cache(gemma, kvzip(chunk_size=12), tokenizer=TOK)
+    with torch.no_grad():
+        for c in (plain, cache):
+            gemma(**batch, past_key_values=c, use_cache=True)
+    for i in (0, 2):
+        assert cache.layers[i].get_seq_length() == 30
+        assert torch.equal(cache.layers[i].keys, plain.layers[i].keys)
+        assert torch.equal(cache.layers[i].values, plain.layers[i].values)
+    for layer in cache.policy_layers:
+        assert layer.held().sum(-1).tolist() == [2 * 15, 2 * 13]
