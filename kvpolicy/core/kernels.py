@@ -286,21 +286,27 @@ def probe_max_received(
     h, k = context_keys.shape[1], context_keys.shape[2]
     g = hq // h
     keys = torch.cat((context_keys, probe_keys), dim=2).to(torch.float32)  # [B, H, K + q, D]
+    scaled = query.to(torch.float32) * scaling  # scaling the queries once costs less than scaling every logit
     best = torch.zeros(b, h, k, dtype=torch.float32, device=query.device)
-    ctx_off = ~context_ok[:, None, None, None, :]
+    # masks only where they change something: selections of unequal length, left-padded probes
+    ctx_off = None if bool(context_ok.all()) else ~context_ok[:, None, None, None, :]
+    probe_off = None if bool(probe_valid.all()) else ~probe_valid[:, None, None, None, :]
     per_row = max(1, b * hq * (k + q))
     rows = max(1, min(max(min_rows, 1), MAX_CHUNK_ELEMENTS // per_row), chunk_elements // per_row)
     for i0 in range(0, q, rows):
         i1 = min(q, i0 + rows)
         c = i1 - i0
-        qc = query[:, :, i0:i1].to(torch.float32).reshape(b, h, g * c, d)
-        logits = torch.matmul(qc, keys[:, :, : k + i1].transpose(2, 3)).mul_(scaling).view(b, h, g, c, k + i1)
-        logits[..., :k].masked_fill_(ctx_off, float("-inf"))
-        own = torch.ones(c, i1, dtype=torch.bool, device=query.device).tril_(i0)  # key j <= query i0 + row
-        own = own[None] & probe_valid[:, None, :i1]  # [B, c, i1]
-        logits[..., k:].masked_fill_(~own[:, None, None], float("-inf"))
-        probs = torch.softmax(logits, dim=-1)[..., :k].nan_to_num_(0.0)
-        probs.mul_(probe_valid[:, None, None, i0:i1, None].to(probs.dtype))  # pad queries attend to nothing
+        qc = scaled[:, :, i0:i1].reshape(b, h, g * c, d)
+        logits = torch.matmul(qc, keys[:, :, : k + i1].transpose(2, 3)).view(b, h, g, c, k + i1)
+        if ctx_off is not None:
+            logits[..., :k].masked_fill_(ctx_off, float("-inf"))
+        if probe_off is not None:
+            logits[..., k:].masked_fill_(probe_off[..., :i1], float("-inf"))
+        future = torch.ones(c, c, dtype=torch.bool, device=query.device).triu_(1)  # the block's own later tokens
+        logits[..., k + i0 :].masked_fill_(future, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)[..., :k]
+        if probe_off is not None:  # pad queries attend to nothing
+            probs = probs.nan_to_num(0.0).mul_(probe_valid[:, None, None, i0:i1, None].to(probs.dtype))
         best = torch.maximum(best, probs.amax(dim=(2, 3)))
         del logits, probs
     return best
