@@ -11,9 +11,16 @@ Policies (kvpress press in brackets): ``keydiff`` [KeyDiffPress]; ``knorm`` [Kno
 [StreamingLLMPress]; ``snapkv`` window 32, kernel 5, avg [SnapKVPress]; ``tova`` [TOVAPress]; ``h2o`` with no recent
 window, once with the paper's sum and once with ``normalize: mean_over_visible`` [ObservedAttentionPress];
 ``expected_attention`` preset (512 future positions, 4 sinks, covariance, value norm) [ExpectedAttentionPress];
-``kvzip`` preset (ranked across the kv heads of each layer) [KVzipPress, ``layerwise=True``], both given the
-character tokenizer of ``kvpress_overlap.py`` for the repeat prompt. The ``kept`` column is kvpress's count per head
-(``tokens`` budget); KVzip's rows keep that many per head *on average* over the heads of each layer.
+``kvzip`` preset (ranked across the kv heads of each layer) [KVzipPress, ``layerwise=True``] and ``kvzip_global``
+[KVzipPress's default], both sides given the character tokenizer of ``kvpress_overlap.py`` for the repeat prompt;
+``duo_attention`` preset with kvpress's head scores, sinks and window [DuoAttentionPress].
+
+Equal kept counts: every method keeps kvpress's count through a ``tokens`` budget, except ``duo_attention``, whose
+kept count per head is all or the window by design. kvpress's ratio there is the share of heads streamed; kvpolicy is
+given the *entry* ratio kvpress reports for it (``m (n - c) / (U n)`` for ``m`` streamed of ``U`` heads, window
+``c``), from which it derives its own number of streamed heads (``ceil(U (n - keep) / (n - c))``, the same ``m``);
+the kept column then gives the entries both sides hold in total. KVzip's rows keep the ``kept`` count per head *on
+average* over the heads of each layer (of the whole cache for ``kvzip_global``).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import argparse
 import json
 import os
 import runpy
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -50,12 +58,24 @@ POLICIES: dict[str, tuple[str, dict[str, Any]]] = {
     "expected_attention": ("expected_attention", {"preset": "expected_attention"}),
     "kvzip": ("kvzip", {"preset": "kvzip"}),
     "kvzip_global": ("kvzip_global", {"preset": "kvzip_global"}),
+    "duo_attention": ("duo_attention", {"preset": "duo_attention"}),
 }
 
 
-def kvpolicy_kept(model: torch.nn.Module, ids: torch.Tensor, doc: dict[str, Any], keep: int) -> list[list[list[int]]]:
-    """``[layer][kv head]`` -> sorted prompt positions kvpolicy keeps with a budget of ``keep`` entries."""
-    policy = load_policy({**doc, "tokens": keep})
+def duo_document(duo: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """The ``duo_attention`` preset with kvpress's head scores (written as a score file), sinks and window."""
+    from kvpolicy.heads.table import write_scores
+
+    path = write_scores(folder / "head_scores.tsv", torch.tensor(duo["head_scores"], dtype=torch.float64))
+    return {"preset": "duo_attention", "sinks": duo["sinks"],
+            "reducer": {"recent": duo["recent"], "head_scores": str(path)}}
+
+
+def kvpolicy_kept(
+    model: torch.nn.Module, ids: torch.Tensor, doc: dict[str, Any], budget: dict[str, Any]
+) -> list[list[list[int]]]:
+    """``[layer][kv head]`` -> sorted prompt positions kvpolicy keeps under ``budget`` (``tokens`` or ``ratio``)."""
+    policy = load_policy({**doc, **budget})
     cache = kvpolicy.make_cache(model, policy, tokenizer=SIDE["CharTokenizer"]())
     with torch.no_grad():
         model(input_ids=ids, past_key_values=cache, use_cache=True)
@@ -99,12 +119,23 @@ def main() -> None:
         "| method | ratio | kept | mean Jaccard | min Jaccard | max entries differing (one head) |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
+    folder = Path(tempfile.mkdtemp(prefix="kvpolicy-overlap-"))
     for label, (method, doc) in POLICIES.items():
         for key in sorted(k for k in ref["kept"] if k.startswith(f"{method}@")):
             ratio = float(key.split("@")[1])
-            keep = SIDE["n_kept"](ref["length"], ratio)
-            mean, low, diff = compare(kvpolicy_kept(model, ids, doc, keep), ref["kept"][key])
-            lines.append(f"| {label} | {ratio} | {keep} | {mean:.4f} | {low:.4f} | {diff} |")
+            theirs = ref["kept"][key]
+            if method == "duo_attention":
+                entry = ref["duo"]["entry_ratio"][key]
+                ours = kvpolicy_kept(model, ids, duo_document(ref["duo"], folder), {"ratio": entry})
+                total = sum(len(h) for layer in ours for h in layer)
+                kept = f"{total} / {sum(len(h) for layer in theirs for h in layer)} in all"
+                ratio_cell = f"{ratio} of heads = {entry:.4f} of entries"
+            else:
+                keep = SIDE["n_kept"](ref["length"], ratio)
+                ours = kvpolicy_kept(model, ids, doc, {"tokens": keep})
+                kept, ratio_cell = str(keep), str(ratio)
+            mean, low, diff = compare(ours, theirs)
+            lines.append(f"| {label} | {ratio_cell} | {kept} | {mean:.4f} | {low:.4f} | {diff} |")
             print(lines[-1], flush=True)
     table = "\n".join(lines) + "\n"
     print(table)

@@ -29,6 +29,13 @@ entries are the complement. Its repeat prompt is encoded with ``AutoTokenizer.fr
 tiny model has no tokenizer, so that call is answered with :class:`CharTokenizer` (one id per character, no chat
 template), which kvpolicy's side hands to its probe too.
 
+``duo_attention`` = DuoAttentionPress with the head scores of :func:`duo_head_scores` supplied in place of the authors'
+downloaded patterns (its ``load_attention_pattern`` is replaced on the instance) and a window of ``DUO_SINKS`` +
+``DUO_RECENT`` (the prompt is 384 tokens). kvpress does not remove a streaming head's entries, it hides them from later
+queries (``module.masked_key_indices``, read after the prefill), and its ``ratio`` is the share of heads streamed;
+the entry ratio it reports (``press.compression_ratio``) is recorded for kvpolicy's side. It refuses eager
+attention, so it runs on an SDPA copy of the same model.
+
 This file never imports kvpolicy.
 """
 
@@ -55,10 +62,12 @@ CONFIG = {
 SEED = 0
 LENGTH = 384
 RATIOS = (0.5, 0.8)
-METHODS = ("keydiff", "knorm", "local", "snapkv", "tova", "h2o", "expected_attention", "kvzip", "kvzip_global")
+METHODS = ("keydiff", "knorm", "local", "snapkv", "tova", "h2o", "expected_attention", "kvzip", "kvzip_global",
+           "duo_attention")
 SINKS = 4  # StreamingLLM's n_sink (kvpress's default) = kvpolicy's local start_size
 WINDOW, KERNEL = 32, 5  # SnapKV's observation window and pooling kernel, set alike on both sides
 WEIGHT_STD = 0.08
+DUO_SINKS, DUO_RECENT = 16, 64  # DuoAttention's streaming window, scaled to the 384-token prompt
 
 
 class CharTokenizer:
@@ -129,6 +138,23 @@ def _press(method: str, ratio: float):
     raise ValueError(method)
 
 
+def unmasked(model: torch.nn.Module, n: int) -> list[list[list[int]]]:
+    """``[layer][kv head]`` -> the prompt positions (of ``n``) a press left visible, for the presses that hide entries
+    instead of removing them: they record the hidden ``(row, head, position)`` in ``module.masked_key_indices``
+    (read here for row 0, then removed so that the next press starts clean)."""
+    out = []
+    for layer in model.model.layers:
+        masked = getattr(layer.self_attn, "masked_key_indices", None)
+        heads = []
+        for h in range(CONFIG["num_key_value_heads"]):
+            hidden = set() if masked is None else set(masked[2][(masked[0] == 0) & (masked[1] == h)].tolist())
+            heads.append([j for j in range(n) if j not in hidden])
+        out.append(heads)
+        if masked is not None:
+            del layer.self_attn.masked_key_indices
+    return out
+
+
 def kvzip_kept(model: torch.nn.Module, ids: torch.Tensor, method: str, ratio: float) -> list[list[list[int]]]:
     """``[layer][kv head]`` -> sorted prompt positions KVzipPress keeps (the complement of its masked indices)."""
     from kvpress.presses import kvzip_press
@@ -142,13 +168,29 @@ def kvzip_kept(model: torch.nn.Module, ids: torch.Tensor, method: str, ratio: fl
             model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
     finally:
         kvzip_press.AutoTokenizer.from_pretrained = original
-    out = []
-    for layer in model.model.layers:
-        _, heads, seq = layer.self_attn.masked_key_indices
-        dropped = [set(seq[heads == h].tolist()) for h in range(CONFIG["num_key_value_heads"])]
-        out.append([[t for t in range(ids.shape[1]) if t not in d] for d in dropped])
-        del layer.self_attn.masked_key_indices
-    return out
+    return unmasked(model, ids.shape[1])
+
+
+def duo_head_scores(seed: int = SEED) -> list[list[float]]:
+    """Distinct random scores per layer and kv head (no ties: kvpress's unstable argsort and kvpolicy's ordered ties
+    would otherwise be compared on an arbitrary choice)."""
+    g = torch.Generator().manual_seed(seed + 2)
+    return torch.rand(CONFIG["num_hidden_layers"], CONFIG["num_key_value_heads"], generator=g,
+                      dtype=torch.float64).tolist()
+
+
+def duo_kept(model: torch.nn.Module, ids: torch.Tensor, ratio: float) -> tuple[list[list[list[int]]], float]:
+    """``[layer][kv head]`` -> prompt positions DuoAttentionPress leaves visible, and the entry ratio it reports."""
+    import numpy as np
+    from transformers import DynamicCache
+
+    import kvpress
+
+    press = kvpress.DuoAttentionPress(head_compression_ratio=ratio)
+    press.load_attention_pattern = lambda _model: (DUO_SINKS, DUO_RECENT, np.array(duo_head_scores()))
+    with torch.no_grad(), press(model):
+        model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
+    return unmasked(model, ids.shape[1]), float(press.compression_ratio)
 
 
 def kept_indices(model: torch.nn.Module, ids: torch.Tensor, method: str, ratio: float) -> list[list[list[int]]]:
@@ -184,7 +226,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     model = build_model()
-    sdpa = build_model(attn="sdpa")  # the same weights: KVzipPress refuses eager attention
+    sdpa = build_model(attn="sdpa")  # the same weights: KVzipPress and DuoAttentionPress refuse eager attention
     ids = prompt()
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0, -1].tolist()
@@ -199,13 +241,17 @@ def main() -> None:
         "weights_checksum": weights_checksum(model),
         "last_logits": logits,
         "kept": {},
+        "duo": {"sinks": DUO_SINKS, "recent": DUO_RECENT, "head_scores": duo_head_scores(), "entry_ratio": {}},
     }
     for method in args.methods.split(","):
         for ratio in (float(r) for r in args.ratios.split(",")):
-            if method.startswith("kvzip"):
-                out["kept"][f"{method}@{ratio}"] = kvzip_kept(sdpa, ids, method, ratio)
+            key = f"{method}@{ratio}"
+            if method == "duo_attention":
+                out["kept"][key], out["duo"]["entry_ratio"][key] = duo_kept(build_model(attn="sdpa"), ids, ratio)
+            elif method.startswith("kvzip"):
+                out["kept"][key] = kvzip_kept(sdpa, ids, method, ratio)
             else:
-                out["kept"][f"{method}@{ratio}"] = kept_indices(model, ids, method, ratio)
+                out["kept"][key] = kept_indices(model, ids, method, ratio)
             print(f"kvpress {method} ratio {ratio}: done", flush=True)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.output.with_suffix(".tmp")

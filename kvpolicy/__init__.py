@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # the names below, for type checkers and IDEs; at run time th
     )
     from .core.reuse import CacheReuseError
     from .core.selection import ranked_slots, select_top
+    from .eval.compressed import CompressedContext, compress_context
 
 #: submodule -> the public names it defines, the one list of the package's API (``__all__`` and the lazy loader are
 #: built from it; the ``TYPE_CHECKING`` imports above state the same names for type checkers, which cannot read a
@@ -46,6 +47,7 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
     ),
     "core.reuse": ("CacheReuseError",),
     "core.selection": ("ranked_slots", "select_top"),
+    "eval.compressed": ("CompressedContext", "compress_context"),
     "models": ("load_model",),
 }
 

@@ -7,8 +7,9 @@ D2O_LayerKVCache`` and ``modeling_llama3_new.py`` for the layer allocation).
 
 * ``d2o`` (allocator): layer ``l`` keeps ``L * keep * softmax(-v)_l`` entries, ``v_l`` the layer's attention
   density (the code's normalised attention variance, :func:`layer_densities`): dense layers (low variance) keep more.
-  The engine calls an allocator per layer *before* any statistic of that layer exists, so the densities are given
-  as a parameter (measured beforehand); without them the budgets are uniform — see the class docstring;
+  Measured on each prompt when the prefill is shared (a replay sees every layer first, :func:`prompt_densities`);
+  on the direct path the engine calls an allocator per layer *before* the next layer has run, so the densities are
+  a parameter there (measured beforehand), uniform budgets without them — see the class docstring;
 * ``d2o`` (encode scorer): accumulated attention per kv head (the same part as ``lookm``'s);
 * ``d2o`` (reducer): 4 sinks + a recent window (a share of the budget) + the best-scored entries; every evicted
   entry whose best key cosine similarity to a kept entry reaches an EMA threshold is merged into that entry with
@@ -43,7 +44,7 @@ from kvpolicy.parts import (
     row_mean,
     victim_mask,
 )
-from kvpolicy.core.policy import LayerView, Reduction
+from kvpolicy.core.policy import LayerView, ModelView, Reduction
 
 PAPER = 'Wan et al., 2024, "D2O: Dynamic Discriminative Operations for Efficient Generative Inference of LLMs"'
 
@@ -79,9 +80,28 @@ def layer_densities(
                 rows = a[r]
             col = rows.sum(dim=-2)  # [heads, keys]
             per_row.append(col.var(dim=-1))  # unbiased, as torch.var's default
-        var = torch.stack(per_row).mean(dim=0)  # [heads]
-        norm = (var - var.min()) / (var.max() - var.min() + 1e-6)
-        out.append(float(norm.mean()))
+        out.append(normalised_density(torch.stack(per_row).mean(dim=0)))
+    return out
+
+
+def normalised_density(variance: torch.Tensor) -> float:
+    """A layer's density from the per-head variance of the attention its keys receive (``[heads]``): min-max
+    normalised over the heads, ``(x - min) / (max - min + 1e-6)``, then averaged, as the authors' code does."""
+    var = variance.to(torch.float64)
+    return float(((var - var.min()) / (var.max() - var.min() + 1e-6)).mean())
+
+
+def prompt_densities(model: ModelView) -> list[list[float]]:
+    """``[L][B]``: each policy layer's density on each row's own prompt, from the whole-model view of a shared prefill
+    (:class:`~kvpolicy.core.policy.ModelView`): the attention each real key receives from the row's real queries,
+    per query head, its variance over the keys (unbiased), normalised and averaged over the heads
+    (:func:`normalised_density`) — :func:`layer_densities` on a batch of one unpadded prompt."""
+    out = []
+    for i, view in enumerate(model.layers):
+        received = model.head_attention(i).to(torch.float64)  # [B, Hq, P]
+        out.append([
+            normalised_density(received[b][:, view.valid[b, 0]].var(dim=-1)) for b in range(view.batch_size)
+        ])
     return out
 
 
@@ -141,8 +161,14 @@ class D2OAllocatorParams(BaseModel):
         default=None,
         max_length=4096,
         description="per-layer attention density v_l (one per decoder layer, e.g. from kvpolicy_plugins.d2o."
-        "layer_densities on an eager run); layer l keeps L * budget * softmax(-v)_l. null: uniform budgets (the "
-        "engine cannot measure them before compressing, see docs/merging.md)",
+        "layer_densities on an eager run); layer l keeps L * budget * softmax(-v)_l. null: measured per prompt when "
+        "the prefill is shared (per_prompt), else uniform budgets (see docs/merging.md)",
+    )
+    per_prompt: bool = Field(
+        default=True,
+        description="when the prefill is shared (replayed from a recording, which sees every layer before any is "
+        "compressed): densities measured on each prompt itself, as the paper allocates; ignored when variances are "
+        "given. The direct path cannot (it compresses layer by layer): there, and with false, the budgets are uniform",
     )
     quirk_skip_layers: bool = Field(
         default=False,
@@ -164,12 +190,14 @@ class D2OAllocator:
     ``n`` entries and the layers of a row sum to exactly ``L * keep`` (:func:`d2o_budgets`; the code's clamp to
     ``[0.01, 1]`` of the prompt loses the excess instead).
 
-    **Not dynamic per prompt (engine limitation).** The engine calls ``layer_keep`` for layer ``l`` right after that
-    layer's prefill attention, before layer ``l + 1`` runs and without any statistic, so the softmax over every
-    layer's density of *this* prompt cannot be formed (the authors' code defers the prompt's compression to the first
-    decode step for that reason). The densities are therefore a parameter, ``variances``, measured beforehand on
-    calibration prompts (a model property in the paper's observation); ``null`` gives uniform budgets. The engine
-    change that would make it per prompt is described in ``docs/merging.md``.
+    **Per prompt only with a shared prefill.** The direct path calls ``layer_keep`` for layer ``l`` right after that
+    layer's prefill attention, before layer ``l + 1`` runs, so the softmax over every layer's density of *this*
+    prompt cannot be formed there (the authors' code defers the prompt's compression to the first decode step for
+    that reason): it uses the ``variances`` parameter (densities measured beforehand on calibration prompts, a model
+    property in the paper's observation), or uniform budgets without them. A prefill replayed from a recording
+    (``kvpolicy.core.replay``) has every layer before any is compressed: there :meth:`model_keep` measures the
+    densities of each prompt (:func:`prompt_densities`) and allocates from them (``per_prompt``, on by default), and
+    the result's ``allocation`` says ``whole-model``.
 
     Other deviations: ``quirk_skip_layers`` reproduces the code's uncompressed layers 0, 1 and ``L - 1``; the code's
     per-layer sizes ``int(T * ratio_l * hh_share) + int(T * ratio_l * recent_share)`` are not reproduced (exact totals
@@ -188,9 +216,31 @@ class D2OAllocator:
                     f"d2o allocator: {len(prm.variances)} variances given for a model with {num_layers} layers"
                 )
             out = [d2o_budgets(prm.variances, int(k), int(n))[layer_idx] for k, n in zip(keep.tolist(), n_tokens.tolist())]
-        if prm.quirk_skip_layers and num_layers > 0 and layer_idx in {0, 1, num_layers - 1}:
+        return self._skip(out, layer_idx, num_layers, n_tokens)
+
+    def model_keep(self, model: ModelView) -> torch.Tensor | None:
+        """Per-prompt budgets ``[L, B]`` from the whole-model view of a shared prefill (``None`` when ``variances`` are
+        given or ``per_prompt`` is off: the per-layer rule then applies). The budgets spread ``L * keep`` entries over
+        the ``L`` policy layers of each row."""
+        prm = self.params
+        if prm.variances is not None or not prm.per_prompt:
+            return None
+        dens = prompt_densities(model)
+        rows = [
+            d2o_budgets([d[b] for d in dens], int(k), int(n))
+            for b, (k, n) in enumerate(zip(model.keep.tolist(), model.n_tokens.tolist()))
+        ]
+        out = [
+            self._skip([row[i] for row in rows], view.layer_idx, view.num_layers, model.n_tokens)
+            for i, view in enumerate(model.layers)
+        ]
+        return torch.stack(out)
+
+    def _skip(self, out: list[int], layer_idx: int, num_layers: int, n_tokens: torch.Tensor) -> torch.Tensor:
+        """The authors' uncompressed layers 0, 1 and L - 1 (``quirk_skip_layers``) on top of budgets ``out``."""
+        if self.params.quirk_skip_layers and num_layers > 0 and layer_idx in {0, 1, num_layers - 1}:
             out = [max(int(k), int(n)) for k, n in zip(out, n_tokens.tolist())]
-        return torch.tensor(out, dtype=torch.long, device=keep.device)
+        return torch.tensor(out, dtype=torch.long, device=n_tokens.device)
 
 
 # ===================================================================================================== reducer
@@ -344,7 +394,8 @@ def kvpolicy_parts() -> list[PartSpec]:
             kind="allocator",
             params=D2OAllocatorParams,
             factory=D2OAllocator,
-            summary="D2O: layer budgets L * budget * softmax(-density), same total (densities measured beforehand)",
+            summary="D2O: layer budgets L * budget * softmax(-density), same total (density per prompt when the prefill "
+            "is shared, else given or uniform)",
             provides=frozenset(),
         ),
         *accumulated_specs(
@@ -382,7 +433,7 @@ def kvpolicy_presets() -> list[PresetSpec]:
         PresetSpec(
             name="d2o",
             summary="D2O: sinks + recent + heavy hitters, EMA-threshold similarity merge, 20% kept, fixed while "
-            "decoding (layer densities: set allocator.variances)",
+            "decoding (layer densities per prompt on a shared prefill)",
             policy=D2O_POLICY,
         ),
     ]

@@ -34,7 +34,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 CELL_DIR = ROOT / "docs" / "long-context"
 PAGE = ROOT / "docs" / "long-context.md"
-START, END = "<!-- calibration-table:start -->", "<!-- calibration-table:end -->"
+
+
+def markers(model: str) -> tuple[str, str]:
+    """The comments around ``model``'s table in docs/long-context.md (one table per model)."""
+    return f"<!-- calibration-table:{model}:start -->", f"<!-- calibration-table:{model}:end -->"
+
+
 THRESHOLD, MIN_TASKS = 0.5, 4  #: the issue's rule: the full cache scores >= 0.5 on at least four tasks
 
 
@@ -187,8 +193,11 @@ def render_page(model: str) -> None:
 
     table = render_table(model)
     text = PAGE.read_text()
-    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
-    atomic_write_text(PAGE, pattern.sub(lambda _: f"{START}\n{table}{END}", text))
+    start, end = markers(model)
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"{PAGE} has no {start} ... {end} pair: add it where {model}'s table goes")
+    atomic_write_text(PAGE, pattern.sub(lambda _: f"{start}\n{table}{end}", text))
     print(table)
 
 

@@ -108,11 +108,34 @@ def _check_evaluation(ns: dict[str, Any]) -> None:
     assert result.policy_metrics.ratio_prefill > 0.5  # elastic at ratio 0.8 removed most of each prompt's cache
 
 
-CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {
-    "README.md": _check_readme,
-    "docs/merging.md": _check_merging,
-    "docs/evaluation.md": _check_evaluation,
+def _check_compressed(ns: dict[str, Any]) -> None:
+    """With the full cache, the context-once path answers each question as generate() does on the whole prompt."""
+    import kvpolicy
+
+    model, tokenizer, doc = ns["model"], ns["tokenizer"], ns["doc"]
+    full = kvpolicy.compress_context(model, tokenizer, None, doc)
+    for q in ns["questions"]:
+        ids = full.context_ids[0] + full.question_ids(q)
+        ref = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=24, do_sample=False)
+        assert full.answer(q, max_new_tokens=24) == tokenizer.decode(ref[0, len(ids):], skip_special_tokens=True)
+    assert len(ns["answers"]) == 2 and all(a.strip() for a in ns["answers"])
+
+
+#: page -> {a name its block defines: the check of that block's namespace}
+CHECKS: dict[str, dict[str, Callable[[dict[str, Any]], None]]] = {
+    "README.md": {"out": _check_readme, "compressed": _check_compressed},
+    "docs/merging.md": {"variances": _check_merging},
+    "docs/evaluation.md": {"result": _check_evaluation},
 }
+
+
+def test_every_check_has_its_block():
+    """A check is keyed by a name its block assigns: each name is assigned by exactly one block of its page."""
+    for page, checks in CHECKS.items():
+        for name in checks:
+            found = [b for b in BLOCKS if b.page == page and re.search(rf"^\s*{name} = ", b.code, re.M)]
+            assert len(found) == 1, (page, name)
 
 
 @pytest.mark.parametrize("block", RUNNABLE, ids=[b.id for b in RUNNABLE])
@@ -122,9 +145,9 @@ def test_python_block_runs(block: Block, tmp_path, monkeypatch):
     ns: dict[str, Any] = {"__name__": "__main__"}
     with torch.no_grad():
         exec(compile(block.code, block.id, "exec"), ns)  # noqa: S102 - the page's own code, run as a reader would
-        check = CHECKS.get(block.page)
-        if check is not None:
-            check(ns)
+        for name, check in CHECKS.get(block.page, {}).items():
+            if re.search(rf"^\s*{name} = ", block.code, re.M):
+                check(ns)
 
 
 # ------------------------------------------------------------------------------------------- the API the blocks use

@@ -86,7 +86,7 @@ SWEEP = {"name": "s", "policy": {"preset": "elastic"}, "space": {"ratio": [0.1, 
          "sampler.nme: unknown field (value 'tpe'); allowed fields: name, seed, n_startup_trials, population_size "
          "(did you mean 'name'?)"),
         ({"space": {"ratio": {"type": "float", "lo": 0.1}}},
-         "space.ratio.lo: unknown field (value 0.1); allowed fields: type, low, high, step, log, choices "
+         "space.ratio.lo: unknown field (value 0.1); allowed fields: type, low, high, step, log, choices, when "
          "(did you mean 'low'?)"),
         ({"space": {}}, "space: must not be empty"),
         ({"policy": 5}, "policy: expected dict[str, Any] | str, got 5 (int)"),

@@ -58,7 +58,7 @@ def test_a_malformed_part_output_is_one_line_naming_the_part(tmp_path: Path):
            "KVPOLICY_CACHE": str(tmp_path / "cache"), "COLUMNS": "80"}
     out = subprocess.run(
         [str(KVPOLICY), "run", "--policy", "bad.yaml", "--model", str(model), "--samples", "2", "--quiet",
-         "--dtype", "float32"],
+         "--dtype", "float32", "--task-option", "context_tokens=128"],  # word-level tokens: a window holds ~230
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )
     assert out.returncode == 1, out.stderr

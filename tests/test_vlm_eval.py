@@ -276,6 +276,25 @@ def test_sampling_is_seeded_nested_and_filtered(loaded, built):
     assert [s.id for s in either] == ["v1_0", "v1_1", "v1_3"]
 
 
+def test_image_tasks_split_their_rows_by_id(loaded, built):
+    """``split: dev | test``: the rows whose id hashes into the split (the rule recomputed here), in file order."""
+    import hashlib
+
+    def naive_split(key: str) -> str:
+        return "dev" if int(hashlib.sha256(f"kvpolicy-split/{key}".encode()).hexdigest()[:16], 16) < 2**63 else "test"
+
+    _, processor = loaded["llava"]
+    n = len(tiny.QUESTIONS)
+    for task in TASKS:
+        ids = [s.id for s in load_samples(processor, built.data, task, n=n, shuffle=False)]
+        for split in ("dev", "test"):
+            want = [i for i in ids if naive_split(i) == split]
+            got = [s.id for s in load_samples(processor, built.data, task, n=len(want), shuffle=False, split=split)]
+            assert got == want, (task, split)
+            with pytest.raises(TaskError, match=f"in split '{split}'"):
+                load_samples(processor, built.data, task, n=len(want) + 1, split=split)
+
+
 def test_gold_target_teacher_forces_the_dataset_answer(loaded, built):
     _, processor = loaded["llava"]
     gold = load_samples(processor, built.data, "mmvet", n=4, shuffle=False, target="gold")

@@ -126,6 +126,11 @@ def bench(
     })
     from rich.console import Console
 
+    from ..config import ConfigError
+
     err = Console(stderr=True)
-    result = jobs.measure(spec, output, markdown=markdown, log=lambda m: err.print(f"[dim]{m}[/]") if m else None)
+    try:
+        result = jobs.measure(spec, output, markdown=markdown, log=lambda m: err.print(f"[dim]{m}[/]") if m else None)
+    except ConfigError as exc:  # an input found wrong only once the model is there (e.g. no head scores for it)
+        raise fail(str(exc)) from exc
     _print(result, as_json)

@@ -112,6 +112,32 @@ def given(ctx: typer.Context) -> set[str]:
 
 
 
+#: the prefill-sharing options ``run``, ``compare``, ``sweep`` and ``ablate`` share (EvalSpec's fields of the same
+#: names; see kvpolicy.eval.prefill_store)
+NO_SHARE_PREFILL = typer.Option(
+    False, "--no-share-prefill", help="every policy runs its own prefill (the direct path, for checking); by default "
+    "each batch's prefill is recorded once and replayed for every policy",
+)
+PREFILL_CACHE_GB = typer.Option(
+    None, "--prefill-cache-gb", help="memory for recorded prefills in GiB (default: a quarter of the available memory)"
+)
+PREFILL_SPILL = typer.Option(
+    False, "--prefill-spill", help="write recordings evicted from memory to a temporary directory instead of "
+    "discarding them",
+)
+PREFILL_SPILL_DIR = typer.Option(
+    None, "--prefill-spill-dir", help="write every recording to this directory and keep it (later runs reuse it)"
+)
+
+
+def prefill_settings(no_share: bool, cache_gb: float | None, spill: bool, spill_dir: str | None) -> dict[str, Any]:
+    """The prefill options given on the command line as EvalSpec fields (the ones left at their defaults omitted,
+    so a sweep or ablation file's own settings stand)."""
+    given_values = {"share_prefill": False if no_share else None, "prefill_cache_gb": cache_gb,
+                    "prefill_spill": True if spill else None, "prefill_spill_dir": spill_dir}
+    return {k: v for k, v in given_values.items() if v is not None}
+
+
 def warn_plugin_problems() -> None:
     """Loads the plugins (once per process) and warns, on stderr and only the first time, about any that failed."""
     from ..registry import get_registry

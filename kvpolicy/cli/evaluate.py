@@ -11,7 +11,19 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from .common import PluginCommand, app, fail, given, stdout_console, validation_lines
+from .common import (
+    NO_SHARE_PREFILL,
+    PREFILL_CACHE_GB,
+    PREFILL_SPILL,
+    PREFILL_SPILL_DIR,
+    PluginCommand,
+    app,
+    fail,
+    given,
+    prefill_settings,
+    stdout_console,
+    validation_lines,
+)
 
 
 @app.command(cls=PluginCommand)
@@ -146,6 +158,10 @@ def run(
     task_option: list[str] = _TASK_OPTION,
     device: str = _DEVICE,
     dtype: str = _DTYPE,
+    no_share_prefill: bool = NO_SHARE_PREFILL,
+    prefill_cache_gb: float = PREFILL_CACHE_GB,
+    prefill_spill: bool = PREFILL_SPILL,
+    prefill_spill_dir: str = PREFILL_SPILL_DIR,
 ) -> None:
     """Evaluate one policy and the full cache side by side (PPL, ROUGE-L, KL, top-1 agreement, bytes, time).
 
@@ -164,6 +180,7 @@ def run(
             settings["task_options"] = flags["task_options"]
         elif task_option:
             settings["task_options"] = {**measured.get("task_options", {}), **flags["task_options"]}
+        settings.update(prefill_settings(no_share_prefill, prefill_cache_gb, prefill_spill, prefill_spill_dir))
         spec = EvalSpec(policy=policy, ratio=ratio, quiet=quiet or as_json, **settings)
         show_run(spec, output, as_json)
 
@@ -183,6 +200,10 @@ def compare(
     task_option: list[str] = _TASK_OPTION,
     device: str = _DEVICE,
     dtype: str = _DTYPE,
+    no_share_prefill: bool = NO_SHARE_PREFILL,
+    prefill_cache_gb: float = PREFILL_CACHE_GB,
+    prefill_spill: bool = PREFILL_SPILL,
+    prefill_spill_dir: str = PREFILL_SPILL_DIR,
 ) -> None:
     """Quality vs budget: every policy at every ratio, with bootstrap confidence intervals and one plot per metric."""
     from ..config import ConfigError, ConfigIssue
@@ -195,7 +216,8 @@ def compare(
             issue = ConfigIssue("ratios", f"expected comma-separated numbers in [0, 1), got {ratios!r}")
             raise ConfigError(issue) from exc
         base = {"model": model, "samples": samples, "seed": seed, "quiet": quiet or as_json, "threads": threads,
-                "task_options": options, "device": device, "dtype": dtype}
+                "task_options": options, "device": device, "dtype": dtype,
+                **prefill_settings(no_share_prefill, prefill_cache_gb, prefill_spill, prefill_spill_dir)}
         show_compare(split_list(policies, str), grid_ratios, split_list(task, str), output, base, as_json, quiet)
 
 
@@ -238,7 +260,7 @@ def show_compare(
     from rich.console import Console
 
     from ..eval.compare import compare
-    from ..eval.report import cell_line, compare_tables, plot_summary
+    from ..eval.report import cell_line, compare_tables, plot_summary, prefill_summary
     from ..io import write_json_atomic
 
     console = console or Console(stderr=as_json)
@@ -251,5 +273,6 @@ def show_compare(
         return summary
     for table in compare_tables(summary):
         console.print(table)
+    console.print(prefill_summary(summary))
     console.print("plots: " + ", ".join(summary["plots"]))
     return summary

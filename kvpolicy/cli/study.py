@@ -13,7 +13,18 @@ from typing import Any
 import typer
 from rich.text import Text
 
-from .common import PluginCommand, app, fail, stderr_console, stdout_console
+from .common import (
+    NO_SHARE_PREFILL,
+    PREFILL_CACHE_GB,
+    PREFILL_SPILL,
+    PREFILL_SPILL_DIR,
+    PluginCommand,
+    app,
+    fail,
+    prefill_settings,
+    stderr_console,
+    stdout_console,
+)
 
 #: exit code of each way a sweep run can stop (:attr:`kvpolicy.sweep.SweepOutcome.stopped`)
 SWEEP_EXIT_CODES = {"complete": 0, "timeout": 0, "failures": 1, "interrupted": 130}
@@ -30,6 +41,10 @@ def sweep(
     wandb_project: str = typer.Option(None, "--wandb-project", help="W&B project (offline unless configured)"),
     no_wandb: bool = typer.Option(False, "--no-wandb", help="do not log to W&B"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+    no_share_prefill: bool = NO_SHARE_PREFILL,
+    prefill_cache_gb: float = PREFILL_CACHE_GB,
+    prefill_spill: bool = PREFILL_SPILL,
+    prefill_spill_dir: str = PREFILL_SPILL_DIR,
 ) -> None:
     """Run (or resume) an Optuna study over policy parameters from a YAML file; log trials to W&B."""
     from ..config import PolicyConfigError
@@ -37,7 +52,8 @@ def sweep(
     from ..sweep.stopping import arm_stop_deadline
 
     overrides = {"n_trials": n_trials, "samples": samples, "output": output or None, "storage": storage,
-                 "timeout": timeout, "wandb_project": wandb_project, "no_wandb": no_wandb}
+                 "timeout": timeout, "wandb_project": wandb_project, "no_wandb": no_wandb,
+                 **prefill_settings(no_share_prefill, prefill_cache_gb, prefill_spill, prefill_spill_dir)}
     try:
         spec = load_sweep(file, overrides)
         outcome = run_sweep(spec, quiet=quiet)
@@ -79,13 +95,18 @@ def ablate(
     wandb_project: str = typer.Option(None, "--wandb-project", help="W&B project (offline unless configured)"),
     no_wandb: bool = typer.Option(False, "--no-wandb", help="do not log to W&B"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+    no_share_prefill: bool = NO_SHARE_PREFILL,
+    prefill_cache_gb: float = PREFILL_CACHE_GB,
+    prefill_spill: bool = PREFILL_SPILL,
+    prefill_spill_dir: str = PREFILL_SPILL_DIR,
 ) -> None:
     """Evaluate single-part swaps against a base policy on the same samples; paired-bootstrap delta table."""
     from ..config import PolicyConfigError
     from ..sweep import SweepConfigError, load_ablation, run_ablation
     from ..sweep.ablate import print_table
 
-    overrides = {"samples": samples, "output": output or None, "wandb_project": wandb_project, "no_wandb": no_wandb}
+    overrides = {"samples": samples, "output": output or None, "wandb_project": wandb_project, "no_wandb": no_wandb,
+                 **prefill_settings(no_share_prefill, prefill_cache_gb, prefill_spill, prefill_spill_dir)}
     try:
         spec = load_ablation(file, overrides)
         result = run_ablation(spec, quiet=quiet)

@@ -9,6 +9,8 @@ Modules, each with one job (see ``docs/architecture.md``):
 * :mod:`~kvpolicy.core.storage` — the storage interface and the padded layout; :mod:`~kvpolicy.core.buckets` — the
   bucketed layout for per-head budgets;
 * :mod:`~kvpolicy.core.attention` — the registered attention function (chooses a path);
+  :mod:`~kvpolicy.core.statistics` — a step's declared statistics (shared with a replay);
+  :mod:`~kvpolicy.core.recording` / :mod:`~kvpolicy.core.replay` — one prefill recorded, replayed per policy;
   :mod:`~kvpolicy.core.kernels` — grouped attention and the statistics kernels; :mod:`~kvpolicy.core.masks` — the
   engine's per-slot mask;
 * :mod:`~kvpolicy.core.selection` — the shared ranking rule; :mod:`~kvpolicy.core.positions` — the

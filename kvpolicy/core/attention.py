@@ -8,16 +8,22 @@ with a mask function under the same name (``AttentionMaskInterface``; without on
 2. produce the outputs: with transformers' own mask and attention function while the layer is uncompressed
    ("pristine", so a policy that drops nothing reproduces the plain cache bit for bit), otherwise through the layer's
    storage under the engine's per-slot mask (:mod:`kvpolicy.core.masks`), attending per kv-head group (keys are never
-   repeated to query heads);
-3. compute the statistics the policy declared (:class:`~kvpolicy.core.policy.AttentionStat`) in query chunks
-   (:mod:`kvpolicy.core.kernels`) and the query statistics (:class:`~kvpolicy.core.policy.QueryStat`,
-   :mod:`kvpolicy.core.querystats`), and
-4. hand them to the layer, which compresses right away if its stage asks for it.
+   repeated to query heads). A pristine layer whose policy declared attention statistics (or that records a prefill)
+   runs the same SDPA call through the CPU flash kernel directly (:mod:`kvpolicy.core.sdpa`): outputs bit for bit
+   transformers' own, plus each query's log-sum-exp — so even a policy that compresses at prefill leaves every
+   prefill hidden state equal to the full cache's;
+3. compute the statistics the policy declared (:class:`~kvpolicy.core.policy.AttentionStat`,
+   :class:`~kvpolicy.core.policy.QueryStat`) with :func:`~kvpolicy.core.statistics.step_statistics`, the function a
+   replayed prefill (:mod:`kvpolicy.core.replay`) calls too, from that log-sum-exp where there is one
+   (:mod:`kvpolicy.core.lse`), keeping any the output kernel already produced;
+4. on a recording cache (:mod:`kvpolicy.core.recording`), hand the layer's recorder the step's queries and
+   log-sum-exp, and
+5. hand the statistics to the layer, which compresses right away if its stage asks for it.
 
 A probe chunk (:mod:`kvpolicy.core.probe`) takes a short path: transformers' own attention over the prompt and the
 chunk, then the chunk's statistic (:meth:`~kvpolicy.core.layer.PolicyLayer.finish_probe`).
 
-This module only chooses the path; the tensor work is in :mod:`kvpolicy.core.kernels`.
+This module only chooses the path; the tensor work is in :mod:`kvpolicy.core.kernels` and :mod:`kvpolicy.core.lse`.
 """
 
 from __future__ import annotations
@@ -31,11 +37,11 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
-from .kernels import attention_received, attention_with_received, masked_attention_with_received
+from .kernels import attention_with_received, masked_attention_with_received
 from .layer import PolicyLayer, take_active_layer
-from .policy import AttentionStat, QueryStat
-from .probe import next_positions
-from .querystats import QueryStats, query_statistics
+from .policy import AttentionStat
+from .sdpa import sdpa_with_lse
+from .statistics import Stats, step_statistics
 
 __all__ = ["EAGER", "FUSED_DECODE_MAX_QUERIES", "SDPA", "register"]
 
@@ -43,8 +49,6 @@ __all__ = ["EAGER", "FUSED_DECODE_MAX_QUERIES", "SDPA", "register"]
 FUSED_DECODE_MAX_QUERIES = 16
 
 SDPA, EAGER = "kvpolicy", "kvpolicy_eager"
-
-Stats = dict[int | None, torch.Tensor]
 
 
 def _mask_fits(attention_mask: torch.Tensor | None, q: int, kv: int) -> bool:
@@ -56,6 +60,7 @@ def _mask_fits(attention_mask: torch.Tensor | None, q: int, kv: int) -> bool:
 
 def _outputs(
     call: Callable[[], tuple[torch.Tensor, Any]],
+    call_lse: Callable[[], tuple[torch.Tensor, torch.Tensor] | None],
     layer: PolicyLayer,
     query: torch.Tensor,
     key: torch.Tensor,
@@ -66,50 +71,35 @@ def _outputs(
     scaling: float,
     eager: bool,
     stats: Stats,
-) -> torch.Tensor:
-    """The step's outputs, by the cheapest path that keeps the engine's guarantees; a path that also yields the
-    whole-step statistics stores them in ``stats``. ``call`` runs transformers' own attention function."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The step's outputs, by the cheapest path that keeps the engine's guarantees, and each query's log-sum-exp
+    where that path yields it (``None`` otherwise); a path that also yields statistics stores them in ``stats``.
+    ``call`` runs transformers' own attention function; ``call_lse`` the same SDPA call with the log-sum-exp, or
+    ``None`` where it cannot be reproduced (:mod:`kvpolicy.core.sdpa`)."""
     q = query.shape[2]
+    if layer.pristine and mask_fits and (needs or layer.recorder is not None) and q > 1:
+        # an uncompressed layer (prefill) with statistics to compute, or a prefill being recorded for replay:
+        # transformers' own outputs, bit for bit, and the lse that turns each logit into a probability
+        # (:func:`~kvpolicy.core.statistics.step_statistics`; a replay computes from the recorded lse the very same)
+        got = call_lse()
+        if got is not None:
+            return got
     whole = [need for need in needs if need.window is None or need.window >= q]
     if layer.pristine and mask_fits and whole and layer.prefill_drops():
-        # an uncompressed layer about to be compressed: outputs and statistics from one pass over the keys
+        # no lse (eager attention, not a CPU, a call the flash kernel refuses) and the layer is about to be
+        # compressed: outputs and statistics from one pass over the keys (outputs equal up to float rounding)
         out, received = attention_with_received(
             query, key, value, layer.valid, new_valid, scaling, layer.seen - layer.length, layer.seen - q
         )
     elif layer.pristine and mask_fits:
-        return call()[0]
+        return call()[0], None
     elif whole and q <= FUSED_DECODE_MAX_QUERIES:
         out, received = masked_attention_with_received(query, key, value, layer.mask(q), new_valid, scaling)
     else:
-        return layer.attend(query, scaling, eager)
+        return layer.attend(query, scaling, eager), None
     for need in whole:
         stats[need.window] = received
-    return out
-
-
-def _query_stats(
-    layer: PolicyLayer,
-    query: torch.Tensor,
-    heads: int,
-    position_ids: Any,
-    new_valid: torch.Tensor,
-    needs: list[QueryStat],
-) -> dict[QueryStat, QueryStats]:
-    """The declared query statistics of this step. RoPE positions are the ``position_ids`` the model used (a left-padded
-    row's first real token may sit at 0); without them, the columns, which is what transformers derives by default."""
-    b, _, q, _ = query.shape
-    if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2:
-        positions = position_ids.to(query.device).expand(b, q)
-    else:
-        positions = torch.arange(layer.seen - q, layer.seen, device=query.device).expand(b, q)
-    before = layer.n_tokens - new_valid.sum(-1)
-    assert layer.rope is not None  # set by PolicyCache whenever the policy declares a QueryStat
-    return {
-        need: query_statistics(
-            query, positions, new_valid, heads, layer.rope, need.window, need.covariance, need.skip_first, before
-        )
-        for need in needs
-    }
+    return out, None
 
 
 def _policy_attention(base: Callable, eager: bool) -> Callable:
@@ -129,32 +119,26 @@ def _policy_attention(base: Callable, eager: bool) -> Callable:
         if layer.shift is not None and layer.prefilled:
             query = layer.shift.rotate(query)
         new_valid = layer.resolve_new_tokens(attention_mask, q)
-        stats: Stats = {}
         needs = layer.pending_needs()
-        queries: dict[QueryStat, QueryStats] | None = None
-        if needs and any(isinstance(need, QueryStat) for need in needs):
-            asked = [need for need in needs if isinstance(need, QueryStat)]
-            queries = _query_stats(layer, query, key.shape[1], kwargs.get("position_ids"), new_valid, asked)
-        if needs and len(needs) != sum(isinstance(need, AttentionStat) for need in needs):
-            if not layer.prefilled and layer.policy.probe_needs():
-                layer.next_position = next_positions(kwargs.get("position_ids"), new_valid, layer.seen)
-            needs = frozenset(need for need in needs if isinstance(need, AttentionStat))
+        attention_needs = frozenset(need for need in needs if isinstance(need, AttentionStat))
 
         def call() -> tuple[torch.Tensor, Any]:
             return base(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
+        def call_lse() -> tuple[torch.Tensor, torch.Tensor] | None:
+            if eager:
+                return None
+            return sdpa_with_lse(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
         fits = _mask_fits(attention_mask, q, key.shape[2])
-        out = _outputs(call, layer, query, key, value, fits, new_valid, needs, scaling, eager, stats)
-        needs = frozenset(need for need in needs if need.window not in stats)
-        if needs:
-            # an uncompressed layer's slot j holds column (seen - length) + j: the causal-prefix path applies
-            first_col = layer.seen - layer.length if layer.pristine else None
-            cols = torch.arange(layer.seen - q, layer.seen, device=key.device)
-            for need in needs:
-                stats[need.window] = attention_received(
-                    query, key, layer.valid, layer.positions, cols, new_valid, scaling, need.window,
-                    first_slot_col=first_col,
-                )
+        known: Stats = {}
+        out, lse = _outputs(
+            call, call_lse, layer, query, key, value, fits, new_valid, attention_needs, scaling, eager, known
+        )
+        position_ids = kwargs.get("position_ids")
+        stats, queries = step_statistics(layer, query, key, new_valid, needs, scaling, position_ids, known, lse)
+        if layer.recorder is not None:
+            layer.recorder(query=query, position_ids=position_ids, scaling=scaling, lse=lse)
         layer.finish_step(stats, queries)
         return out, None
 

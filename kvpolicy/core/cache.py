@@ -67,10 +67,12 @@ class PolicyCache(Cache):
                 )
         super().__init__(layers=layers)
         #: the probes the prefill waits for (:mod:`kvpolicy.core.probe`), the tokenizer they build their ids with and
-        #: the prompt's input_ids (recorded by the hook ``kvpolicy.attach`` installs, only when a probe is declared)
+        #: the prompt's input_ids (recorded by the hook ``kvpolicy.attach`` installs when a probe is declared, or
+        #: when ``keeps_prompt`` is set: a recording keeps them for the probes of the policies replayed from it)
         self.probe_needs = sorted(policy.probe_needs(), key=repr)
         self.tokenizer = tokenizer
         self.prompt_ids: torch.Tensor | None = None
+        self.keeps_prompt = bool(self.probe_needs)
         if self.probe_needs:
             if not self.policy_layers:
                 raise UnsupportedModelError(f"kvpolicy: a probe needs full-attention layers; {type(config).__name__} "
@@ -84,6 +86,10 @@ class PolicyCache(Cache):
                     f"to the checkpoint (config.name_or_path={getattr(config, 'name_or_path', '')!r}): pass "
                     "kvpolicy.make_cache(model, policy, tokenizer=tokenizer)"
                 )
+        #: which rule fixed the prefill budgets of the layers: ``"per-layer"`` (the budget and the allocator's
+        #: ``layer_keep``, layer by layer) or ``"whole-model"`` (a replay whose allocator saw every layer first,
+        #: :func:`~kvpolicy.core.replay.replay`)
+        self.allocation = "per-layer"
 
     def check_inputs(self, batch: int, new_tokens: int) -> None:
         """Raise :class:`~kvpolicy.core.reuse.CacheReuseError` when this cache already holds a generation and a forward
@@ -110,7 +116,7 @@ class PolicyCache(Cache):
 
     def record_prompt(self, input_ids: Any) -> None:
         """Keep the prefill's ``input_ids`` for the probe (called by the forward hook; ignored once prefilled)."""
-        if self.probe_needs and not self.policy_layers[0].is_initialized:
+        if self.keeps_prompt and self.policy_layers and not self.policy_layers[0].is_initialized:
             self.prompt_ids = input_ids if isinstance(input_ids, torch.Tensor) else None
 
     @property
@@ -119,9 +125,9 @@ class PolicyCache(Cache):
         across layers has not)."""
         return any(layer.deferred for layer in self.policy_layers)
 
-    def run_probe(self, model: Any) -> ProbeScores:
+    def run_probe(self, model: Any, every_layer: bool = False) -> ProbeScores:
         """The probes' statistics on this cache's uncompressed prompt (:func:`~kvpolicy.core.probe.run_probe`)."""
-        return run_probe(model, self)
+        return run_probe(model, self, every_layer)
 
     def finish_prefill(self, model: Any) -> None:
         """What the hook ``kvpolicy.attach`` installs runs after the prefill forward when layers wait: the probe (if

@@ -122,4 +122,15 @@ def make_cache(model: Any, policy: CachePolicy, tokenizer: Any = None) -> Policy
             f"kvpolicy: policy {policy.name!r} runs a probe (a constructed text input read after the prompt), which "
             f"cannot re-read image inputs: {type(model).__name__} is a vision-language model"
         )
+    bind_parts(policy, model)
     return PolicyCache(policy, model.config, tokenizer)
+
+
+def bind_parts(policy: CachePolicy, model: Any) -> None:
+    """Hand ``model`` to every part of ``policy`` that defines the optional hook ``bind_model(model)``, once per
+    cache and before any forward: a part whose data belongs to one model (per-head scores calibrated for it) finds
+    and checks them here, and fails before the prefill rather than in the middle of it."""
+    for name in ("encode", "decode", "reducer", "allocator"):
+        bind = getattr(getattr(policy, name), "bind_model", None)
+        if bind is not None:
+            bind(model)

@@ -6,7 +6,8 @@ receives (:class:`~kvpolicy.core.policy.AttentionStat`) in query chunks, with a 
 layer; :func:`attention_with_received` and :func:`masked_attention_with_received` produce outputs and statistics from
 one block of probabilities; :func:`probe_max_received` computes a probe's statistic
 (:class:`~kvpolicy.core.policy.ProbeStat`). The registered attention function (:mod:`kvpolicy.core.attention`)
-chooses among them.
+chooses among them; where SDPA's CPU flash kernel runs, a prefill takes the statistics from its log-sum-exp instead
+(:mod:`kvpolicy.core.lse`) and these are the fallback.
 
 Memory bound of the statistics: one chunk of float32 probabilities, ``B * Hq * rows * P * 4`` bytes with ``rows``
 chosen so that this stays under :data:`STATS_CHUNK_ELEMENTS` elements (4 MiB: small chunks stay in cache and were
@@ -208,7 +209,9 @@ def attention_with_received(
     values. Computing both from one block of probabilities costs one attention pass plus a matmul, where SDPA for the
     outputs and :func:`attention_received` for the statistics cost two passes (measured on CPU at 4096 tokens:
     0.29 s vs 0.40 s per layer of 12 query heads). The outputs equal SDPA's up to float32 rounding, not bit for bit,
-    so the caller only takes this path when the layer is about to be compressed anyway.
+    so the caller only takes this path when the layer is about to be compressed anyway, and only where the exact route
+    (SDPA's own outputs and log-sum-exp, :mod:`kvpolicy.core.lse`) is not available: eager attention, devices other
+    than CPU, calls SDPA's CPU flash kernel does not take.
 
     ``query [B, Hq, q, D]``, ``key``/``value [B, H, P, D]`` with slot ``j`` holding column ``first_slot_col + j``,
     ``valid [B, H, P]``, ``query_valid [B, q]``, queries at columns ``query_col0 ...``. Returns outputs

@@ -28,6 +28,7 @@ numbers of entries, and lets a decode step overwrite the dropped slot in place.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -93,6 +94,10 @@ class PolicyLayer(DynamicLayer):
         #: probe pass (:mod:`kvpolicy.core.probe`): forwards are probe chunks, scored under ``probe_scope``
         self.probing = False
         self.probe_scope: ProbeScope | None = None
+        self._probe_scoring = False
+        #: set on a recording cache (:mod:`kvpolicy.core.recording`): the attention function hands it the step's
+        #: queries, RoPE positions and scaling, the inputs of the statistics that the cache itself does not keep
+        self.recorder: Callable[..., None] | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -291,7 +296,12 @@ class PolicyLayer(DynamicLayer):
     def resolve_new_tokens(self, mask: torch.Tensor | None, q: int) -> torch.Tensor:
         """Learn which of this step's tokens are padding from transformers' mask (its last query row sees every real
         column), mark them invalid, and return the validity of the new tokens, bool ``[B, q]``."""
-        new_valid = new_token_validity(mask, q, self.n_tokens.shape[0], self.device)
+        return self.mark_new_tokens(new_token_validity(mask, q, self.n_tokens.shape[0], self.device))
+
+    def mark_new_tokens(self, new_valid: torch.Tensor) -> torch.Tensor:
+        """Mark this step's padding (``new_valid`` bool ``[B, q]`` is False) invalid and count its real tokens; what
+        :meth:`resolve_new_tokens` does once it has read the mask, and what a replay does with the recorded validity
+        (:mod:`kvpolicy.core.replay`). Returns ``new_valid``."""
         if not bool(new_valid.all()):
             self.storage.invalidate_new(new_valid)
             if self.prefilled:
@@ -319,8 +329,10 @@ class PolicyLayer(DynamicLayer):
         return getattr(self.policy.decode, "observe", None) is not None
 
     # ------------------------------------------------------------------ the probe pass (kvpolicy.core.probe)
-    def start_probe(self) -> None:
-        self.probing, self._probe_scores = True, {}
+    def start_probe(self, every_layer: bool = False) -> None:
+        """Forwards are probe chunks from now on. The layer scores them when its prefill stage waits for the probe,
+        or always with ``every_layer`` (a replay computes the statistic once per recording, for any policy)."""
+        self.probing, self._probe_scores, self._probe_scoring = True, {}, every_layer or self.deferred
 
     def stop_probe(self) -> dict[ProbeStat, torch.Tensor]:
         """End the probe pass; returns this layer's statistics (empty when the layer was not waiting for them)."""
@@ -332,7 +344,7 @@ class PolicyLayer(DynamicLayer):
         """After a probe chunk's attention: fold its statistic into the running maximum of each scored entry."""
         self._pending = None
         scope = self.probe_scope
-        if scope is None or not self.deferred:
+        if scope is None or not self._probe_scoring:
             return
         stat = probe_statistic(scope, query, key, self.length, scaling)  # [B, H, K]
         b, h, p = self.valid.shape
@@ -416,10 +428,20 @@ class PolicyLayer(DynamicLayer):
             self._planned_keep = keep
         return self._planned_keep
 
+    def plan_prefill_keep(self, keep: torch.Tensor) -> None:
+        """Fix the entries this layer keeps after the pending prefill (int64 ``[B]``), in place of the budget and the
+        allocator's per-layer rule: a whole-model allocation (``BudgetAllocator.model_keep``), which only a replay
+        can make, since it needs every layer's prefill before any layer is compressed."""
+        if self._pending != "prefill":
+            raise RuntimeError(f"layer {self.layer_idx}: a prefill keep is planned while no prefill is pending")
+        given = self.policy.budget.prefill_keep(self.n_tokens)
+        self._planned_keep = check_keep(self.policy, keep, given, self.layer_idx)
+
     def prefill_drops(self) -> bool:
-        """Whether the pending prefill compression removes entries. When it does, the layer's outputs need not be
-        bit-identical to transformers' own attention (the cache changes anyway), so the attention function may
-        compute outputs and statistics in one pass; when it does not (ratio 0), the plain path keeps the run
+        """Whether the pending prefill compression removes entries. When it does and the attention function has no
+        exact route (SDPA's own outputs and log-sum-exp, :mod:`kvpolicy.core.sdpa`; e.g. eager attention), the
+        layer's outputs need not be bit-identical to transformers' own attention (the cache changes anyway), so it
+        may compute outputs and statistics in one pass; when it does not (ratio 0), the plain path keeps the run
         identical to the full cache."""
         return self._pending == "prefill" and self._drops()
 

@@ -21,6 +21,7 @@ How much survives (:class:`~kvpolicy.core.budget.Budget`, :class:`~kvpolicy.core
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -39,6 +40,7 @@ __all__ = [
     "DecodeScorer",
     "EncodeScorer",
     "LayerView",
+    "ModelView",
     "Need",
     "Probe",
     "ProbeChunk",
@@ -206,6 +208,22 @@ class LayerView:
         if self.sinks <= 0:
             return torch.zeros_like(self.valid)
         return self.valid & (self.rank() < self.sinks)
+
+
+@dataclass
+class ModelView:
+    """Every policy layer's prefill, uncompressed, before any layer is compressed: what a whole-model allocator sees
+    (the optional allocator hook ``model_keep``, see :class:`~kvpolicy.core.budget.BudgetAllocator`).
+
+    Only a replayed prefill (:mod:`kvpolicy.core.replay`) has it: the direct path compresses each layer right after
+    its own attention, before the next layer has run. Tensors are the engine's: treat them as read-only."""
+
+    layers: list[LayerView]  #: one prefill view per policy layer, in layer order, with the policy's statistics
+    keep: torch.Tensor  #: int64 [B]: entries per row and kv head the budget keeps in every layer (before allocation)
+    n_tokens: torch.Tensor  #: int64 [B]: real prompt tokens per row
+    #: ``head_attention(i)``: float32 ``[B, Hq, P]``, the attention each key of ``layers[i]`` receives from every real
+    #: prompt query, per *query* head (``AttentionStat`` averages a kv head's group); computed on demand
+    head_attention: Callable[[int], torch.Tensor]
 
 
 @dataclass

@@ -137,9 +137,11 @@ def _restorable(cache: Any) -> list[tuple[Any, Any, Any, int]]:
     ]
 
 
-def run_probe(model: Any, cache: Any) -> ProbeScores:
+def run_probe(model: Any, cache: Any, every_layer: bool = False) -> ProbeScores:
     """Run every declared probe through ``model``'s decoder on ``cache`` (holding the whole prompt, uncompressed)
-    and return the statistics per policy layer. The cache's entries are unchanged afterwards."""
+    and return the statistics per policy layer: of the layers whose prefill stage waits for them, or of every policy
+    layer with ``every_layer`` (a replay keeps them with the recording for every later policy). The cache's entries
+    are unchanged afterwards."""
     layers = cache.policy_layers
     first = layers[0]
     ids = cache.prompt_ids
@@ -155,7 +157,7 @@ def run_probe(model: Any, cache: Any) -> ProbeScores:
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     pad = getattr(model.config.get_text_config(decoder=True), "pad_token_id", None) or 0
     for layer in layers:
-        layer.start_probe()
+        layer.start_probe(every_layer)
     try:
         for need in cache.probe_needs:
             rows = _chunks(need, contexts, cache.tokenizer)

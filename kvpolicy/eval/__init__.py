@@ -6,13 +6,14 @@ them. The ``kvpolicy run`` / ``kvpolicy compare`` commands (:mod:`kvpolicy.cli.e
 
 The package, in the order an evaluation goes through it: :mod:`.spec` (what defines a run and its result),
 :mod:`.preflight` (checks before a model loads), :mod:`.context` (model, tokenizer, eos/pad ids), :mod:`.tasks`
-(samples), :mod:`.references` (the full-cache side, cached on disk), :mod:`.protocol` (one batch: prefill, teacher
+(samples), :mod:`.references` (the full-cache side, cached on disk), :mod:`.prefill` (a batch's inputs and its
+prefill, direct or replayed from a prefill recorded once per batch), :mod:`.protocol` (one batch: prefill, teacher
 forcing, generation), :mod:`.honesty` (the ratio-0 check), :mod:`.scoring` (per-sample results), :mod:`.aggregate`
 (metrics, intervals, the paired bootstrap), :mod:`.runner` (:func:`evaluate`), :mod:`.compare` and :mod:`.report`.
 """
 
 from .budget import kept_by_type
-from .runner import evaluate
+from .runner import evaluate, evaluate_many
 from .spec import (
     BatchUpdate,
     EvalError,
@@ -41,6 +42,7 @@ __all__ = [
     "Task",
     "TaskError",
     "evaluate",
+    "evaluate_many",
     "get_task",
     "kept_by_type",
     "load_result",

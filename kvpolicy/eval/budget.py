@@ -21,18 +21,16 @@ from .context import Context
 def kept_by_type(cache: PolicyCache) -> torch.Tensor:
     """Entries held by token type: float ``[num_policy_layers, B, 3]`` (columns ``TEXT``, ``IMAGE``, ``GENERATED``,
     the codes of :mod:`kvpolicy.policy`), averaged over kv heads. For a multimodal prompt this is how the kept budget
-    splits between text and image tokens (and tokens generated since). Read head by head (``layer.slots``), which
-    works for the bucketed layout of per-head budgets (AdaKV, KVzip) as well as the padded one."""
+    splits between text and image tokens (and tokens generated since)."""
     out = []
     for layer in cache.policy_layers:
         if not layer.is_initialized:
             continue
-        heads = [layer.slots(h) for h in range(layer.held().shape[1])]
-        counts = [
-            torch.stack([((types == code) & valid).sum(-1) for valid, _, types in heads]).to(torch.float32).mean(0)
-            for code in (TEXT, IMAGE, GENERATED)
-        ]
-        out.append(torch.stack(counts, -1))
+        per_head = []
+        for h in range(layer.held().shape[1]):  # slots(h): any storage layout (a bucketed layer has no [B, H, P] view)
+            valid, _, types = layer.slots(h)
+            per_head.append(torch.stack([((types == code) & valid).sum(-1) for code in (TEXT, IMAGE, GENERATED)], -1))
+        out.append(torch.stack(per_head).to(torch.float32).mean(0))
     if not out:
         return torch.zeros(0, 0, 3)
     return torch.stack(out)

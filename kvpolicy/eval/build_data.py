@@ -14,6 +14,8 @@ Sources (all under the PSF licence, see ``kvpolicy/data/README.md``):
 Outputs:
 
 * ``continuation.jsonl.gz``: ``{id, kind, source, context, continuation}`` — a window of real text split in two;
+* ``continuation_long.jsonl.gz``: the same fields, windows of ~48,000 characters (8k+ tokens) for long contexts, drawn
+  by :func:`build_long` with its own seed, so that the short windows above are exactly what they were;
 * ``instruct.jsonl.gz``: ``{id, kind, source, document, instruction}`` — a document and an instruction about it;
 * ``haystack.jsonl.gz``: ``{id, source, text}`` — prose paragraphs for the needle task's haystacks.
 """
@@ -49,6 +51,10 @@ SKIP_DIRS = {
 }
 CONTEXT_CHARS, CONTINUATION_CHARS = 3000, 600
 N_CONTINUATION = {"code": 120, "prose": 120}
+#: long windows: ~48,000 characters of context is 10-12.5k SmolLM2 or Gemma 3 tokens (3.8-4.7 characters per token)
+LONG_CONTEXT_CHARS = 48_000
+N_LONG = {"code": 16, "prose": 16}
+LONG_SEED = 20260601
 N_INSTRUCT = {"code": 100, "prose": 100}
 
 CODE_INSTRUCTIONS = [
@@ -90,13 +96,15 @@ def read(path: Path) -> str:
     return path.read_text(encoding="utf-8", errors="replace")
 
 
-def window(text: str, rng: random.Random, min_context: int = 1800) -> tuple[str, str] | None:
+def window(
+    text: str, rng: random.Random, min_context: int = 1800, size: int = CONTEXT_CHARS
+) -> tuple[str, str] | None:
     """A window starting at a line boundary: (context, continuation), the split also at a line boundary. The context
-    is ``CONTEXT_CHARS`` long, or as long as the text allows but at least ``min_context``."""
+    is ``size`` characters long (at most), or as long as the text allows but at least ``min_context``."""
     room = len(text) - CONTINUATION_CHARS - 100
     if room < min_context:
         return None
-    size = min(CONTEXT_CHARS, room)
+    size = min(size, room)
     starts = [0] + [m.end() for m in re.finditer("\n", text[: max(1, room - size)])]
     start = rng.choice(starts)
     cut = text.rfind("\n", start + size - 400, start + size)
@@ -221,6 +229,49 @@ def build() -> dict[str, list[dict]]:
     return {"continuation": cont, "instruct": inst, "haystack": hay}
 
 
+def consecutive_windows(text: str, size: int) -> list[tuple[int, str, str]]:
+    """``(offset, context, continuation)`` of the disjoint windows a long text holds, one after the other from its
+    start: each context ends at the last line break before ``size`` characters, its continuation follows, and the next
+    window starts after that continuation (no window sees another's target)."""
+    out, start = [], 0
+    while start + size + CONTINUATION_CHARS <= len(text):
+        cut = text.rfind("\n", start + size - 400, start + size)
+        cut = start + size if cut <= start else cut + 1
+        out.append((start, text[start:cut], text[cut : cut + CONTINUATION_CHARS]))
+        start = cut + CONTINUATION_CHARS
+    return out
+
+
+def build_long() -> list[dict]:
+    """Windows of ``LONG_CONTEXT_CHARS`` for long-context ``continuation``: ``code`` from the longest standard-library
+    files (one window per file, a random start at a line), ``prose`` from two long documents made of the sources the
+    short prose windows use (the reference manual's topics in key order; the pydoc pages of every module in path
+    order), cut into disjoint consecutive windows of which a seeded draw is kept."""
+    rng = random.Random(LONG_SEED)
+    rows = []
+    files = [p for p in stdlib_files() if len(read(p)) >= LONG_CONTEXT_CHARS + CONTINUATION_CHARS + 100]
+    rng.shuffle(files)
+    for path in files[: N_LONG["code"]]:
+        w = window(read(path), rng, LONG_CONTEXT_CHARS, LONG_CONTEXT_CHARS)
+        assert w is not None
+        rows.append({"kind": "code", "source": rel(path), "context": w[0], "continuation": w[1]})
+    import pydoc_data.topics as topics
+
+    documents = {
+        "pydoc_data.topics (the reference manual, topics in key order)": "\n\n".join(
+            v.strip() for _, v in sorted(topics.topics.items())
+        ),
+        "pydoc pages of the standard library (path order)": "\n\n".join(t for _, t in pydoc_pages()),
+    }
+    pool = [(name, *w) for name, text in documents.items() for w in consecutive_windows(text, LONG_CONTEXT_CHARS)]
+    for name, offset, context, continuation in rng.sample(pool, N_LONG["prose"]):
+        source = f"{name}, characters {offset}-{offset + len(context)}"
+        rows.append({"kind": "prose", "source": source, "context": context, "continuation": continuation})
+    for i, r in enumerate(rows):
+        r["id"] = f"contlong-{i:04d}"
+    return rows
+
+
 def write(name: str, rows: list[dict]) -> Path:
     path = DATA_DIR / f"{name}.jsonl.gz"
     payload = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows).encode("utf-8")
@@ -234,7 +285,7 @@ def write(name: str, rows: list[dict]) -> Path:
 
 def main() -> None:
     DATA_DIR.mkdir(parents=True, exist_ok=True)
-    data = build()
+    data = {**build(), "continuation_long": build_long()}
     for name, rows in data.items():
         path = write(name, rows)
         print(f"{path}: {len(rows)} rows, {path.stat().st_size:,} bytes")

@@ -5,6 +5,13 @@ summary the tables and plots are drawn from.
 a complete result of the same computation (:func:`spec_signature`), so an interrupted grid resumes where it stopped
 and several processes can share one grid. Every cell is checked (:func:`~.preflight.plan_cells`) before anything is
 written or any model loads.
+
+One process evaluates every cell: the model loads once (memoised per process), the full-cache references are
+computed by the first cell of a task and read by the others, and each batch's prefill is recorded once and replayed
+by every cell that can share it (one :class:`~.prefill_store.PrefillStore` for the whole grid; ``share_prefill:
+false`` runs every cell's prefill directly). Whether a cell's prefill was shared does not make it another computation
+for resuming: the replay gives the direct path's numbers (bit for bit where both use the same kernel, within float
+rounding elsewhere), so a cell computed either way is done.
 """
 
 from __future__ import annotations
@@ -20,8 +27,12 @@ from typing import Any
 
 from ..io import write_json_atomic
 from . import runner
+from .prefill_store import store_for
 from .preflight import plan_cells
 from .spec import EvalResult, EvalSpec, write_result
+
+#: spec fields that decide how a cell is computed, not what it computes: a finished cell is done whatever they were
+RUN_ONLY_FIELDS = ("quiet", "threads", "share_prefill", "prefill_cache_gb", "prefill_spill", "prefill_spill_dir")
 
 
 @dataclass
@@ -47,13 +58,14 @@ def cell_ratio(doc: dict[str, Any]) -> float | None:
 
 
 def spec_signature(spec: EvalSpec, dtype: str | None = None) -> dict[str, Any]:
-    """What makes two cells the same computation: the spec without display/threading settings, with ``dtype`` the
-    resolved one (``dtype``, else ``spec.dtype`` resolved here), so an ``auto`` cell computed in bfloat16 is not
-    taken as done on a machine where ``auto`` means float32 (an explicit ``float32`` cell matches ``auto`` there)."""
+    """What makes two cells the same computation: the spec without display, threading and prefill-sharing settings
+    (:data:`RUN_ONLY_FIELDS`), with ``dtype`` the resolved one (``dtype``, else ``spec.dtype`` resolved here), so an
+    ``auto`` cell computed in bfloat16 is not taken as done on a machine where ``auto`` means float32 (an explicit
+    ``float32`` cell matches ``auto`` there)."""
     from ..hardware import dtype_name, resolve_dtype
 
     d = spec.model_dump(mode="json")
-    for k in ("quiet", "threads"):
+    for k in RUN_ONLY_FIELDS:
         d.pop(k, None)
     d["dtype"] = dtype or dtype_name(resolve_dtype(spec.dtype, spec.device))
     return d
@@ -78,6 +90,14 @@ def query_mode(spec: EvalSpec) -> bool | None:
     return bool(value) if value is not None else None
 
 
+def one_prompt_is_aware(mode: bool | None) -> bool:
+    """A recorded or resolved ``query_aware``, with ``None`` (a cell from before a task had the option, or a task
+    without it: one prompt) read as ``True``: one prompt compressed together is the query-aware computation. So a
+    ``needle`` cell from before the option resumes under its default (``true``), and a ``ruler`` one is recomputed
+    under its default (``false``)."""
+    return True if mode is None else mode
+
+
 def is_done(path: Path, spec: EvalSpec) -> bool:
     """Whether ``path`` holds a complete result of the same computation as ``spec`` (an unreadable file: no)."""
     if not path.exists():
@@ -85,7 +105,7 @@ def is_done(path: Path, spec: EvalSpec) -> bool:
     try:
         old = json.loads(path.read_text())
         old_signature = spec_signature(EvalSpec(**old["spec"]), dtype=cell_dtype(old))
-        same_mode = old["task"].get("query_aware") == query_mode(spec)  # cells from before the option: recompute
+        same_mode = one_prompt_is_aware(old["task"].get("query_aware")) == one_prompt_is_aware(query_mode(spec))
         return bool(old.get("complete")) and old_signature == spec_signature(spec) and same_mode
     except (ValueError, KeyError, TypeError):
         return False
@@ -111,15 +131,20 @@ def compare(
     out = Path(out_dir)
     cells = plan_cells(policies, ratios, tasks, dict(base or {}), task_options)
     (out / "cells").mkdir(parents=True, exist_ok=True)
-    for label, task, ratio, spec in cells:
-        path = out / "cells" / f"{cell_name(task, label, ratio)}.json"
-        if resume and is_done(path, spec):
-            continue
-        t0 = time.perf_counter()
-        result = runner.evaluate(spec)
-        write_result(path, result, label=label)
-        if on_cell is not None:
-            on_cell(CellDone(task, label, ratio, result, time.perf_counter() - t0))
+    todo = [(label, task, ratio, spec, out / "cells" / f"{cell_name(task, label, ratio)}.json")
+            for label, task, ratio, spec in cells]
+    todo = [cell for cell in todo if not (resume and is_done(cell[4], cell[3]))]
+    store = store_for(todo[0][3]) if todo else None  # one store for every cell of the grid
+    try:
+        for label, task, ratio, spec, path in todo:
+            t0 = time.perf_counter()
+            result = runner.evaluate(spec, prefill_store=store)
+            write_result(path, result, label=label)
+            if on_cell is not None:
+                on_cell(CellDone(task, label, ratio, result, time.perf_counter() - t0))
+    finally:
+        if store is not None:
+            store.close()
     labels = ["full", *dict.fromkeys(label for label, _, _, _ in cells)]
     summary = summarize(out, labels, sorted({r for _, _, r, _ in cells}), tasks)
     write_json_atomic(out / "compare.json", summary)
@@ -163,6 +188,7 @@ def summarize(
             },
         )
         meta[task].setdefault("trial_s", {})[f"{name}@{ratio:g}"] = doc["wall_s"]
+        meta[task].setdefault("prefill", {})[f"{name}@{ratio:g}"] = doc.get("prefill")
         meta[task].setdefault("by_kind", {})[f"{name}@{ratio:g}"] = by_kind(doc, "policy")
     return {"cells": cells, "meta": meta}
 
@@ -208,6 +234,7 @@ def cell_summary(m: dict[str, Any], doc: dict[str, Any], full: bool = False) -> 
 
 __all__ = [
     "CellDone",
+    "RUN_ONLY_FIELDS",
     "by_kind",
     "cell_dtype",
     "cell_name",

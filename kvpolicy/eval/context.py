@@ -88,6 +88,9 @@ class Context:
     full_layers: list[int]
     entry_bytes: list[int]  #: bytes of one token's key+value, all kv heads, per layer
     image_ids: frozenset[int] = frozenset()  #: placeholder ids of image/video positions (vision-language models)
+    #: a :class:`~.prefill.PrefillStore`: batches replay the policy's cache from a prefill recorded once per batch
+    #: (``None``: every run pays its own prefill)
+    prefill_store: Any = None
 
     def decode(self, ids: list[int]) -> str:
         ids = [i for i in ids if i not in self.eos]

@@ -15,20 +15,37 @@ import torch
 from ..core.policy import CachePolicy
 from . import metrics as M
 from .context import Context
-from .protocol import run_exact
+from .protocol import RowRun, run_exact
 from .spec import HonestyCheckError
 from .tasks import Sample
 
 #: passed checks per process (a sweep evaluates the same ratio-0 policy on the same sample many times)
 CHECKED: dict[str, dict[str, Any]] = {}
+#: the last full-cache side of a check, by ``full_key``: a grid checks several policies against the same full cache
+#: on the same sample, and that direct run (a whole prefill of the sample) need not be repeated for each
+FULL_RUN: dict[str, RowRun] = {}
 
 
-def ratio0_check(ctx: Context, sample: Sample, policy0: CachePolicy, memo_key: str | None = None) -> dict[str, Any]:
+def full_side(ctx: Context, sample: Sample, full_key: str | None) -> RowRun:
+    """The full cache's exact run of ``sample`` (direct path, batch of one), reused while ``full_key`` is the same."""
+    if full_key is not None and full_key in FULL_RUN:
+        return FULL_RUN[full_key]
+    full = run_exact(ctx, [sample], None, [sample.target_ids], label="ratio-0 check, full cache")[0]
+    FULL_RUN.clear()  # one kept: its log-prob rows are vocabulary-sized
+    if full_key is not None:
+        FULL_RUN[full_key] = full
+    return full
+
+
+def ratio0_check(ctx: Context, sample: Sample, policy0: CachePolicy, memo_key: str | None = None,
+                 full_key: str | None = None) -> dict[str, Any]:
     """Run the full cache and the policy at ratio 0 on one sample (batch of one) and require bit-identical logits at
-    every teacher-forced and generated step, identical generations (so ROUGE-L 1.0), equal PPL and KL exactly 0."""
+    every teacher-forced and generated step, identical generations (so ROUGE-L 1.0), equal PPL and KL exactly 0.
+    Both sides run directly (never a replayed prefill). ``full_key``: what the full-cache side depends on (model,
+    sample, settings, threads); the same key reuses the previous check's full-cache run."""
     if memo_key is not None and memo_key in CHECKED:
         return {**CHECKED[memo_key], "memoised": True}
-    full = run_exact(ctx, [sample], None, [sample.target_ids], label="ratio-0 check, full cache")[0]
+    full = full_side(ctx, sample, full_key)
     target = [full.target]
     pol = run_exact(ctx, [sample], policy0, target, label="ratio-0 check, policy")[0]
     problems = []
@@ -69,4 +86,4 @@ def ratio0_check(ctx: Context, sample: Sample, policy0: CachePolicy, memo_key: s
     return out
 
 
-__all__ = ["CHECKED", "ratio0_check"]
+__all__ = ["CHECKED", "FULL_RUN", "full_side", "ratio0_check"]

@@ -6,6 +6,7 @@ second, not the minutes of loading a model, and never leaves a half-written resu
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -83,7 +84,56 @@ def prepare(
             policy_ratio0 = build_policy(spec.policy, 0.0, spec.overrides)
         else:
             raise EvalError("a policy passed as an object needs policy_ratio0 for the ratio-0 check")
+    if task is not None:
+        check_task_data(task, spec.model, spec.samples, spec.seed, opts)
     return Prepared(policy=policy, policy_ratio0=policy_ratio0, task=task, options=opts)
+
+
+def local_tokenizer(name: str) -> Any | None:
+    """The tokenizer (a vision-language model's processor) of ``name`` without its weights, when it is on this
+    machine already: a converted alias or a local checkpoint directory. ``None`` otherwise (a Hub id, a GGUF file, an
+    alias not converted yet, anything that does not load): the task then refuses the same case when it loads.
+
+    Why: a task can tell whether its data fits the options (a prompt length the committed texts cannot fill) only in
+    the model's own tokens, and that should be said in a second, before the weights load."""
+    from ..models import UnknownModelError, resolve_model
+
+    try:
+        source = resolve_model(name)
+    except (FileNotFoundError, UnknownModelError):
+        return None
+    on_disk = source.kind == "local" or (source.kind == "alias" and source.is_cached)
+    if source.path is None or not on_disk:
+        return None
+    return _tokenizer_only(str(source.path))
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer_only(path: str) -> Any | None:
+    from transformers import AutoConfig, AutoProcessor, AutoTokenizer
+
+    from ..models import is_vision_language_config
+
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        loader = AutoProcessor if is_vision_language_config(config) else AutoTokenizer
+        return loader.from_pretrained(path, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not loadable here: the task checks again after the model loads
+        return None
+
+
+def check_task_data(task: Any, model: str, samples: int, seed: int, options: Any) -> None:
+    """The task's own check of its data against the options (:meth:`~kvpolicy.eval.tasks.Task.check`: a prompt
+    length the committed texts cannot fill), in the model's tokens, when the tokenizer is on disk
+    (:func:`local_tokenizer`; no weights load). Last of the checks, so a typo elsewhere is reported
+    without reading a tokenizer; where the tokenizer is not on disk, the task refuses the same case when it loads."""
+    from .tasks import Task
+
+    if type(task).check is Task.check:
+        return
+    tokenizer = local_tokenizer(model)
+    if tokenizer is not None:
+        task.check(tokenizer, samples, seed, options)
 
 
 #: EvalSpec fields a policy file's ``evaluation:`` section may set (what decides the numbers a run reports)
@@ -153,4 +203,13 @@ def plan_cells(
     return cells
 
 
-__all__ = ["EVALUATION_FIELDS", "Prepared", "check_model_name", "plan_cells", "policy_evaluation", "prepare"]
+__all__ = [
+    "EVALUATION_FIELDS",
+    "Prepared",
+    "check_model_name",
+    "check_task_data",
+    "local_tokenizer",
+    "plan_cells",
+    "policy_evaluation",
+    "prepare",
+]

@@ -1,9 +1,11 @@
 """One batch through one cache: prefill, teacher forcing of the targets, greedy generation (see ``docs/evaluation.md``).
 
-1. **Prefill** the left-padded prompts once (``logits_to_keep=1``) and measure what the cache holds. Samples with a
-   question chunk (``Sample.question_tokens``, the query-agnostic protocol) are prefilled in two forwards: the
-   contexts (compressed by the policy), then the questions appended uncompressed
-   (:meth:`~kvpolicy.core.cache.PolicyCache.appending`); the full cache runs the same two forwards.
+1. **Prefill** the left-padded prompts once (``logits_to_keep=1``) and measure what the cache holds
+   (:mod:`.prefill`). Samples with a question chunk (``Sample.question_tokens``, the query-agnostic protocol) are
+   prefilled in two forwards: the contexts (compressed by the policy), then the questions appended uncompressed
+   (:meth:`~kvpolicy.core.cache.PolicyCache.appending`); the full cache runs the same two forwards. When the context
+   carries a prefill store, the contexts' prefill is recorded once per batch and replayed for each policy; each row
+   says whether its prefill was shared (:class:`RowRun`). The ratio-0 check (:func:`run_exact`) never shares.
 2. **Teacher forcing**, token by token, of each row's target through the cache, so a policy's decode-stage rule
    applies at every step.
 3. **Greedy generation** (samples that ask for it, and samples whose target is the full cache's own answer) from a
@@ -16,7 +18,6 @@ references) and :func:`run_exact` (every step's whole log-probability row, for t
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import time
 from collections.abc import Sequence
@@ -25,13 +26,13 @@ from typing import Any
 
 import torch
 
-from ..core.cache import PolicyCache
 from ..core.policy import CachePolicy
 from . import metrics as M
 from .budget import measure
 from .context import Context
+from .prefill import BatchInputs, batch_inputs, left_pad, mrope_model, prefill, run_prefill
 from .references import Reference
-from .spec import EvalError, NonFiniteError
+from .spec import NonFiniteError
 from .tasks import Sample
 
 
@@ -57,9 +58,17 @@ class RowRun:
     allocated_prefill: float = 0.0
     allocated_end: float = 0.0
     seen_end: int = 0
+    #: the row's share of the batch's prefill seconds: the forward(s), or on a shared prefill the replay (and the
+    #: question chunk's forward), never the recording, which one policy of the batch pays for all (see ``prefill_shared``)
     prefill_s: float = 0.0
     decode_s: float = 0.0
     decode_steps: int = 0
+    prefill_shared: bool = False  #: the cache was replayed from the batch's recorded prefill
+    prefill_reason: str | None = None  #: why the prefill was not shared (None when it was)
+    prefill_record_s: float = 0.0  #: the row's share of the recording's seconds, where this run recorded the batch
+    #: how the prefill budgets were allocated across layers: ``"per-layer"`` or ``"whole-model"`` (an allocator with
+    #: ``model_keep`` on a shared prefill, the only place it can see every layer first); None for the full cache
+    allocation: str | None = None
 
 
 def batches(samples: Sequence[Sample], batch_size: int) -> list[list[int]]:
@@ -122,79 +131,6 @@ class PolicyRecorder(Recorder):
 
 
 # ================================================================================================== the batch
-@dataclass
-class BatchInputs:
-    """Left-padded prompts of one batch and how decode steps are positioned. With question chunks, ``ids``/``mask``
-    hold the left-padded contexts and ``q_ids``/``q_mask`` the left-padded questions (padding between a short
-    question and its context is masked, positions come from the mask); ``mask`` is then the whole prompt's mask."""
-
-    ids: torch.Tensor
-    mask: torch.Tensor
-    lens: list[int]
-    width: int
-    n_real: torch.Tensor  #: real (unpadded) prompt tokens per row
-    pass_positions: bool  #: explicit position ids (padded text batches)
-    extra: dict[str, Any]  #: prefill-only inputs (pixel values)
-    q_ids: torch.Tensor | None = None  #: left-padded question chunks (query-agnostic protocol), else None
-    context_mask: torch.Tensor | None = None  #: the context chunk's mask when there are question chunks
-
-    @property
-    def positions(self) -> torch.Tensor:
-        """Position ids of every column of the whole prompt (left padding and inner padding skipped)."""
-        return (self.mask.cumsum(-1) - 1).clamp(min=0)
-
-
-def left_pad(rows: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(ids, mask)`` of ``rows`` left-padded to the longest."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, row in enumerate(rows):
-        ids[r, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-        mask[r, width - len(row) :] = 1
-    return ids, mask
-
-
-def batch_inputs(ctx: Context, samples: Sequence[Sample]) -> BatchInputs:
-    b = len(samples)
-    lens = [len(s.prompt_ids) for s in samples]
-    split = all(s.question_tokens > 0 for s in samples)
-    if any(s.question_tokens > 0 for s in samples) and not split:
-        raise EvalError("one batch mixes samples with and without a question chunk (see protocol.batches)")
-    q_ids = context_mask = None
-    if split:
-        cut = [len(s.prompt_ids) - s.question_tokens for s in samples]
-        ids, context_mask = left_pad([s.prompt_ids[: cut[r]] for r, s in enumerate(samples)], ctx.pad)
-        q_ids, q_mask = left_pad([s.prompt_ids[cut[r] :] for r, s in enumerate(samples)], ctx.pad)
-        mask = torch.cat([context_mask, q_mask], 1)
-        q_ids, context_mask = q_ids.to(ctx.device), context_mask.to(ctx.device)
-    else:
-        ids, mask = left_pad([s.prompt_ids for s in samples], ctx.pad)
-    width = mask.shape[1]
-    extra: dict[str, Any] = {}
-    if any(s.extra for s in samples):
-        if b != 1:
-            raise EvalError("samples with extra inputs (images) are evaluated one per batch")
-        extra = {k: (v.to(ctx.device) if hasattr(v, "to") else v) for k, v in samples[0].extra.items()}
-    return BatchInputs(
-        ids=ids.to(ctx.device),
-        mask=mask.to(ctx.device),
-        lens=lens,
-        width=width,
-        n_real=torch.tensor(lens, dtype=torch.long),
-        pass_positions=bool((mask == 0).any()) and not ctx.vlm,
-        extra=extra,
-        q_ids=q_ids,
-        context_mask=context_mask,
-    )
-
-
-def mrope_model(model: Any) -> Any:
-    """The inner model holding ``rope_deltas`` for M-RoPE models (Qwen2-VL, Qwen2.5-VL), else ``None``."""
-    inner = getattr(model, "model", None)
-    return inner if inner is not None and hasattr(inner, "rope_deltas") else None
-
-
 def check_finite(logits: torch.Tensor, samples: Sequence[Sample], where: str, label: str) -> None:
     ok = torch.isfinite(logits).all(-1)
     if not bool(ok.all()):
@@ -237,35 +173,6 @@ class Stepper:
 
 def _grow(msk: torch.Tensor) -> torch.Tensor:
     return torch.cat([msk, torch.ones(msk.shape[0], 1, dtype=msk.dtype, device=msk.device)], 1)
-
-
-def prefill(ctx: Context, inputs: BatchInputs, cache: Any) -> tuple[torch.Tensor, float]:
-    """The prompts through ``cache``: the last position's logits (float32) and the seconds it took. With question
-    chunks: the contexts first (the policy compresses them), then the questions appended uncompressed."""
-    t0 = time.perf_counter()
-    positions = inputs.positions if inputs.pass_positions else None
-    first_mask = inputs.mask if inputs.q_ids is None else inputs.context_mask
-    with torch.inference_mode():
-        out = ctx.model(
-            input_ids=inputs.ids,
-            attention_mask=first_mask,
-            position_ids=None if positions is None else positions[:, : inputs.ids.shape[1]],
-            logits_to_keep=1,
-            **inputs.extra,
-            **{"past_key_values": cache, "use_cache": True},
-        )
-        if inputs.q_ids is not None:
-            appending = cache.appending() if isinstance(cache, PolicyCache) else contextlib.nullcontext()
-            with appending:
-                out = ctx.model(
-                    input_ids=inputs.q_ids,
-                    attention_mask=inputs.mask,
-                    position_ids=None if positions is None else positions[:, -inputs.q_ids.shape[1] :],
-                    logits_to_keep=1,
-                    **{"past_key_values": cache, "use_cache": True},
-                )
-    logits0 = out.logits[:, -1].to(torch.float32)
-    return logits0, time.perf_counter() - t0
 
 
 @dataclass
@@ -350,19 +257,17 @@ def _run(
     targets: Sequence[list[int] | None],
     recorder: Recorder,
     label: str,
+    share: bool = True,
 ) -> list[RowRun]:
     """Prefill, teacher-force ``targets`` and generate where asked, for one batch. ``policy=None``: the full cache
-    (transformers' ``DynamicCache``); a target ``None`` is the row's own greedy answer."""
-    from transformers import DynamicCache
-
-    from ..core.engine import make_cache
-
+    (transformers' ``DynamicCache``); a target ``None`` is the row's own greedy answer. ``share``: replay the prefill
+    from the context's prefill store where the policy can (:func:`~.prefill.run_prefill`)."""
     inputs, b = batch_inputs(ctx, samples), len(samples)
     mrope = mrope_model(ctx.model)
     if mrope is not None:
         mrope.rope_deltas = None  # set again by this prefill when it has images; never a previous sample's
-    cache = make_cache(ctx.model, policy) if policy is not None else DynamicCache(config=ctx.model.config)
-    logits0, prefill_s = prefill(ctx, inputs, cache)
+    run = run_prefill(ctx, samples, inputs, policy, share)
+    cache, logits0 = run.cache, run.logits
     check_finite(logits0, samples, "prefill", label)
     budget0 = measure(cache, ctx, inputs.n_real)
     rows = [RowRun(prompt_tokens=inputs.lens[r]) for r in range(b)]
@@ -371,7 +276,10 @@ def _run(
         rows[r].bytes_prefill = int(budget0.bytes[r])
         rows[r].allocated_prefill = budget0.allocated / b
         rows[r].types_prefill = budget0.types[r].tolist() if budget0.types is not None else None
-        rows[r].prefill_s = prefill_s / b
+        rows[r].prefill_s = run.seconds / b
+        rows[r].prefill_shared, rows[r].prefill_reason = run.shared, run.reason
+        rows[r].prefill_record_s = run.record_seconds / b
+        rows[r].allocation = getattr(cache, "allocation", None)
 
     self_target = [t is None for t in targets]
     need_tf = any(t is not None for t in targets)
@@ -430,19 +338,23 @@ def run_exact(
     targets: Sequence[list[int] | None],
     label: str = "",
 ) -> list[RowRun]:
-    """One batch keeping every step's whole log-probability row (``policy=None``: the full cache)."""
-    return _run(ctx, samples, policy, targets, ExactRecorder(), label)
+    """One batch keeping every step's whole log-probability row (``policy=None``: the full cache). Always the direct
+    path, never a replayed prefill: the ratio-0 check compares what a policy does with what the full cache does, and
+    a replay of one recording on both sides would hide a difference in the prefill."""
+    return _run(ctx, samples, policy, targets, ExactRecorder(), label, share=False)
 
 
 __all__ = [
     "BatchInputs",
     "RowRun",
     "Stepper",
+    "append_question",
     "batch_inputs",
     "batches",
     "generate",
     "left_pad",
     "prefill",
+    "prefill_context",
     "run_exact",
     "run_policy",
     "run_reference",

@@ -130,22 +130,59 @@ def honesty_line(result: EvalResult) -> str:
 
 
 def run_footer(result: EvalResult, out: str | Path | None) -> str:
-    """Wall time, where the references came from, and the file written."""
+    """Wall time, where the references came from, how the policy's prefills were obtained, and the file written."""
     return (
         f"{result.wall_s:.1f} s wall; references: {result.reference['hits']} cached, "
-        f"{result.reference['computed']} computed" + (f"; wrote {out}" if out else "")
+        f"{result.reference['computed']} computed; "
+        f"{prefill_word(result.prefill.model_dump() if result.prefill else None)}" + (f"; wrote {out}" if out else "")
     )
 
 
 def cell_line(done: CellDone) -> str:
-    """One line per computed ``compare`` cell: its headline numbers against the full cache, and its time."""
+    """One line per computed ``compare`` cell: its headline numbers against the full cache, how its prefill was
+    obtained, and its time."""
     m, result = done.result.policy_metrics, done.result
     return (
         f"{done.task:12s} {done.label:8s} {done.ratio:.2f}: ppl {m.ppl:.3f} (full {result.full.ppl:.3f}) "
         f"rouge {fmt(m.rouge_l)} match {fmt(m.exact_match)} kl {fmt(m.kl, 'kl')} "
         f"kept {m.kept_tokens_prefill:.1f}/{m.prompt_tokens:.1f} "
+        f"{prefill_word(result.prefill.model_dump() if result.prefill else None)} "
         f"{done.seconds:.1f}s"
     )
+
+
+def prefill_word(sharing: dict[str, Any] | None) -> str:
+    """How a cell's prefills were obtained, in a few words: ``prefill replayed``, ``prefill recorded 1 + replayed``,
+    ``prefill direct (reason)`` or, mixed, ``prefill replayed 6/8 (reason)``."""
+    if not sharing:
+        return "prefill ?"
+    rows = sharing["replayed"] + sharing["direct"]
+    reasons = "; ".join(sharing.get("reasons") or {})
+    if sharing["replayed"] == rows and rows:
+        made = (sharing.get("store") or {}).get("misses", 0)
+        return f"prefill recorded {made} + replayed" if made else "prefill replayed"
+    if sharing["replayed"] == 0:
+        return f"prefill direct ({reasons})" if reasons else "prefill direct"
+    return f"prefill replayed {sharing['replayed']}/{rows} ({reasons})"
+
+
+def prefill_summary(summary: dict[str, Any]) -> str:
+    """One line per grid: how many cells replayed every row, how many recordings were made and which cells ran
+    directly and why (``compare``'s footer; the numbers per cell are in ``compare.json``'s ``meta``)."""
+    cells = [(f"{task} {key}", p) for task, meta in summary.get("meta", {}).items()
+             for key, p in (meta.get("prefill") or {}).items()]
+    if not cells:
+        return "prefill: no cells"
+    known = [(name, p) for name, p in cells if p]
+    shared = sum(1 for _, p in known if p["replayed"] and not p["direct"])
+    made = sum((p.get("store") or {}).get("misses", 0) for _, p in known)
+    direct = [f"{name} ({'; '.join(p.get('reasons') or {}) or 'direct'})" for name, p in known if p["direct"]]
+    text = f"prefill: {shared} of {len(cells)} cells replayed shared recordings ({made} recorded)"
+    if direct:
+        text += "; own prefill: " + ", ".join(direct)
+    if len(known) < len(cells):
+        text += f"; {len(cells) - len(known)} cells from files without this record"
+    return text
 
 
 def _grid(summary: dict[str, Any], metrics: Sequence[str] | None) -> Any:
@@ -260,6 +297,8 @@ __all__ = [
     "markdown_tables",
     "metric",
     "plot_summary",
+    "prefill_summary",
+    "prefill_word",
     "run_footer",
     "run_table",
 ]

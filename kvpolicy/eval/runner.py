@@ -16,8 +16,9 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,10 +28,11 @@ from ..core.policy import CachePolicy
 from .aggregate import deltas, running_estimates, side_metrics
 from .context import Context, load_eval_model, make_context, policy_document
 from .honesty import ratio0_check
+from .prefill_store import PrefillStore, StoreStats, store_for
 from .protocol import RowRun, batches, run_policy, run_reference
 from .references import Reference, ReferenceStore, model_fingerprint
 from .scoring import sample_result
-from .spec import BatchUpdate, EvalResult, EvalSpec, SampleResult
+from .spec import BatchUpdate, EvalResult, EvalSpec, PrefillSharing, SampleResult
 from .tasks import Sample
 
 
@@ -119,19 +121,69 @@ def evaluate(
     samples: Sequence[Sample] | None = None,
     policy: CachePolicy | None = None,
     policy_ratio0: CachePolicy | None = None,
+    prefill_store: PrefillStore | None = None,
 ) -> EvalResult:
     """Evaluate one policy against the full cache on ``spec.samples`` samples of ``spec.task``.
 
     ``model``/``tokenizer``, ``samples`` and ``policy``/``policy_ratio0`` may be given directly (tests, custom
     parts); otherwise they come from ``spec``. ``callback`` is called after every batch with a
-    :class:`BatchUpdate`; returning ``True`` stops early (``complete=False``), raising aborts."""
+    :class:`BatchUpdate`; returning ``True`` stops early (``complete=False``), raising aborts.
+
+    ``prefill_store``: recorded prefills shared with other evaluations of the same samples (see
+    :func:`evaluate_many`); without one, and with ``spec.share_prefill``, the evaluation makes its own for this call.
+    ``spec.share_prefill=False`` runs every prefill directly whatever the store."""
     threads = torch.get_num_threads()
     if spec.threads is not None:
         torch.set_num_threads(spec.threads)
+    own = prefill_store is None and spec.share_prefill
+    store = (store_for(spec) if own else prefill_store) if spec.share_prefill else None
     try:
-        return _evaluate(spec, callback, model, tokenizer, samples, policy, policy_ratio0)
+        return _evaluate(spec, callback, model, tokenizer, samples, policy, policy_ratio0, store)
     finally:
         torch.set_num_threads(threads)
+        if own and store is not None:
+            store.close()
+
+
+def evaluate_many(
+    specs: Sequence[EvalSpec],
+    *,
+    prefill_store: PrefillStore | None = None,
+    on_result: Callable[[int, EvalResult], None] | None = None,
+) -> list[EvalResult]:
+    """Several evaluations in one process, paying what they have in common once: the model loads once (memoised
+    per process), the full-cache references are computed once (cached), and each batch's prefill is recorded once
+    and replayed for every policy that can share it (one :class:`~.prefill_store.PrefillStore` for all of them,
+    made from the first spec's ``prefill_cache_gb`` / spill settings unless given).
+
+    Typically one spec per policy and ratio on the same model, task and samples::
+
+        base = EvalSpec(model="smollm2-135m", task="needle", samples=8)
+        grid = [base.model_copy(update={"policy": p, "ratio": r}) for p in ("h2o", "snapkv") for r in (0.5, 0.9)]
+        results = evaluate_many(grid)
+
+    Every spec is checked (:func:`~.preflight.prepare`) before the first one runs. ``on_result(i, result)`` is
+    called as each finishes. A spec with ``share_prefill=False`` runs directly (the numbers agree: bit for bit where
+    the replay computes with the direct path's kernel, within float rounding elsewhere — docs/evaluation.md)."""
+    from .preflight import prepare
+
+    specs = list(specs)
+    for spec in specs:
+        prepare(spec)
+    store = prefill_store
+    own = store is None and any(s.share_prefill for s in specs)
+    if own:
+        store = store_for(next(s for s in specs if s.share_prefill))
+    results: list[EvalResult] = []
+    try:
+        for i, spec in enumerate(specs):
+            results.append(evaluate(spec, prefill_store=store))
+            if on_result is not None:
+                on_result(i, results[-1])
+    finally:
+        if own and store is not None:
+            store.close()
+    return results
 
 
 @dataclass
@@ -148,10 +200,16 @@ class Setup:
     settings: dict[str, Any]  #: what a reference depends on besides the sample (its store key)
     store: ReferenceStore
     reference_dir: str | None  #: as given (or the default under the cache root); None: in memory only
+    prefill_store: PrefillStore | None = None  #: recorded prefills shared across evaluations (None: direct path)
+    #: why rows of this evaluation ran their own prefill, with counts (filled as the batches run)
+    direct_reasons: Counter[str] = field(default_factory=Counter)
+    replayed: int = 0  #: rows whose cache was replayed from a recording
+    allocation: Counter[str] = field(default_factory=Counter)  #: rows per allocation mode (per-layer, whole-model)
 
 
 def setup(spec: EvalSpec, model: Any, tokenizer: Any, samples: Sequence[Sample] | None,
-          policy: CachePolicy | None, policy_ratio0: CachePolicy | None) -> Setup:
+          policy: CachePolicy | None, policy_ratio0: CachePolicy | None,
+          prefill_store: PrefillStore | None = None) -> Setup:
     """Check the spec before anything loads, then load the model (unless given), attach kvpolicy to it, load the
     samples (unless given) and open the reference store."""
     from ..core.engine import attach
@@ -177,6 +235,7 @@ def setup(spec: EvalSpec, model: Any, tokenizer: Any, samples: Sequence[Sample] 
     task_info["query_aware"] = task_info["options"].get("query_aware")
     task_info["question_chunks"] = sum(1 for s in samples if s.question_tokens)
     ctx = make_context(model, tokenizer, spec.kl_topk)
+    ctx.prefill_store = prefill_store  # None: every batch prefills directly (share_prefill off)
     fingerprint = model_fingerprint(model, spec.model)
     settings = {
         "model": fingerprint,
@@ -190,7 +249,7 @@ def setup(spec: EvalSpec, model: Any, tokenizer: Any, samples: Sequence[Sample] 
     if spec.use_reference_cache:
         directory = spec.reference_dir or str(cache_root() / "eval_refs")
     return Setup(spec, ctx, list(samples), ready.policy, ready.policy_ratio0, task_info, fingerprint, settings,
-                 ReferenceStore(directory, settings), directory)
+                 ReferenceStore(directory, settings), directory, prefill_store)
 
 
 def honesty(run: Setup) -> dict[str, Any]:
@@ -202,7 +261,10 @@ def honesty(run: Setup) -> dict[str, Any]:
         [run.fingerprint, policy_document(run.policy_ratio0), run.samples[0].content_hash(), run.settings],
         default=str,
     )
-    return ratio0_check(run.ctx, run.samples[0], run.policy_ratio0, memo_key=memo)
+    # the full cache's side of the check is the same for every policy of a grid: reused within one thread count
+    full = json.dumps([run.fingerprint, run.samples[0].content_hash(), run.settings, torch.get_num_threads()],
+                      default=str)
+    return ratio0_check(run.ctx, run.samples[0], run.policy_ratio0, memo_key=memo, full_key=full)
 
 
 def run_policy_batches(
@@ -221,6 +283,7 @@ def run_policy_batches(
         group_refs = [refs[i] for i in batch]
         mismatched += sum(r.batch != [s.id for s in group] for r in group_refs)
         rows = run_policy(run.ctx, group, run.policy, group_refs, label=f"policy {name}")
+        count_sharing(run, rows)
         for i, s, row, ref in zip(batch, group, rows, group_refs):
             results[i] = sample_result(run.ctx, s, row, ref, run.spec)
         done += len(batch)
@@ -232,12 +295,39 @@ def run_policy_batches(
     return [r for r in results if r is not None], True, mismatched
 
 
-def _evaluate(spec, callback, model, tokenizer, samples, policy, policy_ratio0) -> EvalResult:
+def count_sharing(run: Setup, rows: Sequence[RowRun]) -> None:
+    """Tally how each row of a batch got its policy cache: replayed from a recording, or its own prefill (and why)."""
+    for row in rows:
+        if row.prefill_shared:
+            run.replayed += 1
+        elif run.prefill_store is None:
+            run.direct_reasons["share_prefill is off"] += 1
+        else:
+            run.direct_reasons[row.prefill_reason or "not shared"] += 1
+        if row.allocation is not None:
+            run.allocation[row.allocation] += 1
+
+
+def sharing_report(run: Setup, before: StoreStats | None) -> PrefillSharing:
+    """The result's account of the prefills: rows replayed and direct (with reasons), the store's counters."""
+    store = run.prefill_store
+    return PrefillSharing(
+        enabled=run.spec.share_prefill,
+        replayed=run.replayed,
+        direct=sum(run.direct_reasons.values()),
+        reasons=dict(run.direct_reasons),
+        allocation=dict(run.allocation),
+        store=store.stats().since(before).as_dict() if store is not None and before is not None else None,
+    )
+
+
+def _evaluate(spec, callback, model, tokenizer, samples, policy, policy_ratio0, prefill_store) -> EvalResult:
     t_start = time.perf_counter()
     from ..hardware import dtype_name
     from ..provenance import model_info
 
-    run = setup(spec, model, tokenizer, samples, policy, policy_ratio0)
+    run = setup(spec, model, tokenizer, samples, policy, policy_ratio0, prefill_store)
+    before = prefill_store.stats() if prefill_store is not None else None
     with _progress(spec.quiet) as bar:
         ref_task = bar.add_task(f"full cache · {spec.task}", total=len(run.samples))
         refs = ensure_references(
@@ -270,10 +360,21 @@ def _evaluate(spec, callback, model, tokenizer, samples, policy, policy_ratio0) 
             "other_batch": mismatched,
         },
         complete=complete,
+        prefill=sharing_report(run, before),
         dtype=dtype_name(model.dtype),
         wall_s=time.perf_counter() - t_start,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     )
 
 
-__all__ = ["Setup", "ensure_references", "evaluate", "load_eval_model", "reference_from_row", "setup"]
+__all__ = [
+    "Setup",
+    "count_sharing",
+    "ensure_references",
+    "evaluate",
+    "evaluate_many",
+    "load_eval_model",
+    "reference_from_row",
+    "setup",
+    "sharing_report",
+]

@@ -108,6 +108,7 @@ def sample_result(ctx: Context, s: Sample, row: RowRun, ref: Reference, spec: Ev
         target_kind=ref.target_kind,
         full=side(ctx, s, None, ref, spec.protocol, spec.keep_generations, policy_side=False),
         policy=side(ctx, s, row, ref, spec.protocol, spec.keep_generations, policy_side=True),
+        prefill_shared=row.prefill_shared,
     )
 
 

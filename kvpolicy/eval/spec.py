@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..io import write_json_atomic
 
@@ -64,6 +64,30 @@ class EvalSpec(BaseModel):
     bootstrap: int = Field(default=1000, ge=0, description="bootstrap resamples for the confidence intervals")
     keep_generations: bool = Field(default=True, description="store the generated texts in the result")
     quiet: bool = False
+    share_prefill: bool = Field(
+        default=True,
+        description="record each batch's prefill once and replay it for every policy of a grid, study or ablation "
+        "(false: every policy prefills itself, the direct path, for checking); the numbers agree either way",
+    )
+    prefill_cache_gb: float | None = Field(
+        default=None, ge=0.0, description="memory for recorded prefills, in GiB (None: a quarter of the memory "
+        "available when the store is made; 0: keep none in memory)",
+    )
+    prefill_spill: bool = Field(
+        default=False, description="write recordings evicted from memory to a temporary directory (removed at exit) "
+        "instead of discarding them",
+    )
+    prefill_spill_dir: str | None = Field(
+        default=None, description="a directory to write every recording to and keep (later runs reuse it; implies "
+        "prefill_spill)",
+    )
+
+    @field_validator("prefill_spill_dir")
+    @classmethod
+    def _spill_dir_is_a_directory(cls, v: str | None) -> str | None:
+        if v is not None and Path(v).expanduser().exists() and not Path(v).expanduser().is_dir():
+            raise ValueError(f"{v!r} is a file; allowed: a directory (made when first needed)")
+        return v
 
 
 class SampleSide(BaseModel):
@@ -104,6 +128,8 @@ class SampleResult(BaseModel):
     target_kind: str
     full: SampleSide
     policy: SampleSide
+    #: whether the policy's cache was replayed from a shared prefill recording (None: not recorded, older files)
+    prefill_shared: bool | None = None
 
 
 class SideMetrics(BaseModel):
@@ -145,6 +171,22 @@ class SideMetrics(BaseModel):
     decode_tokens_per_s: float | None
 
 
+class PrefillSharing(BaseModel):
+    """How an evaluation's policy prefills were obtained: replayed from a recording (shared with the other policies
+    of a grid, study or ablation) or computed directly, and what the prefill store did meanwhile."""
+
+    enabled: bool  #: the spec's ``share_prefill``
+    replayed: int = 0  #: batch rows whose policy cache was replayed from a recording
+    direct: int = 0  #: batch rows that ran the policy's own prefill
+    #: why rows ran directly (sharing disabled, or the policy's prefill depends on the policy), with their counts
+    reasons: dict[str, int] = Field(default_factory=dict)
+    #: rows per way the prefill budgets were allocated across layers: ``per-layer`` (each layer as it is compressed)
+    #: or ``whole-model`` (an allocator that sees every layer first: only on a replayed prefill)
+    allocation: dict[str, int] = Field(default_factory=dict)
+    #: the store's counters during this evaluation (hits, disk_hits, misses = recordings made, evictions, spills, ...)
+    store: dict[str, int] | None = None
+
+
 class Delta(BaseModel):
     value: float
     ci: tuple[float, float] | None = None
@@ -164,6 +206,8 @@ class EvalResult(BaseModel):
     honesty: dict[str, Any]
     reference: dict[str, Any]
     complete: bool = True
+    #: shared-prefill accounting (None in result files written before it was recorded)
+    prefill: PrefillSharing | None = None
     #: the dtype the evaluation computed in (``spec.dtype`` with ``auto`` resolved on this machine); None in result
     #: files written before it was recorded (their ``model["dtype"]`` says the same as ``torch.<name>``)
     dtype: str | None = None
@@ -205,6 +249,7 @@ __all__ = [
     "EvalSpec",
     "HonestyCheckError",
     "NonFiniteError",
+    "PrefillSharing",
     "SampleResult",
     "SampleSide",
     "SideMetrics",

@@ -21,7 +21,7 @@ Flow of one worker (:func:`run_sweep`, :mod:`.run`):
    deterministic: same model, same samples);
 5. at the end: the best policy as a ready-to-use YAML (single objective: the best trial; several: the Pareto trial
    closest to the ideal point, and every Pareto policy under ``pareto/``), ``summary.json`` (best trials, Pareto front,
-   parameter importances), PNG plots and a W&B summary run.
+   parameter importances and whether they rest on enough trials), PNG plots and a W&B summary run.
 
 Objectives are computed by an **evaluator** (:class:`Evaluator`): ``harness`` (the default) runs
 :mod:`kvpolicy.eval` on the model; ``synthetic`` is a cheap deterministic stand-in with the same interface, for testing
@@ -33,10 +33,12 @@ next run; the worker writes the tables and ``summary.json`` but leaves the plots
 that completes the study, and exits within ``$KVPOLICY_STOP_TIMEOUT_S`` seconds (default 5) whatever W&B does:
 :mod:`.stopping`). The ``kvpolicy sweep`` command (:mod:`kvpolicy.cli.study`) turns that into its exit code.
 
-Modules: :mod:`.spec` (the file models), :mod:`.space` (search space), :mod:`.load` (reading and validating files),
+Modules: :mod:`.spec` (the file models), :mod:`.space` (search space), :mod:`.conditions` (``when:`` clauses:
+conditional spaces and their branches), :mod:`.load` (reading and validating files),
 :mod:`.evaluation` / :mod:`.evaluators` / :mod:`.harness` / :mod:`.synthetic` (evaluators), :mod:`.storage` and
 :mod:`.workers` (the study, its fingerprint, dead workers), :mod:`.trial` and :mod:`.run` (the trial loop),
-:mod:`.records` / :mod:`.outputs` / :mod:`.plots` / :mod:`.report` (results), :mod:`.tracking` (W&B),
+:mod:`.records` / :mod:`.outputs` / :mod:`.plots` / :mod:`.pareto_plot` / :mod:`.importance` (with its
+too-few-trials warning) / :mod:`.report` (results), :mod:`.tracking` (W&B),
 :mod:`.stopping` (a bounded graceful stop), :mod:`.ablate` (single-part ablations).
 """
 

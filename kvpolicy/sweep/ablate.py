@@ -37,7 +37,7 @@ from ..provenance import versions
 from .evaluation import Evaluation
 from .evaluators import make_evaluator
 from .progress import make_progress
-from .spec import METRICS, AblationSpec
+from .spec import METRICS, PREFILL_SETTINGS, AblationSpec
 from .tracking import make_tracker
 
 __all__ = ["AblationResult", "print_table", "run_ablation"]
@@ -58,7 +58,10 @@ class AblationResult:
 
 
 def _run_key(spec: AblationSpec, policy: Mapping[str, Any]) -> str:
-    doc = {"model": spec.model, "evaluator": spec.evaluator, "task": spec.task, "samples": spec.samples,
+    """The cached run's name: what decides its numbers (the prefill-sharing settings do not: a run computed with or
+    without a shared prefill is the same run, see kvpolicy.eval.compare)."""
+    task = {k: v for k, v in spec.task.items() if k not in PREFILL_SETTINGS}
+    doc = {"model": spec.model, "evaluator": spec.evaluator, "task": task, "samples": spec.samples,
            "policy": policy}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:20]
 

@@ -9,14 +9,14 @@ from typing import Any, ClassVar
 
 from ..config import ConfigIssue
 from .evaluation import BatchReport, Evaluation
-from .spec import METRICS
+from .spec import METRICS, PREFILL_SETTINGS
 
 __all__ = ["HARNESS_FIELDS", "HarnessEvaluator", "evaluation_from_result"]
 
 
 #: EvalSpec fields a sweep's ``task`` may set besides the task's name and options
 HARNESS_FIELDS = ("seed", "dtype", "backend", "device", "threads", "protocol", "kl_topk", "reference_dir",
-                  "use_reference_cache", "check_ratio0")
+                  "use_reference_cache", "check_ratio0", *PREFILL_SETTINGS)
 #: metrics each built-in task can produce (others: every metric but exact_match)
 _TASK_PRODUCES = {
     "continuation": {"ppl", "nll", "kl", "top1"},
@@ -35,6 +35,10 @@ class HarnessEvaluator:
     ``kl_topk``, ...). The model and the samples load once (:meth:`setup`); every trial reuses them, and the full-cache
     references are computed on the first trial and cached on disk. ``check_ratio0`` (default ``first``) runs the
     harness's ratio-0 honesty check on the first evaluation only (``true``: on every one, ``false``: never).
+    Every trial evaluates the same samples, so each batch's prefill is recorded by the first trial and replayed by the
+    others: one :class:`~kvpolicy.eval.prefill_store.PrefillStore` per evaluator (per worker process), sized by the
+    task's ``prefill_cache_gb`` and spilled as ``prefill_spill`` / ``prefill_spill_dir`` say (``share_prefill:
+    false``: every trial prefills itself).
 
     Metrics: ``ppl`` (pooled over the scored target tokens), ``nll``, ``kl``, ``top1``, ``rouge_l`` and ``exact_match``
     (tasks that generate), ``cache_bytes`` (key/value bytes held at the end of the sample, mean over samples),
@@ -51,6 +55,7 @@ class HarnessEvaluator:
         self.model: Any = None
         self.tokenizer: Any = None
         self.samples: Any = None
+        self.prefill_store: Any = None
         self.evaluations = 0
 
     @staticmethod
@@ -108,7 +113,7 @@ class HarnessEvaluator:
         except TaskError as exc:
             return issues + [ConfigIssue("task.name", str(exc))]
         try:
-            t.options(options)
+            opts = t.options(options)
         except ValidationError as exc:
             for e in exc.errors(include_url=False):
                 loc = ".".join(str(x) for x in e["loc"])
@@ -117,6 +122,8 @@ class HarnessEvaluator:
                     msg = (f"unknown option of task {name!r}; options: {', '.join(t.Options.model_fields)}; "
                            f"settings: {', '.join(HARNESS_FIELDS)}")
                 issues.append(ConfigIssue(f"task.{loc}", f"{msg} (value {e.get('input')!r})"))
+        else:
+            issues += cls.data_issues(t, model, samples, settings, opts)
         produces = _TASK_PRODUCES.get(name, set(METRICS) - {"exact_match"}) | _ALWAYS
         for i, m in enumerate(metrics):
             if m not in produces:
@@ -125,8 +132,23 @@ class HarnessEvaluator:
                     f"task {name!r} does not produce {m!r}; it gives: {', '.join(sorted(produces))}"))
         return issues
 
+    @staticmethod
+    def data_issues(task: Any, model: str, samples: int, settings: Mapping[str, Any], options: Any
+                    ) -> list[ConfigIssue]:
+        """The task's check of its data against the options (a prompt length its texts cannot fill), before the
+        model loads where the tokenizer is on disk (:func:`kvpolicy.eval.preflight.check_task_data`)."""
+        from ..eval import TaskError
+        from ..eval.preflight import check_task_data
+
+        try:
+            check_task_data(task, model, samples, int(settings.get("seed", 0)), options)
+        except TaskError as exc:
+            return [ConfigIssue("task", str(exc))]
+        return []
+
     def setup(self) -> None:
         from ..eval import get_task
+        from ..eval.prefill_store import store_for
         from ..eval.runner import load_eval_model
 
         spec = self.eval_spec(self.model_name, self.task, self.samples_n, self.batch_size)
@@ -137,6 +159,7 @@ class HarnessEvaluator:
         self.model, self.tokenizer = load_eval_model(spec.model, spec.dtype, spec.device)
         task = get_task(spec.task)
         self.samples = task.load(self.tokenizer, spec.samples, spec.seed, task.options(spec.task_options))
+        self.prefill_store = store_for(spec)  # one for the study's trials in this process (None: sharing off)
 
     def evaluate(self, policy: Mapping[str, Any], on_batch: Callable[[BatchReport], None] | None = None
                  ) -> Evaluation:
@@ -155,14 +178,17 @@ class HarnessEvaluator:
             if on_batch is not None:
                 on_batch(rep)
 
-        result = harness_evaluate(spec, callback, model=self.model, tokenizer=self.tokenizer, samples=self.samples)
+        result = harness_evaluate(spec, callback, model=self.model, tokenizer=self.tokenizer, samples=self.samples,
+                                  prefill_store=self.prefill_store)
         self.evaluations += 1
         ev = evaluation_from_result(result)
         ev.history = history
         return ev
 
     def close(self) -> None:
-        self.model = self.tokenizer = self.samples = None
+        if self.prefill_store is not None:
+            self.prefill_store.close()
+        self.model = self.tokenizer = self.samples = self.prefill_store = None
 
 
 def evaluation_from_result(result: Any) -> Evaluation:
@@ -211,6 +237,7 @@ def evaluation_from_result(result: Any) -> Evaluation:
         "delta_ppl": result.delta["ppl"].value if "ppl" in result.delta else None,
         "honesty": {k: v for k, v in result.honesty.items() if k in ("checked", "passed", "memoised", "reason")},
         "reference": result.reference,
+        "prefill": result.prefill.model_dump() if result.prefill is not None else None,
         "complete": result.complete,
         "wall_s": result.wall_s,
         # the dtype the trial computed in (``auto`` resolved on the machine that ran it; best_policy.yaml carries it)

@@ -20,7 +20,7 @@ from ..errors import issues_from_validation
 from .evaluators import EvaluatorLookupError, get_evaluator_class
 from .space import check_policy_space
 from ..models import model_problem
-from .spec import AblationSpec, SweepConfigError, SweepSpec
+from .spec import PREFILL_SETTINGS, AblationSpec, SweepConfigError, SweepSpec
 
 __all__ = ["load_ablation", "load_sweep", "read_yaml_file"]
 
@@ -57,7 +57,10 @@ def _apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any] | None) 
     for key, value in (overrides or {}).items():
         if value is None:
             continue
-        if key in ("wandb_project",):
+        if key in PREFILL_SETTINGS:  # settings of the file's task (the evaluator's)
+            task = data.get("task")
+            data["task"] = {**(task if isinstance(task, Mapping) else {}), key: value}
+        elif key in ("wandb_project",):
             w = data.get("wandb")
             w = {"enabled": bool(w)} if isinstance(w, bool) else dict(w or {}) if not isinstance(w, str) else \
                 {"project": w}
@@ -111,7 +114,8 @@ def _validated(model: Any, source: str | Path | Mapping[str, Any], overrides: Ma
 def load_sweep(source: str | Path | Mapping[str, Any], overrides: Mapping[str, Any] | None = None,
                deep: bool = True) -> SweepSpec:
     """Read and validate a sweep file (or mapping). ``overrides`` are command-line values laid over the file's
-    (``n_trials``, ``samples``, ``output``, ``storage``, ``timeout``, ``wandb_project``, ``no_wandb``). The policy and
+    (``n_trials``, ``samples``, ``output``, ``storage``, ``timeout``, ``wandb_project``, ``no_wandb``, and the task's
+    prefill settings :data:`~.spec.PREFILL_SETTINGS`). The policy and
     every search path are always checked; with ``deep`` (the default) also the model name, the task and the metrics
     it produces (through the evaluator's ``check``; nothing is loaded). Raises :class:`SweepConfigError`."""
     spec, where = _validated(SweepSpec, source, overrides)
@@ -124,7 +128,12 @@ def load_sweep(source: str | Path | Mapping[str, Any], overrides: Mapping[str, A
     dup = sorted({m for m in spec.metrics if spec.metrics.count(m) > 1})
     if dup:
         issues.append(ConfigIssue("objectives", f"metric listed twice: {', '.join(dup)}"))
-    if spec.sampler.name == "grid":
+    if spec.sampler.name == "grid" and spec.conditional:
+        path = next(k for k, p in spec.space.items() if p.when)
+        issues.append(ConfigIssue(f"space.{path}.when", "the grid sampler cannot search a conditional space (a grid "
+                                                        "sets every parameter in every trial); use sampler: tpe, "
+                                                        "random or nsgaii"))
+    elif spec.sampler.name == "grid":
         for path, p in spec.space.items():
             if p.grid_values() is None:
                 issues.append(ConfigIssue(f"space.{path}", "the grid sampler needs a step for a float range "

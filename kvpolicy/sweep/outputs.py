@@ -4,7 +4,6 @@ policy under ``pareto/``), ``summary.json`` (best trials, Pareto front, paramete
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -13,30 +12,13 @@ from typing import Any
 from ..io import atomic_write_text, json_default
 from ..provenance import versions
 from .harness import HarnessEvaluator
+from .importance import importance_warning, importances
 from .plots import write_plots
 from .records import best_trials, complete_trials, knee, trial_record, write_tables
 from .spec import SweepSpec
 from .storage import ATTR_PREFIX, safe_url
 
-__all__ = ["importances", "policy_yaml", "trial_evaluation", "write_study_outputs"]
-
-
-def importances(study: Any, spec: SweepSpec) -> dict[str, dict[str, float]]:
-    import optuna
-
-    out: dict[str, dict[str, float]] = {}
-    done = complete_trials(study)
-    if len(done) < 5 or not any(t.params for t in done):
-        return out
-    for i, m in enumerate(spec.metrics):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                imp = optuna.importance.get_param_importances(study, target=lambda t, i=i: t.values[i])
-            out[m] = {k: float(v) for k, v in imp.items()}
-        except Exception:  # noqa: BLE001 - too few distinct values, a single parameter...
-            continue
-    return out
+__all__ = ["policy_yaml", "trial_evaluation", "write_study_outputs"]
 
 
 def trial_evaluation(t: Any, spec: SweepSpec) -> dict[str, Any] | None:
@@ -64,9 +46,11 @@ def policy_yaml(t: Any, spec: SweepSpec, label: str) -> str:
     if evaluation is not None:
         doc["evaluation"] = evaluation
     vals = ", ".join(f"{m} {v:.6g}" for m, v in zip(spec.metrics, t.values, strict=False))
+    branch = t.user_attrs.get(ATTR_PREFIX + "branch")
     head = (f"# {label}: study {spec.name!r}, trial {t.number} ({vals})\n"
             f"# parameters: {json.dumps(t.params)}\n"
-            f"# load with kvpolicy.config.load_policy('<this file>')"
+            + (f"# branch: {branch}\n" if branch else "")
+            + "# load with kvpolicy.config.load_policy('<this file>')"
             + ("; re-measure with `kvpolicy run --policy <this file>` (evaluation: below)\n" if evaluation else "\n"))
     return head + yaml.safe_dump(doc, sort_keys=False)
 
@@ -92,6 +76,7 @@ def write_study_outputs(study: Any, spec: SweepSpec, out: Path, plots: bool = Tr
         "best_trials": [trial_record(t, spec.metrics) for t in best],
         "pareto_front": spec.multi_objective,
         "importances": importances(study, spec),
+        "importance_warning": importance_warning(study),
         "sweep": json.loads(spec.model_dump_json()),
         "written": datetime.now(timezone.utc).isoformat(),
         "versions": versions(),
@@ -116,7 +101,8 @@ def write_study_outputs(study: Any, spec: SweepSpec, out: Path, plots: bool = Tr
                 if old.name not in keep:
                     old.unlink(missing_ok=True)
     if plots:
-        summary["plots"] = [str(p.relative_to(out)) for p in write_plots(study, spec, out, rows)]
+        drawn = write_plots(study, spec, out, rows, chosen=None if chosen is None else chosen.number)
+        summary["plots"] = [str(p.relative_to(out)) for p in drawn]
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, default=json_default) + "\n")
     return summary
 

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..io import atomic_write_text, json_default
+from .conditions import branch_label
 from .spec import SweepSpec
 from .storage import ATTR_PREFIX
 
@@ -46,6 +47,8 @@ def trial_record(t: Any, spec_metrics: Sequence[str]) -> dict[str, Any]:
         rec.setdefault(k, v)
     for k, v in t.params.items():
         rec[f"params.{k}"] = v
+    # the part / branch choices the trial took (conditional spaces: which parameters it has; kvpolicy.sweep.conditions)
+    rec["branch"] = attrs.get(ATTR_PREFIX + "branch")
     rec["policy_name"] = (attrs.get(ATTR_PREFIX + "policy") or {}).get("name")
     rec["duration_s"] = t.duration.total_seconds() if t.duration is not None else None
     rec["datetime_start"] = t.datetime_start.isoformat() if t.datetime_start else None
@@ -59,10 +62,13 @@ def trial_record(t: Any, spec_metrics: Sequence[str]) -> dict[str, Any]:
 
 
 def table_rows(study: Any, spec: SweepSpec) -> list[dict[str, Any]]:
-    rows = [trial_record(t, spec.metrics) for t in study.get_trials(deepcopy=False)]
+    trials = study.get_trials(deepcopy=False)
+    rows = [trial_record(t, spec.metrics) for t in trials]
     pareto = {t.number for t in best_trials(study, spec)}
-    for r in rows:
+    for t, r in zip(trials, rows, strict=True):
         r["pareto"] = r["number"] in pareto
+        if r["branch"] is None and t.params:  # a study recorded before trials carried their branch
+            r["branch"] = branch_label(t.params, spec.space)
     return rows
 
 

@@ -114,20 +114,24 @@ def print_summary(console: Any, spec: SweepSpec, summary: Mapping[str, Any], out
         table.add_column("trial", justify="right")
         for m in spec.metrics:
             table.add_column(m, justify="right")
-        pcols = [k for k in best[0] if k.startswith("params.")]
+        # every parameter any listed trial has (a conditional parameter is absent from other branches' trials: "-")
+        pcols = list(dict.fromkeys(k for r in best for k in r if k.startswith("params.")))
         for c in pcols:
             table.add_column(c[len("params."):], justify="right")
         key = spec.metrics[-1] if spec.multi_objective else spec.metrics[0]
         for r in sorted(best, key=lambda r: (r.get(key) is None, r.get(key))):
             mark = " *" if r["number"] == summary.get("chosen_trial") else ""
             table.add_row(f"{r['number']}{mark}", *[fmt(r.get(m)) for m in spec.metrics],
-                          *[fmt(r.get(c)) for c in pcols])
+                          *[fmt(r[c]) if c in r else "-" for c in pcols])
         console.print(table)
         if spec.multi_objective:
             console.print(f"* chosen: {summary.get('chosen_rule')}")
     imp = summary.get("importances") or {}
     for m, vals in imp.items():
         console.print(f"parameter importance for {m}: " + ", ".join(f"{k} {v:.2f}" for k, v in vals.items()))
+    drawn = any(str(p).startswith("plots/importance") for p in summary.get("plots") or [])
+    if summary.get("importance_warning") and (imp or drawn):
+        console.print(f"[yellow]warning: {summary['importance_warning']}[/]", soft_wrap=True)
     files = ["trials.csv", "trials.json", "best_policy.yaml", "summary.json"]
     console.print(f"results in {out}: " + ", ".join(f for f in files if (out / f).exists())
                   + (f", plots/ ({len(summary.get('plots', []))} PNG)" if summary.get("plots") else ""))

@@ -50,6 +50,7 @@ from .space import SpaceParam
 
 __all__ = [
     "METRICS",
+    "PREFILL_SETTINGS",
     "PRUNERS",
     "RUN_SETTINGS",
     "SAMPLERS",
@@ -268,7 +269,11 @@ class WandbSpec(BaseModel):
 _NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 #: task settings that change how fast a trial runs or where files go, not its values: a study may be resumed with
 #: other values of these
-RUN_SETTINGS = ("threads", "device", "reference_dir", "use_reference_cache", "check_ratio0", "sleep_s")
+#: the task settings of how prefills are shared between trials (EvalSpec's fields; a trial's numbers are the same
+#: with or without a shared prefill, see kvpolicy.eval.compare) - also command-line overrides of ``sweep``/``ablate``
+PREFILL_SETTINGS = ("share_prefill", "prefill_cache_gb", "prefill_spill", "prefill_spill_dir")
+RUN_SETTINGS = ("threads", "device", "reference_dir", "use_reference_cache", "check_ratio0", "sleep_s",
+                *PREFILL_SETTINGS)
 
 
 class SweepSpec(BaseModel):
@@ -319,6 +324,11 @@ class SweepSpec(BaseModel):
     def metrics(self) -> list[str]:
         return [o.metric for o in self.objectives]
 
+    @property
+    def conditional(self) -> bool:
+        """Some parameter is searched only for some choices (``when:``, :mod:`kvpolicy.sweep.conditions`)."""
+        return any(p.when for p in self.space.values())
+
     def output_dir(self) -> Path:
         return Path(self.output) if self.output else Path("results") / "sweeps" / self.name
 
@@ -355,7 +365,8 @@ class SweepSpec(BaseModel):
         return {
             "model": self.model,
             "evaluator": self.evaluator,
-            "task": {k: v for k, v in self.task.items() if k not in RUN_SETTINGS},
+            # `split: all` is the default: writing it must not make a study created without it unresumable
+            "task": {k: v for k, v in self.task.items() if k not in RUN_SETTINGS and not (k == "split" and v == "all")},
             "samples": self.samples,
             "policy": self.policy,
             "space": {k: v.model_dump(exclude_defaults=True) for k, v in self.space.items()},

@@ -109,8 +109,10 @@ def _make_sampler(spec: SweepSpec, seed_offset: int) -> Any:
         startup = spec.sampler.n_startup_trials
         if startup is None:
             startup = min(10, max(3, spec.target_trials() // 3))
+        # group: a conditional space is modelled per group of parameters that occur together (Optuna's TPE needs it
+        # to model parameters that only some trials have); an unconditional study keeps the sampler it always had
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True,
-                                          constant_liar=True)
+                                          constant_liar=True, **({"group": True} if spec.conditional else {}))
 
 
 def _make_pruner(spec: SweepSpec) -> Any:

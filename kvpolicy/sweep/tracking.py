@@ -167,6 +167,7 @@ class WandbTracker:
                 "trial": trial.number,
                 "policy": trial.user_attrs.get(ATTR_PREFIX + "policy"),
                 "params": trial.params,
+                "branch": trial.user_attrs.get(ATTR_PREFIX + "branch"),  # W&B groups runs by it (part choices)
                 "model": spec.model,
                 "evaluator": spec.evaluator,
                 "task": spec.task,

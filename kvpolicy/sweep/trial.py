@@ -17,6 +17,7 @@ from typing import Any
 
 from ..config import policy_to_dict, read_policy_document, resolve_policy
 from ..io import append_jsonl, atomic_write_text, json_default
+from .conditions import branch_label
 from .evaluation import BatchReport, Evaluation
 from .records import complete_trials, finite, fmt, trial_record, write_tables
 from .space import expand_params, suggest_params
@@ -76,6 +77,7 @@ def run_trial(run: TrialRun, trial: Any) -> str:
 
     t0 = time.perf_counter()
     params = suggest_params(trial, run.spec.space)
+    trial.set_user_attr(ATTR_PREFIX + "branch", branch_label(params, run.spec.space))
     label = ", ".join(f"{k}={fmt(v)}" for k, v in params.items())
     run.progress.update(run.samples_task, description=f"trial {trial.number}", completed=0, total=run.spec.samples,
                         visible=True, info=label)

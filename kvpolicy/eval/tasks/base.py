@@ -100,6 +100,12 @@ class Task:
     def load(self, tokenizer: Any, samples: int, seed: int, options: BaseModel) -> list[Sample]:
         raise NotImplementedError
 
+    def check(self, tokenizer: Any, samples: int, seed: int, options: BaseModel) -> None:
+        """Raise :class:`TaskError` when :meth:`load` could not give what ``options`` ask with this tokenizer (a
+        prompt length the data cannot fill). Run before the model loads when the tokenizer is on disk
+        (:func:`kvpolicy.eval.preflight.prepare`); :meth:`load` must refuse the same cases. Default: nothing to
+        check."""
+
 
 # ------------------------------------------------------------------------------------------------ helpers
 @lru_cache(maxsize=8)
@@ -179,6 +185,14 @@ def question_tokens(tokenizer: Any, prompt_ids: list[int], context: str, questio
             break
         k += 1
     return len(prompt_ids) - k if 0 < k < len(prompt_ids) else 0
+
+
+def split_question(tokenizer: Any, ids: list[int], context: str, question: str, options: BaseModel) -> int:
+    """``Sample.question_tokens`` under the task's ``query_aware`` option: 0 (one prompt) when query-aware, else the
+    trailing tokens of ``ids`` that form the question chunk (:func:`question_tokens`)."""
+    if getattr(options, "query_aware", True):
+        return 0
+    return question_tokens(tokenizer, ids, context, question, getattr(options, "chat", None))
 
 
 def fit_lines(text: str, budget: int, measure: Callable[[str], int]) -> str:
@@ -304,5 +318,6 @@ __all__ = [
     "question_tokens",
     "read_data",
     "register_task",
+    "split_question",
     "text_tokenizer",
 ]

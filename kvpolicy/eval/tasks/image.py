@@ -40,6 +40,7 @@ from .base import (
     permutation,
     register_task,
 )
+from .split import SplitOption, split_label, split_rows
 
 #: what is teacher-forced: the full cache's greedy answer (the paper's protocol) or the dataset's answer
 TargetKind = Literal["reference", "gold"]
@@ -81,14 +82,18 @@ def image_samples(
     target: TargetKind,
     max_new_tokens: int,
     chat: bool | None,
+    split: str = "all",
 ) -> list[Sample]:
-    """Draw ``samples`` rows (seeded permutation, or file order without ``shuffle``), open their images and build the
-    prompts with the processor's chat template (:func:`kvpolicy.eval.tasks.image_prompt`)."""
+    """Draw ``samples`` rows of ``split`` (by id, :mod:`.split`; seeded permutation, or file order without
+    ``shuffle``), open their images and build the prompts with the processor's chat template
+    (:func:`kvpolicy.eval.tasks.image_prompt`)."""
     if not rows:
         raise TaskError(f"{task}: no samples to draw from")
+    rows = split_rows(rows, split, lambda r: r.id)
     if samples > len(rows):
-        raise TaskError(f"{task}: the data has {len(rows)} samples; asked for {samples}")
-    order = permutation(len(rows), samples, seed, pool_key) if shuffle else range(samples)
+        where = "" if split == "all" else f" in split {split!r}"
+        raise TaskError(f"{task}: the data has {len(rows)} samples{where}; asked for {samples}")
+    order = permutation(len(rows), samples, seed, split_label(pool_key, split)) if shuffle else range(samples)
     out = []
     for i in order:
         row = rows[i]
@@ -123,7 +128,7 @@ def _split_list(value: Any) -> Any:
 
 
 # ================================================================================================== MM-Vet
-class MMVetOptions(BaseModel):
+class MMVetOptions(SplitOption):
     model_config = ConfigDict(extra="forbid")
 
     path: str = Field(description="the MM-Vet folder (mm-vet.json and images/), or its mm-vet.json (images/ beside it)")
@@ -253,11 +258,12 @@ class MMVet(Task):
             target=options.target,
             max_new_tokens=options.max_new_tokens,
             chat=options.chat,
+            split=options.split,
         )
 
 
 # ================================================================================================== LLaVA detail
-class LlavaDetailOptions(BaseModel):
+class LlavaDetailOptions(SplitOption):
     model_config = ConfigDict(extra="forbid")
 
     path: str = Field(description="LLaVA instruction JSON (detail_23k.json, llava_instruct_150k.json, ...)")
@@ -354,6 +360,7 @@ class LlavaDetail(Task):
             target=options.target,
             max_new_tokens=options.max_new_tokens,
             chat=options.chat,
+            split=options.split,
         )
 
 

@@ -14,6 +14,7 @@ the committed data cannot fill is an error naming the maximum.
 
 Samples: ``--samples`` counts them in total, dealt round-robin over the selected ``tasks`` (so the first ``n`` of a
 larger run are the same ``n``); sample ``j`` of a task comes from ``random.Random(f"ruler-{task}-{seed}-{j}")``.
+``split: dev | test`` keeps the candidates whose needles (:func:`needle_key`) hash into the split (:mod:`.split`).
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .base import Sample, Task, TaskError, chat_prompt, encode, question_tokens, register_task
+from .base import Sample, Task, TaskError, chat_prompt, encode, register_task, split_question
 from .ruler_gen import CommonWords, FreqWords, Niah, Parts, VariableTracking
-from .ruler_text import NIAH_TASKS, RULER_TASKS, TOKENS_TO_GENERATE, RulerTaskName, family
+from .ruler_text import CWE_NUM, NIAH_TASKS, RULER_TASKS, TOKENS_TO_GENERATE, RulerTaskName, family
+from .split import SplitOption, draw_in_split, needles_key, split_id
 
 #: a fitted prompt is at least this fraction of ``context_tokens``
 LENGTH_TOLERANCE = 0.98
@@ -36,7 +38,7 @@ VT_EXAMPLE_TOKENS = 500
 CWE_LONG_FROM = 4096
 
 
-class RulerOptions(BaseModel):
+class RulerOptions(SplitOption):
     model_config = ConfigDict(extra="forbid")
     context_tokens: int = Field(
         default=4096, ge=256, le=1 << 20, description="prompt length in the model's tokens (the field's standard: 4096)"
@@ -132,25 +134,34 @@ class Ruler(Task):
         assert isinstance(options, RulerOptions)
         return [self.sample(tokenizer, task, j, seed, options) for task, j in spread(list(options.tasks), samples)]
 
-    def generator(self, tokenizer: Any, task: str, rng: random.Random, options: RulerOptions) -> Generator:
+    def draw(self, task: str, rng: random.Random, options: RulerOptions) -> tuple[Generator, Any]:
+        """A sample's random content, drawn without tokenising: the generator, and for ``vt`` the in-context example
+        still to be fitted (:meth:`generator` does that) - so that a split can reject candidates cheaply."""
         if task in NIAH_TASKS:
-            return Niah(rng, NIAH_TASKS[task])
+            return Niah(rng, NIAH_TASKS[task]), None
         if task == "cwe":
             answer = options.max_new_tokens or TOKENS_TO_GENERATE["cwe"]
-            return CommonWords(rng, long=options.context_tokens + answer >= CWE_LONG_FROM)
+            return CommonWords(rng, long=options.context_tokens + answer >= CWE_LONG_FROM), None
         if task == "fwe":
-            return FreqWords(rng, options.context_tokens)
+            return FreqWords(rng, options.context_tokens), None
         example = VariableTracking(rng, example=True)
+        return VariableTracking(rng), example  # the same draws, in the same order, as with the example fitted first
 
-        def plain(p: Parts) -> int:
-            return len(encode(tokenizer, p.context + p.question + p.answer_prefix))
+    def generator(self, tokenizer: Any, drawn: tuple[Generator, Any]) -> Generator:
+        gen, example = drawn
+        if example is not None:
 
-        shot, _, _ = fit(example, plain, VT_EXAMPLE_TOKENS, "vt example")
-        return VariableTracking(rng, icl=example.solved(shot))
+            def plain(p: Parts) -> int:
+                return len(encode(tokenizer, p.context + p.question + p.answer_prefix))
+
+            shot, _, _ = fit(example, plain, VT_EXAMPLE_TOKENS, "vt example")
+            gen.icl = example.solved(shot)
+        return gen
 
     def sample(self, tokenizer: Any, task: str, j: int, seed: int, options: RulerOptions) -> Sample:
-        rng = random.Random(f"ruler-{task}-{seed}-{j}")
-        gen = self.generator(tokenizer, task, rng, options)
+        drawn, _ = draw_in_split(options.split, f"ruler-{task}-{seed}-{j}", lambda r: self.draw(task, r, options),
+                                 lambda d: needle_key(d[0]))
+        gen = self.generator(tokenizer, drawn)
 
         def prompt(p: Parts) -> list[int]:
             return chat_prompt(tokenizer, p.context + p.question, p.answer_prefix.strip(), options.chat)
@@ -159,11 +170,10 @@ class Ruler(Task):
         if task == "fwe":
             check_fwe_answer(gen, units)
         ids = prompt(parts)
-        split = 0 if options.query_aware else question_tokens(tokenizer, ids, parts.context, parts.question, options.chat)
         return Sample(
-            id=f"ruler-{task}-{seed}-{j:04d}",
+            id=split_id(f"ruler-{task}-{seed}", options.split, j),
             prompt_ids=ids,
-            question_tokens=split,
+            question_tokens=split_question(tokenizer, ids, parts.context, parts.question, options),
             target_ids=encode(tokenizer, parts.target),
             generate=True,
             max_new_tokens=options.max_new_tokens or TOKENS_TO_GENERATE[family(task)],
@@ -175,6 +185,19 @@ class Ruler(Task):
         )
 
 
+def needle_key(gen: Generator) -> str:
+    """What a sample hides and asks about, which decides its split: the needles (niah), the variable chain (vt), the
+    common words to list (cwe), the three most frequent coded words (fwe)."""
+    if isinstance(gen, Niah):
+        return needles_key(gen.needles)
+    if isinstance(gen, VariableTracking):
+        return needles_key(gen.chain)
+    if isinstance(gen, CommonWords):
+        return "cwe:" + " ".join(gen.words[:CWE_NUM])
+    assert isinstance(gen, FreqWords)
+    return "fwe:" + " ".join(gen.vocab[1:4])
+
+
 def check_fwe_answer(gen: Generator, units: int) -> None:
     """RULER's ``fwe`` answer is only well defined when the third answer word is strictly more frequent than the next
     word (short contexts can tie them)."""
@@ -184,4 +207,4 @@ def check_fwe_answer(gen: Generator, units: int) -> None:
         raise TaskError(f"ruler fwe: {units} words leave the three most frequent words tied; use more context_tokens")
 
 
-__all__ = ["LENGTH_TOLERANCE", "Ruler", "RulerOptions", "check_fwe_answer", "fit", "largest", "spread"]
+__all__ = ["LENGTH_TOLERANCE", "Ruler", "RulerOptions", "check_fwe_answer", "fit", "largest", "needle_key", "spread"]

@@ -1,0 +1,207 @@
+"""A policy's cache built from a recorded prefill (:mod:`kvpolicy.core.recording`) by the engine's own code.
+
+:func:`replay` feeds each policy layer the recorded keys and values through
+:meth:`~kvpolicy.core.layer.PolicyLayer.update` (the stage machine: storage, pending prefill stage), the recorded
+validity through :meth:`~kvpolicy.core.layer.PolicyLayer.mark_new_tokens`, computes the statistics the policy declared
+with :func:`~kvpolicy.core.statistics.step_statistics` (the function the attention function calls) from the recorded
+queries, and lets :meth:`~kvpolicy.core.layer.PolicyLayer.finish_step` run the budget, the allocator, the scorer and
+the reducer. Nothing here decides what to keep.
+
+What equals what: the statistics a layer's parts see are computed by the same kernel from the same queries and keys as
+in the direct path, *given the same layer inputs*. The inputs are the full cache's, so they equal the direct path's
+wherever the direct path's earlier layers produced the full cache's outputs: always for a policy without whole-prompt
+statistics; for one with them, the direct path computes a layer about to be compressed with a one-pass kernel equal to
+SDPA only up to float rounding (``docs/architecture.md``), and the later layers of its replay differ by that rounding.
+
+Whole-model allocation: because every layer's prefill is at hand before any is compressed, an allocator's optional
+``model_keep`` (:class:`~kvpolicy.core.policy.ModelView`) may fix every layer's budget at once; the cache's
+``allocation`` then says ``"whole-model"``.
+
+Probes (:class:`~kvpolicy.core.policy.ProbeStat`, KVzip): a policy whose prefill stage waits for a probe waits here
+too; the probe then runs through the model on the replayed cache, which still holds the whole recorded prompt (the
+recording keeps its ``input_ids``), exactly as the direct path runs it after its prefill forward. Its statistic
+depends on the prompt, the model and the probe only, so the first replay that needs it computes it for every policy
+layer and keeps it with the recording (``LayerRecording.statistics``): later policies of a grid reuse it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from .cache import PolicyCache
+from .engine import BACKENDS, make_cache
+from .layer import PolicyLayer, take_active_layer
+from .partcheck import PartError, part_label
+from .policy import AttentionStat, CachePolicy, ModelView, ProbeStat, QueryStat
+from .probe import ProbeError, ProbeScores
+from .querystats import QueryStats
+from .recording import LayerRecording, OtherLayer, PrefillRecording
+from .statistics import received_per_query_head, step_statistics
+
+__all__ = ["can_share", "full_cache", "replay"]
+
+
+def can_share(policy: CachePolicy | None, model: Any) -> str | None:
+    """Why ``policy`` cannot be replayed from a recorded prefill of ``model`` (``None``: it can), for a harness that
+    then runs the direct path and says why.
+
+    Checked and not a reason today: ``compressed_positions`` (it re-positions tokens *after* the prefill: the shift is
+    only applied once a layer is prefilled), a chunked prefill (the engine's prefill is one forward; chunks appended
+    after it, :meth:`~kvpolicy.core.cache.PolicyCache.appending`, run through the model on each replayed cache), the
+    eager backend (the recording runs the same backend as the direct path: its pristine outputs are the same call),
+    decode scorers, merges and per-slot state (they act after the prefill, on the replayed cache, by the same code)."""
+    impl = model.config.get_text_config(decoder=True)._attn_implementation
+    if impl not in BACKENDS.values():
+        return f"the model's attention implementation is {impl!r}, not kvpolicy's (kvpolicy.attach(model) first)"
+    return None
+
+
+def _check(cache: Any, recording: PrefillRecording) -> None:
+    """The recording was made on a model with this cache's layers (a policy layer where the cache has one)."""
+    if len(cache.layers) != len(recording.layers):
+        raise ValueError(f"recording: {len(recording.layers)} layers recorded for a cache of {len(cache.layers)}")
+    if not isinstance(cache, PolicyCache):
+        return
+    for i, (layer, rec) in enumerate(zip(cache.layers, recording.layers)):
+        if isinstance(layer, PolicyLayer) != isinstance(rec, LayerRecording):
+            raise ValueError(f"recording: layer {i} was recorded as a {type(rec).__name__}, the cache has a "
+                             f"{type(layer).__name__}")
+
+
+def _feed(layer: PolicyLayer, rec: LayerRecording) -> tuple[dict, dict | None]:
+    """One recorded prefill step into ``layer``, up to its statistics (what the attention function does before
+    ``finish_step``, with the recorded tensors in place of the forward's). A statistic another replay of the same
+    recording already computed is reused (a copy: parts must not write into it, and a copy makes sure of it)."""
+    layer.update(rec.keys, rec.values)
+    take_active_layer(layer.layer_idx)  # the hand-off is meant for an attention call, and none follows
+    new_valid = layer.mark_new_tokens(rec.valid)
+    needs = layer.pending_needs()
+    memo = rec.statistics
+    # a ProbeStat always goes in: the step gives the probe its start positions (its statistic comes after, _probe)
+    todo = frozenset(need for need in needs if need not in memo or isinstance(need, ProbeStat))
+    stats, queries = step_statistics(
+        layer, rec.query, layer.keys, new_valid, todo, rec.scaling, rec.position_ids, lse=rec.lse
+    )
+    for need in todo:
+        if isinstance(need, QueryStat):
+            memo[need] = queries[need]
+        elif isinstance(need, AttentionStat):
+            memo[need] = stats[need.window]
+    attention = {need.window: memo[need].clone() for need in needs if isinstance(need, AttentionStat)}
+    asked = {need: _copy(memo[need]) for need in needs if isinstance(need, QueryStat)}
+    return attention, asked or None
+
+
+def _copy(stats: QueryStats) -> QueryStats:
+    return dataclasses.replace(
+        stats,
+        mean=stats.mean.clone(),
+        covariance=None if stats.covariance is None else stats.covariance.clone(),
+        count=stats.count.clone(),
+        next_position=stats.next_position.clone(),
+    )
+
+
+def _model_keep(cache: PolicyCache, policy: CachePolicy, steps: list, model_keep: Any) -> None:
+    """Ask the allocator's ``model_keep`` for every policy layer's budget, before any layer is compressed."""
+    layers: list[PolicyLayer] = [layer for layer, _, _ in steps]
+    recs: list[LayerRecording] = [rec for _, rec, _ in steps]
+
+    def head_attention(i: int) -> torch.Tensor:
+        rec = recs[i]
+        valid = rec.valid[:, None].expand(-1, rec.keys.shape[1], -1)
+        return received_per_query_head(rec.query, rec.keys, valid, rec.valid, rec.scaling)
+
+    n_tokens = layers[0].n_tokens
+    view = ModelView(
+        layers=[layer.view("prefill", *stats) for layer, _, stats in steps],
+        keep=policy.budget.prefill_keep(n_tokens),
+        n_tokens=n_tokens,
+        head_attention=head_attention,
+    )
+    keep = model_keep(view)
+    if keep is None:
+        return
+    want = f"expected int64 [L, B] = [{len(layers)}, {n_tokens.shape[0]}] entries per policy layer and row"
+    if not isinstance(keep, torch.Tensor) or keep.dim() != 2 or keep.shape[0] != len(layers):
+        got = f"shape {tuple(keep.shape)}" if isinstance(keep, torch.Tensor) else type(keep).__name__
+        raise PartError(part_label(policy, "allocator"), f"model_keep returned {got}; {want}")
+    for layer, k in zip(layers, keep):
+        layer.plan_prefill_keep(k)
+    cache.allocation = "whole-model"
+
+
+def _probe(model: Any, cache: PolicyCache, recording: PrefillRecording) -> ProbeScores:
+    """The probe statistics of ``cache``'s policy (:mod:`kvpolicy.core.probe`) per policy layer, computed once per
+    recording: the first replay that needs one runs the probe on its cache (every layer still holds the whole recorded
+    prompt) for every policy layer and keeps the result with the recording; later replays read copies of it."""
+    needs = cache.probe_needs
+    if not needs:
+        return {}
+    pairs = list(zip(cache.policy_layers, recording.policy_layers, strict=True))  # in order (checked by _check)
+    if any(need not in rec.statistics for _, rec in pairs for need in needs):
+        if recording.input_ids is None:
+            raise ProbeError("kvpolicy: the recording holds no input_ids (its forward passed embeddings), which a "
+                             "probe needs: run this policy directly")
+        cache.prompt_ids = recording.input_ids
+        got = cache.run_probe(model, every_layer=True)
+        for layer, rec in pairs:
+            rec.statistics.update(got[layer.layer_idx])
+    return {layer.layer_idx: {need: rec.statistics[need].clone() for need in needs} for layer, rec in pairs}
+
+
+def replay(
+    model: Any, policy: CachePolicy, recording: PrefillRecording, whole_model: bool = True, tokenizer: Any = None
+) -> PolicyCache:
+    """``policy``'s cache after the recorded prefill, built by the engine's stage machine from ``recording`` (made on
+    the same ``model``, attached). The caller continues from it as from a cache its own prefill filled (decode,
+    teacher forcing, an appended question chunk); the prefill's logits are ``recording.logits``.
+
+    ``whole_model``: let an allocator with ``model_keep`` fix every layer's budget from the whole prompt (``False``:
+    its per-layer rule, as on the direct path). ``tokenizer``: for a probe that encodes text, as
+    :func:`~kvpolicy.core.engine.make_cache` takes it."""
+    cache = make_cache(model, policy, tokenizer)
+    _check(cache, recording)
+    model_keep = getattr(policy.allocator, "model_keep", None) if whole_model else None
+    steps: list[tuple[PolicyLayer, LayerRecording, tuple[dict, dict | None]]] = []
+    cache.token_types.types = recording.token_types  # what the recorded forward's input ids said
+    try:
+        for layer, rec in zip(cache.layers, recording.layers):
+            if isinstance(layer, PolicyLayer):
+                assert isinstance(rec, LayerRecording)
+                stats = _feed(layer, rec)
+                if model_keep is None:  # one uncompressed layer at a time, as on the direct path
+                    layer.finish_step(*stats)
+                else:
+                    steps.append((layer, rec, stats))
+            else:
+                assert isinstance(rec, OtherLayer)
+                rec.restore(layer)
+        if steps:
+            _model_keep(cache, policy, steps, model_keep)
+            for layer, _, stats in steps:
+                layer.finish_step(*stats)
+    finally:
+        # later forwards read their token types from their own input ids, as on the direct path
+        cache.token_types.types = None
+    if cache.deferred:  # the prefill stage waits for a probe or for every layer's scores: as after a direct forward
+        cache.compress_deferred(_probe(model, cache, recording))
+    return cache
+
+
+def full_cache(model: Any, recording: PrefillRecording) -> DynamicCache:
+    """transformers' ``DynamicCache`` after the recorded prefill (the full-cache reference continues from it): the
+    recording's keys and values are the full cache's, padding columns included."""
+    cache = DynamicCache(config=model.config)
+    _check(cache, recording)
+    for layer, rec in zip(cache.layers, recording.layers):
+        if isinstance(rec, LayerRecording):
+            layer.update(rec.keys, rec.values)
+        else:
+            rec.restore(layer)
+    return cache
+
