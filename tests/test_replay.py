@@ -63,7 +63,7 @@ KERNEL = {
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _duo_scores(tmp_path_factory):
+def duo_scores(tmp_path_factory):
     """A random head-score table for the tiny models (2 layers x 2 kv heads), so duo_attention needs no calibration."""
     path = tmp_path_factory.mktemp("duo") / "scores.tsv"
     write_scores(path, torch.rand(2, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64))
@@ -75,16 +75,17 @@ def _duo_scores(tmp_path_factory):
 _DUO: dict[str, str] = {}
 
 
-def build_policy(name: str, ratio: float):
-    """The preset at ``ratio``; duo_attention gets a small window and the test's score table (48-column prompts);
-    the kvzip presets reconstruct the context in chunks of 14 tokens (4 probe forwards for the 48-token row, 3 for
-    the 41-token one: rows with different chunk counts)."""
+def build_policy(name: str, ratio: float, over: dict | None = None):
+    """The preset at ``ratio`` (``over``: further overrides) for prompts of 40-50 tokens. duo_attention gets a small
+    window and the test's score table (the module fixture ``duo_scores``; a module importing this function imports the
+    fixture too); the kvzip presets reconstruct the context in chunks of 14 tokens (4 probe forwards for a 48-token
+    row, 3 for a 41-token one: rows with different chunk counts)."""
     if name == "duo_attention":
         return _build_policy({"preset": name, "sinks": 2, "ratio": ratio,
-                              "reducer": {"recent": 6, "head_scores": _DUO["head_scores"]}}, None)
+                              "reducer": {"recent": 6, "head_scores": _DUO["head_scores"]}}, None, over)
     if name.startswith("kvzip"):
-        return _build_policy({"preset": name, "ratio": ratio, "encode": {"chunk_size": 14}}, None)
-    return _build_policy(name, ratio)
+        return _build_policy({"preset": name, "ratio": ratio, "encode": {"chunk_size": 14}}, None, over)
+    return _build_policy(name, ratio, over)
 
 
 #: the tokenizer KVzip's probe encodes its repeat prompt with (the tiny models have none); both paths get it

@@ -24,8 +24,10 @@ from kvpolicy.eval.honesty import ratio0_check
 from kvpolicy.eval.protocol import run_exact, run_policy, run_reference
 from kvpolicy.eval.runner import reference_from_row
 from kvpolicy.eval.tasks import Sample
-from kvpolicy.testing import VOCAB, build_model
+from kvpolicy.testing import VOCAB, CharTokenizer, build_model
 from test_replay import ATOL, KERNEL, SAME
+from test_replay import build_policy as preset_policy
+from test_replay import duo_scores  # noqa: F401 - autouse: the score table preset_policy gives duo_attention
 
 
 class DictStore:
@@ -42,7 +44,9 @@ class DictStore:
         return self.items[key]
 
 
-class _Tok:
+class _Tok(CharTokenizer):
+    """Decodes ids for ROUGE-L; encodes KVzip's repeat prompt (:class:`~kvpolicy.testing.CharTokenizer`)."""
+
     eos_token_id, pad_token_id, bos_token_id, chat_template = 2, 0, None, None
 
     def decode(self, ids, skip_special_tokens=True):
@@ -66,6 +70,7 @@ class Setting:
     """A tiny model's context with and without a prefill store, the batch, and its full-cache references."""
 
     def __init__(self, family: str, split: bool):
+        self.vlm = family == "llava"
         self.ctx = make_context(kvpolicy.attach(build_model(family)), _Tok(), kl_topk=32)
         self.store = DictStore()
         self.shared = dataclasses.replace(self.ctx, prefill_store=self.store)
@@ -103,9 +108,15 @@ def compare_rows(direct, shared, exact: bool, atol: float = ATOL) -> None:
 @pytest.mark.parametrize("preset", sorted(KERNEL))
 def test_shared_prefill_equals_the_direct_path(setting, preset, ratio):
     # d2o's per-prompt allocation happens only on a shared prefill (tests/test_replay_d2o.py): its per-layer rule here
+    # (duo_attention: a small window and a random score table; kvzip: chunks of 14, several probe forwards per row)
     over = {"allocator.per_prompt": False} if preset == "d2o" else None
-    direct = run_policy(setting.ctx, setting.samples, build_policy(preset, ratio, over), setting.refs)
-    shared = run_policy(setting.shared, setting.samples, build_policy(preset, ratio, over), setting.refs)
+    if setting.vlm and preset_policy(preset, ratio, over).probe_needs():
+        for ctx in (setting.ctx, setting.shared):  # a probe cannot re-read the images: refused on both paths
+            with pytest.raises(kvpolicy.UnsupportedModelError, match="vision-language"):
+                run_policy(ctx, setting.samples, preset_policy(preset, ratio, over), setting.refs)
+        return
+    direct = run_policy(setting.ctx, setting.samples, preset_policy(preset, ratio, over), setting.refs)
+    shared = run_policy(setting.shared, setting.samples, preset_policy(preset, ratio, over), setting.refs)
     compare_rows(direct, shared, KERNEL[preset] == SAME)
     assert setting.store.records == 1  # one recording for the batch, whatever the policy
 
