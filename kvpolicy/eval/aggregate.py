@@ -90,7 +90,9 @@ def side_metrics(samples: Sequence[SampleResult], side: str, n_boot: int, seed: 
         if any(v is not None for v in vals):
             arr = np.array([np.nan if v is None else v for v in vals], dtype=np.float64)
             out[name] = float(np.nanmean(arr))
-            out[f"{name}_ci"] = ci(lambda i, arr=arr: float(np.nanmean(arr[i])))
+            # a resample may draw only samples without the metric (NaN, no warning): the bootstrap drops those draws
+            out[f"{name}_ci"] = ci(lambda i, arr=arr: float(np.nanmean(arr[i])) if np.isfinite(arr[i]).any()
+                                   else float("nan"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a resample may hold only unanswered samples of a kind
         out.update(match_by_kind(samples, side, n_boot, seed))
