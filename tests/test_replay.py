@@ -226,7 +226,8 @@ def test_recording_round_trips_through_torch_save_weights_only(tmp_path):
     assert back.nbytes() == again.nbytes() == rec.nbytes()
     expected = sum(x.keys.nbytes + x.values.nbytes + x.query.nbytes + x.valid.nbytes + x.position_ids.nbytes
                    + (0 if x.lse is None else x.lse.nbytes) for x in rec.policy_layers)
-    expected += rec.logits.nbytes + rec.token_types.nbytes
+    expected += rec.logits.nbytes + rec.token_types.nbytes + rec.input_ids.nbytes
+    assert torch.equal(back.input_ids, fam.batch["input_ids"])  # what a probe reads
     assert all(x.lse is not None for x in rec.policy_layers)  # the recording ran the flash call (CPU, sdpa)
     assert rec.nbytes() == expected
     policy = build_policy("snapkv", 0.5)
