@@ -65,7 +65,7 @@ def heads(t: torch.Tensor, per_head: bool) -> torch.Tensor:
 
     The engine's attention statistics are already averaged over the query heads of each kv head, and every kv head
     has the same number of query heads, so the mean over kv heads is the mean over all query heads."""
-    t = t.to(torch.float32)
+    t = t if t.dtype == torch.float32 else t.to(torch.float32)
     return t if per_head else t.mean(dim=1, keepdim=True)
 
 
@@ -85,8 +85,12 @@ def recent(view: LayerView, n: int) -> torch.Tensor:
 
 
 def protect(view: LayerView, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``scores`` as ``[B, H, P]`` with ``+inf`` where ``mask``: such entries are kept first and never dropped."""
-    return full_shape(view, scores).masked_fill_(mask, INF)
+    """``scores`` as ``[B, H, P]`` with ``+inf`` where ``mask``: such entries are kept first and never dropped (a
+    new tensor; one out-of-place fill where the shapes allow, as every decode drop of a scorer calls this)."""
+    out = (scores if scores.dtype == torch.float32 else scores.to(torch.float32)).masked_fill(mask, INF)
+    if out.shape != (view.batch_size, view.num_heads, view.num_slots):
+        out = full_shape(view, out)
+    return out
 
 
 def protect_text(view: LayerView, scores: torch.Tensor, enabled: bool) -> torch.Tensor:
@@ -181,7 +185,8 @@ class AttentionAccumulator:
     def observe(self, view: LayerView) -> None:
         acc = self.accumulated(view)
         att = check_attention(view, 1, type(self).__name__)
-        acc.add_(heads(att, self.accumulate_per_head).masked_fill(~view.valid, 0.0))  # in place: engine storage
+        # in place: engine storage. Invalid slots receive exactly 0 from the engine (AttentionStat), so nothing to mask
+        acc.add_(heads(att, self.accumulate_per_head))
 
 
 # ======================================================================= heavy hitters + recent window (LOOK-M, D2O)

@@ -5,9 +5,10 @@ tiny GQA model that runs in a second on a CPU, a random :class:`~kvpolicy.core.p
 (left padding, freed slots, shuffled slots, per-head layouts, mixed TEXT / IMAGE entries, tied scores) to compare a
 part against a naive reference, and a policy whose effect is trivial to rebuild by hand. Nothing here imports pytest.
 
-* tiny models: :func:`build_model` (llama, qwen2, mistral, llava; 4 query / 2 kv heads, random init, no download; its
-  text decoder's keywords: :func:`tiny_text_config`), :func:`make_batch` (left-padded batches, optionally with
-  LLaVA image placeholders) and :class:`CharTokenizer` (text to ids for parts that encode text);
+* tiny models: :func:`build_model` (llama, qwen2, mistral, llava, and gemma3 with sliding-window layers of
+  :data:`TINY_WINDOW` columns; 4 query / 2 kv heads, random init, no download; its text decoder's keywords:
+  :func:`tiny_text_config`), :func:`make_batch` (left-padded batches, optionally with LLaVA image placeholders) and
+  :class:`CharTokenizer` (text to ids for parts that encode text);
 * views: :func:`make_view`, and what a reduction keeps of one: :func:`kept_entries`;
 * trivial parts and policies: :class:`KeepAll`, :class:`FirstLast`, :class:`PlainEvict`, :func:`keep_all_policy`,
   :func:`first_last_policy`.
@@ -27,6 +28,11 @@ from kvpolicy.core.selection import select_top
 VOCAB = 128
 PAD = 0
 IMAGE_TOKEN = 127
+#: the sliding window of the tiny ``gemma3`` model: short, so that prompts and generations of a test outrun it
+TINY_WINDOW = 8
+#: its layers: a sliding layer first (transformers sizes the sliding mask from the first one), a global one, another
+#: sliding one
+TINY_GEMMA_LAYERS = ("sliding_attention", "full_attention", "sliding_attention")
 
 
 def tiny_text_config(layers: int = 2) -> dict:
@@ -45,9 +51,13 @@ def tiny_text_config(layers: int = 2) -> dict:
 
 
 def build_model(family: str, seed: int = 0, attn: str = "sdpa") -> torch.nn.Module:
-    """A tiny random-init model of ``family`` (llama, qwen2, mistral, llava) with 4 query / 2 kv heads."""
+    """A tiny random-init model of ``family`` (llama, qwen2, mistral, llava, gemma3) with 4 query / 2 kv heads;
+    ``gemma3`` alternates sliding-window layers (:data:`TINY_WINDOW` columns) with a global one
+    (:data:`TINY_GEMMA_LAYERS`)."""
     from transformers import (
         CLIPVisionConfig,
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
         LlamaConfig,
         LlamaForCausalLM,
         LlavaConfig,
@@ -65,6 +75,15 @@ def build_model(family: str, seed: int = 0, attn: str = "sdpa") -> torch.nn.Modu
         model = Qwen2ForCausalLM(Qwen2Config(**tiny_text_config()))
     elif family == "mistral":
         model = MistralForCausalLM(MistralConfig(**tiny_text_config(), sliding_window=None))
+    elif family == "gemma3":
+        config = Gemma3TextConfig(
+            **{**tiny_text_config(len(TINY_GEMMA_LAYERS)), "max_position_embeddings": 512},
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=TINY_WINDOW,
+            layer_types=list(TINY_GEMMA_LAYERS),
+        )
+        model = Gemma3ForCausalLM(config)
     elif family == "llava":
         vision = CLIPVisionConfig(
             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=7

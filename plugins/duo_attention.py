@@ -167,8 +167,9 @@ class DuoReducer:
         self.check_table(text.num_hidden_layers, text.num_key_value_heads, policy_layers(model.config))
 
     def check_table(self, num_layers: int, num_heads: int, managed: list[int] | None = None) -> HeadScores:
-        """The table, checked against the model's shape (and, when known, the layers a policy manages: exactly
-        those must be scored)."""
+        """The table, checked against the model's shape (and, when known, the layers a head calibration scores,
+        :func:`kvpolicy.heads.store.policy_layers`: exactly those must be scored; a sliding-window layer is not, and
+        holds its window)."""
         table = self.table
         if table is None:
             raise RuntimeError(
@@ -182,8 +183,8 @@ class DuoReducer:
             )
         if managed is not None and table.scored_layers() != managed:
             raise HeadScoresError(
-                f"duo_attention: {table.source} scores layers {table.scored_layers()}, but the model's cache manages "
-                f"layers {managed} (its full-attention layers); score exactly those (nan for the others)"
+                f"duo_attention: {table.source} scores layers {table.scored_layers()}, but the model's heads are "
+                f"scored in layers {managed} (its full-attention layers); score exactly those (nan for the others)"
             )
         return table
 

@@ -20,7 +20,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from kvpolicy.hookspecs import PartSpec, PresetSpec, hookimpl
-from kvpolicy.parts import PROMPT_ATTENTION, STEP_ATTENTION, AttentionAccumulator, Tokens, build, protect, sinks
+from kvpolicy.parts import INF, PROMPT_ATTENTION, STEP_ATTENTION, AttentionAccumulator, Tokens, build
 from kvpolicy.core.policy import AttentionStat, LayerView
 
 PAPER = 'Xiao et al., ICLR 2024, "Efficient Streaming Language Models with Attention Sinks"'
@@ -45,8 +45,10 @@ class LocalDecodeParams(LocalParams):
 
 
 def _local_scores(view: LayerView, start_size: int) -> torch.Tensor:
-    """Positional rank (newer = higher), ``+inf`` for the sinks: ``[B, H, P]``."""
-    return protect(view, view.rank().to(torch.float32), sinks(view, start_size))
+    """Positional rank (newer = higher), ``+inf`` for the sinks: ``[B, H, P]`` (``protect`` and ``sinks`` written out:
+    the float rank is already a fresh full-shape tensor, and this runs at every decode drop)."""
+    rank = view.rank()
+    return rank.to(torch.float32).masked_fill_(view.valid & (rank < start_size), INF)
 
 
 class LocalScorer:

@@ -64,8 +64,9 @@ def engine_kl(model, item: CalibrationItem, layer: int, head: int, tmp_path) -> 
         ref = torch.log_softmax(model(input_ids=tail, past_key_values=plain).logits[0, item.first:], -1)
         cache = kvpolicy.make_cache(model, policy)
         model(input_ids=ctx, past_key_values=cache)
+        # a head holding less than its layer would uncompressed (a sliding layer: its window, not the context)
         streamed = [(pl.layer_idx, h) for pl in cache.policy_layers for h in range(pl.held().shape[1])
-                    if int(pl.held()[0, h]) < n]
+                    if int(pl.held()[0, h]) < int(pl.uncompressed()[0][0])]
         assert streamed == [(layer, head)]  # the engine streamed exactly this head
         with cache.appending():
             out = torch.log_softmax(model(input_ids=tail, past_key_values=cache).logits[0, item.first:], -1)
@@ -128,8 +129,9 @@ def tiny_gemma3() -> torch.nn.Module:
 
 
 def test_one_kv_head_model_scores_whole_full_attention_layers(tmp_path):
-    """Gemma 3: only the full-attention layers are managed by a policy, so only they are scored (nan rows for the
-    sliding ones), one unit per layer; the scores still equal the engine's."""
+    """Gemma 3: only the full-attention layers are scored (nan rows for the sliding ones, which duo_attention leaves
+    to their window), one unit per layer; the scores still equal the engine's (whose sliding layers hold their window
+    of the 70-token context, as transformers' sliding cache does in the calibration)."""
     model = tiny_gemma3()
     assert policy_layers(model.config) == [1, 3]
     data = items(count=1, length=70)

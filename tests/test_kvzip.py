@@ -12,8 +12,9 @@
   plain prefill with the kept positions (``kvzip`` scores, uniform per-head eviction), and nothing past the prompt;
 * the preset's selection across heads keeps the best ``H * keep`` entries of the layer by the statistic, sinks
   included, never a pad; ratio 0 generates exactly the plain cache's tokens and never runs the probe;
-* a Gemma 3 text model (sliding + full layers): after the probe the sliding layers hold exactly a plain prefill's
-  entries (the probe would have slid their window);
+* a Gemma 3 text model (sliding layers of 8 columns + a global one): the probe's tokens go through the sliding
+  layers under the model's own window — every layer's statistic equals the naive per-row reference, which runs the
+  plain model on ``context + chunk`` — and afterwards each sliding layer keeps half of its window, inside it;
 * ``kvzip_global`` keeps each layer's largest-remainder share of the row's best entries of all layers;
 * the chunks match KVzip's construction (kvpress's ``prepare``), and the errors name their fix.
 """
@@ -33,13 +34,13 @@ import kvpolicy
 from kvpolicy.config import load_policy
 from kvpolicy.core.kernels import probe_max_received
 from kvpolicy.core.probe import ProbeError
-from kvpolicy.testing import CharTokenizer, build_model, make_batch
+from kvpolicy.testing import TINY_GEMMA_LAYERS, TINY_WINDOW, CharTokenizer, build_model, make_batch
 
-CAPTURED: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+CAPTURED: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
 
 
 def _capture(module, query, key, value, attention_mask, **kwargs):
-    CAPTURED[module.layer_idx] = (query.detach().clone(), key.detach().clone())
+    CAPTURED[module.layer_idx] = (query.detach().clone(), key.detach().clone(), kwargs["scaling"])
     return eager_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -92,7 +93,8 @@ def naive_stat(ref, ctx: list[int], chunks, sinks: int, offset: int) -> list[tor
         with torch.no_grad():
             ref(input_ids=torch.tensor([seq]), position_ids=torch.arange(len(seq))[None] + offset)
         for layer in sorted(CAPTURED):
-            q, k = (t[0].double() for t in CAPTURED[layer])
+            q, k = (t[0].double() for t in CAPTURED[layer][:2])
+            scaling = CAPTURED[layer][2]
             hq, h, d = q.shape[0], k.shape[0], q.shape[-1]
             if len(out) <= layer:
                 out.append(torch.zeros(h, n, dtype=torch.float64))
@@ -101,7 +103,7 @@ def naive_stat(ref, ctx: list[int], chunks, sinks: int, offset: int) -> list[tor
                 kv = head // (hq // h)
                 for i in range(n, len(seq)):
                     cols = allowed_ctx + list(range(n, i + 1))
-                    logits = torch.stack([q[head, i] @ k[kv, j] for j in cols]) / math.sqrt(d)
+                    logits = torch.stack([q[head, i] @ k[kv, j] for j in cols]) * scaling
                     p = torch.softmax(logits, 0)
                     for j, pj in zip(cols, p.tolist()):
                         if c.start <= j < c.end:
@@ -175,7 +177,7 @@ def test_probe_entries_never_survive_and_the_next_step_matches_a_hand_built_cach
     mask = batch["attention_mask"]
     k0 = [[[layer.kept_positions(r, h) for h in range(2)] for r in range(2)] for layer in cache.policy_layers]
     for layer in cache.policy_layers:
-        assert layer.seen == length and not layer.deferred
+        assert layer.seen == length and not layer.waiting
         for r, p in enumerate(pads):
             for h in range(2):
                 kept = layer.kept_positions(r, h)
@@ -250,7 +252,7 @@ def test_errors_name_the_fix(model):
     batch = make_batch(1, 30, seed=1)
     with torch.no_grad():
         model.model(**batch, past_key_values=cache, use_cache=True)  # the inner decoder: no hook, no probe
-        with pytest.raises(RuntimeError, match="deferred prefill stage"):
+        with pytest.raises(RuntimeError, match="waiting prefill stage"):
             model.model(input_ids=torch.tensor([[5]]), past_key_values=cache, use_cache=True)
 
 
@@ -304,25 +306,34 @@ def test_global_budget_refuses_a_budget_that_grows(model):
     assert torch.equal(out[0] + out[1], keep[0] + keep[1])
 
 
-def test_sliding_window_layers_are_restored_after_the_probe():
-    """Gemma 3 (sliding layers + full layers): the probe's chunks would slide the window past the prompt; after the
-    prefill the sliding layers hold exactly a plain prefill's entries, and the full layers are compressed."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+def test_gemma3_probe_passes_the_sliding_layers_under_their_window():
+    """Gemma 3 (sliding layers of TINY_WINDOW columns around a global one): every layer waits with the whole prompt, the
+    probe's tokens attend through the sliding layers under the model's own window (so the statistic of every layer,
+    the later global one included, equals the naive reference running the plain model on context + chunk), and then
+    each sliding layer keeps half of the real tokens of its window, all inside it. Rows of 36 and 24 real tokens in
+    chunks of 12: the shorter row repeats its last chunk, so no row's chunk is padded (a padded chunk would shift a
+    sliding window by its padding columns, transformers' convention for left-padded batches)."""
+    gemma = kvpolicy.attach(build_model("gemma3", seed=4))
+    ref = build_model("gemma3", seed=4, attn="eager")
+    ref.set_attn_implementation("kvzip_test_capture")
+    pads, length = [0, 12], 36
+    batch = make_batch(2, length, pads=pads, seed=3)
+    policy = kvzip(chunk_size=12)
+    cache, got = prefill(gemma, policy, batch)
+    probe = policy.encode.need.probe
+    assert sorted(got) == list(range(len(TINY_GEMMA_LAYERS)))
+    for r, p in enumerate(pads):
+        ctx = batch["input_ids"][r, p:].tolist()
+        want = naive_stat(ref, ctx, probe.chunks(ctx, TOK), 4, 0)
+        for layer, w in enumerate(want):
+            torch.testing.assert_close(got[layer][r, :, p:].double(), w, atol=2e-6, rtol=1e-5)
+    for layer, kind in zip(cache.policy_layers, TINY_GEMMA_LAYERS):  # one ranking across the 2 kv heads of a layer
+        for r, p in enumerate(pads):
+            kept = [layer.kept_positions(r, h) for h in range(2)]
+            if kind == "sliding_attention":
+                assert sum(map(len, kept)) == 2 * TINY_WINDOW // 2
+                assert all(c >= length - TINY_WINDOW for k in kept for c in k)
+            else:
+                assert sum(map(len, kept)) == 2 * math.ceil((length - p) * 0.5)
+                assert all(set(range(p, p + 4)) <= set(k) for k in kept)  # the sinks stay
 
-    torch.manual_seed(0)
-    config = Gemma3TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
-                              layer_types=["sliding_attention", "full_attention"] * 2, pad_token_id=0)
-    gemma = kvpolicy.attach(Gemma3ForCausalLM(config).eval())
-    batch = make_batch(2, 30, pads=[0, 4], seed=3)
-    plain = DynamicCache(config=gemma.config)
-    cache = kvpolicy.make_cache(gemma, kvzip(chunk_size=12), tokenizer=TOK)
-    with torch.no_grad():
-        for c in (plain, cache):
-            gemma(**batch, past_key_values=c, use_cache=True)
-    for i in (0, 2):
-        assert cache.layers[i].get_seq_length() == 30
-        assert torch.equal(cache.layers[i].keys, plain.layers[i].keys)
-        assert torch.equal(cache.layers[i].values, plain.layers[i].values)
-    for layer in cache.policy_layers:
-        assert layer.held().sum(-1).tolist() == [2 * 15, 2 * 13]

@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
 
 import kvpolicy
 from kvpolicy.config import load_policy
@@ -33,14 +34,18 @@ def _padding_mask(valid: torch.Tensor, q: int) -> torch.Tensor:
     return (causal[None] & valid[:, None, :])[:, None]
 
 
-def naive_received(query, key, valid, query_valid, scaling, window, col0):
-    """Float64 softmax of every real query over the real keys at or before its column, summed over the last
-    ``window`` queries, mean over each group's query heads."""
+def naive_received(query, key, valid, query_valid, scaling, window, col0, sliding_window=None):
+    """Float64 softmax of every real query over the real keys at or before its column (and, with a
+    ``sliding_window``, less than that many columns before it), summed over the last ``window`` queries, mean over
+    each group's query heads."""
     b, hq, q, _ = query.shape
     h, p = key.shape[1], key.shape[2]
     g = hq // h
     logits = torch.einsum("bhqd,bhpd->bhqp", query.double(), key.double().repeat_interleave(g, 1)) * scaling
-    allowed = valid[:, None, None, :] & (torch.arange(p)[None, :] <= torch.arange(q)[:, None] + col0)
+    own = torch.arange(q)[:, None] + col0
+    allowed = valid[:, None, None, :] & (torch.arange(p)[None, :] <= own)
+    if sliding_window is not None:
+        allowed = allowed & (torch.arange(p)[None, :] > own - sliding_window)
     probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
     keep = query_valid.clone()
     if window is not None:
@@ -79,6 +84,42 @@ def test_outputs_equal_transformers_sdpa_bit_for_bit(dtype, pads, masked, hq, h)
     torch.testing.assert_close(lse[real].double(), ref[real], atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pads", [[0, 0], [0, 9]])
+@pytest.mark.parametrize("past", [0, 5])
+def test_sliding_layer_outputs_equal_transformers_sdpa_bit_for_bit(dtype, pads, past):
+    """A sliding-window layer: transformers' own sliding mask (``sdpa_mask`` with its sliding-window mask function
+    and the padding, as Gemma 3 builds it; queries after ``past`` cached columns), GQA; the outputs are transformers'
+    own bit for bit and the lse is that of the softmax over each query's window."""
+    from transformers.masking_utils import and_masks, padding_mask_function, sliding_window_causal_mask_function
+
+    torch.manual_seed(4)
+    b, hq, h, q, d, window = len(pads), 4, 2, 21, 16, 6
+    p = past + q
+    query = torch.randn(b, q, hq, d, dtype=dtype).transpose(1, 2)
+    key, value = torch.randn(b, h, p, d, dtype=dtype), torch.randn(b, h, p, d, dtype=dtype)
+    valid = torch.ones(b, p, dtype=torch.bool)
+    for r, n in enumerate(pads):
+        valid[r, :n] = False
+    mask_fn = and_masks(sliding_window_causal_mask_function(window), padding_mask_function(valid))
+    mask = sdpa_mask(batch_size=b, q_length=q, kv_length=p, q_offset=past, mask_function=mask_fn,
+                     attention_mask=valid, local_size=window)
+    assert mask is not None  # the window binds: transformers materialises the mask
+    module = _module(hq, h)
+    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=d**-0.5, sliding_window=window)
+    got = sdpa_with_lse(module, query, key, value, mask, scaling=d**-0.5, sliding_window=window)
+    assert got is not None
+    out, lse = got
+    assert torch.equal(out, expected)
+    logits = torch.einsum("bhqd,bhpd->bhqp", query.double(), key.double().repeat_interleave(hq // h, 1)) * d**-0.5
+    own = torch.arange(q)[:, None] + past
+    allowed = (torch.arange(p)[None, :] <= own) & (torch.arange(p)[None, :] > own - window) & valid[:, None, None, :]
+    ref = torch.logsumexp(logits.masked_fill(~allowed, float("-inf")), -1)
+    real = valid[:, None, past:].expand(b, hq, q)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(lse[real].double(), ref[real], atol=tol, rtol=tol)
+
+
 def test_causal_call_with_more_keys_slices_like_transformers():
     """No mask, more keys than queries: transformers slices the keys to the queries' length; so does the copy."""
     torch.manual_seed(1)
@@ -110,10 +151,12 @@ def test_calls_the_flash_kernel_cannot_reproduce_answer_none():
 @pytest.mark.parametrize("window", [None, 5, 1])
 @pytest.mark.parametrize("block", [(1, 1), (4, 3), (7, 64), (None, None)])
 @pytest.mark.parametrize("col0", [0, 6])
-def test_statistics_equal_a_naive_full_softmax(dtype, window, block, col0):
+@pytest.mark.parametrize("sliding", [None, 4])
+def test_statistics_equal_a_naive_full_softmax(dtype, window, block, col0, sliding):
     """GQA, left padding (keys and queries), queries after earlier columns (``col0``), windows, blocks down to one
-    query by one key and blocks whose diagonal spans tiles: the statistics from the kernel's lse equal a float64
-    softmax over every query and key."""
+    query by one key and blocks whose diagonal spans tiles, a sliding-window layer's band (its lse made under the
+    band, as its mask makes it): the statistics from the kernel's lse equal a float64 softmax over every query and
+    key."""
     torch.manual_seed(2)
     b, hq, h, q, d = 3, 6, 2, 19, 16
     p = col0 + q
@@ -123,15 +166,19 @@ def test_statistics_equal_a_naive_full_softmax(dtype, window, block, col0):
     for r, n in enumerate([0, 3, 10]):
         valid[r, :n] = False
     query_valid = valid[:, col0:]
-    mask = torch.arange(p)[None, :] <= torch.arange(q)[:, None] + col0
+    own = torch.arange(q)[:, None] + col0
+    mask = torch.arange(p)[None, :] <= own
+    if sliding is not None:
+        mask = mask & (torch.arange(p)[None, :] > own - sliding)
     mask = (mask[None] & valid[:, None, :])[:, None]
     value = torch.randn(b, h, p, d, dtype=dtype)
     _, lse = sdpa_with_lse(_module(hq, h), query, key, value, mask, scaling=d**-0.5)
     valid_h = valid[:, None].expand(b, h, p)
     got = received_from_lse(
-        query, key, lse, valid_h, query_valid, d**-0.5, window, 100, 100 + col0, rows=block[0], tile=block[1]
+        query, key, lse, valid_h, query_valid, d**-0.5, window, 100, 100 + col0, rows=block[0], tile=block[1],
+        sliding_window=sliding,
     )
-    ref = naive_received(query, key, valid, query_valid, d**-0.5, window, col0)
+    ref = naive_received(query, key, valid, query_valid, d**-0.5, window, col0, sliding)
     tol = 1e-5 if dtype == torch.float32 else 2e-4
     torch.testing.assert_close(got, ref, atol=tol, rtol=tol)
     assert not got[~valid_h].any()  # padding keys receive nothing
@@ -167,12 +214,13 @@ def _prompt_logits(model, batch, cache):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
 @pytest.mark.parametrize("preset", ["h2o", "elastic", "tova", "snapkv"])
 def test_compressing_prefill_logits_equal_the_full_cache_bit_for_bit(dtype, family, preset, monkeypatch):
     """h2o / elastic / tova / snapkv at ratio 0.5 on a left-padded batch: every prompt position's logits equal the
-    full cache's bit for bit (each layer's outputs are transformers' own), the statistics come from the lse route,
-    and the cache really is compressed."""
+    full cache's bit for bit (each layer's outputs are transformers' own; Gemma 3's sliding layers, whose window the
+    40-column prompts outrun, included), the statistics come from the lse route, and the cache really is
+    compressed."""
     model = build_model(family).to(dtype)
     batch = make_batch(3, 40, [0, 5, 13])
     expected = _prompt_logits(model, batch, DynamicCache(config=model.config))
@@ -185,8 +233,8 @@ def test_compressing_prefill_logits_equal_the_full_cache_bit_for_bit(dtype, fami
     got = _prompt_logits(model, batch, cache)
     assert torch.equal(got, expected)
     assert len(calls) >= model.config.num_hidden_layers
-    held = cache.policy_layers[0].held()[:, 0]
-    assert (held < batch["attention_mask"].sum(-1)).all()
+    for layer in cache.policy_layers:  # every layer holds less than it would uncompressed (a sliding one: its window)
+        assert (layer.held()[:, 0] < layer.uncompressed()[0]).all(), layer.layer_idx
 
 
 def test_eager_attention_keeps_the_one_pass_path():
@@ -221,8 +269,8 @@ def test_ratio_zero_with_statistics_generates_like_the_full_cache(preset):
 @pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_real_model_compressing_prefill_logits_equal_the_full_cache(name, dtype):
-    """The real models (SmolLM2: every layer; Gemma 3: its global layers), a left-padded batch of ~300 tokens, h2o
-    and elastic at ratio 0.5: the prompt's logits equal the full cache's bit for bit."""
+    """The real models (every layer compressed, Gemma 3's sliding ones included), a left-padded batch of ~300
+    tokens, h2o and elastic at ratio 0.5: the prompt's logits equal the full cache's bit for bit."""
     model, tokenizer = kvpolicy.load_model(name, dtype=dtype)
     texts = ["The history of the Roman empire spans many centuries, " * 30, "Light becomes chemical energy. " * 20]
     batch = tokenizer(texts, return_tensors="pt", padding=True)

@@ -296,17 +296,11 @@ def test_a_shared_grid_equals_the_direct_grid_with_one_recording_per_batch(tmp_p
     assert made == batches  # one recording per batch for the whole grid (the first cell's references make them)
 
 
-def test_the_ratio0_check_runs_the_full_cache_once_per_grid_and_still_refuses_a_bad_policy(monkeypatch):
-    """The check's full-cache side (a direct run of one sample) is shared by the policies of a grid; each policy's
-    side still runs directly, and a policy that differs at ratio 0 is still refused after a shared full side."""
-    from kvpolicy import Budget
-    from kvpolicy.eval import HonestyCheckError, evaluate, honesty
-    from kvpolicy.testing import first_last_policy
+def _spied_checks(monkeypatch) -> list[object]:
+    """Empty the ratio-0 check's memos; the list filled with the policy of each side the check runs directly (``None``:
+    the full cache's side)."""
+    from kvpolicy.eval import honesty
 
-    model = kvpolicy.attach(build_model("qwen2"))
-    samples = _Varied().load(None, 4, 0, _Opts())
-    spec = EvalSpec(model="test/tiny", samples=4, batch_size=2, dtype="float32", bootstrap=0, quiet=True,
-                    use_reference_cache=False, kl_topk=0)
     runs: list[object] = []
     real = honesty.run_exact
 
@@ -316,6 +310,22 @@ def test_the_ratio0_check_runs_the_full_cache_once_per_grid_and_still_refuses_a_
 
     monkeypatch.setattr(honesty, "run_exact", spy)
     monkeypatch.setattr(honesty, "CHECKED", {})
+    monkeypatch.setattr(honesty, "FULL_RUN", {})
+    return runs
+
+
+def test_the_ratio0_check_runs_the_full_cache_once_per_grid_and_still_refuses_a_bad_policy(monkeypatch):
+    """The check's full-cache side (a direct run of one sample) is shared by the policies of a grid; each policy's
+    side still runs directly, and a policy that differs at ratio 0 is still refused after a shared full side."""
+    from kvpolicy import Budget
+    from kvpolicy.eval import HonestyCheckError, evaluate
+    from kvpolicy.testing import first_last_policy
+
+    model = kvpolicy.attach(build_model("qwen2"))
+    samples = _Varied().load(None, 4, 0, _Opts())
+    spec = EvalSpec(model="test/tiny", samples=4, batch_size=2, dtype="float32", bootstrap=0, quiet=True,
+                    use_reference_cache=False, kl_topk=0)
+    runs = _spied_checks(monkeypatch)
     kw = dict(model=model, tokenizer=_CharTok(), samples=samples)
     for name in ("local", "snapkv", "tova"):
         res = evaluate(spec.model_copy(update={"policy": name, "ratio": 0.5}), **kw)
@@ -325,3 +335,58 @@ def test_the_ratio0_check_runs_the_full_cache_once_per_grid_and_still_refuses_a_
     with pytest.raises(HonestyCheckError, match="ratio 0"):
         evaluate(spec.model_copy(update={"policy": "local", "ratio": 0.5}), policy=bad, policy_ratio0=bad, **kw)
     assert runs[-1] is bad and sum(p is None for p in runs) == 1
+
+
+def _corrupting_policy():
+    """A hand-built policy named and budgeted like ``first_last_policy(Budget(ratio=0.0))`` whose decode scorer halves
+    the stored keys after the prefill: at ratio 0 it changes the logits, so the ratio-0 check must refuse it."""
+    from kvpolicy import Budget
+    from kvpolicy.testing import FirstLast, first_last_policy
+
+    class Corrupt(FirstLast):
+        def after_prefill(self, view):
+            view.keys.mul_(0.5)
+
+    policy = first_last_policy(Budget(ratio=0.0))
+    policy.decode = Corrupt()
+    return policy
+
+
+def test_the_ratio0_check_runs_once_per_policy_of_a_grid_and_is_keyed_by_what_it_depends_on(tmp_path, monkeypatch):
+    """A grid's ratios of one policy build the same ratio-0 policy: its check (each side run directly) runs once and
+    the later cells reuse the verdict. A change of thread count runs it again; a hand-built policy (no document) is
+    checked every time, so one named and budgeted like a passed one cannot borrow its verdict."""
+    from kvpolicy import Budget
+    from kvpolicy.eval import HonestyCheckError, evaluate
+    from kvpolicy.testing import first_last_policy
+
+    model = kvpolicy.attach(build_model("llama"))
+    monkeypatch.setattr(runner, "load_eval_model", lambda name, dtype="auto", device="cpu": (model, _CharTok()))
+    runs = _spied_checks(monkeypatch)
+    base = dict(model="test/tiny", samples=5, batch_size=2, dtype="float32", bootstrap=0, quiet=True, kl_topk=0,
+                use_reference_cache=False, threads=1)
+    compare(["local", "h2o"], [0.5, 0.75, 0.9], ["pstore-varied"], tmp_path / "grid", base=base)
+    assert [p is None for p in runs] == [True, False, False]  # full side once, each policy's side once
+    cells = {p.name: json.loads(p.read_text()) for p in (tmp_path / "grid" / "cells").glob("*.json")}
+    for name in ("local", "h2o"):
+        first, *later = (cells[f"pstore-varied__{name}__{r}.json"]["honesty"] for r in ("0.5", "0.75", "0.9"))
+        assert first["passed"] and not first.get("memoised") and first["seconds"] > 0
+        assert all(h["passed"] and h["memoised"] and h["seconds"] == 0 for h in later)
+        assert all({k: v for k, v in h.items() if k not in ("memoised", "seconds")}
+                   == {k: v for k, v in first.items() if k != "seconds"} for h in later)
+
+    samples = _Varied().load(None, 5, 0, _Opts())
+    spec = EvalSpec(**{**base, "policy": "local", "ratio": 0.5})
+    kw = dict(model=model, tokenizer=_CharTok(), samples=samples)
+    assert evaluate(spec.model_copy(update={"threads": 2}), **kw).honesty.get("memoised") is None
+    assert [p is None for p in runs[3:]] == [True, False]  # another thread count: both sides again
+
+    good = first_last_policy(Budget(ratio=0.0))
+    for _ in range(2):
+        res = evaluate(spec, policy=good, policy_ratio0=good, **kw)
+        assert res.honesty["passed"] and not res.honesty.get("memoised")
+    assert [p for p in runs[5:] if p is not None] == [good, good]  # a hand-built policy is checked every time
+    bad = _corrupting_policy()
+    assert (bad.name, bad.budget) == (good.name, good.budget)
+    with pytest.raises(HonestyCheckError, match="ratio 0"):
+        evaluate(spec, policy=bad, policy_ratio0=bad, **kw)

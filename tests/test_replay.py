@@ -2,8 +2,10 @@
 
 The independent reference is the direct path itself: the same policy's cache after the model's own prefill forward
 (``make_cache`` + ``model(...)``). For every shipped preset at ratios 0.5 and 0.9, on tiny GQA Llama / Qwen2 / LLaVA
-(with an image) models and a left-padded batch of two rows, the replayed cache must hold what the direct one holds —
-kept positions per layer, row and kv head, keys and values, budgets — and continue identically for a few decode steps.
+(with an image) / Gemma 3 (sliding-window layers of 8 columns around a global one, prompts of 48 columns) models and a
+left-padded batch of two rows, the replayed cache must hold what the direct one holds — kept positions per layer
+(sliding layers included), row and kv head, keys and values, budgets — and continue identically for a few decode
+steps.
 
 Equality: bit for bit where both paths compute every layer's inputs with the same kernel. The exception is the
 one-pass kernel (``attention_with_received``): the direct path computes the outputs of a layer about to be compressed
@@ -21,6 +23,7 @@ import pickle
 
 import pytest
 import torch
+from head_tables import random_head_scores
 
 import kvpolicy
 from kvpolicy.core.policy import AttentionStat
@@ -28,9 +31,16 @@ from kvpolicy.core.probe import ProbeError
 from kvpolicy.core.recording import PrefillRecording, record
 from kvpolicy.core.replay import can_share, full_cache, replay
 from kvpolicy.eval.context import build_policy as _build_policy
-from kvpolicy.heads.table import write_scores
 from kvpolicy.registry import get_registry
-from kvpolicy.testing import VOCAB, CharTokenizer, build_model, make_batch, tiny_text_config
+from kvpolicy.testing import (
+    TINY_GEMMA_LAYERS,
+    TINY_WINDOW,
+    VOCAB,
+    CharTokenizer,
+    build_model,
+    make_batch,
+    tiny_text_config,
+)
 
 SAME, ONE_PASS = "same kernel", "one-pass kernel"
 #: which kernel the direct path's prefill outputs come from, per shipped preset (prompt of 48 columns, ratio > 0,
@@ -63,29 +73,28 @@ KERNEL = {
 
 
 @pytest.fixture(scope="module", autouse=True)
-def duo_scores(tmp_path_factory):
-    """A random head-score table for the tiny models (2 layers x 2 kv heads), so duo_attention needs no calibration."""
-    path = tmp_path_factory.mktemp("duo") / "scores.tsv"
-    write_scores(path, torch.rand(2, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64))
-    _DUO["head_scores"] = str(path)
+def _duo_scores(tmp_path_factory):
+    """Where the random head-score tables of the tiny models go, so duo_attention needs no calibration."""
+    _DUO["dir"] = tmp_path_factory.mktemp("duo")
     yield
     _DUO.clear()
 
 
-_DUO: dict[str, str] = {}
+_DUO: dict = {}
 
 
-def build_policy(name: str, ratio: float, over: dict | None = None):
-    """The preset at ``ratio`` (``over``: further overrides) for prompts of 40-50 tokens. duo_attention gets a small
-    window and the test's score table (the module fixture ``duo_scores``; a module importing this function imports the
-    fixture too); the kvzip presets reconstruct the context in chunks of 14 tokens (4 probe forwards for a 48-token
-    row, 3 for a 41-token one: rows with different chunk counts)."""
+def build_policy(name: str, ratio: float, model=None):
+    """The preset at ``ratio``; duo_attention gets a small window and a random score table for ``model`` (default:
+    the tiny Llama; 48-column prompts); the kvzip presets reconstruct the context in chunks of 14 tokens (4 probe
+    forwards for the 48-token row, 3 for the 41-token one: rows with different chunk counts)."""
     if name == "duo_attention":
+        model = model if model is not None else build_model("llama")
+        path = random_head_scores(str(_DUO["dir"] / f"{type(model).__name__}.tsv"), model)
         return _build_policy({"preset": name, "sinks": 2, "ratio": ratio,
-                              "reducer": {"recent": 6, "head_scores": _DUO["head_scores"]}}, None, over)
+                              "reducer": {"recent": 6, "head_scores": path}}, None)
     if name.startswith("kvzip"):
-        return _build_policy({"preset": name, "ratio": ratio, "encode": {"chunk_size": 14}}, None, over)
-    return _build_policy(name, ratio, over)
+        return _build_policy({"preset": name, "ratio": ratio, "encode": {"chunk_size": 14}}, None)
+    return _build_policy(name, ratio)
 
 
 #: the tokenizer KVzip's probe encodes its repeat prompt with (the tiny models have none); both paths get it
@@ -95,7 +104,7 @@ TOK = CharTokenizer()
 #: float32 rounding of the one-pass kernel, carried through a 2-layer model (measured differences are ~1e-6)
 ATOL = 1e-4
 WIDTH, PADS, STEPS = 48, [0, 7], 4
-FAMILIES = ("llama", "qwen2", "llava")
+FAMILIES = ("llama", "qwen2", "llava", "gemma3")
 
 
 def test_the_kernel_table_covers_every_preset_and_loosens_only_one_pass_cases():
@@ -178,11 +187,12 @@ def test_replay_equals_the_direct_path(fam, preset, ratio):
         with pytest.raises(kvpolicy.UnsupportedModelError, match="vision-language"), torch.inference_mode():
             replay(fam.model, build_policy(preset, ratio), fam.recording, tokenizer=TOK)
         return
-    direct = kvpolicy.make_cache(fam.model, build_policy(preset, ratio), tokenizer=TOK)
+    direct = kvpolicy.make_cache(fam.model, build_policy(preset, ratio, fam.model), tokenizer=TOK)
     logits = fam.forward(direct)
     with torch.inference_mode():
         # d2o's per-prompt allocation exists only on a replay (tests/test_replay_d2o.py): its per-layer rule here
-        replayed = replay(fam.model, build_policy(preset, ratio), fam.recording, whole_model=False, tokenizer=TOK)
+        replayed = replay(fam.model, build_policy(preset, ratio, fam.model), fam.recording, whole_model=False,
+                          tokenizer=TOK)
     assert replayed.allocation == direct.allocation == "per-layer"
     _same(logits, fam.recording.logits, kernel == SAME, "prefill logits")
     _compare_layers(direct, replayed, kernel)
@@ -241,29 +251,49 @@ def test_recording_round_trips_through_torch_save_weights_only(tmp_path):
         PrefillRecording.from_dict(bad)
 
 
-def test_sliding_window_layers_are_restored_as_recorded():
-    """Gemma 3: sliding layers are transformers' own; a replay restores them and decodes as the direct path."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(0)
-    config = Gemma3TextConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"] * 2,
-        max_position_embeddings=512, pad_token_id=0,
-    )
-    model = kvpolicy.attach(Gemma3ForCausalLM(config).eval())
+def _gemma3(width: int, pads: list[int]) -> Family:
     fam = Family.__new__(Family)
-    fam.model, fam.batch = model, make_batch(2, 20, pads=[0, 3])
+    fam.model = kvpolicy.attach(build_model("gemma3"))
+    fam.batch = make_batch(2, width, pads=pads, seed=5)
     fam.positions = (fam.batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-    fam.recording = record(model, fam.forward)
-    assert [type(x).__name__ for x in fam.recording.layers] == ["OtherLayer", "LayerRecording"] * 2
-    direct = kvpolicy.make_cache(model, build_policy("local", 0.5))
-    fam.forward(direct)
+    fam.recording = record(fam.model, fam.forward)
+    return fam
+
+
+def test_a_sliding_layer_is_recorded_whole_with_its_windows_lse():
+    """Gemma 3: a sliding layer is recorded as a policy layer, every column of the prompt (not only what its window
+    keeps after the prefill), with the lse of each real query's softmax over its window (a naive computation)."""
+    fam = _gemma3(WIDTH, PADS)
+    assert len(fam.recording.layers) == len(TINY_GEMMA_LAYERS)
+    for rec, kind in zip(fam.recording.layers, TINY_GEMMA_LAYERS):
+        assert rec.keys.shape == (2, 2, WIDTH, 16) and rec.query.shape == (2, 4, WIDTH, 16)
+        assert rec.valid.tolist() == [[True] * WIDTH, [False] * PADS[1] + [True] * (WIDTH - PADS[1])]
+        rep = rec.keys.repeat_interleave(2, dim=1).to(torch.float32)
+        logits = rec.query.to(torch.float32) @ rep.transpose(-1, -2) * rec.scaling
+        col = torch.arange(WIDTH)
+        allowed = (col[None, :] <= col[:, None]) & rec.valid[:, None, None, :]
+        if kind == "sliding_attention":
+            allowed = allowed & (col[None, :] > col[:, None] - TINY_WINDOW)
+        naive = logits.masked_fill(~allowed, float("-inf")).logsumexp(-1)
+        real = rec.valid[:, None, :].expand_as(naive)
+        torch.testing.assert_close(rec.lse[real], naive[real], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("width,whole", [(WIDTH, False), (TINY_WINDOW - 1, True)])
+def test_a_whole_model_allocation_needs_every_window_to_cover_the_prompt(width, whole):
+    """d2o's per-prompt allocation (``model_keep``) spreads one budget over layers that each hold the prompt; a
+    sliding layer whose window the prompt outruns holds less, so the replay keeps the per-layer rule there (and then
+    equals the direct path); a prompt inside the window gets the whole-model allocation."""
+    fam = _gemma3(width, [0, 2])
     with torch.inference_mode():
-        replayed = replay(model, build_policy("local", 0.5), fam.recording)
-    _compare_layers(direct, replayed, SAME)
-    for a, b in zip(fam.decode(direct, 10), fam.decode(replayed, 10)):  # past the window of 8
-        assert torch.equal(a, b)
+        replayed = replay(fam.model, build_policy("d2o", 0.5), fam.recording)
+    assert replayed.allocation == ("whole-model" if whole else "per-layer")
+    if not whole:
+        direct = kvpolicy.make_cache(fam.model, build_policy("d2o", 0.5))
+        fam.forward(direct)
+        _compare_layers(direct, replayed, SAME)
+        for a, b in zip(fam.decode(direct), fam.decode(replayed)):
+            assert torch.equal(a, b)
 
 
 def test_replay_refuses_a_recording_of_another_model():
@@ -275,12 +305,14 @@ def test_replay_refuses_a_recording_of_another_model():
         replay(other, build_policy("local", 0.5), small.recording)
 
 
-def test_can_share_needs_an_attached_model():
-    model = build_model("llama")
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_can_share_needs_an_attached_model(family):
+    """Nothing else is a reason: compressed_positions, decode stages, merges, sliding-window layers (Gemma 3)."""
+    model = build_model(family)
     assert "attach" in can_share(build_policy("h2o", 0.5), model)
     kvpolicy.attach(model)
-    for name in KERNEL:  # compressed_positions, decode stages, merges: nothing of today's presets touches the prefill
-        assert can_share(build_policy(name, 0.5), model) is None
+    for name in KERNEL:
+        assert can_share(build_policy(name, 0.5, model), model) is None
 
 
 def test_a_recording_holds_one_forward():
@@ -384,16 +416,16 @@ def test_a_probe_runs_once_per_recording_and_hands_each_policy_the_direct_paths_
     assert len(probes) == 1 and len(handed) == 1
     with torch.inference_mode():
         plain = replay(fam.model, build_policy("kvzip", 0.0), fam.recording, tokenizer=TOK)  # drops nothing
-        assert not probes[1:] and not handed[1:]
+        assert not probes[1:] and handed[1:] == [{}]  # every layer waited; none drops, so no probe ran
         assert all(bool((x.held() == x.n_tokens[:, None]).all()) for x in plain.policy_layers)
         cells = [("kvzip", 0.5), ("kvzip_global", 0.9), ("kvzip", 0.5)]
         caches = [replay(fam.model, build_policy(name, r), fam.recording, tokenizer=TOK) for name, r in cells]
-    assert len(probes) == 2 and len(handed) == 4  # one probe for the three replays
+    assert len(probes) == 2 and len(handed) == 5  # one probe for the three replays
     need = next(iter(build_policy("kvzip", 0.5).probe_needs()))
     for layer, rec in zip(direct.policy_layers, fam.recording.policy_layers):
         assert torch.equal(rec.statistics[need], handed[0][layer.layer_idx][need])
         assert bool(rec.statistics[need].any())
-        assert all(h[layer.layer_idx][need] is not rec.statistics[need] for h in handed[1:])  # copies
+        assert all(h[layer.layer_idx][need] is not rec.statistics[need] for h in handed[2:])  # copies
     _compare_layers(direct, caches[0], SAME)
     _compare_layers(caches[0], caches[2], SAME)
 

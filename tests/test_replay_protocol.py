@@ -1,7 +1,7 @@
 """The evaluation protocol on a shared prefill (kvpolicy/eval/prefill.py) against its direct path.
 
-For every shipped preset at ratios 0.5 and 0.9, on tiny GQA Llama / Qwen2 / LLaVA models, one left-padded batch of
-three samples runs through ``run_policy`` twice: with a prefill store on the context (the batch's prefill recorded
+For every shipped preset at ratios 0.5 and 0.9, on tiny GQA Llama / Qwen2 / LLaVA / Gemma 3 (sliding-window layers of 8
+columns, prompts of 38-52 tokens) models, one left-padded batch of three samples runs through ``run_policy`` twice: with a prefill store on the context (the batch's prefill recorded
 once, the policy's cache replayed from it) and without (the direct path, the independent reference). Every row must
 report the same NLL, KL, top-1, argmax, greedy generation, budgets and bytes — bit for bit where both paths use the
 same kernel, within :data:`~test_replay.ATOL` for the presets whose direct prefill uses the one-pass kernel (see
@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from head_tables import random_head_scores
 
 import kvpolicy
 from kvpolicy.eval.context import build_policy, make_context
@@ -26,8 +27,6 @@ from kvpolicy.eval.runner import reference_from_row
 from kvpolicy.eval.tasks import Sample
 from kvpolicy.testing import VOCAB, CharTokenizer, build_model
 from test_replay import ATOL, KERNEL, SAME
-from test_replay import build_policy as preset_policy
-from test_replay import duo_scores  # noqa: F401 - autouse: the score table preset_policy gives duo_attention
 
 
 class DictStore:
@@ -70,7 +69,7 @@ class Setting:
     """A tiny model's context with and without a prefill store, the batch, and its full-cache references."""
 
     def __init__(self, family: str, split: bool):
-        self.vlm = family == "llava"
+        self.family = family
         self.ctx = make_context(kvpolicy.attach(build_model(family)), _Tok(), kl_topk=32)
         self.store = DictStore()
         self.shared = dataclasses.replace(self.ctx, prefill_store=self.store)
@@ -79,10 +78,29 @@ class Setting:
         self.refs = [reference_from_row(s, r, [x.id for x in self.samples]) for s, r in zip(self.samples, rows)]
 
 
-@pytest.fixture(scope="module", params=[(f, s) for f in ("llama", "qwen2", "llava") for s in (False, True)],
+FAMILIES = ("llama", "qwen2", "llava", "gemma3")
+
+
+@pytest.fixture(scope="module", params=[(f, s) for f in FAMILIES for s in (False, True)],
                 ids=lambda p: f"{p[0]}-{'context+question' if p[1] else 'prompt'}")
-def setting(request) -> Setting:
-    return Setting(*request.param)
+def setting(request, tmp_path_factory) -> Setting:
+    setting = Setting(*request.param)
+    setting.scores = tmp_path_factory.mktemp("duo") / "scores.tsv"
+    return setting
+
+
+def overrides(preset: str, setting: Setting) -> dict | None:
+    """d2o's per-layer rule (its per-prompt allocation happens only on a shared prefill, tests/test_replay_d2o.py);
+    duo_attention's random head-score table for the model and a window shorter than the prompts; kvzip's probe in
+    chunks of 14 (several probe forwards per row, rows with different counts)."""
+    if preset == "d2o":
+        return {"allocator.per_prompt": False}
+    if preset == "duo_attention":
+        path = random_head_scores(str(setting.scores), setting.ctx.model)
+        return {"sinks": 2, "reducer.recent": 6, "reducer.head_scores": path}
+    if preset.startswith("kvzip"):
+        return {"encode.chunk_size": 14}
+    return None
 
 
 def _close(a: list[float], b: list[float], exact: bool, atol: float) -> bool:
@@ -107,16 +125,14 @@ def compare_rows(direct, shared, exact: bool, atol: float = ATOL) -> None:
 @pytest.mark.parametrize("ratio", [0.5, 0.9])
 @pytest.mark.parametrize("preset", sorted(KERNEL))
 def test_shared_prefill_equals_the_direct_path(setting, preset, ratio):
-    # d2o's per-prompt allocation happens only on a shared prefill (tests/test_replay_d2o.py): its per-layer rule here
-    # (duo_attention: a small window and a random score table; kvzip: chunks of 14, several probe forwards per row)
-    over = {"allocator.per_prompt": False} if preset == "d2o" else None
-    if setting.vlm and preset_policy(preset, ratio, over).probe_needs():
+    over = overrides(preset, setting)
+    if setting.family == "llava" and build_policy(preset, ratio, over).probe_needs():
         for ctx in (setting.ctx, setting.shared):  # a probe cannot re-read the images: refused on both paths
             with pytest.raises(kvpolicy.UnsupportedModelError, match="vision-language"):
-                run_policy(ctx, setting.samples, preset_policy(preset, ratio, over), setting.refs)
+                run_policy(ctx, setting.samples, build_policy(preset, ratio, over), setting.refs)
         return
-    direct = run_policy(setting.ctx, setting.samples, preset_policy(preset, ratio, over), setting.refs)
-    shared = run_policy(setting.shared, setting.samples, preset_policy(preset, ratio, over), setting.refs)
+    direct = run_policy(setting.ctx, setting.samples, build_policy(preset, ratio, over), setting.refs)
+    shared = run_policy(setting.shared, setting.samples, build_policy(preset, ratio, over), setting.refs)
     compare_rows(direct, shared, KERNEL[preset] == SAME)
     assert setting.store.records == 1  # one recording for the batch, whatever the policy
 
@@ -130,9 +146,12 @@ def test_the_full_cache_reference_continues_from_the_recording(setting):
 
 
 def test_d2o_rows_say_which_allocation_ran(setting):
+    """Whole-model on a shared prefill, except where a sliding window is shorter than the prompts (Gemma 3 here):
+    there the replay keeps the per-layer rule, as the direct path does."""
     direct = run_policy(setting.ctx, setting.samples, build_policy("d2o", 0.5), setting.refs)
     shared = run_policy(setting.shared, setting.samples, build_policy("d2o", 0.5), setting.refs)
-    assert {r.allocation for r in direct} == {"per-layer"} and {r.allocation for r in shared} == {"whole-model"}
+    replayed = "per-layer" if setting.family == "gemma3" else "whole-model"
+    assert {r.allocation for r in direct} == {"per-layer"} and {r.allocation for r in shared} == {replayed}
 
 
 class Refusing:

@@ -96,9 +96,12 @@ def _promised(layer: Any, generated: int) -> torch.Tensor:
         return held
     keep = keep[:, None].expand_as(held) if keep.dim() == 1 else keep
     grown = keep + generated
+    tokens, appended = layer.uncompressed()  # what the budget is a fraction of (a sliding layer: its window)
+    if layer.window_size is not None:  # a sliding layer never holds more than the real tokens of its window
+        grown = torch.minimum(grown, tokens[:, None])
     if generated == 0 or layer.policy.decode is None:  # no decode scorer: nothing is dropped while decoding
         return grown
-    return grown - layer.policy.budget.decode_excess(grown, layer.n_tokens, layer.prefill_keep)
+    return grown - layer.policy.budget.decode_excess(grown, tokens, layer.prefill_keep, appended)
 
 
 def _empty(i: int) -> LayerBytes:

@@ -37,6 +37,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
+from .features import refuse_attention_kwargs
 from .kernels import attention_with_received, masked_attention_with_received
 from .layer import PolicyLayer, take_active_layer
 from .policy import AttentionStat
@@ -89,12 +90,14 @@ def _outputs(
         # no lse (eager attention, not a CPU, a call the flash kernel refuses) and the layer is about to be
         # compressed: outputs and statistics from one pass over the keys (outputs equal up to float rounding)
         out, received = attention_with_received(
-            query, key, value, layer.valid, new_valid, scaling, layer.seen - layer.length, layer.seen - q
+            query, key, value, layer.valid, new_valid, scaling, layer.seen - layer.length, layer.seen - q,
+            sliding_window=layer.window_size,
         )
     elif layer.pristine and mask_fits:
         return call()[0], None
     elif whole and q <= FUSED_DECODE_MAX_QUERIES:
-        out, received = masked_attention_with_received(query, key, value, layer.mask(q), new_valid, scaling)
+        real = None if layer.no_padding else new_valid  # (skips a check of new_valid per layer and step)
+        out, received = masked_attention_with_received(query, key, value, layer.mask(q), real, scaling)
     else:
         return layer.attend(query, scaling, eager), None
     for need in whole:
@@ -105,19 +108,18 @@ def _outputs(
 def _policy_attention(base: Callable, eager: bool) -> Callable:
     def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
         layer: PolicyLayer | None = take_active_layer(getattr(module, "layer_idx", None))
-        if layer is None:  # not a policy layer (vision tower, sliding layer, no cache)
+        if layer is None:  # not a policy layer (vision tower, no cache)
             return base(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-        if kwargs.get("softcap") is not None:
-            raise NotImplementedError("kvpolicy: attention logit soft-capping is not supported")
+        refuse_attention_kwargs(kwargs)
         if scaling is None:
             scaling = query.shape[-1] ** -0.5
         q = query.shape[2]
-        if layer.probing:
+        if layer.probe.active:
             out = base(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)[0]
             layer.finish_probe(query, key, scaling)
             return out, None
         if layer.shift is not None and layer.prefilled:
-            query = layer.shift.rotate(query)
+            query = layer.shift.rotate(query, layer.layer_type)
         new_valid = layer.resolve_new_tokens(attention_mask, q)
         needs = layer.pending_needs()
         attention_needs = frozenset(need for need in needs if isinstance(need, AttentionStat))

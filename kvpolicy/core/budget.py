@@ -9,6 +9,7 @@ the user's choice, not a part's: it has no tensors of its own and no plugin impl
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal, Protocol, runtime_checkable
 
 import torch
@@ -97,3 +98,18 @@ class Budget(BaseModel):
         # float64 reproduces Python's int(P - n * (1 - ratio)) exactly
         target = (n_tokens - extra).to(torch.float64)[:, None] * (1.0 - float(self.ratio)) + extra[:, None]
         return torch.trunc(held.to(torch.float64) - target).clamp(min=0).to(torch.long)
+
+    def decode_excess_rows(
+        self, held: int, n_tokens: Sequence[int], prefill_keep: Sequence[int], appended: Sequence[int]
+    ) -> list[int]:
+        """:meth:`decode_excess` of a layer where every row and head holds ``held`` entries (new token included), in
+        Python numbers: one value per row, the same for every head. The same arithmetic (``fraction`` in float64, as
+        Python computes it), so the two agree exactly; a decode step with a full layout decides with it without a
+        tensor operation, which is most of what a step costs when nothing is dropped."""
+        if self.decode == "off":
+            return [0] * len(n_tokens)
+        if self.decode == "fixed":
+            caps = prefill_keep if self.tokens is None else [self.tokens] * len(n_tokens)
+            return [max(0, held - cap - extra) for cap, extra in zip(caps, appended)]
+        share = 1.0 - float(self.ratio)  # type: ignore[arg-type]
+        return [max(0, math.trunc(float(held) - (float(n - e) * share + float(e)))) for n, e in zip(n_tokens, appended)]

@@ -1,5 +1,5 @@
 """The transformers ``Cache`` that applies a :class:`~kvpolicy.core.policy.CachePolicy`: one
-:class:`~kvpolicy.core.layer.PolicyLayer` per full-attention layer.
+:class:`~kvpolicy.core.layer.PolicyLayer` per decoder layer, global or sliding-window.
 
 Logical vs physical length: ``get_seq_length()`` returns the columns seen ``S`` (transformers derives RoPE positions
 from it), ``get_mask_sizes(q)`` returns ``(P + q, S - P)`` for the physical length ``P`` (see ``docs/architecture.md``).
@@ -12,8 +12,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
+from transformers.cache_utils import Cache, get_layer_types_and_kwargs
 
+from .features import UnsupportedModelError, check_attention_config
 from .layer import PolicyLayer
 from .partcheck import check_rebalanced
 from .policy import CachePolicy, QueryStat
@@ -26,18 +27,17 @@ from .token_types import TokenTypes
 __all__ = ["PolicyCache", "UnsupportedModelError"]
 
 
-class UnsupportedModelError(ValueError):
-    """The engine cannot run this model (names the model class and the reason)."""
-
-
 class PolicyCache(Cache):
     """A transformers ``Cache`` that compresses under ``policy``; pass it as ``generate(past_key_values=...)``.
 
-    Full-attention layers get a :class:`PolicyLayer`; sliding-window layers (Gemma 3, Mistral with a window) keep
-    transformers' own sliding layer: their window already bounds them, and the policy leaves them alone.
+    Every layer is a :class:`PolicyLayer`. A sliding-window layer (Gemma 2/3, Mistral or Qwen2 with a window) is one
+    with its window: it frees what left the window and the policy compresses what is inside it, so that every layer
+    holds ``(1 - ratio)`` of what it would hold uncompressed (:mod:`kvpolicy.core.window`). A model whose attention
+    soft-caps logits is refused here, before any forward (:mod:`kvpolicy.core.features`).
     """
 
     def __init__(self, policy: CachePolicy, config: Any, tokenizer: Any = None):
+        check_attention_config(config)
         text = config.get_text_config(decoder=True)
         n = text.num_hidden_layers
         layer_types, layer_kwargs = get_layer_types_and_kwargs(text)
@@ -47,25 +47,32 @@ class PolicyCache(Cache):
         # a query statistic needs the model's RoPE frequencies (read here, once; refused here for a model whose
         # rotation cannot be inverted, before any forward)
         declared = policy.prefill_needs() | policy.decode_needs()
-        rope = None
+        rope: dict[str, Any] = {}
         if any(isinstance(n, QueryStat) for n in declared):
             try:
-                rope = rope_frequencies(config)
+                rope = {kind: rope_frequencies(config, kind) for kind in set(layer_types[:n])}
             except QueryStatsUnsupportedError as exc:
                 raise UnsupportedModelError(str(exc)) from None
         layers: list[Any] = []
         for i, (kind, kwargs) in enumerate(zip(layer_types[:n], layer_kwargs[:n])):
-            if kind == "full_attention":
-                first = not any(isinstance(x, PolicyLayer) for x in layers)
-                layers.append(PolicyLayer(policy, i, n, self.token_types, shift, first, rope))
-            elif kind == "sliding_attention":
-                layers.append(DynamicSlidingWindowLayer(**kwargs))
+            if kind in ("full_attention", "sliding_attention"):
+                window = kwargs.get("sliding_window") if kind == "sliding_attention" else None
+                layers.append(
+                    PolicyLayer(policy, i, n, self.token_types, shift, i == 0, rope.get(kind), window, kind)
+                )
             else:
                 raise UnsupportedModelError(
                     f"kvpolicy: layer {i} of {type(config).__name__} has type {kind!r}; "
                     "only 'full_attention' and 'sliding_attention' layers are supported"
                 )
+        if shift is not None and layers:
+            # positions count from the compressed length of the first global layer (a sliding layer's length is
+            # bounded by its window, not by the policy): read by layer 0, which runs first in every step
+            layers[0].shift_source = next((x for x in layers if x.window is None), layers[0])
         super().__init__(layers=layers)
+        group = self.policy_layers
+        for layer in group:  # decode bookkeeping of all policy layers runs back to back (PolicyLayer.begin_early)
+            layer.group = group
         #: the probes the prefill waits for (:mod:`kvpolicy.core.probe`), the tokenizer they build their ids with and
         #: the prompt's input_ids (recorded by the hook ``kvpolicy.attach`` installs when a probe is declared, or
         #: when ``keeps_prompt`` is set: a recording keeps them for the probes of the policies replayed from it)
@@ -74,9 +81,6 @@ class PolicyCache(Cache):
         self.prompt_ids: torch.Tensor | None = None
         self.keeps_prompt = bool(self.probe_needs)
         if self.probe_needs:
-            if not self.policy_layers:
-                raise UnsupportedModelError(f"kvpolicy: a probe needs full-attention layers; {type(config).__name__} "
-                                            "has none")
             if self.tokenizer is None:
                 self.tokenizer = load_tokenizer(config)
             wants = [type(n.probe).__name__ for n in self.probe_needs if getattr(n.probe, "needs_tokenizer", False)]
@@ -104,7 +108,8 @@ class PolicyCache(Cache):
         chunk attends causally within itself and to the entries the prefill kept, its entries are stored as prompt
         tokens, the prefill compression does not run again and the decode rule drops nothing during it; afterwards
         the decode budget counts the chunk's entries as held (:meth:`~kvpolicy.core.budget.Budget.decode_excess`).
-        A forward inside on a cache not yet prefilled raises ``RuntimeError``. Sliding-window layers are unaffected."""
+        A forward inside on a cache not yet prefilled raises ``RuntimeError``. In a sliding-window layer the chunk's
+        entries count as held in full while they are inside the window."""
         layers = self.policy_layers
         for layer in layers:
             layer.append_chunk = True
@@ -122,39 +127,48 @@ class PolicyCache(Cache):
     @property
     def deferred(self) -> bool:
         """Some layer's prefill stage waits (the prefill forward has run; the probe or the division of one budget
-        across layers has not)."""
-        return any(layer.deferred for layer in self.policy_layers)
+        across layers has not: :mod:`kvpolicy.core.prefillstage`)."""
+        return any(layer.waiting for layer in self.policy_layers)
 
-    def run_probe(self, model: Any, every_layer: bool = False) -> ProbeScores:
+    @property
+    def needs_probe(self) -> bool:
+        """The waiting stage needs the probe's statistics: a probe is declared and some layer will drop entries (with
+        a ratio that removes nothing the probe does not run)."""
+        return bool(self.probe_needs) and any(layer.waiting_drops() for layer in self.policy_layers)
+
+    def run_probe(self, model: Any) -> ProbeScores:
         """The probes' statistics on this cache's uncompressed prompt (:func:`~kvpolicy.core.probe.run_probe`)."""
-        return run_probe(model, self, every_layer)
+        return run_probe(model, self)
 
     def finish_prefill(self, model: Any) -> None:
-        """What the hook ``kvpolicy.attach`` installs runs after the prefill forward when layers wait: the probe (if
-        declared), then :meth:`compress_deferred`."""
-        self.compress_deferred(self.run_probe(model) if self.probe_needs else {})
+        """What the hook ``kvpolicy.attach`` installs runs after the prefill forward when layers wait: the probe (when
+        :attr:`needs_probe`), then :meth:`compress_deferred`."""
+        self.compress_deferred(self.run_probe(model) if self.needs_probe else {})
 
     def compress_deferred(self, scores: ProbeScores) -> None:
         """Compress every waiting layer, with the probe's ``scores`` (from :meth:`run_probe`, now or earlier on the
-        same prompt) and, when the allocator divides one budget across layers (``rebalance``), the budgets it gives
-        each layer from all of their encode scores. Afterwards the prompt ids and the tokenizer are dropped: nothing
-        else reads them (and a copy of the cache, e.g. ``copy.deepcopy``, should not carry them)."""
-        layers = [layer for layer in self.policy_layers if layer.deferred]
-        missing = [layer.layer_idx for layer in layers if self.probe_needs and not scores.get(layer.layer_idx)]
+        same prompt) and, when the allocator divides one budget across layers (``rebalance``) and some layer drops
+        entries, the budgets it gives each layer from all of their encode scores. Afterwards the prompt ids and the
+        tokenizer are dropped: nothing else reads them (and a copy of the cache, e.g. ``copy.deepcopy``, should not
+        carry them)."""
+        layers = [layer for layer in self.policy_layers if layer.waiting]
+        drops = any(layer.waiting_drops() for layer in layers)
+        missing = [x.layer_idx for x in layers if drops and self.probe_needs and not scores.get(x.layer_idx)]
         if missing:
             raise ProbeError(f"kvpolicy: no probe statistic for layers {missing}")
-        probes = [scores.get(layer.layer_idx, {}) for layer in layers]
+        for layer in layers:
+            layer.prepare_waiting(scores.get(layer.layer_idx, {}))
         rebalance = getattr(self.policy.allocator, "rebalance", None)
-        if rebalance is None or not layers:
-            for layer, probe in zip(layers, probes, strict=True):
-                layer.compress_deferred(probe)
+        if rebalance is None or not drops:
+            for layer in layers:
+                layer.compress_waiting()
         else:
-            planned = [layer.deferred_scores(probe) for layer, probe in zip(layers, probes, strict=True)]
+            planned = [layer.waiting_scores() for layer in layers]
             given = [keep for keep, _ in planned]
             keeps = check_rebalanced(self.policy, rebalance([s for _, s in planned], [x.valid for x in layers], given),
                                      given, [x.layer_idx for x in layers])
-            for layer, probe, keep, (_, s) in zip(layers, probes, keeps, planned, strict=True):
-                layer.compress_deferred(probe, keep, s)
+            for layer, keep, (_, s) in zip(layers, keeps, planned, strict=True):
+                layer.compress_waiting(keep, s)
         self.prompt_ids = self.tokenizer = None
 
     def set_token_types(self, types: torch.Tensor) -> None:
@@ -167,14 +181,8 @@ class PolicyCache(Cache):
 
     def nbytes(self) -> int:
         """Key/value bytes held by every layer (allocated buffers)."""
-        total = 0
-        for layer in self.layers:
-            if isinstance(layer, PolicyLayer):
-                total += layer.nbytes()
-            elif getattr(layer, "is_initialized", False) and layer.keys is not None:
-                total += layer.keys.nbytes + layer.values.nbytes
-        return total
+        return sum(layer.nbytes() for layer in self.policy_layers)
 
     def lengths(self) -> list[int]:
         """Physical slots per layer."""
-        return [layer.length if isinstance(layer, PolicyLayer) else layer.get_seq_length() for layer in self.layers]
+        return [layer.length for layer in self.policy_layers]

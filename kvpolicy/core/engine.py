@@ -9,6 +9,7 @@ import torch
 
 from . import attention
 from .cache import PolicyCache, UnsupportedModelError
+from .features import check_attention_modules
 from .policy import CachePolicy
 from .token_types import set_forward_inputs
 
@@ -108,7 +109,8 @@ def _watch_inputs(model: Any) -> None:
 
 
 def make_cache(model: Any, policy: CachePolicy, tokenizer: Any = None) -> PolicyCache:
-    """A fresh :class:`PolicyCache` for one generate() call or one manual forward loop.
+    """A fresh :class:`PolicyCache` for one generate() call or one manual forward loop (a model whose attention
+    carries learned sinks or soft-caps logits is refused here, :mod:`kvpolicy.core.features`).
 
     ``tokenizer``: for a policy with a probe that builds its input from text (KVzip's repeat prompt); by default the
     one saved next to a local checkpoint (``model.config.name_or_path``) is loaded."""
@@ -117,6 +119,7 @@ def make_cache(model: Any, policy: CachePolicy, tokenizer: Any = None) -> Policy
         raise RuntimeError(
             f"the model's attention implementation is {impl!r}: call kvpolicy.attach(model) before using a policy cache"
         )
+    check_attention_modules(model)
     if policy.probe_needs() and image_token_ids(model.config):
         raise UnsupportedModelError(
             f"kvpolicy: policy {policy.name!r} runs a probe (a constructed text input read after the prompt), which "

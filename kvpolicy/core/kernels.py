@@ -85,6 +85,7 @@ def attention_received(
     chunk_elements: int = STATS_CHUNK_ELEMENTS,
     first_slot_col: int | None = None,
     min_rows: int = MIN_CHUNK_ROWS,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Attention each key receives from the last ``window`` queries, averaged over each group's query heads.
 
@@ -96,7 +97,10 @@ def attention_received(
     e.g. during prefill). Then a chunk of queries only multiplies against the keys at or before its last query
     (half the work of a whole prompt), the causal mask is a small block on the diagonal rather than a
     ``[B, H, g, rows, P]`` tensor, and the validity mask and the clean-up of all-masked rows are only applied when the
-    batch really has padding."""
+    batch really has padding.
+
+    ``sliding_window``: the layer attends over that many columns (a sliding-window layer): a key more than
+    ``sliding_window - 1`` columns before a query receives nothing from it, as in the layer's own attention."""
     b, hq, q, d = query.shape
     h, p = key.shape[1], key.shape[2]
     g = hq // h
@@ -107,7 +111,8 @@ def attention_received(
     k32 = key.to(torch.float32)
     if first_slot_col is not None:
         return _received_causal_prefix(
-            query, k32, valid, query_cols, query_valid, scaling, start, chunk_elements, first_slot_col, total, min_rows
+            query, k32, valid, query_cols, query_valid, scaling, start, chunk_elements, first_slot_col, total, min_rows,
+            sliding_window,
         )
     rows = max(1, chunk_elements // max(1, b * hq * p))
     for i0 in range(start, q, rows):
@@ -116,6 +121,8 @@ def attention_received(
         qc = query[:, :, i0:i1].to(torch.float32).reshape(b, h, g * c, d)
         logits = torch.matmul(qc, k32.transpose(2, 3)).mul_(scaling).view(b, h, g, c, p)
         allowed = valid[:, :, None, None, :] & (key_pos[:, :, None, None, :] <= query_cols[i0:i1, None])
+        if sliding_window is not None:
+            allowed &= key_pos[:, :, None, None, :] > (query_cols[i0:i1] - sliding_window)[:, None]
         logits.masked_fill_(~allowed, float("-inf"))
         probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)  # a query that sees nothing contributes nothing
         probs.mul_(query_valid[:, None, None, i0:i1, None].to(probs.dtype))
@@ -134,11 +141,14 @@ def causal_prefix_blocks(
     col0: int,
     chunk_elements: int,
     min_rows: int,
+    sliding_window: int | None = None,
 ) -> Iterator[tuple[int, int, int, torch.Tensor]]:
     """Softmax probabilities of the queries ``start..q`` in chunks, for slots in column order (slot ``j`` holds the
     column of query ``j - col0``): yields ``(i0, i1, kmax, probs [B, H, g, i1 - i0, kmax])``. A chunk meets only the
     keys at or before its last query; the causal mask is a block on the diagonal; padding masks and the clean-up of
-    padding rows (zero) run only when there is padding. Shared by the statistics and the one-pass prefill."""
+    padding rows (zero) run only when there is padding. Shared by the statistics and the one-pass prefill.
+    ``sliding_window``: query ``i`` also sees no slot at or before ``col0 + i - sliding_window`` (a band below the
+    diagonal, masked only where the chunk reaches past the window)."""
     b, hq, q, d = query.shape
     h, p = k32.shape[1], k32.shape[2]
     g = hq // h
@@ -158,6 +168,11 @@ def causal_prefix_blocks(
         if lo < kmax:
             future = torch.ones(c, kmax - lo, dtype=torch.bool, device=k32.device).triu_(0)
             logits[..., lo:kmax].masked_fill_(future, float("-inf"))
+        past = 0 if sliding_window is None else min(kmax, col0 + i1 - sliding_window)  # slots some query cannot see
+        if past > 0:
+            rows_last = col0 + i0 - sliding_window + torch.arange(c, device=k32.device)  # last slot each row misses
+            old = torch.arange(past, device=k32.device) <= rows_last[:, None]
+            logits[..., :past].masked_fill_(old, float("-inf"))
         if padded:
             logits.masked_fill_(~valid[:, :, None, None, :kmax], float("-inf"))
         probs = torch.softmax(logits, dim=-1)
@@ -180,12 +195,13 @@ def _received_causal_prefix(
     first_slot_col: int,
     total: torch.Tensor,
     min_rows: int,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """:func:`attention_received` for slots in column order (see there): keys after a chunk's last query are skipped."""
     g = query.shape[1] // k32.shape[1]
     col0 = int(query_cols[0]) - first_slot_col  # slot of the first query's own column
     for _, _, kmax, probs in causal_prefix_blocks(
-        query, k32, valid, query_valid, scaling, start, col0, chunk_elements, min_rows
+        query, k32, valid, query_valid, scaling, start, col0, chunk_elements, min_rows, sliding_window
     ):
         total[:, :, :kmax] += probs.sum(dim=(2, 3))
     return total.div_(g)
@@ -202,6 +218,7 @@ def attention_with_received(
     query_col0: int,
     chunk_elements: int = STATS_CHUNK_ELEMENTS,
     min_rows: int = MIN_CHUNK_ROWS,
+    sliding_window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Outputs and whole-prompt statistics of an uncompressed layer in one pass over the keys.
 
@@ -215,7 +232,8 @@ def attention_with_received(
 
     ``query [B, Hq, q, D]``, ``key``/``value [B, H, P, D]`` with slot ``j`` holding column ``first_slot_col + j``,
     ``valid [B, H, P]``, ``query_valid [B, q]``, queries at columns ``query_col0 ...``. Returns outputs
-    ``[B, q, Hq, Dv]`` (query dtype; rows of padding queries are zero) and float32 ``[B, H, P]`` statistics."""
+    ``[B, q, Hq, Dv]`` (query dtype; rows of padding queries are zero) and float32 ``[B, H, P]`` statistics.
+    ``sliding_window``: a sliding-window layer's window (see :func:`causal_prefix_blocks`)."""
     b, hq, q, d = query.shape
     h, p = key.shape[1], key.shape[2]
     g = hq // h
@@ -224,7 +242,8 @@ def attention_with_received(
     total = torch.zeros(b, h, p, dtype=torch.float32, device=key.device)
     out = torch.empty(b, h, g, q, dv, dtype=torch.float32, device=query.device)
     for i0, i1, kmax, probs in causal_prefix_blocks(
-        query, k32, valid, query_valid, scaling, 0, query_col0 - first_slot_col, chunk_elements, min_rows
+        query, k32, valid, query_valid, scaling, 0, query_col0 - first_slot_col, chunk_elements, min_rows,
+        sliding_window,
     ):
         total[:, :, :kmax] += probs.sum(dim=(2, 3))
         c = i1 - i0
@@ -238,30 +257,34 @@ def masked_attention_with_received(
     key: torch.Tensor,
     value: torch.Tensor,
     mask: torch.Tensor | None,
-    query_valid: torch.Tensor,
+    query_valid: torch.Tensor | None,
     scaling: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Outputs of every query and the attention each key receives from all of them, from one probability block,
-    under the engine's per-slot ``mask [B, H, q, P]`` (``None``: every slot visible).
+    under the engine's per-slot ``mask [B, H, q, P]`` (``None``: every slot visible); ``query_valid`` bool ``[B, q]``
+    (``None``: every query is a real token).
 
     For the decode steps of a compressed layer whose policy needs this step's attention (H2O, TOVA): the step
     already attends under the engine's own mask, so computing outputs and statistics together saves one pass over
-    the cache and an SDPA call per layer and step. Only for small ``q``: the block is ``[B, Hq, q, P]``."""
+    the cache and an SDPA call per layer and step. Only for small ``q``: the block is ``[B, Hq, q, P]``. The two
+    products are 3-D ``bmm`` calls over ``B * H`` (a used-slot view of the cache folds its batch and head axes
+    without a copy): fewer operator calls than 4-D ``matmul``, which is what a decode step of a small budget costs."""
     b, hq, q, d = query.shape
     h, p = key.shape[1], key.shape[2]
     g = hq // h
-    qg = query.to(torch.float32).reshape(b, h, g * q, d)
-    logits = torch.matmul(qg, key.to(torch.float32).transpose(2, 3)).mul_(scaling)
+    qg = _float32(query).reshape(b * h, g * q, d)
+    k3 = _float32(key).reshape(b * h, p, d)
+    logits = torch.bmm(qg, k3.transpose(1, 2)).mul_(scaling)
     if mask is not None:
-        m = mask[:, :, None].expand(b, h, g, q, p).reshape(b, h, g * q, p)
+        m = mask[:, :, None].expand(b, h, g, q, p).reshape(b * h, g * q, p)
         logits.masked_fill_(~m, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if mask is not None:
         probs.nan_to_num_(0.0)  # a query that sees nothing (padding) attends to nothing
-    out = torch.matmul(probs.to(value.dtype), value)
-    out = out.reshape(b, hq, q, value.shape[-1]).transpose(1, 2).contiguous()
+    out = torch.bmm(probs if probs.dtype == value.dtype else probs.to(value.dtype), value.reshape(b * h, p, -1))
+    out = out.view(b, hq, q, value.shape[-1]).transpose(1, 2).contiguous()
     pv = probs.view(b, h, g, q, p)
-    if not bool(query_valid.all()):
+    if query_valid is not None and not bool(query_valid.all()):
         pv = pv * query_valid[:, None, None, :, None].to(pv.dtype)
     return out, pv.sum(dim=(2, 3)).div_(g)
 
@@ -313,3 +336,8 @@ def probe_max_received(
         best = torch.maximum(best, probs.amax(dim=(2, 3)))
         del logits, probs
     return best
+
+
+def _float32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 (itself when it already is: even a no-op ``.to`` is an operator call)."""
+    return t if t.dtype == torch.float32 else t.to(torch.float32)

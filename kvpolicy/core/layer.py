@@ -8,11 +8,9 @@ bucketed after a prefill with per-head budgets) and runs the policy's two stages
 * **decode**: each new token is written into a free slot; the budget rule frees the lowest-scored slots, inside
   ``update()`` (the step then attends to the reduced cache) or after the step's attention when the decode scorer
   needs it;
-* **probe** (a policy declaring :class:`~kvpolicy.core.policy.ProbeStat`, :mod:`kvpolicy.core.probe`): the prefill
-  stage waits instead of compressing; each probe forward's keys are returned with the prompt's but never stored, its
-  statistic is recorded after the attention, and :meth:`PolicyLayer.compress_deferred` then runs the prefill
-  stage with it (an allocator that divides one budget across layers also defers the stage to the end of the
-  forward, when every layer's scores exist);
+* **probe** (a policy declaring :class:`~kvpolicy.core.policy.ProbeStat`, :mod:`kvpolicy.core.probe`, or an allocator
+  dividing one budget across layers): the prefill stage waits for the end of the prefill forward
+  (:mod:`kvpolicy.core.prefillstage`); each probe forward's keys are returned with the prompt's but never stored;
 * **append** (a forward inside :meth:`~kvpolicy.core.cache.PolicyCache.appending`, after the prefill): a chunk of
   prompt tokens (a question after a compressed context) is stored as it comes, attending causally within itself and
   to the kept entries; neither stage removes anything, and the decode budget counts the chunk's entries as held
@@ -23,6 +21,9 @@ Slots are unordered: a compressed layer attends through a mask built from per-sl
 (:mod:`kvpolicy.core.masks`), never through transformers' mask, whose padding columns are only right for an
 uncompressed ("pristine") layer. This is what lets rows of a left-padded batch keep different positions and different
 numbers of entries, and lets a decode step overwrite the dropped slot in place.
+
+A sliding-window layer (``window``) is the same layer with the window rule first: entries that left the window are
+freed at every step, and the budget applies to the entries inside it (:mod:`kvpolicy.core.window`).
 """
 
 from __future__ import annotations
@@ -34,17 +35,17 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from .buckets import bucketed_if_uneven
+from .droprule import DropRule
 from .masks import new_token_validity
-from .partcheck import check_keep, check_merge, check_reduction, check_scores, check_state
-from .policy import GENERATED, AttentionStat, CachePolicy, LayerView, ProbeStat
+from .policy import GENERATED, AttentionStat, CachePolicy, LayerView
 from .positions import RopeShift
-from .probe import ProbeScope, probe_statistic
+from .probe import LayerProbe
 from .querystats import RopeFrequencies
 from .reuse import check_batch
-from .selection import lowest_slot, ranked_slots
 from .storage import PaddedStorage, SlotStorage, growth
 from .token_types import TokenTypes
+from .prefillstage import PrefillStage
+from .window import SlidingWindow
 
 __all__ = ["PolicyLayer", "take_active_layer"]
 
@@ -63,7 +64,7 @@ def take_active_layer(layer_idx: int | None) -> PolicyLayer | None:
     return layer
 
 
-class PolicyLayer(DynamicLayer):
+class PolicyLayer(PrefillStage, DynamicLayer):
     """One decoder layer's cache under a policy. Never set ``_layer_type`` here: it would register globally."""
 
     is_croppable = False
@@ -77,13 +78,27 @@ class PolicyLayer(DynamicLayer):
         shift: RopeShift | None = None,
         first_policy_layer: bool = False,
         rope: RopeFrequencies | None = None,
+        window: int | None = None,
+        layer_type: str = "full_attention",
     ):
         super().__init__()
+        #: transformers' layer type (``full_attention`` / ``sliding_attention``): which RoPE the model gives the layer
+        self.layer_type = layer_type
+        #: a sliding-window layer's window (``None``: the layer attends to every column)
+        self.window = SlidingWindow(window) if window is not None else None
+        #: read by transformers (``Cache.is_sliding``) to size the sliding layers' mask from this layer
+        self.is_sliding = window is not None
         self.shift = shift
         #: the model's RoPE frequencies, set only when the policy declares a query statistic
         self.rope = rope
-        self._first = first_policy_layer
+        #: the layer whose logical minus physical length sets the step's RoPE shift (``compressed_positions``): set
+        #: on the first layer only, which runs first in every step (see :class:`~kvpolicy.core.cache.PolicyCache`)
+        self.shift_source: PolicyLayer | None = self if first_policy_layer else None
         self.policy = policy
+        #: the policy's decode statistics, and whether its decode drop runs inside ``update()`` (it needs none), read
+        #: once: a decode step asks in every layer
+        self._decode_needs = policy.decode_needs()
+        self._in_update = policy.decode is not None and not self._decode_needs and not policy.drop_after_attention
         self.layer_idx = layer_idx
         self.num_layers = num_layers
         self._token_types_source = token_types
@@ -91,10 +106,17 @@ class PolicyLayer(DynamicLayer):
         self.is_initialized = False
         #: set by :meth:`~kvpolicy.core.cache.PolicyCache.appending`: forwards store their tokens uncompressed
         self.append_chunk = False
-        #: probe pass (:mod:`kvpolicy.core.probe`): forwards are probe chunks, scored under ``probe_scope``
-        self.probing = False
-        self.probe_scope: ProbeScope | None = None
-        self._probe_scoring = False
+        #: set by :meth:`resolve_new_tokens`: this decode step has no padding token (every new token is real)
+        self.no_padding = False
+        #: the policy layers of one cache in model order (set by :class:`~kvpolicy.core.cache.PolicyCache`; alone by
+        #: default): their decode bookkeeping runs back to back, see :meth:`begin_early` and :meth:`finish_step`
+        self.group: list[PolicyLayer] = [self]
+        #: tokens of the current step already counted, and dropped for, by the group's first layer (0: none)
+        self._begun = 0
+        #: ``(attention, queries)`` of a drop after attention left for the group's last layer to run
+        self._deferred: tuple[dict, dict | None] | None = None
+        #: the probe pass (:mod:`kvpolicy.core.probe`): while ``probe.active``, forwards are probe chunks
+        self.probe = LayerProbe()
         #: set on a recording cache (:mod:`kvpolicy.core.recording`): the attention function hands it the step's
         #: queries, RoPE positions and scaling, the inputs of the statistics that the cache itself does not keep
         self.recorder: Callable[..., None] | None = None
@@ -102,7 +124,7 @@ class PolicyLayer(DynamicLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         #: where the entries live; a :class:`PaddedStorage` until a prefill with per-head budgets may bucket it
-        self.storage: SlotStorage = PaddedStorage(key_states, value_states)
+        self.storage: SlotStorage = PaddedStorage(key_states, value_states, self.window_size)
         self.layer_state: dict[str, Any] = {}
         self.n_tokens = torch.zeros(key_states.shape[0], dtype=torch.long, device=self.device)
         self.prefill_kept: torch.Tensor | None = None
@@ -114,13 +136,16 @@ class PolicyLayer(DynamicLayer):
         self.prefilled = False
         self._pending: str | None = None
         self._planned_keep: torch.Tensor | None = None  # see _prefill_budget
-        #: the prefill stage waits for the end of the forward (it would drop entries and the policy declares a
-        #: ProbeStat or divides one budget across layers: :meth:`CachePolicy.defers_prefill`)
-        self.deferred = False
-        self._waiting_stats: tuple[dict, dict] = ({}, {})  # the prefill's statistics, kept for the deferred stage
-        self._probe_scores: dict[ProbeStat, torch.Tensor] = {}
+        self._rule = DropRule(self.policy, self.device, self.window is not None)
+        self._step_tokens = 0
+        #: the prefill stage waits for the end of the prefill forward (:meth:`CachePolicy.defers_prefill`), holding
+        #: the prompt's statistics ``(attention, queries, probe)``
+        self.waiting = False
+        self._waiting_stats: tuple[dict, dict, dict] = ({}, {}, {})
         #: int64 [B]: RoPE position after each row's last prompt token (recorded at prefill when a probe is declared)
         self.next_position: torch.Tensor | None = None
+        if self.window is not None:
+            self.window.clear()
         self.is_initialized = True
         self._sync()
 
@@ -137,6 +162,11 @@ class PolicyLayer(DynamicLayer):
     @property
     def capacity(self) -> int:
         return self.storage.capacity
+
+    @property
+    def window_size(self) -> int | None:
+        """Columns a query of this layer attends over (``None``: all of them, a global layer)."""
+        return self.window.size if self.window is not None else None
 
     @property
     def pristine(self) -> bool:
@@ -176,11 +206,13 @@ class PolicyLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         check_batch(self.n_tokens.shape[0], self.seen, key_states.shape[0], self.layer_idx)
-        if self.probing:
-            return self._probe_update(key_states, value_states)
-        if self.deferred:
+        if self.probe.active:  # a probe chunk: the prompt's keys/values followed by the chunk's, never stored
+            self._pending = "probe"
+            _active.layer = self
+            return torch.cat((self.keys, key_states), dim=2), torch.cat((self.values, value_states), dim=2)
+        if self.waiting:
             raise RuntimeError(
-                "kvpolicy: the policy's deferred prefill stage (its probe, or one budget across layers) did not run "
+                "kvpolicy: the policy's waiting prefill stage (its probe, or one budget across layers) did not run "
                 "after the prefill: run the prefill through the model returned by kvpolicy.attach (its forward hook "
                 "runs that stage), not its inner decoder"
             )
@@ -189,35 +221,38 @@ class PolicyLayer(DynamicLayer):
                 "kvpolicy: the model did not call kvpolicy's attention function after the cache update. Attach the "
                 "model first: kvpolicy.attach(model) (it sets attn_implementation to 'kvpolicy')."
             )
+        self.run_deferred()  # a forward that ended before the group's last layer: its drop is still due
         q = key_states.shape[2]
-        cols = torch.arange(self.seen, self.seen + q, device=self.device)
-        self.seen += q
+        begun, self._begun = self._begun, 0
+        if begun and (begun != q or not self.prefilled or self.append_chunk):
+            raise RuntimeError(f"kvpolicy: layer {self.layer_idx} was prepared for a {begun}-token decode step")
+        if self.shift_source is not None and self.prefilled and self.shift is not None:
+            # one shift per step for every layer, set before anything moves (layer 0 begins the others' steps only
+            # after this): the entries the policy removed from the source layer so far (its logical minus physical
+            # length; a window's own drops are not the policy's)
+            source = self.shift_source
+            self.shift.delta = source.uncompressed()[0] - source.held()[:, 0]
+        start = self.seen - begun if begun else self._advance(q)
         if not self.prefilled:
             if self.append_chunk:
                 raise RuntimeError("kvpolicy: a chunk is appended to a prefilled cache; run the prefill forward first")
+            cols = torch.arange(start, start + q, device=self.device)
             self.storage.append(key_states, value_states, cols, self._new_types(cols), slack=0)
             self._pending = "prefill"
         elif self.append_chunk:
+            cols = torch.arange(start, start + q, device=self.device)
             self._pending = self._append_update(key_states, value_states, cols)
         else:
-            self._pending = self._decode_update(key_states, value_states, cols)
+            self._pending = self._decode_update(key_states, value_states, start, begun > 0)
         self._sync()
         _active.layer = self
         return self.keys, self.values
-
-    def _probe_update(self, key_states: torch.Tensor, value_states: torch.Tensor):
-        """A probe chunk: the prompt's keys/values followed by the chunk's, which are never stored."""
-        self._pending = "probe"
-        _active.layer = self
-        return torch.cat((self.keys, key_states), dim=2), torch.cat((self.values, value_states), dim=2)
 
     def _rotate_new(self, key_states: torch.Tensor) -> torch.Tensor:
         """New keys at the compressed positions when the policy re-numbers them (``compressed_positions``)."""
         if self.shift is None:
             return key_states
-        if self._first:  # one shift per step for every layer: layer 0's logical minus physical position
-            self.shift.delta = self.n_tokens - self.held()[:, 0]
-        return self.shift.rotate(key_states)
+        return self.shift.rotate(key_states, self.layer_type)
 
     def _append_update(self, key_states: torch.Tensor, value_states: torch.Tensor, cols: torch.Tensor) -> str:
         """Store an appended chunk's tokens as prompt tokens (their own token types), dropping nothing."""
@@ -228,18 +263,63 @@ class PolicyLayer(DynamicLayer):
         self.storage.append(key_states, value_states, cols, types, slack=growth(self.length))
         return "append"
 
-    def _decode_update(self, key_states: torch.Tensor, value_states: torch.Tensor, cols: torch.Tensor) -> str:
-        """Store a decode step's tokens (dropping first when the decode rule needs no attention); returns the stage
-        left pending for :meth:`finish_step`."""
+    def _decode_update(self, key_states: torch.Tensor, value_states: torch.Tensor, start: int, begun: bool) -> str:
+        """Store a decode step's tokens, the first at column ``start``; returns the stage left pending for
+        :meth:`finish_step`. ``begun``: the group's first layer already began the step here (:meth:`begin_early`),
+        so only the keys and values remain to be written."""
         q = key_states.shape[2]
         key_states = self._rotate_new(key_states)
+        if not begun:
+            self._begin_step(q, start)
+            if self.group[0] is self:
+                for layer in self.group[1:]:
+                    layer.begin_early(q)
+        if q == 1:  # one column, one type: the storage writes them as numbers
+            cols: torch.Tensor | int = start
+            types: torch.Tensor | int = GENERATED
+        else:
+            cols = torch.arange(start, start + q, device=self.device)
+            types = self._new_types(cols)
+        self.storage.append(key_states, value_states, cols, types, slack=growth(self.length))
+        return "decode" if (self.policy.decode is not None and not self._in_update) else "done"
+
+    def _begin_step(self, q: int, start: int) -> None:
+        """What a decode step does before it has this layer's keys: count the ``q`` tokens (first at column
+        ``start``), drop when the decode rule needs no attention (the new tokens count toward the budget), and for a
+        one-token step let the storage choose the new token's slot and write its column and type
+        (:meth:`~kvpolicy.core.storage.PaddedStorage.prepare`)."""
         self.n_tokens += q  # corrected in resolve_new_tokens if some new token is padding
-        policy = self.policy
-        in_update = policy.decode is not None and not policy.decode_needs() and not policy.drop_after_attention
-        if in_update:
-            self._decode_drop(incoming=q)
-        self.storage.append(key_states, value_states, cols, self._new_types(cols), slack=growth(self.length))
-        return "decode" if (policy.decode is not None and not in_update) else "done"
+        storage = self.storage
+        if self._in_update:
+            self._decode_drop(incoming=q, refill=q == 1)
+        if q == 1 and isinstance(storage, PaddedStorage):
+            storage.prepare(start, GENERATED, growth(storage.length))
+
+    def _advance(self, q: int) -> int:
+        """Enter a step of ``q`` columns and return the first: the window rule first (what the step's first query
+        cannot see is gone), then the columns are counted."""
+        if self.window is not None:
+            self._expire(self.seen - self.window.size + 1)
+        start = self.seen
+        self.seen = start + q
+        self._step_tokens = q
+        return start
+
+    def begin_early(self, q: int) -> None:
+        """:meth:`_begin_step` run by the group's first layer for this one, before any layer of the step (engine use:
+        a no-op unless this layer is prefilled and between steps).
+
+        Why: a decode step's bookkeeping is many small tensor operations per layer, and between two layers the
+        model's matmuls evict everything they touch from the CPU caches — the same operations cost about three times
+        as much run one layer at a time as back to back (measured on the 12-layer bench model, docs/performance.md).
+        Nothing reads or writes this layer between the first layer's update and its own, so the drop chooses and
+        frees exactly what it would have there, and the slot is the one its own update would take; that update then
+        only writes the keys and values."""
+        if not self.is_initialized or not self.prefilled or self.append_chunk or self._pending is not None:
+            return
+        self.run_deferred()
+        self._begin_step(q, self._advance(q))
+        self._begun = q
 
     def _new_types(self, cols: torch.Tensor) -> torch.Tensor:
         if self.prefilled:
@@ -252,15 +332,22 @@ class PolicyLayer(DynamicLayer):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         if not self.is_initialized:
             return query_length, 0
-        return self.length + query_length, self.seen - self.length
+        length = self.length
+        # update() will first drop the front slots out of the window (a probe chunk drops nothing: its mask does it)
+        if self.window is not None and self.pristine and not self.probe.active:
+            length = min(length, self.window.size - 1)
+        return length + query_length, self.seen - length
 
     def get_max_length(self) -> int:
         return -1
 
     def reset(self) -> None:
+        if self.window is not None:
+            self.window.clear()
         self.is_initialized = False
         self.keys = self.values = None
         self.seen = 0
+        self._begun, self._deferred = 0, None
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("kvpolicy: a compressed cache cannot be cropped (assisted decoding is unsupported)")
@@ -269,10 +356,14 @@ class PolicyLayer(DynamicLayer):
         if not self.is_initialized:
             return
         index = index.to(self.device)
+        self.run_deferred()
         self.storage.select_rows(index)
         batch = self.n_tokens.shape[0]
         self.n_tokens = self.n_tokens[index]
         self.appended = self.appended[index]
+        self._rule.forget_rows()
+        if self.window is not None:
+            self.window.select_rows(index)
         # per-row tensors a part keeps in layer_state follow their rows too
         for key, value in list(self.layer_state.items()):
             if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
@@ -294,20 +385,31 @@ class PolicyLayer(DynamicLayer):
 
     # ------------------------------------------------------------------ used by the attention function
     def resolve_new_tokens(self, mask: torch.Tensor | None, q: int) -> torch.Tensor:
-        """Learn which of this step's tokens are padding from transformers' mask (its last query row sees every real
-        column), mark them invalid, and return the validity of the new tokens, bool ``[B, q]``."""
+        """Learn which of this step's tokens are padding from transformers' mask (each real query sees its own
+        column, :func:`~kvpolicy.core.masks.new_token_validity`), mark them invalid, and return the validity of the new
+        tokens, bool ``[B, q]``."""
+        # a decode step without padding anywhere (transformers drops the mask only then) has nothing to mark; an
+        # appended chunk still goes through mark_new_tokens (a sliding layer's window records it)
+        self.no_padding = mask is None and self.prefilled and not self.append_chunk
+        if self.no_padding:
+            return self._rule.filled((self.n_tokens.shape[0], q), True)
         return self.mark_new_tokens(new_token_validity(mask, q, self.n_tokens.shape[0], self.device))
 
     def mark_new_tokens(self, new_valid: torch.Tensor) -> torch.Tensor:
         """Mark this step's padding (``new_valid`` bool ``[B, q]`` is False) invalid and count its real tokens; what
         :meth:`resolve_new_tokens` does once it has read the mask, and what a replay does with the recorded validity
         (:mod:`kvpolicy.core.replay`). Returns ``new_valid``."""
-        if not bool(new_valid.all()):
+        self.no_padding = False  # the attention function then checks ``new_valid`` (a caller here may pass padding)
+        q = new_valid.shape[1]
+        padded = not bool(new_valid.all())
+        if padded:
             self.storage.invalidate_new(new_valid)
             if self.prefilled:
                 self.n_tokens -= (~new_valid).sum(-1)
         if not self.prefilled:
             self.n_tokens += new_valid.sum(-1)
+        if self.window is not None and (padded or self._pending == "append"):
+            self.window.record(self.seen - q, new_valid, appended=self._pending == "append")
         return new_valid
 
     def mask(self, q: int) -> torch.Tensor | None:
@@ -322,58 +424,11 @@ class PolicyLayer(DynamicLayer):
         if self._pending == "prefill":
             return self.policy.prefill_needs()
         if self._pending == "decode" or (self._pending == "append" and self._observes()):
-            return self.policy.decode_needs()
+            return self._decode_needs
         return frozenset()
 
     def _observes(self) -> bool:
         return getattr(self.policy.decode, "observe", None) is not None
-
-    # ------------------------------------------------------------------ the probe pass (kvpolicy.core.probe)
-    def start_probe(self, every_layer: bool = False) -> None:
-        """Forwards are probe chunks from now on. The layer scores them when its prefill stage waits for the probe,
-        or always with ``every_layer`` (a replay computes the statistic once per recording, for any policy)."""
-        self.probing, self._probe_scores, self._probe_scoring = True, {}, every_layer or self.deferred
-
-    def stop_probe(self) -> dict[ProbeStat, torch.Tensor]:
-        """End the probe pass; returns this layer's statistics (empty when the layer was not waiting for them)."""
-        self.probing, self.probe_scope, self._pending = False, None, None
-        scores, self._probe_scores = self._probe_scores, {}
-        return scores
-
-    def finish_probe(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
-        """After a probe chunk's attention: fold its statistic into the running maximum of each scored entry."""
-        self._pending = None
-        scope = self.probe_scope
-        if scope is None or not self._probe_scoring:
-            return
-        stat = probe_statistic(scope, query, key, self.length, scaling)  # [B, H, K]
-        b, h, p = self.valid.shape
-        best = self._probe_scores.get(scope.need)
-        if best is None:
-            best = self._probe_scores[scope.need] = torch.zeros(b, h, p, dtype=torch.float32, device=self.device)
-        best.scatter_reduce_(2, scope.index[:, None, :].expand_as(stat), stat, reduce="amax")
-
-    def deferred_scores(self, probe: dict[ProbeStat, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(keep [B], encode scores [B, H or 1, P])`` of the waiting prefill stage, for an allocator that divides
-        one budget across layers (``rebalance``) before any layer compresses."""
-        attention, queries = self._waiting_stats
-        keep = self._prefill_budget()
-        view = self.view("prefill", attention, queries, probe)
-        view.keep = keep
-        return keep, check_scores(self.policy, "encode", self.policy.encode.score(view), view)  # type: ignore[union-attr]
-
-    def compress_deferred(
-        self, probe: dict[ProbeStat, torch.Tensor], keep: torch.Tensor | None = None, scores: torch.Tensor | None = None
-    ) -> None:
-        """Run the prefill stage that waited (for the probe, or for every layer's scores), with the probe's statistics
-        (``view.probe``) and, when an allocator re-divided the budget, this layer's ``keep`` and its ``scores``."""
-        if not self.deferred:
-            return
-        self.deferred = False
-        attention, queries = self._waiting_stats
-        self._waiting_stats = ({}, {})
-        self._compress_prefill(attention, queries, probe, keep, scores)
-        self._sync()
 
     def finish_step(self, attention: dict[int | None, torch.Tensor], queries: dict | None = None) -> None:
         """Called by the attention function once the outputs are computed: compress now if the policy says so.
@@ -382,11 +437,22 @@ class PolicyLayer(DynamicLayer):
         if pending == "prefill":
             self._finish_prefill(attention, queries)
         elif pending == "decode":
-            self._decode_drop(incoming=0, attention=attention, queries=queries)
+            # the group's drops after attention run back to back at its last layer (see begin_early for why): the
+            # statistics are this step's either way, and nothing reads a layer between its attention and the end
+            self._deferred = (attention, queries)
+            if self.window is not None and self._step_tokens > 1:
+                self.run_deferred()  # the window rule below comes after the drop, as in a step of one layer alone
+            if self.group[-1] is self:
+                for layer in self.group:
+                    layer.run_deferred()
         elif pending == "append":
             self.appended += self.n_tokens - self._before_append
+            self._rule.forget_rows()
             if self._observes():
                 self.policy.decode.observe(self.view("decode", attention))  # type: ignore[union-attr]
+        if self.window is not None and pending != "prefill" and self._step_tokens > 1:
+            # what the step's last query could not see (after one query, update() already left exactly its window)
+            self._expire(self.seen - self.window.size)
         self._sync()
 
     # ------------------------------------------------------------------ the policy's stages
@@ -404,7 +470,7 @@ class PolicyLayer(DynamicLayer):
             positions=storage.positions,
             seen=self.seen,
             n_tokens=self.n_tokens,
-            new_tokens=0 if storage.new_slots is None else storage.new_slots.shape[-1],
+            new_tokens=storage.new_count,
             token_types=storage.token_types,
             attention=attention or {},
             queries=queries or {},
@@ -413,110 +479,37 @@ class PolicyLayer(DynamicLayer):
             layer_state=self.layer_state,
             prefill_kept=self.prefill_kept,
             sinks=self.policy.sinks or 0,
+            rank_source=storage.rank_for,
         )
 
-    def _prefill_budget(self) -> torch.Tensor:
-        """Entries this layer keeps after prefill (budget, then the allocator), computed once per prefill: the
-        attention function asks for it before the outputs (:meth:`prefill_drops`) and the prefill stage after."""
-        if self._planned_keep is None:
-            policy = self.policy
-            keep = policy.budget.prefill_keep(self.n_tokens)
-            if policy.allocator is not None:
-                given = keep
-                keep = policy.allocator.layer_keep(self.layer_idx, self.num_layers, keep, self.n_tokens)
-                keep = check_keep(policy, keep, given, self.layer_idx)
-            self._planned_keep = keep
-        return self._planned_keep
+    def _expire(self, before: int) -> int:
+        """The window rule of a sliding layer: free the entries at columns ``< before`` (see
+        :meth:`PaddedStorage.expire`; returns the slots removed from the front of a pristine layout)."""
+        return self._padded().expire(before, self.seen)
 
-    def plan_prefill_keep(self, keep: torch.Tensor) -> None:
-        """Fix the entries this layer keeps after the pending prefill (int64 ``[B]``), in place of the budget and the
-        allocator's per-layer rule: a whole-model allocation (``BudgetAllocator.model_keep``), which only a replay
-        can make, since it needs every layer's prefill before any layer is compressed."""
-        if self._pending != "prefill":
-            raise RuntimeError(f"layer {self.layer_idx}: a prefill keep is planned while no prefill is pending")
-        given = self.policy.budget.prefill_keep(self.n_tokens)
-        self._planned_keep = check_keep(self.policy, keep, given, self.layer_idx)
+    def uncompressed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(tokens, appended)``, int64 ``[B]``: the real tokens an uncompressed layer would hold now and how many of
+        them were appended uncompressed — what the budget rule is a fraction of. A global layer: every real token
+        seen. A sliding layer: the real tokens among the last ``window`` columns (:mod:`kvpolicy.core.window`)."""
+        if self.window is None:
+            return self.n_tokens, self.appended
+        return self.window.counts(self.seen, self.n_tokens.shape[0], self.device)
 
-    def prefill_drops(self) -> bool:
-        """Whether the pending prefill compression removes entries. When it does and the attention function has no
-        exact route (SDPA's own outputs and log-sum-exp, :mod:`kvpolicy.core.sdpa`; e.g. eager attention), the
-        layer's outputs need not be bit-identical to transformers' own attention (the cache changes anyway), so it
-        may compute outputs and statistics in one pass; when it does not (ratio 0), the plain path keeps the run
-        identical to the full cache."""
-        return self._pending == "prefill" and self._drops()
+    def run_deferred(self) -> None:
+        """Run the drop after attention left for the group's last layer, if any (engine use: the group's last layer
+        calls it for every layer; ``update()`` and row selection call it first in case a forward stopped early)."""
+        deferred, self._deferred = self._deferred, None
+        if deferred is not None:
+            self._decode_drop(0, *deferred)
+            self._sync()
 
-    def _drops(self) -> bool:
-        if self.policy.encode is None:
-            return False
-        return bool((self._prefill_budget() < self.held().amin(-1)).any())
-
-    def _finish_prefill(self, attention: dict, queries: dict | None = None) -> None:
-        if self.policy.defers_prefill() and self._drops():
-            self.deferred = True  # compress once the forward (and the probe) has gone through every layer
-            self._waiting_stats = (attention, queries or {})
-            return
-        self._compress_prefill(attention, queries)
-
-    def _compress_prefill(
-        self,
-        attention: dict,
-        queries: dict | None = None,
-        probe: dict | None = None,
-        keep: torch.Tensor | None = None,
-        scores: torch.Tensor | None = None,
+    def _decode_drop(
+        self, incoming: int, attention: dict | None = None, queries: dict | None = None, refill: bool = False
     ) -> None:
-        policy = self.policy
-        storage = self._padded()
-        self.prefilled = True
-        keep = self._prefill_budget() if keep is None else keep
-        self._planned_keep = None
-        self.prefill_keep = keep
-        view = self.view("prefill", attention, queries, probe)
-        view.keep = keep
-        init_state = getattr(policy.decode, "init_state", None)
-        if init_state is not None:
-            for name, t in check_state(policy, init_state(view), view).items():
-                storage.set_slot_state(name, t.to(torch.float32).expand_as(view.valid).clone())
-        if policy.encode is not None and bool((keep < view.held().amin(-1)).any()):
-            if scores is None:
-                scores = check_scores(policy, "encode", policy.encode.score(view), view)
-            storage.compact(check_reduction(policy, policy.reducer.reduce(view, scores, keep), view))
-            if policy.decode is None and not storage.has_slot_state:  # no stage left: the layout is chosen once
-                self.storage = bucketed_if_uneven(storage)
-        self.prefill_kept = self.held()
-        after = getattr(policy.decode, "after_prefill", None)
-        if after is not None:
-            after(self.view("decode"))
-
-    def _decode_drop(self, incoming: int, attention: dict | None = None, queries: dict | None = None) -> None:
-        """Apply the decode-stage budget rule: free the lowest-scored slots (``incoming`` tokens are about to be
-        written and count toward the budget)."""
-        decode = self.policy.decode
-        if decode is None:
-            return
-        storage = self._padded()
-        view = self.view("decode", attention, queries)
-        observe = getattr(decode, "observe", None)
-        if observe is not None:
-            observe(view)
-        held = view.held() + incoming
-        excess = self.policy.budget.decode_excess(held, self.n_tokens, self.prefill_keep, self.appended)
-        if not bool((excess > 0).any()):
-            return
-        view.excess = excess
-        scores = check_scores(self.policy, "decode", decode.drop_scores(view), view, what="drop scores")
-        k_max = int(excess.max())
-        if k_max == 1:
-            victims = lowest_slot(view, scores)
-        else:
-            victims = ranked_slots(view, -scores.to(torch.float32))[..., :k_max]
-        ok = (torch.arange(k_max, device=self.device) < excess[..., None]) & view.valid.gather(2, victims)
-        on_drop = getattr(self.policy.reducer, "on_drop", None)
-        if on_drop is not None:
-            merged = on_drop(view, victims, ok)
-            if merged is not None:
-                storage.write_kv(*check_merge(self.policy, merged, view))
-        storage.free(victims, ok)
+        """Apply the decode-stage budget rule (:class:`~kvpolicy.core.droprule.DropRule`)."""
+        if self.policy.decode is not None:
+            view = self.view("decode", attention, queries)
+            self._rule.drop(self._padded(), view, incoming, self.prefill_keep, self.uncompressed, refill)
 
     # ------------------------------------------------------------------ reporting
     def nbytes(self) -> int:

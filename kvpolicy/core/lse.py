@@ -95,6 +95,7 @@ def received_from_lse(
     query_col0: int,
     rows: int | None = None,
     tile: int | None = None,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Attention each key receives from the last ``window`` queries (``None``: all), averaged over each group's query
     heads: float32 ``[B, H, P]``, the statistic of :class:`~kvpolicy.core.policy.AttentionStat`.
@@ -108,7 +109,11 @@ def received_from_lse(
     Work goes in blocks of ``rows`` queries (all heads) times ``tile`` keys; by default (:func:`block_shape`) at most
     :data:`~kvpolicy.core.kernels.STATS_CHUNK_ELEMENTS` float32 logits (4 MiB): a block that stays in cache between
     the matmul, ``exp2`` and the sum was measured 10-15% faster at 16384 tokens than whole rows of keys. Only the keys
-    at or before a block's last query are visited."""
+    at or before a block's last query are visited.
+
+    ``sliding_window``: a sliding-window layer's window ``W`` (the lse is then the window's, as the layer's own mask
+    made it): query ``i`` receives nothing from a slot ``W`` or more columns before its own, and the keys before a
+    block's first query's window are not visited."""
     b, hq, q, d = query.shape
     h, p = key.shape[1], key.shape[2]
     g = hq // h
@@ -135,7 +140,8 @@ def received_from_lse(
             c, kmax = i1 - i0, min(p, col0 + i1)  # the block's last query sees slots [0, kmax)
             qc = torch.cat([queries[:, :, :, i0:i1].to(torch.float32), shift[:, :, :, i0:i1]], dim=-1)
             qc = qc.view(b * h, g * c, d + LSE_TERMS)
-            for j0 in range(0, kmax, tile):
+            kmin = 0 if sliding_window is None else max(0, col0 + i0 - sliding_window + 1)  # first query's first slot
+            for j0 in range(kmin, kmax, tile):
                 j1 = min(kmax, j0 + tile)
                 # the scale is alpha, not part of the operands: they stay exact bfloat16 values (exact_bf16_matmul)
                 logits = torch.baddbmm(unused, qc, keys_t[:, :, j0:j1], beta=0, alpha=scaling * _LOG2E)
@@ -143,7 +149,21 @@ def received_from_lse(
                 if lo < j1:  # query i0 + r sees slot col0 + i0 + r: mask the columns past it
                     diag = future[:c, lo - col0 - i0 : j1 - col0 - i0]
                     logits.view(b * h, g, c, j1 - j0)[..., lo - j0 :].masked_fill_(diag, float("-inf"))
+                if sliding_window is not None:
+                    _mask_left_window(logits.view(b * h, g, c, j1 - j0), j0, col0 + i0 - sliding_window)
                 total[:, j0:j1] += logits.exp2_().sum(dim=1)
                 del logits
     # a padding key's logits were never masked (its column sum may be anything, even inf): it receives nothing
     return torch.where(valid, total.view(b, h, p), 0.0).div_(g)
+
+
+def _mask_left_window(logits: torch.Tensor, j0: int, last_missed: int) -> None:
+    """Mask, in a block ``[..., c, j1 - j0]`` of logits for slots ``j0 ...``, the slots row ``r`` cannot see because
+    they left its window: those at or before ``last_missed + r``."""
+    c, width = logits.shape[-2], logits.shape[-1]
+    hi = min(width, last_missed + c - j0)  # past this column no row misses a slot
+    if hi <= 0:
+        return
+    slots = torch.arange(j0, j0 + hi, device=logits.device)
+    missed = slots[None, :] <= (last_missed + torch.arange(c, device=logits.device))[:, None]
+    logits[..., :hi].masked_fill_(missed, float("-inf"))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
@@ -171,6 +172,24 @@ class LayerView:
     #: the policy's protected sinks (:attr:`CachePolicy.sinks`): the first ``sinks`` real tokens of each row, which no
     #: part should drop or merge away. Stated once by the policy so that every part reads the same number.
     sinks: int = 0
+    #: where :meth:`rank` comes from when the engine keeps it (``f(valid, positions) -> rank or None``): the layer's
+    #: storage answers for its own ``valid``/``positions`` with a rank it keeps up to date between steps instead of
+    #: sorting the slots again; ``None`` (or an answer of ``None``, e.g. for a view whose ``valid`` was replaced): sort
+    rank_source: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None] | None = field(
+        default=None, repr=False, compare=False
+    )
+    #: results of :meth:`order`, :meth:`rank` and :meth:`held`, computed once per view: several parts of one step ask
+    #: for them (a scorer and its sink rule each rank the slots) and each costs a sort or a sum. Keyed by the identity
+    #: of ``valid`` and ``positions``, so assigning either (tests, ``dataclasses.replace``) recomputes them.
+    _memo: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def _memoised(self, name: str, compute: Any) -> torch.Tensor:
+        hit = self._memo.get(name)
+        if hit is not None and hit[0] is self.valid and hit[1] is self.positions:
+            return hit[2]
+        value = compute()
+        self._memo[name] = (self.valid, self.positions, value)
+        return value
 
     @property
     def batch_size(self) -> int:
@@ -185,22 +204,40 @@ class LayerView:
         return self.keys.shape[2]
 
     def order(self) -> torch.Tensor:
-        """Slots sorted by logical position, valid slots first: ``[B, H, P]`` slot indices.
+        """Slots sorted by logical position, valid slots first: ``[B, H, P]`` slot indices (read-only: computed once
+        per view and shared by every caller).
 
         ``order()[..., i]`` is the slot of the i-th oldest valid entry of the row (for ``i < held``)."""
+        return self._memoised("order", self._order)
+
+    def _order(self) -> torch.Tensor:
+        known = self._known_rank()
+        if known is not None:  # the inverse permutation of a kept rank: no sort
+            order = torch.empty_like(known)
+            return order.scatter_(-1, known, torch.arange(known.shape[-1], device=known.device).expand_as(known))
         big = torch.iinfo(self.positions.dtype).max
         return torch.where(self.valid, self.positions, big).argsort(dim=-1, stable=True)
 
+    def _known_rank(self) -> torch.Tensor | None:
+        return None if self.rank_source is None else self.rank_source(self.valid, self.positions)
+
     def rank(self) -> torch.Tensor:
-        """Positional rank of each slot among the valid slots of its row (0 = oldest); invalid slots rank last."""
+        """Positional rank of each slot among the valid slots of its row (0 = oldest); invalid slots rank last.
+        Read-only (computed once per view)."""
+        return self._memoised("rank", self._rank)
+
+    def _rank(self) -> torch.Tensor:
+        known = self._known_rank()
+        if known is not None:
+            return known
         order = self.order()
         rank = torch.empty_like(order)
         rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
         return rank
 
     def held(self) -> torch.Tensor:
-        """Valid entries per row and head: int64 ``[B, H]``."""
-        return self.valid.sum(-1)
+        """Valid entries per row and head: int64 ``[B, H]`` (read-only: computed once per view)."""
+        return self._memoised("held", lambda: self.valid.sum(-1))
 
     def sink_mask(self) -> torch.Tensor:
         """bool ``[B, H, P]``: the slots holding the policy's protected sinks (the ``sinks`` oldest valid entries of

@@ -4,16 +4,18 @@ Some policies rank the prompt's entries by how a *constructed* input attends to 
 the context and keeps the entries the reconstruction reads. A part declares :class:`~kvpolicy.core.policy.ProbeStat`
 (its :class:`~kvpolicy.core.policy.Probe` builds the token ids from each row's context); then
 
-1. the prefill runs as usual, but a policy layer that declares a probe and will drop entries does **not** compress
-   right after its attention: it keeps the whole prompt (and the other statistics it computed) and waits;
+1. the prefill runs as usual, but no policy layer compresses right after its attention: each keeps the whole prompt
+   (a sliding-window layer too: its window rule is part of the stage that waits) and the statistics it computed;
 2. once the prefill forward has returned, the hook :func:`~kvpolicy.core.engine.attach` installs calls
-   :func:`run_probe`: for each chunk (all rows at once, left-padded; a row with fewer chunks repeats its last one,
-   which the running maximum makes harmless) the model's decoder runs on the chunk with the cache. Every policy
-   layer returns the prompt's keys plus the chunk's without storing the chunk, records the statistic
-   (:func:`probe_statistic`, a running maximum per entry) and forgets the chunk after its attention; sliding-window
-   layers (Gemma 3), which would otherwise slide past the prompt, are restored after each chunk;
+   :func:`run_probe` if some layer will drop entries: for each chunk (all rows at once, left-padded; a row with fewer
+   chunks repeats its last one, which the running maximum makes harmless) the model's decoder runs on the chunk with
+   the cache. Every policy layer returns the prompt's keys plus the chunk's without storing the chunk, records the
+   statistic (:func:`probe_statistic`, a running maximum per entry, :class:`LayerProbe`) and forgets the chunk after
+   its attention. A sliding layer's mask (transformers' own) lets each probe token see the window before it, as for
+   any token appended to the prompt; its statistic is KVzip's, like every layer's, and only the entries inside the
+   window after the prompt's last token are kept or dropped by it;
 3. then every waiting layer compresses with the statistic in ``view.probe``
-   (:meth:`~kvpolicy.core.cache.PolicyCache.compress_deferred`).
+   (:meth:`~kvpolicy.core.cache.PolicyCache.compress_deferred`; a sliding layer applies its window rule first).
 
 Memory: one chunk's keys and values per layer at a time (the concatenation returned to the attention), the
 statistic's probabilities in blocks of query rows (:func:`~kvpolicy.core.kernels.probe_max_received`), and one
@@ -34,7 +36,10 @@ import torch
 from .kernels import probe_max_received
 from .policy import ProbeChunk, ProbeStat
 
-__all__ = ["ProbeError", "ProbeScope", "ProbeScores", "load_tokenizer", "next_positions", "probe_statistic", "run_probe"]
+__all__ = [
+    "LayerProbe", "ProbeError", "ProbeScope", "ProbeScores", "load_tokenizer", "next_positions", "probe_statistic",
+    "run_probe",
+]
 
 #: layer index -> the declared probe statistics of that layer (float32 ``[B, H, P]``)
 ProbeScores = dict[int, dict[ProbeStat, torch.Tensor]]
@@ -63,6 +68,38 @@ def probe_statistic(scope: ProbeScope, query: torch.Tensor, key: torch.Tensor, c
     selected = key[:, :, :context].gather(2, scope.index[:, None, :, None].expand(b, h, k, d))
     best = probe_max_received(query, selected, scope.ok, key[:, :, context:], scope.probe_valid, scaling)
     return best.masked_fill_(~scope.record[:, None, :], 0.0)
+
+
+class LayerProbe:
+    """One policy layer's side of the probe pass: whether its forwards are probe chunks now, the chunk being scored
+    (``scope``, set by :func:`run_probe` before each chunk) and the running maximum of the statistic per entry."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.scope: ProbeScope | None = None
+        self.scoring = False
+        self.scores: dict[ProbeStat, torch.Tensor] = {}
+
+    def start(self, scoring: bool) -> None:
+        self.active, self.scoring, self.scores = True, scoring, {}
+
+    def stop(self) -> dict[ProbeStat, torch.Tensor]:
+        """End the pass; returns the statistics (empty when the layer was not scoring)."""
+        scores = self.scores
+        self.active, self.scope, self.scores = False, None, {}
+        return scores
+
+    def fold(self, query: torch.Tensor, key: torch.Tensor, valid: torch.Tensor, scaling: float) -> None:
+        """After a chunk's attention: fold its statistic into the running maximum of each scored entry. ``key`` is
+        the layer's ``[B, H, P + q, D]`` (its ``P`` slots, ``valid`` bool ``[B, H, P]``, then the chunk's)."""
+        scope = self.scope
+        if scope is None or not self.scoring:
+            return
+        stat = probe_statistic(scope, query, key, valid.shape[-1], scaling)  # [B, H, K]
+        best = self.scores.get(scope.need)
+        if best is None:
+            best = self.scores[scope.need] = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)
+        best.scatter_reduce_(2, scope.index[:, None, :].expand_as(stat), stat, reduce="amax")
 
 
 def next_positions(position_ids: Any, new_valid: torch.Tensor, seen: int) -> torch.Tensor:
@@ -127,21 +164,10 @@ def _scope(need: ProbeStat, chunks: list[ProbeChunk], real_slots: list[torch.Ten
     return ProbeScope(need, index, ok, record, probe_valid)
 
 
-def _restorable(cache: Any) -> list[tuple[Any, Any, Any, int]]:
-    """The state of the layers a probe forward would change for good: sliding-window layers (their update replaces
-    the tensors rather than writing into them, so keeping the references is a snapshot)."""
-    return [
-        (layer, layer.keys, layer.values, layer.cumulative_length)
-        for layer in cache.layers
-        if getattr(layer, "is_sliding", False) and getattr(layer, "is_initialized", False)
-    ]
-
-
-def run_probe(model: Any, cache: Any, every_layer: bool = False) -> ProbeScores:
+def run_probe(model: Any, cache: Any) -> ProbeScores:
     """Run every declared probe through ``model``'s decoder on ``cache`` (holding the whole prompt, uncompressed)
-    and return the statistics per policy layer: of the layers whose prefill stage waits for them, or of every policy
-    layer with ``every_layer`` (a replay keeps them with the recording for every later policy). The cache's entries
-    are unchanged afterwards."""
+    and return the statistics of every waiting policy layer (all of them: :mod:`kvpolicy.core.prefillstage`). The
+    cache's entries are unchanged afterwards."""
     layers = cache.policy_layers
     first = layers[0]
     ids = cache.prompt_ids
@@ -157,7 +183,7 @@ def run_probe(model: Any, cache: Any, every_layer: bool = False) -> ProbeScores:
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     pad = getattr(model.config.get_text_config(decoder=True), "pad_token_id", None) or 0
     for layer in layers:
-        layer.start_probe(every_layer)
+        layer.probe.start(layer.waiting)
     try:
         for need in cache.probe_needs:
             rows = _chunks(need, contexts, cache.tokenizer)
@@ -182,12 +208,7 @@ def _forward_chunk(decoder, cache, need, chunk, real_slots, valid, next_position
     positions = next_position.to(device)[:, None] + (probe_valid.cumsum(-1) - 1).clamp(min=0)
     mask = torch.cat((valid, probe_valid), dim=1).to(torch.long)
     scope = _scope(need, chunk, real_slots, probe_valid)
-    saved = _restorable(cache)
     for layer in cache.policy_layers:
-        layer.probe_scope = scope
-    try:
-        with torch.no_grad():
-            decoder(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
-    finally:
-        for layer, keys, values, length in saved:
-            layer.keys, layer.values, layer.cumulative_length = keys, values, length
+        layer.probe.scope = scope
+    with torch.no_grad():
+        decoder(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)

@@ -31,6 +31,7 @@ __all__ = [
     "QueryStatsUnsupportedError",
     "RopeFrequencies",
     "average_rotation",
+    "layer_rope_parameters",
     "query_statistics",
     "rope_frequencies",
     "rotate",
@@ -69,16 +70,24 @@ class QueryStats:
     rope: RopeFrequencies  #: to rotate the statistics to future positions (:func:`average_rotation`)
 
 
-def rope_frequencies(config: Any) -> RopeFrequencies:
-    """The text decoder's RoPE frequencies, for the full-attention layers (the ones a policy compresses)."""
+def layer_rope_parameters(text: Any, layer_type: str) -> tuple[dict, str | None]:
+    """``(rope_parameters, layer_type or None)`` of one kind of layer of the text decoder config ``text``: a model
+    with one RoPE per layer type (Gemma 3: ``{"full_attention": {...}, "sliding_attention": {...}}``) gives that
+    type's (and the type, which transformers' RoPE functions then need); any other model its one set."""
+    params = dict(getattr(text, "rope_parameters", None) or {})
+    if isinstance(params.get(layer_type), dict):
+        return dict(params[layer_type]), layer_type
+    return params, None
+
+
+def rope_frequencies(config: Any, layer_type: str = "full_attention") -> RopeFrequencies:
+    """The text decoder's RoPE frequencies for its layers of ``layer_type`` (Gemma 3 rotates its sliding-window
+    layers with another base than its global ones)."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     text = config.get_text_config(decoder=True)
     name = type(config).__name__
-    params = dict(getattr(text, "rope_parameters", None) or {})
-    layer_type = None
-    if isinstance(params.get("full_attention"), dict):  # Gemma 3: one rope per layer type
-        layer_type, params = "full_attention", dict(params["full_attention"])
+    params, layer_type_key = layer_rope_parameters(text, layer_type)
     rope_type = params.get("rope_type", params.get("type", "default"))
     partial = params.get("partial_rotary_factor", getattr(text, "partial_rotary_factor", 1.0)) or 1.0
     reason = None
@@ -97,7 +106,7 @@ def rope_frequencies(config: Any) -> RopeFrequencies:
         dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         inv = 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
         return RopeFrequencies(inv, 1.0)
-    kwargs = {"layer_type": layer_type} if layer_type else {}
+    kwargs = {"layer_type": layer_type_key} if layer_type_key else {}
     inv, scaling = ROPE_INIT_FUNCTIONS[rope_type](text, **kwargs)
     return RopeFrequencies(inv.to(torch.float64), float(scaling))
 

@@ -10,12 +10,12 @@ a :class:`~kvpolicy.core.cache.PolicyCache` whose policy compresses nothing (so 
 full cache's bit for bit) and whose layers hand their queries to a recorder. What it keeps
 (:class:`PrefillRecording`):
 
-* per policy layer (:class:`LayerRecording`): the keys and values as the layer's padded storage holds them (post-RoPE,
-  per kv head, every column of the left-padded batch), which columns are real, the queries as the attention function
-  received them, the RoPE ``position_ids`` the model passed, the scaling, and the log-sum-exp of each query's softmax
-  where the output kernel returns one (none does yet);
-* per other layer (sliding-window layers of Gemma 3, transformers' ``DynamicSlidingWindowLayer``): its state as it is
-  (:class:`OtherLayer`);
+* per layer (:class:`LayerRecording`; every layer is a policy layer, sliding-window ones included): the keys and
+  values as the layer's padded storage holds them when its attention runs (post-RoPE, per kv head, every column of the
+  left-padded batch — a sliding layer's too, before its window rule frees what the last query cannot see), which
+  columns are real, the queries as the attention function received them, the RoPE ``position_ids`` the model passed,
+  the scaling, and the log-sum-exp of each query's softmax where the output kernel returns one (SDPA's CPU flash call,
+  :mod:`kvpolicy.core.sdpa`; for a sliding layer the window's, as its mask made it);
 * the token types of the prompt (text / image), the last position's logits and, for M-RoPE models, the
   ``rope_deltas`` the prefill set (the caller's: the model holds them, not the cache);
 * the prompt's ``input_ids`` (when the forward passed them): a probe (:mod:`kvpolicy.core.probe`, KVzip's context
@@ -38,17 +38,19 @@ from .engine import make_cache
 from .layer import PolicyLayer
 from .policy import Budget, CachePolicy, LayerView, Reduction
 
-__all__ = ["FORMAT", "LayerRecording", "OtherLayer", "PrefillRecording", "record"]
+__all__ = ["FORMAT", "LayerRecording", "PrefillRecording", "record"]
 
-#: version of what a recording holds; part of every key a store files recordings under (2: the prompt's input_ids)
-FORMAT = 2
+#: version of what a recording holds; part of every key a store files recordings under (2: sliding-window layers are
+#: recorded as policy layers, no longer as transformers' own layers; 3: the prompt's input_ids)
+FORMAT = 3
 
 
 @dataclass
 class LayerRecording:
     """One policy layer's prefill. ``S`` columns (left padding included), ``H`` kv heads, ``Hq`` query heads."""
 
-    keys: torch.Tensor  #: [B, H, S, D] post-RoPE, as the layer's storage holds them (padding columns included)
+    #: [B, H, S, D] post-RoPE, as the layer's storage holds them when its attention runs (padding columns included)
+    keys: torch.Tensor
     values: torch.Tensor  #: [B, H, S, Dv]
     valid: torch.Tensor  #: bool [B, S]: the column is a real token (the same for every kv head at prefill)
     query: torch.Tensor  #: [B, Hq, S, D]: the queries the attention function received (post-RoPE, model dtype)
@@ -65,28 +67,10 @@ class LayerRecording:
 
 
 @dataclass
-class OtherLayer:
-    """A layer the policy leaves alone (a sliding-window layer), recorded as it is: its attributes."""
-
-    kind: str  #: the layer's class name, checked when it is restored
-    state: dict[str, Any]
-
-    def nbytes(self) -> int:
-        return sum(v.nbytes for v in self.state.values() if isinstance(v, torch.Tensor))
-
-    def restore(self, layer: Any) -> None:
-        """Give ``layer`` (a fresh layer of the same class) this state; tensors are copied."""
-        if type(layer).__name__ != self.kind:
-            raise ValueError(f"recording: a {self.kind} was recorded where the cache has a {type(layer).__name__}")
-        for name, value in self.state.items():
-            setattr(layer, name, value.clone() if isinstance(value, torch.Tensor) else value)
-
-
-@dataclass
 class PrefillRecording:
     """One batch's prefill, recorded once (:func:`record`) and replayed per policy (:func:`~kvpolicy.core.replay.replay`)."""
 
-    layers: list[LayerRecording | OtherLayer]  #: one per decoder layer, in order
+    layers: list[LayerRecording]  #: one per decoder layer, in order
     token_types: torch.Tensor  #: int8 [B, S]: TEXT / IMAGE per prompt column
     logits: torch.Tensor  #: float32 [B, V]: the prefill's last position
     rope_deltas: torch.Tensor | None = None  #: M-RoPE models: what the prefill left in the model's ``rope_deltas``
@@ -95,7 +79,8 @@ class PrefillRecording:
 
     @property
     def policy_layers(self) -> list[LayerRecording]:
-        return [x for x in self.layers if isinstance(x, LayerRecording)]
+        """Every layer (all are policy layers; the name matches :attr:`PolicyCache.policy_layers`)."""
+        return list(self.layers)
 
     def nbytes(self) -> int:
         """Bytes of every tensor held (what a store bounded in memory counts)."""
@@ -105,13 +90,10 @@ class PrefillRecording:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain containers of tensors and numbers (``torch.save``-able, readable with ``weights_only=True``)."""
-        layers = []
-        for layer in self.layers:
-            if isinstance(layer, LayerRecording):
-                kept = {f.name: getattr(layer, f.name) for f in fields(layer) if f.name != "statistics"}
-                layers.append({"kind": "policy", **kept})
-            else:
-                layers.append({"kind": "other", "class": layer.kind, "state": dict(layer.state)})
+        layers = [
+            {"kind": "policy", **{f.name: getattr(layer, f.name) for f in fields(layer) if f.name != "statistics"}}
+            for layer in self.layers
+        ]
         return {
             "format": self.format,
             "layers": layers,
@@ -125,13 +107,11 @@ class PrefillRecording:
     def from_dict(cls, d: dict[str, Any]) -> PrefillRecording:
         if d.get("format") != FORMAT:
             raise ValueError(f"recording format {d.get('format')!r}; this kvpolicy reads format {FORMAT}")
-        layers: list[LayerRecording | OtherLayer] = []
+        layers = []
         for item in d["layers"]:
             item = dict(item)
-            if item.pop("kind") == "policy":
-                layers.append(LayerRecording(**item))
-            else:
-                layers.append(OtherLayer(item["class"], item["state"]))
+            item.pop("kind")
+            layers.append(LayerRecording(**item))
         return cls(layers, d["token_types"], d["logits"], d["rope_deltas"], d["format"], d["input_ids"])
 
 
@@ -154,28 +134,31 @@ def recording_policy() -> CachePolicy:
 
 
 class _Recorder:
-    """Receives one policy layer's prefill step from the attention function."""
+    """Receives one policy layer's prefill step from the attention function, and takes the layer's keys, values and
+    validity at that moment: after the step, a sliding layer's window rule has freed what its last query cannot see,
+    which a replay must see again (it runs the same rule)."""
 
-    def __init__(self, layer_idx: int):
-        self.layer_idx = layer_idx
+    def __init__(self, layer: PolicyLayer):
+        self.layer = layer
         self.step: dict[str, Any] | None = None
+        self.token_types: torch.Tensor | None = None  #: int8 [B, S]: the prompt columns' types, as the layer stored them
 
     def __call__(self, query: torch.Tensor, position_ids: Any, scaling: float, lse: torch.Tensor | None) -> None:
+        layer = self.layer
         if self.step is not None:
-            raise RuntimeError(f"kvpolicy: a recording holds one prefill forward (layer {self.layer_idx} ran twice)")
+            raise RuntimeError(f"kvpolicy: a recording holds one prefill forward (layer {layer.layer_idx} ran twice)")
         positions = position_ids if isinstance(position_ids, torch.Tensor) else None
-        self.step = {"query": query, "position_ids": positions, "scaling": float(scaling), "lse": lse}
+        self.step = {
+            "keys": layer.keys, "values": layer.values, "valid": layer.valid[:, 0].clone(),
+            "query": query, "position_ids": positions, "scaling": float(scaling), "lse": lse,
+        }
+        self.token_types = layer.token_types[:, 0].clone()
 
-
-def _policy_layer(layer: PolicyLayer, recorder: _Recorder) -> LayerRecording:
-    if recorder.step is None:
-        raise RuntimeError(f"kvpolicy: layer {layer.layer_idx} was not reached by kvpolicy's attention function")
-    return LayerRecording(keys=layer.keys, values=layer.values, valid=layer.valid[:, 0].clone(), **recorder.step)
-
-
-def _other_layer(layer: Any) -> OtherLayer:
-    state = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in vars(layer).items()}
-    return OtherLayer(type(layer).__name__, state)
+    def recording(self) -> LayerRecording:
+        if self.step is None:
+            idx = self.layer.layer_idx
+            raise RuntimeError(f"kvpolicy: layer {idx} was not reached by kvpolicy's attention function")
+        return LayerRecording(**self.step)
 
 
 def record(model: Any, forward: Callable[[PolicyCache], torch.Tensor]) -> PrefillRecording:
@@ -185,17 +168,13 @@ def record(model: Any, forward: Callable[[PolicyCache], torch.Tensor]) -> Prefil
     M-RoPE model."""
     cache = make_cache(model, recording_policy())
     cache.keeps_prompt = True
-    recorders = {}
+    recorders = []
     for layer in cache.policy_layers:
-        layer.recorder = recorders[layer.layer_idx] = _Recorder(layer.layer_idx)
+        layer.recorder = _Recorder(layer)
+        recorders.append(layer.recorder)
     logits = forward(cache)
-    layers: list[LayerRecording | OtherLayer] = []
-    for layer in cache.layers:
-        if isinstance(layer, PolicyLayer):
-            layers.append(_policy_layer(layer, recorders[layer.layer_idx]))
-        else:
-            layers.append(_other_layer(layer))
-    first = cache.policy_layers[0]
-    types = first.token_types[:, 0].clone()
+    layers = [recorder.recording() for recorder in recorders]
+    types = recorders[0].token_types
+    assert types is not None  # recording() raised otherwise
     ids = None if cache.prompt_ids is None else cache.prompt_ids.clone()
     return PrefillRecording(layers, types, logits.detach().to(torch.float32).clone(), input_ids=ids)

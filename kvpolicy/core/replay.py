@@ -39,7 +39,7 @@ from .partcheck import PartError, part_label
 from .policy import AttentionStat, CachePolicy, ModelView, ProbeStat, QueryStat
 from .probe import ProbeError, ProbeScores
 from .querystats import QueryStats
-from .recording import LayerRecording, OtherLayer, PrefillRecording
+from .recording import LayerRecording, PrefillRecording
 from .statistics import received_per_query_head, step_statistics
 
 __all__ = ["can_share", "full_cache", "replay"]
@@ -53,7 +53,9 @@ def can_share(policy: CachePolicy | None, model: Any) -> str | None:
     only applied once a layer is prefilled), a chunked prefill (the engine's prefill is one forward; chunks appended
     after it, :meth:`~kvpolicy.core.cache.PolicyCache.appending`, run through the model on each replayed cache), the
     eager backend (the recording runs the same backend as the direct path: its pristine outputs are the same call),
-    decode scorers, merges and per-slot state (they act after the prefill, on the replayed cache, by the same code)."""
+    decode scorers, merges and per-slot state (they act after the prefill, on the replayed cache, by the same code),
+    sliding-window layers (recorded whole, before their window rule, which each replay runs itself; only a whole-model
+    allocation gives way to the per-layer rule where a window is shorter than the prompt, see :func:`replay`)."""
     impl = model.config.get_text_config(decoder=True)._attn_implementation
     if impl not in BACKENDS.values():
         return f"the model's attention implementation is {impl!r}, not kvpolicy's (kvpolicy.attach(model) first)"
@@ -61,15 +63,9 @@ def can_share(policy: CachePolicy | None, model: Any) -> str | None:
 
 
 def _check(cache: Any, recording: PrefillRecording) -> None:
-    """The recording was made on a model with this cache's layers (a policy layer where the cache has one)."""
+    """The recording was made on a model with this cache's layers."""
     if len(cache.layers) != len(recording.layers):
         raise ValueError(f"recording: {len(recording.layers)} layers recorded for a cache of {len(cache.layers)}")
-    if not isinstance(cache, PolicyCache):
-        return
-    for i, (layer, rec) in enumerate(zip(cache.layers, recording.layers)):
-        if isinstance(layer, PolicyLayer) != isinstance(rec, LayerRecording):
-            raise ValueError(f"recording: layer {i} was recorded as a {type(rec).__name__}, the cache has a "
-                             f"{type(layer).__name__}")
 
 
 def _feed(layer: PolicyLayer, rec: LayerRecording) -> tuple[dict, dict | None]:
@@ -137,8 +133,8 @@ def _model_keep(cache: PolicyCache, policy: CachePolicy, steps: list, model_keep
 
 def _probe(model: Any, cache: PolicyCache, recording: PrefillRecording) -> ProbeScores:
     """The probe statistics of ``cache``'s policy (:mod:`kvpolicy.core.probe`) per policy layer, computed once per
-    recording: the first replay that needs one runs the probe on its cache (every layer still holds the whole recorded
-    prompt) for every policy layer and keeps the result with the recording; later replays read copies of it."""
+    recording: the first replay that needs one runs the probe on its cache (every layer waits, holding the whole
+    recorded prompt, so every layer is scored) and keeps the result with the recording; later replays read copies."""
     needs = cache.probe_needs
     if not needs:
         return {}
@@ -148,10 +144,21 @@ def _probe(model: Any, cache: PolicyCache, recording: PrefillRecording) -> Probe
             raise ProbeError("kvpolicy: the recording holds no input_ids (its forward passed embeddings), which a "
                              "probe needs: run this policy directly")
         cache.prompt_ids = recording.input_ids
-        got = cache.run_probe(model, every_layer=True)
+        got = cache.run_probe(model)
         for layer, rec in pairs:
             rec.statistics.update(got[layer.layer_idx])
     return {layer.layer_idx: {need: rec.statistics[need].clone() for need in needs} for layer, rec in pairs}
+
+
+def _window_binds(layers: list[PolicyLayer], recording: PrefillRecording) -> bool:
+    """Whether a sliding-window layer's window is shorter than the recorded prompt (some column left it).
+
+    The whole-model view (:class:`~kvpolicy.core.policy.ModelView`) spreads one budget, a fraction of the prompt's
+    tokens, over layers that each hold the whole prompt uncompressed. A sliding layer whose window the prompt outruns
+    holds only its window, so that view would mis-state it: such a replay keeps the per-layer rule, the direct path's
+    (its ``allocation`` says ``per-layer``)."""
+    columns = recording.token_types.shape[-1]
+    return any(layer.window is not None and layer.window.size < columns for layer in layers)
 
 
 def replay(
@@ -162,25 +169,23 @@ def replay(
     teacher forcing, an appended question chunk); the prefill's logits are ``recording.logits``.
 
     ``whole_model``: let an allocator with ``model_keep`` fix every layer's budget from the whole prompt (``False``:
-    its per-layer rule, as on the direct path). ``tokenizer``: for a probe that encodes text, as
-    :func:`~kvpolicy.core.engine.make_cache` takes it."""
+    its per-layer rule, as on the direct path). Ignored when a sliding-window layer's window is shorter than the
+    recorded prompt (:func:`_window_binds`): the cache's ``allocation`` then says ``per-layer``. ``tokenizer``: for a
+    probe that encodes text, as :func:`~kvpolicy.core.engine.make_cache` takes it."""
     cache = make_cache(model, policy, tokenizer)
     _check(cache, recording)
     model_keep = getattr(policy.allocator, "model_keep", None) if whole_model else None
+    if model_keep is not None and _window_binds(cache.policy_layers, recording):
+        model_keep = None
     steps: list[tuple[PolicyLayer, LayerRecording, tuple[dict, dict | None]]] = []
     cache.token_types.types = recording.token_types  # what the recorded forward's input ids said
     try:
-        for layer, rec in zip(cache.layers, recording.layers):
-            if isinstance(layer, PolicyLayer):
-                assert isinstance(rec, LayerRecording)
-                stats = _feed(layer, rec)
-                if model_keep is None:  # one uncompressed layer at a time, as on the direct path
-                    layer.finish_step(*stats)
-                else:
-                    steps.append((layer, rec, stats))
+        for layer, rec in zip(cache.policy_layers, recording.layers):
+            stats = _feed(layer, rec)
+            if model_keep is None:  # one uncompressed layer at a time, as on the direct path
+                layer.finish_step(*stats)
             else:
-                assert isinstance(rec, OtherLayer)
-                rec.restore(layer)
+                steps.append((layer, rec, stats))
         if steps:
             _model_keep(cache, policy, steps, model_keep)
             for layer, _, stats in steps:
@@ -189,7 +194,7 @@ def replay(
         # later forwards read their token types from their own input ids, as on the direct path
         cache.token_types.types = None
     if cache.deferred:  # the prefill stage waits for a probe or for every layer's scores: as after a direct forward
-        cache.compress_deferred(_probe(model, cache, recording))
+        cache.compress_deferred(_probe(model, cache, recording) if cache.needs_probe else {})
     return cache
 
 
@@ -199,9 +204,6 @@ def full_cache(model: Any, recording: PrefillRecording) -> DynamicCache:
     cache = DynamicCache(config=model.config)
     _check(cache, recording)
     for layer, rec in zip(cache.layers, recording.layers):
-        if isinstance(rec, LayerRecording):
-            layer.update(rec.keys, rec.values)
-        else:
-            rec.restore(layer)
+        layer.update(rec.keys, rec.values)  # a sliding layer (transformers') keeps its window of them
     return cache
 

@@ -14,7 +14,8 @@ from .policy import LayerView, Reduction
 def _expand(scores: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if scores.dim() != 3:
         raise ValueError(f"scores must be [B, H or 1, P], got shape {tuple(scores.shape)}")
-    return scores.to(torch.float32).expand_as(like)
+    scores = scores if scores.dtype == torch.float32 else scores.to(torch.float32)
+    return scores.expand_as(like)
 
 
 def ranked_slots(view: LayerView, scores: torch.Tensor) -> torch.Tensor:
@@ -53,13 +54,18 @@ def sort_by_position(view: LayerView, index: torch.Tensor, ok: torch.Tensor) -> 
     return Reduction(index=index.gather(-1, order), valid=ok.gather(-1, order))
 
 
-def lowest_slot(view: LayerView, scores: torch.Tensor) -> torch.Tensor:
+def lowest_slot(view: LayerView, scores: torch.Tensor, checked: bool = False, full: bool = False) -> torch.Tensor:
     """The single lowest-scored valid slot of each row (ties to the older position): ``ranked_slots(view, -scores)
-    [..., :1]`` in O(P) instead of two sorts — the common decode case of one drop per step. int64 ``[B, H, 1]``."""
+    [..., :1]`` in O(P) instead of two sorts — the common decode case of one drop per step. int64 ``[B, H, 1]``.
+    ``checked``: the caller already refused NaN scores (the engine's part check), so the test is not repeated;
+    ``full``: the caller knows every slot is valid, so validity is not applied (a decode step's common case)."""
     s = _expand(scores, view.valid)
-    if torch.isnan(s).any():
+    if not checked and torch.isnan(s).any():
         raise FloatingPointError(f"layer {view.layer_idx}: a scorer returned NaN")
-    s = torch.where(view.valid, s, float("inf"))
-    tied = view.valid & (s == s.amin(-1, keepdim=True))
+    if full:
+        tied = s == s.amin(-1, keepdim=True)
+    else:
+        s = torch.where(view.valid, s, float("inf"))
+        tied = view.valid & (s == s.amin(-1, keepdim=True))
     big = torch.iinfo(view.positions.dtype).max
     return torch.where(tied, view.positions, big).argmin(-1, keepdim=True)

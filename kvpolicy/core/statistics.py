@@ -100,12 +100,13 @@ def step_statistics(
         for need in rest:
             if lse is not None and first_col is not None:
                 stats[need.window] = received_from_lse(
-                    query, key, lse, layer.valid, new_valid, scaling, need.window, first_col, layer.seen - q
+                    query, key, lse, layer.valid, new_valid, scaling, need.window, first_col, layer.seen - q,
+                    sliding_window=layer.window_size,
                 )
             else:
                 stats[need.window] = attention_received(
                     query, key, layer.valid, layer.positions, cols, new_valid, scaling, need.window,
-                    first_slot_col=first_col,
+                    first_slot_col=first_col, sliding_window=layer.window_size,
                 )
     return stats, queries
 

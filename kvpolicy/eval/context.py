@@ -43,13 +43,22 @@ def build_policy(policy: str | dict[str, Any], ratio: float | None, overrides: d
     return load_policy(policy, overrides=over or None)
 
 
-def policy_document(policy: CachePolicy) -> dict[str, Any]:
+def validated_document(policy: CachePolicy) -> dict[str, Any] | None:
+    """The resolved document of a policy built by ``load_policy`` (every part and parameter), else ``None``: a
+    hand-built policy (tests, custom parts in Python) carries no description of its parts, so nothing can tell two
+    of them apart."""
     try:
         from ..config import policy_to_dict
 
         return policy_to_dict(policy)
-    except Exception:  # a hand-built policy (tests) has no validated document
-        return {"name": policy.name, "budget": policy.budget.model_dump()}
+    except Exception:
+        return None
+
+
+def policy_document(policy: CachePolicy) -> dict[str, Any]:
+    """What a result records as its policy: the validated document, else (a hand-built policy) its name and budget."""
+    document = validated_document(policy)
+    return document if document is not None else {"name": policy.name, "budget": policy.budget.model_dump()}
 
 
 def eos_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -125,4 +134,5 @@ def make_context(model: Any, tokenizer: Any, kl_topk: int = 256) -> Context:
     )
 
 
-__all__ = ["Context", "build_policy", "eos_ids", "load_eval_model", "make_context", "pad_id", "policy_document"]
+__all__ = ["Context", "build_policy", "eos_ids", "load_eval_model", "make_context", "pad_id", "policy_document",
+           "validated_document"]

@@ -3,11 +3,22 @@
 A policy that removes nothing must leave every logit, the generation and the perplexity exactly as the full cache
 has them; if it does not, whatever the evaluation reports mixes the policy's effect with a bug (in a part, in the
 cache, in the attention function), so the run stops with :class:`~.spec.HonestyCheckError` instead.
+
+Both sides run directly, never from a replayed prefill (a replay of one recording on both sides would hide a
+difference in the prefill). In one process a check is run once per *key* and its verdict reused: the key holds
+everything the check's numbers depend on — the ratio-0 policy's validated document (every part and parameter), the
+sample, the model's weights, dtype, backend and device, the thread count (float rounding) and the protocol's settings.
+The cell's ratio is not in it because the check never sees it: every cell of one policy builds the same ratio-0
+policy (``build_policy(policy, 0.0, overrides)``), so a grid's second and third ratios would rerun the identical
+computation and get the identical bits. A hand-built policy has no document (:func:`~.context.validated_document`):
+two of them could not be told apart, so it is checked every time. The full cache's side is keyed without the policy
+and shared by every policy of a grid.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import torch
@@ -41,10 +52,12 @@ def ratio0_check(ctx: Context, sample: Sample, policy0: CachePolicy, memo_key: s
                  full_key: str | None = None) -> dict[str, Any]:
     """Run the full cache and the policy at ratio 0 on one sample (batch of one) and require bit-identical logits at
     every teacher-forced and generated step, identical generations (so ROUGE-L 1.0), equal PPL and KL exactly 0.
-    Both sides run directly (never a replayed prefill). ``full_key``: what the full-cache side depends on (model,
-    sample, settings, threads); the same key reuses the previous check's full-cache run."""
+    Both sides run directly (never a replayed prefill). ``memo_key``: what the whole check depends on (the module
+    docstring; ``None``: always run); a passed check under the same key is reused. ``full_key``: what the full-cache
+    side depends on; the same key reuses the previous check's full-cache run."""
     if memo_key is not None and memo_key in CHECKED:
-        return {**CHECKED[memo_key], "memoised": True}
+        return {**CHECKED[memo_key], "memoised": True, "seconds": 0.0}
+    t0 = time.perf_counter()
     full = full_side(ctx, sample, full_key)
     target = [full.target]
     pol = run_exact(ctx, [sample], policy0, target, label="ratio-0 check, policy")[0]
@@ -76,6 +89,7 @@ def ratio0_check(ctx: Context, sample: Sample, policy0: CachePolicy, memo_key: s
         "rouge_l": 1.0 if full.generation == pol.generation else None,
         "steps": len(fl),
         "problems": problems,
+        "seconds": time.perf_counter() - t0,  #: what this evaluation spent on the check (0 when memoised)
     }
     if problems:
         raise HonestyCheckError(

@@ -26,7 +26,7 @@ import torch
 from .. import provenance
 from ..core.policy import CachePolicy
 from .aggregate import deltas, running_estimates, side_metrics
-from .context import Context, load_eval_model, make_context, policy_document
+from .context import Context, load_eval_model, make_context, policy_document, validated_document
 from .honesty import ratio0_check
 from .prefill_store import PrefillStore, StoreStats, store_for
 from .protocol import RowRun, batches, run_policy, run_reference
@@ -253,17 +253,16 @@ def setup(spec: EvalSpec, model: Any, tokenizer: Any, samples: Sequence[Sample] 
 
 
 def honesty(run: Setup) -> dict[str, Any]:
-    """The ratio-0 check on the first sample (memoised per process for the same model, policy, sample, settings)."""
+    """The ratio-0 check on the first sample, memoised per process under what it depends on (:mod:`.honesty`): once
+    per policy for a grid's ratios; every time for a hand-built policy (no document to key it by)."""
     if not run.spec.check_ratio0:
         return {"checked": False, "reason": "disabled (check_ratio0=False)"}
     assert run.policy_ratio0 is not None
-    memo = json.dumps(
-        [run.fingerprint, policy_document(run.policy_ratio0), run.samples[0].content_hash(), run.settings],
-        default=str,
-    )
-    # the full cache's side of the check is the same for every policy of a grid: reused within one thread count
-    full = json.dumps([run.fingerprint, run.samples[0].content_hash(), run.settings, torch.get_num_threads()],
-                      default=str)
+    # the full cache's side: the same for every policy of a grid
+    where = [run.fingerprint, run.samples[0].content_hash(), run.settings, torch.get_num_threads(), str(run.ctx.device)]
+    document = validated_document(run.policy_ratio0)
+    memo = None if document is None else json.dumps([document, *where], default=str)
+    full = json.dumps(where, default=str)
     return ratio0_check(run.ctx, run.samples[0], run.policy_ratio0, memo_key=memo, full_key=full)
 
 

@@ -119,7 +119,8 @@ def measure_heads(
     settings: HeadCalibration,
     progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
-    """float64 ``[L, H]``: the mean KL per kv head of the layers a policy manages, NaN for the other layers."""
+    """float64 ``[L, H]``: the mean KL per kv head of the full-attention layers
+    (:func:`~kvpolicy.heads.store.policy_layers`), NaN for the other layers."""
     text = model.config.get_text_config(decoder=True)
     n_layers, n_heads = text.num_hidden_layers, text.num_key_value_heads
     units = [(layer, h) for layer in policy_layers(model.config) for h in range(n_heads)]

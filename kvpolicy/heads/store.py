@@ -56,8 +56,10 @@ def model_identity(model: Any) -> str:
 
 
 def policy_layers(config: Any) -> list[int]:
-    """The decoder layers a kvpolicy cache manages: the full-attention ones (sliding-window layers keep transformers'
-    own cache, see :class:`kvpolicy.core.cache.PolicyCache`)."""
+    """The decoder layers whose kv heads a head calibration scores: the full-attention ones. A sliding-window layer
+    is a policy layer too, but it already holds only its window, and the calibration's streamed head (the first
+    ``sinks`` and last ``recent`` context tokens) is defined over the whole context, which such a layer does not see:
+    ``duo_attention`` streams no head of an unscored layer, which then holds its window."""
     text = config.get_text_config(decoder=True)
     n = text.num_hidden_layers
     types = getattr(text, "layer_types", None) or ["full_attention"] * n

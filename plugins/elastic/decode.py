@@ -18,6 +18,8 @@ __all__ = ["DROP_INDEX_KEY", "DistanceOffset", "DistanceOffsetParams"]
 
 #: ``layer_state`` key under which ``distance_offset`` stores the frozen drop index (int64 ``[B, H]``)
 DROP_INDEX_KEY = "elastic.drop_index"
+#: ``layer_state`` key of the drop index computed from the engine's ``prefill_kept``: (scorer, that tensor, sinks, index)
+_INDEX_MEMO = "elastic.drop_index_memo"
 
 
 class DistanceOffsetParams(BaseModel):
@@ -97,24 +99,36 @@ class DistanceOffset:
         # The engine keeps ``prefill_kept`` aligned with the batch rows (beam reorders, row selection); the copy in
         # layer_state is for inspection, so recompute from the engine's tensor whenever it is there.
         if view.prefill_kept is not None:
-            idx = self.drop_index(view.prefill_kept, view.sinks)
+            idx = self._frozen_index(view)
         elif DROP_INDEX_KEY in view.layer_state:
             idx = view.layer_state[DROP_INDEX_KEY]
         else:
             raise RuntimeError("distance_offset: no frozen drop index (after_prefill was not called)")
-        idx = idx.to(view.positions.device)
+        if idx.device != view.positions.device:
+            idx = idx.to(view.positions.device)
         held = view.held()
         rank = view.rank()
         big = float(view.num_slots)
-        backward = torch.zeros_like(held, dtype=torch.bool)
+        backward = None
         if self.params.quirk_raw_index:
             idx, backward = _raw_target(view, idx, held)
         idx = torch.minimum(idx, (held - 1).clamp(min=0))[..., None]
-        back = backward[..., None]
         # forward (a fixed index): the entries after the victim move down onto it, so the next victim is the next newer
         # one; backward (the |idx|-th newest): the next victim is the next older one
-        ahead = torch.where(back, idx - rank, rank - idx)
-        return torch.where(ahead >= 0, ahead.to(torch.float32), big + (-ahead).to(torch.float32))
+        ahead = rank - idx if backward is None else torch.where(backward[..., None], idx - rank, rank - idx)
+        ahead = ahead.to(torch.float32)
+        return torch.where(ahead >= 0, ahead, big - ahead)
+
+    def _frozen_index(self, view: LayerView) -> torch.Tensor:
+        """:meth:`drop_index` of ``view.prefill_kept``, computed once per layer while that tensor stays the same
+        object (the engine replaces it when rows are reordered), not at every decode step."""
+        kept = view.prefill_kept
+        assert kept is not None
+        memo = view.layer_state.get(_INDEX_MEMO)
+        if memo is None or memo[0] is not self or memo[1] is not kept or memo[2] != view.sinks:
+            memo = (self, kept, view.sinks, self.drop_index(kept, view.sinks))
+            view.layer_state[_INDEX_MEMO] = memo
+        return memo[3]
 
 
 def _raw_target(view: LayerView, idx: torch.Tensor, held: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
