@@ -187,17 +187,22 @@ def render_table(model: str, out_dir: Path = CELL_DIR) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_page(model: str) -> None:
-    """Replace the table between the markers in docs/long-context.md (the page's prose is written by hand)."""
+def replace_section(start: str, end: str, body: str, page: Path = PAGE) -> None:
+    """Replace what lies between the ``start`` and ``end`` comments of ``page`` (its prose is written by hand); the
+    RULER grid's script renders its tables through this too."""
     from kvpolicy.io import atomic_write_text
 
-    table = render_table(model)
-    text = PAGE.read_text()
-    start, end = markers(model)
+    text = page.read_text()
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     if not pattern.search(text):
-        raise SystemExit(f"{PAGE} has no {start} ... {end} pair: add it where {model}'s table goes")
-    atomic_write_text(PAGE, pattern.sub(lambda _: f"{start}\n{table}{end}", text))
+        raise SystemExit(f"{page} has no {start} ... {end} pair: add it where the rendered section goes")
+    atomic_write_text(page, pattern.sub(lambda _: f"{start}\n{body}{end}", text))
+
+
+def render_page(model: str) -> None:
+    """Replace ``model``'s calibration table in docs/long-context.md."""
+    table = render_table(model)
+    replace_section(*markers(model), table)
     print(table)
 
 

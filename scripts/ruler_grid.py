@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -235,7 +234,7 @@ def cell_counts(model: str, length: int, modes: list[str], policies: list[str], 
 
 
 def render(args: argparse.Namespace) -> None:
-    from kvpolicy.io import atomic_write_text
+    from ruler_calibration import replace_section  # this script's folder is on sys.path when it runs
 
     m, n = args.model, args.length
     picture = plot(m, n, args.modes, args.policies, args.ratios)
@@ -250,12 +249,7 @@ def render(args: argparse.Namespace) -> None:
     for mode in args.modes:
         body += [f"Per task, query-{mode}, ratio 0.75:", "", task_table(m, n, mode, args.policies, 0.75)]
     table = "\n".join(body)
-    start, end = f"<!-- ruler-grid:{m}-{n}:start -->", f"<!-- ruler-grid:{m}-{n}:end -->"
-    text = PAGE.read_text()
-    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
-    if not pattern.search(text):
-        raise SystemExit(f"{PAGE} has no {start} ... {end} pair: add it where the grid's tables go")
-    atomic_write_text(PAGE, pattern.sub(lambda _: f"{start}\n{table}{end}", text))
+    replace_section(f"<!-- ruler-grid:{m}-{n}:start -->", f"<!-- ruler-grid:{m}-{n}:end -->", table)
     print(table)
 
 
