@@ -29,7 +29,7 @@ import kvpolicy
 from kvpolicy.core.policy import AttentionStat
 from kvpolicy.core.probe import ProbeError
 from kvpolicy.core.recording import PrefillRecording, record
-from kvpolicy.core.replay import can_share, full_cache, replay
+from kvpolicy.core.replay import beyond_window, can_share, full_cache, replay
 from kvpolicy.eval.context import build_policy as _build_policy
 from kvpolicy.registry import get_registry
 from kvpolicy.testing import (
@@ -118,7 +118,8 @@ def test_the_kernel_table_covers_every_preset_and_loosens_only_one_pass_cases():
 
 
 class Family:
-    """A tiny model, its left-padded batch, and the batch's prefill recorded once."""
+    """A tiny model, its left-padded batch, and the batch's prefill recorded once (once per :func:`beyond_window`
+    answer: what a sliding layer keeps before its window for a probe or a query statistic)."""
 
     def __init__(self, family: str):
         self.model = kvpolicy.attach(build_model(family))
@@ -126,6 +127,13 @@ class Family:
         self.vlm = vlm = family == "llava"
         self.positions = None if vlm else (self.batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
         self.recording = record(self.model, self.forward)
+        self.recordings = {frozenset(): self.recording}
+
+    def recording_for(self, policy) -> PrefillRecording:
+        keep = beyond_window(policy, self.model, self.batch["input_ids"].shape[1])
+        if keep not in self.recordings:
+            self.recordings[keep] = record(self.model, self.forward, keep)
+        return self.recordings[keep]
 
     def forward(self, cache) -> torch.Tensor:
         with torch.inference_mode():
@@ -191,8 +199,8 @@ def test_replay_equals_the_direct_path(fam, preset, ratio):
     logits = fam.forward(direct)
     with torch.inference_mode():
         # d2o's per-prompt allocation exists only on a replay (tests/test_replay_d2o.py): its per-layer rule here
-        replayed = replay(fam.model, build_policy(preset, ratio, fam.model), fam.recording, whole_model=False,
-                          tokenizer=TOK)
+        policy = build_policy(preset, ratio, fam.model)
+        replayed = replay(fam.model, policy, fam.recording_for(policy), whole_model=False, tokenizer=TOK)
     assert replayed.allocation == direct.allocation == "per-layer"
     _same(logits, fam.recording.logits, kernel == SAME, "prefill logits")
     _compare_layers(direct, replayed, kernel)
