@@ -23,7 +23,7 @@ import time
 import torch
 
 import kvpolicy
-from kvpolicy.core.recording import LayerRecording, PrefillRecording, record
+from kvpolicy.core.recording import BEYOND_WINDOW, LayerRecording, PrefillRecording, record
 from kvpolicy.core.replay import replay
 from kvpolicy.eval.context import build_policy, load_eval_model
 
@@ -101,18 +101,16 @@ def main() -> None:
                             logits_to_keep=1)
             return out.logits[:, -1]
 
-        kept = {}
         for keep in ((), ("keys",), ("queries",)) if window else ((),):
             t0 = time.perf_counter()
-            rec = kept[keep] = record(model, forward, frozenset(keep))
+            rec = record(model, forward, frozenset(keep))
             s = _sizes(rec, sliding)
             print(f"{tokens:>6} {'+'.join(keep) or '-':>8} {s['global']:8.1f} {s['sliding']:8.1f} {s['total']:8.1f} "
                   f"{s['disk']:8.1f} {s['whole']:8.1f} {s['whole'] / s['total']:11.2f}   "
                   f"(recorded in {time.perf_counter() - t0:.1f} s)", flush=True)
-        if args.replay:  # against every key and query kept (the values a replay never reads before the window)
-            whole = record(model, forward, frozenset({"keys", "queries"}))
-            _time_replays(model, args.replay, kept[()], whole, args.repeats)
-        kept.clear()
+            if args.replay and not keep:  # against every key and query kept (values before the window: never read)
+                _time_replays(model, args.replay, rec, record(model, forward, frozenset(BEYOND_WINDOW)), args.repeats)
+            del rec
 
 
 if __name__ == "__main__":
