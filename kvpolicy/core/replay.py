@@ -27,9 +27,9 @@ Probes (:class:`~kvpolicy.core.policy.ProbeStat`, KVzip): a policy whose prefill
 too; the probe then runs through the model on the replayed cache, which holds every column of the recorded prompt (the
 recording keeps its ``input_ids``; a sliding layer's values before its window are zeros, which its window's mask never
 lets the probe read, and its keys are there: a recording for a probe keeps them), exactly as the direct path runs it
-after its prefill forward. Its statistic
-depends on the prompt, the model and the probe only, so the first replay that needs it computes it for every policy
-layer and keeps it with the recording (``LayerRecording.statistics``): later policies of a grid reuse it.
+after its prefill forward. Its statistic depends on the prompt, the model and the probe only, so the first replay that
+needs it computes it for every policy layer and keeps it with the recording (``LayerRecording.statistics``): later
+policies of a grid reuse it.
 """
 
 from __future__ import annotations
