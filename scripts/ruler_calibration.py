@@ -180,10 +180,13 @@ def render_table(model: str, out_dir: Path = CELL_DIR) -> str:
     lines.append("| wall time of the cell run | " + " | ".join(
         f"{c['wall_s'] / 60:.1f} min" + (" (resumed)" if c["reference"]["computed"] < len(c["samples"]) else "") for c in cells.values())
         + " |")
+    # cells of one model may come from different machines of this kind: each names its own CPU
+    lines.append("| CPU (cores) | " + " | ".join(
+        f"{c['environment']['cpu']} ({c['environment']['cpu_count']})" for c in cells.values()) + " |")
     env = next(iter(cells.values()))["environment"]
     _, rule = choose_length(cells)
     lines += ["", f"Model `{model}`, dtype {next(iter(cells.values()))['model']['dtype'].replace('torch.', '')}, "
-                  f"CPU {env['cpu']} ({env['cpu_count']} cores), {env['torch_threads']} torch thread. Rule: {rule}."]
+                  f"{env['torch_threads']} torch thread. Rule: {rule}."]
     return "\n".join(lines) + "\n"
 
 
