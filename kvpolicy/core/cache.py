@@ -20,6 +20,7 @@ from .policy import CachePolicy, QueryStat
 from .positions import RopeShift
 from .querystats import QueryStatsUnsupportedError, rope_frequencies
 from .reuse import check_inputs
+from .stacked import StackedDrops
 from .token_types import TokenTypes
 
 __all__ = ["PolicyCache", "UnsupportedModelError"]
@@ -69,8 +70,10 @@ class PolicyCache(Cache):
             layers[0].shift_source = next((x for x in layers if x.window is None), layers[0])
         super().__init__(layers=layers)
         group = self.policy_layers
-        for layer in group:  # decode bookkeeping of all policy layers runs back to back (PolicyLayer.begin_early)
-            layer.group = group
+        stacked = StackedDrops(policy)
+        for layer in group:  # decode bookkeeping of all policy layers runs back to back (PolicyLayer.begin_early),
+            layer.group = group  # and stacked where the layers are alike (kvpolicy.core.stacked)
+            layer.stacked = stacked
         #: which rule fixed the prefill budgets of the layers: ``"per-layer"`` (the budget and the allocator's
         #: ``layer_keep``, layer by layer) or ``"whole-model"`` (a replay whose allocator saw every layer first,
         #: :func:`~kvpolicy.core.replay.replay`)

@@ -1,0 +1,263 @@
+"""A group's decode bookkeeping as one call for all of its layers, where the policy's parts allow it.
+
+The engine runs every policy layer's decode drop, and the writes that prepare every layer's slot for the step's new
+token, back to back at one layer of the step (``PolicyLayer.begin_early``, ``finish_step``). :class:`StackedDrops`
+collects those calls instead of running them one by one, and when the layers agree — a full layout of the same
+length in every layer, the same budget decision (one entry per row, or none), a decode scorer and reducer that say
+their results do not depend on which layer they score (``stack_layers``, see
+:class:`~kvpolicy.core.policy.DecodeScorer`) — it runs them once over the layers stacked along the batch axis: one
+:class:`StackedView` (layer ``l``'s row ``b`` is row ``l * B + b``), one ``observe``, one ``drop_scores``, one victim
+search and one write per per-slot tensor, on the layers' :class:`~kvpolicy.core.slotpack.SlotPack`. Otherwise (other
+shapes, padding, a sliding window, several drops, a part that does not say so) each call runs as collected. Either
+way each layer ends with exactly the entries, ranks and slots its own call would have given it
+(``tests/test_stacked_decode.py``).
+
+Why: at a small budget a compressed layer's bookkeeping is a few dozen tensor operations that each cost mostly the
+fixed price of an operator call (about 0.1 ms per layer on SmolLM2-135M, 5-8% of a step at B = 410); stacked, the
+group pays that price once per step instead of once per layer (docs/performance.md, "Decode at budget B").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .droprule import Counts, DropRule
+from .partcheck import PartError, check_scores
+from .policy import CachePolicy, LayerView
+from .slotpack import SlotPack
+from .storage import PaddedStorage
+
+__all__ = ["StackedDrops", "StackedView", "stacks_layers"]
+
+
+def stacks_layers(policy: CachePolicy) -> bool:
+    """Whether ``policy``'s decode scorer, and its reducer's ``on_drop`` if it has one, may score several layers as
+    one view (their ``stack_layers`` attribute is true)."""
+    if policy.decode is None or not getattr(policy.decode, "stack_layers", False):
+        return False
+    return getattr(policy.reducer, "on_drop", None) is None or bool(getattr(policy.reducer, "stack_layers", False))
+
+
+class StackedView(LayerView):
+    """A :class:`LayerView` of several layers stacked along the batch axis (``L * B`` rows). Its ``keys`` and
+    ``values`` are made (one copy of every layer's) only if a part reads them: a decode scorer's drop seldom does."""
+
+    def __init__(self, *args: Any, layers: Sequence[LayerView] = (), **fields: Any):
+        self.__dict__["stacked_from"] = list(layers)
+        super().__init__(*args, **fields)
+
+    def _stacked(self, name: str) -> torch.Tensor:
+        t = self.__dict__.get("_" + name)
+        if t is None:
+            t = torch.cat([getattr(view, name) for view in self.__dict__["stacked_from"]])
+            self.__dict__["_" + name] = t
+        return t
+
+    @property  # type: ignore[override]
+    def keys(self) -> torch.Tensor:
+        return self._stacked("keys")
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        self.__dict__["_keys"] = value
+
+    @property  # type: ignore[override]
+    def values(self) -> torch.Tensor:
+        return self._stacked("values")
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        self.__dict__["_values"] = value
+
+    @property
+    def batch_size(self) -> int:
+        return self.valid.shape[0]
+
+    @property
+    def num_heads(self) -> int:
+        return self.valid.shape[1]
+
+    @property
+    def num_slots(self) -> int:
+        return self.valid.shape[2]
+
+
+@dataclass
+class _Drop:
+    """One layer's :meth:`DropRule.drop` call, collected."""
+
+    rule: DropRule
+    storage: PaddedStorage
+    view: LayerView
+    incoming: int
+    keep: torch.Tensor | None
+    counts: Counts
+    refill: bool
+
+    def run(self) -> None:
+        self.rule.drop(self.storage, self.view, self.incoming, self.keep, self.counts, self.refill)
+
+
+class StackedDrops:
+    """Collects a group's decode drops and slot preparations (:meth:`collecting`) and runs them stacked where it
+    can, one by one where it cannot. One per group of policy layers (the layers of one cache); outside
+    :meth:`collecting`, and for a policy whose parts do not stack (:func:`stacks_layers`), it calls through."""
+
+    def __init__(self, policy: CachePolicy):
+        self.policy = policy
+        self.enabled = stacks_layers(policy)
+        self.pack = SlotPack()
+        self._drops: list[_Drop] | None = None
+        self._prepares: list[tuple[PaddedStorage, int, int, int]] | None = None
+        #: the stacked view's ``layer_state`` (a stacking part may cache what it derives from the view there)
+        self._layer_state: dict[str, Any] = {}
+        self._kept: tuple[list[torch.Tensor], torch.Tensor] | None = None
+        #: steps whose drops / preparations ran stacked (the tests check that the path is taken)
+        self.stacked_steps = {"drop": 0, "prepare": 0}
+
+    # ------------------------------------------------------------------ collecting
+    @contextmanager
+    def collecting(self, active: bool = True) -> Iterator[None]:
+        """Collect the drops and preparations of the block, then run them (drops first, then preparations, each in
+        the order collected: the layers are independent, and within a layer the drop still comes first). Nested or
+        inactive: calls run as they come."""
+        if not active or not self.enabled or self._drops is not None:
+            yield
+            return
+        self._drops, self._prepares = [], []
+        try:
+            yield
+        finally:
+            drops, prepares = self._drops, self._prepares
+            self._drops = self._prepares = None
+        self._run(drops, prepares or [])
+
+    def drop(
+        self, rule: DropRule, storage: PaddedStorage, view: LayerView, incoming: int, keep: torch.Tensor | None,
+        counts: Counts, refill: bool = False,
+    ) -> None:
+        """:meth:`DropRule.drop`, now or (while collecting) when the block ends."""
+        call = _Drop(rule, storage, view, incoming, keep, counts, refill)
+        if self._drops is None:
+            call.run()
+        else:
+            self._drops.append(call)
+
+    def prepare(self, storage: PaddedStorage, col: int, token_type: int, slack: int) -> None:
+        """:meth:`PaddedStorage.prepare`, now or (while collecting) after the block's drops."""
+        if self._prepares is None:
+            storage.prepare(col, token_type, slack)
+        else:
+            self._prepares.append((storage, col, token_type, slack))
+
+    def _run(self, drops: list[_Drop], prepares: list[tuple[PaddedStorage, int, int, int]]) -> None:
+        if not (len(drops) > 1 and self._drop_stacked(drops)):
+            for call in drops:
+                call.run()
+        if not (len(prepares) > 1 and self._prepare_stacked(prepares)):
+            for storage, col, token_type, slack in prepares:
+                storage.prepare(col, token_type, slack)
+
+    # ------------------------------------------------------------------ stacked
+    def _uniform_excess(self, drops: list[_Drop]) -> int | None:
+        """The entries every row of every layer drops now, when that is one number, 0 or 1, and the layers are alike
+        (full layouts of one length, one step); ``None`` otherwise."""
+        first = drops[0]
+        length, seen, new = first.storage.length, first.view.seen, first.view.new_tokens
+        k = None
+        for call in drops:
+            view = call.view
+            if call.incoming != first.incoming or call.refill != first.refill or call.storage.length != length:
+                return None
+            if view.seen != seen or view.new_tokens != new or view.queries:
+                return None
+            if view.attention.keys() != first.view.attention.keys():
+                return None
+            rows = call.rule.rows_excess(call.storage, call.incoming, call.keep, call.counts)
+            if not rows or min(rows) != max(rows) or (k is not None and rows[0] != k):
+                return None
+            k = rows[0]
+        return k if k is not None and k <= min(1, length) else None
+
+    def _drop_stacked(self, drops: list[_Drop]) -> bool:
+        k = self._uniform_excess(drops)
+        storages = [call.storage for call in drops]
+        if k is None or not self.pack.covering(storages):
+            return False
+        length = storages[0].length
+        view = self._view(drops, length)
+        decode = self.policy.decode
+        observe = getattr(decode, "observe", None)
+        if observe is not None:
+            observe(view)
+        self.stacked_steps["drop"] += 1
+        if k == 0:
+            return True
+        rule = drops[0].rule
+        view.excess = rule.filled((view.batch_size, view.num_heads), 1)
+        scores = self._checked(decode.drop_scores(view), view, drops)  # type: ignore[union-attr]
+        victims, _, merged = rule.choose(view, scores, view.excess, 1, True, True)
+        if merged is not None:
+            b = drops[0].view.batch_size
+            for i, storage in enumerate(storages):
+                storage.write_kv(merged[0][i * b : (i + 1) * b], merged[1][i * b : (i + 1) * b])
+        self.pack.free_one(victims, length, drops[0].refill)
+        return True
+
+    def _checked(self, scores: Any, view: StackedView, drops: list[_Drop]) -> torch.Tensor:
+        """:func:`check_scores` of the stacked scores; a failure names the layer whose rows fail."""
+        try:
+            return check_scores(self.policy, "decode", scores, view, what="drop scores")
+        except PartError:
+            b = drops[0].view.batch_size
+            if isinstance(scores, torch.Tensor) and scores.dim() == 3 and scores.shape[0] == b * len(drops):
+                for i, call in enumerate(drops):
+                    check_scores(self.policy, "decode", scores[i * b : (i + 1) * b], call.view, what="drop scores")
+            raise
+
+    def _view(self, drops: list[_Drop], length: int) -> StackedView:
+        first = drops[0].view
+        used = self.pack.used(length)
+        views = [call.view for call in drops]
+        attention = {w: torch.cat([v.attention[w] for v in views]) for w in first.attention}
+        return StackedView(
+            layers=views, layer_idx=first.layer_idx, num_layers=first.num_layers, stage="decode", keys=None,
+            values=None, valid=used["valid"], positions=used["pos"], seen=first.seen,
+            n_tokens=torch.cat([v.n_tokens for v in views]), new_tokens=first.new_tokens, token_types=used["types"],
+            attention=attention, slot_state={n[6:]: t for n, t in used.items() if n.startswith("state:")},
+            layer_state=self._layer_state, prefill_kept=self._prefill_kept(views), sinks=first.sinks,
+            rank_source=self._rank_for,
+        )
+
+    def _rank_for(self, valid: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+        """The pack's kept rank for a stacked view of its used slots (anything else sorts)."""
+        used = self.pack.used(valid.shape[-1])
+        return used["rank"] if valid is used["valid"] and positions is used["pos"] else None
+
+    def _prefill_kept(self, views: list[LayerView]) -> torch.Tensor | None:
+        """The layers' ``prefill_kept`` stacked, made again only when one of them is a new tensor (a prefill, a row
+        selection): a part may key what it derives from it on the tensor itself."""
+        kept = [v.prefill_kept for v in views]
+        if any(t is None for t in kept):
+            return None
+        cached = self._kept
+        if cached is None or len(cached[0]) != len(kept) or any(a is not b for a, b in zip(cached[0], kept)):
+            cached = self._kept = (kept, torch.cat(kept))  # type: ignore[arg-type]
+        return cached[1]
+
+    def _prepare_stacked(self, prepares: list[tuple[PaddedStorage, int, int, int]]) -> bool:
+        storages = [p[0] for p in prepares]
+        _, col, token_type, _ = prepares[0]
+        if any(p[1] != col or p[2] != token_type for p in prepares) or not isinstance(col, int):
+            return False
+        if not self.pack.covers(storages):
+            return False
+        length = storages[0].length
+        done = self.pack.prepare_holes(col, token_type) or self.pack.prepare_end(length, col, token_type)
+        self.stacked_steps["prepare"] += done
+        return done
