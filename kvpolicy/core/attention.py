@@ -25,6 +25,7 @@ This module only chooses the path; the tensor work is in :mod:`kvpolicy.core.ker
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -47,6 +48,12 @@ __all__ = ["EAGER", "FUSED_DECODE_MAX_QUERIES", "SDPA", "register"]
 FUSED_DECODE_MAX_QUERIES = 16
 
 SDPA, EAGER = "kvpolicy", "kvpolicy_eager"
+
+
+@functools.lru_cache(maxsize=64)
+def _attention_stats(needs: frozenset) -> frozenset[AttentionStat]:
+    """The attention statistics among ``needs``, worked out once per set (a decode step asks in every layer)."""
+    return frozenset(need for need in needs if isinstance(need, AttentionStat))
 
 
 def _mask_fits(attention_mask: torch.Tensor | None, q: int, kv: int) -> bool:
@@ -115,7 +122,7 @@ def _policy_attention(base: Callable, eager: bool) -> Callable:
             query = layer.shift.rotate(query, layer.layer_type)
         new_valid = layer.resolve_new_tokens(attention_mask, q)
         needs = layer.pending_needs()
-        attention_needs = frozenset(need for need in needs if isinstance(need, AttentionStat))
+        attention_needs = _attention_stats(needs)
 
         def call() -> tuple[torch.Tensor, Any]:
             return base(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)

@@ -550,8 +550,7 @@ class PolicyLayer(DynamicLayer):
     ) -> None:
         """Apply the decode-stage budget rule (:class:`~kvpolicy.core.droprule.DropRule`)."""
         if self.policy.decode is not None:
-            view = self.view("decode", attention, queries)
-            self.stacked.drop(self._rule, self._padded(), view, incoming, self.prefill_keep, self.uncompressed, refill)
+            self.stacked.drop(self, self._rule, self._padded(), incoming, attention, queries, refill)
 
     # ------------------------------------------------------------------ reporting
     def nbytes(self) -> int:

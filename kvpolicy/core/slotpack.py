@@ -112,10 +112,21 @@ class SlotPack:
                 return False
         b = self.buffers
         write_new_slot(b["valid"], b["pos"], b["types"], self.states(), holes, col, token_type, marked)
-        for s, hole in zip(self.members, views):
-            s.note_prepared(hole)
+        for s, hole, index in zip(self.members, views, self._kv_indices(holes)):
+            s.note_prepared(hole, index)
         self._holes = None
         return True
+
+    def _kv_indices(self, holes: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Each member's hole expanded over its key and value dims (what its write of the new token's keys and
+        values scatters along), made for all members at once when their dims agree."""
+        dims = {(s.keys.shape[-1], s.values.shape[-1]) for s in self.members}
+        if len(dims) != 1:
+            return [None] * len(self.members)
+        dk, dv = dims.pop()
+        keys = holes[..., None].expand(*holes.shape, dk).unbind(0)
+        values = keys if dv == dk else holes[..., None].expand(*holes.shape, dv).unbind(0)
+        return list(zip(keys, values))
 
     def prepare_end(self, length: int, col: int, token_type: int) -> bool:
         """:meth:`PaddedStorage.prepare` for members whose layouts are full over ``length`` slots with room for one

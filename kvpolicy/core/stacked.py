@@ -22,11 +22,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from .droprule import Counts, DropRule
+from .droprule import DropRule
 from .partcheck import PartError, check_scores
 from .policy import CachePolicy, LayerView
 from .slotpack import SlotPack
@@ -45,9 +45,10 @@ def stacks_layers(policy: CachePolicy) -> bool:
 
 class StackedView(LayerView):
     """A :class:`LayerView` of several layers stacked along the batch axis (``L * B`` rows). Its ``keys`` and
-    ``values`` are made (one copy of every layer's) only if a part reads them: a decode scorer's drop seldom does."""
+    ``values`` are made (one copy of every layer's, from ``layers``: anything with ``keys`` and ``values``) only if a
+    part reads them: a decode scorer's drop seldom does."""
 
-    def __init__(self, *args: Any, layers: Sequence[LayerView] = (), **fields: Any):
+    def __init__(self, *args: Any, layers: Sequence[Any] = (), **fields: Any):
         self.__dict__["stacked_from"] = list(layers)
         super().__init__(*args, **fields)
 
@@ -87,20 +88,39 @@ class StackedView(LayerView):
         return self.valid.shape[2]
 
 
+class DropSource(Protocol):
+    """What :class:`StackedDrops` reads of a layer whose drop it runs (a :class:`~kvpolicy.core.layer.PolicyLayer`)."""
+
+    layer_idx: int
+    num_layers: int
+    seen: int
+    n_tokens: torch.Tensor
+    prefill_keep: torch.Tensor | None
+    prefill_kept: torch.Tensor | None
+
+    def view(self, stage: str, attention: dict | None = None, queries: dict | None = None) -> LayerView: ...
+
+    def uncompressed(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
 @dataclass
 class _Drop:
-    """One layer's :meth:`DropRule.drop` call, collected."""
+    """One layer's :meth:`DropRule.drop` call, collected (its view is made only if it runs on its own)."""
 
+    layer: DropSource
     rule: DropRule
     storage: PaddedStorage
-    view: LayerView
     incoming: int
-    keep: torch.Tensor | None
-    counts: Counts
+    attention: dict
+    queries: dict | None
     refill: bool
 
+    def view(self) -> LayerView:
+        return self.layer.view("decode", self.attention, self.queries)
+
     def run(self) -> None:
-        self.rule.drop(self.storage, self.view, self.incoming, self.keep, self.counts, self.refill)
+        layer = self.layer
+        self.rule.drop(self.storage, self.view(), self.incoming, layer.prefill_keep, layer.uncompressed, self.refill)
 
 
 class StackedDrops:
@@ -138,11 +158,12 @@ class StackedDrops:
         self._run(drops, prepares or [])
 
     def drop(
-        self, rule: DropRule, storage: PaddedStorage, view: LayerView, incoming: int, keep: torch.Tensor | None,
-        counts: Counts, refill: bool = False,
+        self, layer: DropSource, rule: DropRule, storage: PaddedStorage, incoming: int, attention: dict | None = None,
+        queries: dict | None = None, refill: bool = False,
     ) -> None:
-        """:meth:`DropRule.drop`, now or (while collecting) when the block ends."""
-        call = _Drop(rule, storage, view, incoming, keep, counts, refill)
+        """``layer``'s decode drop (:meth:`DropRule.drop` on its ``storage``, a view with the step's ``attention`` and
+        ``queries``), now or (while collecting) when the block ends."""
+        call = _Drop(layer, rule, storage, incoming, attention or {}, queries, refill)
         if self._drops is None:
             call.run()
         else:
@@ -168,17 +189,16 @@ class StackedDrops:
         """The entries every row of every layer drops now, when that is one number, 0 or 1, and the layers are alike
         (full layouts of one length, one step); ``None`` otherwise."""
         first = drops[0]
-        length, seen, new = first.storage.length, first.view.seen, first.view.new_tokens
+        length, seen, new = first.storage.length, first.layer.seen, first.storage.new_count
+        windows = first.attention.keys()
         k = None
         for call in drops:
-            view = call.view
-            if call.incoming != first.incoming or call.refill != first.refill or call.storage.length != length:
+            storage, layer = call.storage, call.layer
+            if call.incoming != first.incoming or call.refill != first.refill or storage.length != length:
                 return None
-            if view.seen != seen or view.new_tokens != new or view.queries:
+            if layer.seen != seen or storage.new_count != new or call.queries or call.attention.keys() != windows:
                 return None
-            if view.attention.keys() != first.view.attention.keys():
-                return None
-            rows = call.rule.rows_excess(call.storage, call.incoming, call.keep, call.counts)
+            rows = call.rule.rows_excess(storage, call.incoming, layer.prefill_keep, layer.uncompressed)
             if not rows or min(rows) != max(rows) or (k is not None and rows[0] != k):
                 return None
             k = rows[0]
@@ -203,7 +223,7 @@ class StackedDrops:
         scores = self._checked(decode.drop_scores(view), view, drops)  # type: ignore[union-attr]
         victims, _, merged = rule.choose(view, scores, view.excess, 1, True, True)
         if merged is not None:
-            b = drops[0].view.batch_size
+            b = storages[0].valid.shape[0]
             for i, storage in enumerate(storages):
                 storage.write_kv(merged[0][i * b : (i + 1) * b], merged[1][i * b : (i + 1) * b])
         self.pack.free_one(victims, length, drops[0].refill)
@@ -214,23 +234,23 @@ class StackedDrops:
         try:
             return check_scores(self.policy, "decode", scores, view, what="drop scores")
         except PartError:
-            b = drops[0].view.batch_size
+            b = drops[0].storage.valid.shape[0]
             if isinstance(scores, torch.Tensor) and scores.dim() == 3 and scores.shape[0] == b * len(drops):
                 for i, call in enumerate(drops):
-                    check_scores(self.policy, "decode", scores[i * b : (i + 1) * b], call.view, what="drop scores")
+                    check_scores(self.policy, "decode", scores[i * b : (i + 1) * b], call.view(), what="drop scores")
             raise
 
     def _view(self, drops: list[_Drop], length: int) -> StackedView:
-        first = drops[0].view
+        first = drops[0].layer
         used = self.pack.used(length)
-        views = [call.view for call in drops]
-        attention = {w: torch.cat([v.attention[w] for v in views]) for w in first.attention}
+        attention = {w: torch.cat([call.attention[w] for call in drops]) for w in drops[0].attention}
         return StackedView(
-            layers=views, layer_idx=first.layer_idx, num_layers=first.num_layers, stage="decode", keys=None,
-            values=None, valid=used["valid"], positions=used["pos"], seen=first.seen,
-            n_tokens=torch.cat([v.n_tokens for v in views]), new_tokens=first.new_tokens, token_types=used["types"],
-            attention=attention, slot_state={n[6:]: t for n, t in used.items() if n.startswith("state:")},
-            layer_state=self._layer_state, prefill_kept=self._prefill_kept(views), sinks=first.sinks,
+            layers=[call.storage for call in drops], layer_idx=first.layer_idx, num_layers=first.num_layers,
+            stage="decode", keys=None, values=None, valid=used["valid"], positions=used["pos"], seen=first.seen,
+            n_tokens=torch.cat([call.layer.n_tokens for call in drops]), new_tokens=drops[0].storage.new_count,
+            token_types=used["types"], attention=attention,
+            slot_state={n[6:]: t for n, t in used.items() if n.startswith("state:")}, layer_state=self._layer_state,
+            prefill_kept=self._prefill_kept([call.layer.prefill_kept for call in drops]), sinks=self.policy.sinks or 0,
             rank_source=self._rank_for,
         )
 
@@ -239,10 +259,9 @@ class StackedDrops:
         used = self.pack.used(valid.shape[-1])
         return used["rank"] if valid is used["valid"] and positions is used["pos"] else None
 
-    def _prefill_kept(self, views: list[LayerView]) -> torch.Tensor | None:
+    def _prefill_kept(self, kept: list[torch.Tensor | None]) -> torch.Tensor | None:
         """The layers' ``prefill_kept`` stacked, made again only when one of them is a new tensor (a prefill, a row
         selection): a part may key what it derives from it on the tensor itself."""
-        kept = [v.prefill_kept for v in views]
         if any(t is None for t in kept):
             return None
         cached = self._kept

@@ -139,8 +139,10 @@ class PaddedStorage(SlotStorage):
         self._rank: torch.Tensor | None = None
         #: views of the used slots, made once per layout change rather than at every read (see :meth:`_used`)
         self._views: dict[str, torch.Tensor] | None = None
-        #: the slot :meth:`prepare` chose for the next one-token :meth:`append` (``(start, 1)`` at the end)
+        #: the slot :meth:`prepare` chose for the next one-token :meth:`append` (``(start, 1)`` at the end), and that
+        #: slot expanded over the key and value dims when the caller made it (:meth:`note_prepared`)
         self._prepared: torch.Tensor | tuple[int, int] | None = None
+        self._kv_index: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ read-only views of the used slots
     def _used(self) -> dict[str, torch.Tensor]:
@@ -286,10 +288,13 @@ class PaddedStorage(SlotStorage):
         self.note_prepared(hole)
         return True
 
-    def note_prepared(self, slot: torch.Tensor | tuple[int, int]) -> None:
+    def note_prepared(
+        self, slot: torch.Tensor | tuple[int, int], kv_index: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> None:
         """The next token's validity, column, type and state were written (:meth:`prepare`, or a
         :class:`~kvpolicy.core.slotpack.SlotPack` for all of its members at once) at ``slot``: the one free slot of
-        every row (int64 ``[B, H, 1]``, the layout is full again), or ``(start, 1)``, a new slot at the end."""
+        every row (int64 ``[B, H, 1]``, the layout is full again), or ``(start, 1)``, a new slot at the end.
+        ``kv_index``: ``slot`` expanded over the key and the value dims, for the write of the keys and values."""
         if isinstance(slot, tuple):
             self._length = slot[0] + 1
             self._relayout()
@@ -297,15 +302,20 @@ class PaddedStorage(SlotStorage):
         else:
             self._full, self._hole = True, None
         self._new = self._prepared = slot
+        self._kv_index = kv_index
 
     def _write_prepared(self, k: torch.Tensor, v: torch.Tensor) -> None:
         slot, self._prepared = self._prepared, None
         if k.shape[2] != 1:
             raise RuntimeError(f"kvpolicy: a slot was prepared for one token and the step brought {k.shape[2]}")
+        index, self._kv_index = self._kv_index, None
         if isinstance(slot, tuple):
             start = slot[0]
             self._k[:, :, start : start + 1] = k
             self._v[:, :, start : start + 1] = v
+        elif index is not None:
+            self._k.scatter_(2, index[0], k)
+            self._v.scatter_(2, index[1], v)
         else:
             self._write_kv_at(slot, k, v)
 
