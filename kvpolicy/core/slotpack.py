@@ -37,6 +37,8 @@ class SlotPack:
         self._used: tuple[int, dict[str, torch.Tensor]] | None = None
         #: the holes the last :meth:`free_one` handed its members (``[L, B, H, 1]`` and one view per member)
         self._holes: tuple[torch.Tensor, tuple[torch.Tensor, ...], bool] | None = None
+        #: the members' key and value head dims, when they agree (see :meth:`_kv_indices`)
+        self._kv_dims: tuple[int, int] | None = None
 
     # ------------------------------------------------------------------ membership
     def covers(self, storages: Sequence[PaddedStorage]) -> bool:
@@ -67,6 +69,8 @@ class SlotPack:
             s.adopt(mine)
         self.members = list(storages)
         self._used, self._holes = None, None
+        dims = {(s.keys.shape[-1], s.values.shape[-1]) for s in storages}
+        self._kv_dims = dims.pop() if len(dims) == 1 else None
         return True
 
     def covering(self, storages: Sequence[PaddedStorage]) -> bool:
@@ -120,10 +124,9 @@ class SlotPack:
     def _kv_indices(self, holes: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         """Each member's hole expanded over its key and value dims (what its write of the new token's keys and
         values scatters along), made for all members at once when their dims agree."""
-        dims = {(s.keys.shape[-1], s.values.shape[-1]) for s in self.members}
-        if len(dims) != 1:
+        if self._kv_dims is None:
             return [None] * len(self.members)
-        dk, dv = dims.pop()
+        dk, dv = self._kv_dims
         keys = holes[..., None].expand(*holes.shape, dk).unbind(0)
         values = keys if dv == dk else holes[..., None].expand(*holes.shape, dv).unbind(0)
         return list(zip(keys, values))
