@@ -138,9 +138,21 @@ class DropRule:
         (:meth:`~kvpolicy.core.budget.Budget.decode_excess_rows`) where the layout of a global layer is full (every
         row and head holds ``length`` entries, :attr:`PaddedStorage.full`): no tensor is read or made. ``None``
         elsewhere (and in a sliding layer), where the rule must run on the held counts."""
-        if self.windowed or not storage.full or keep is None or keep.dim() != 1:
+        if not self.on_numbers(storage, keep):
             return None
         tokens, appended = counts()
+        return self.excess_rows(storage.length + incoming, tokens.tolist(), *self.row_budget(keep, appended))
+
+    def on_numbers(self, storage: PaddedStorage, keep: torch.Tensor | None) -> bool:
+        """Whether the rule runs on Python numbers now (:meth:`rows_excess`): a full layout of a global layer."""
+        return not self.windowed and storage.full and keep is not None and keep.dim() == 1
+
+    def row_budget(self, keep: torch.Tensor, appended: torch.Tensor) -> tuple[list[int], list[int]]:
+        """``(prefill keep, appended)`` per row as Python lists, read once until :meth:`forget_rows`."""
         if self._row_budget is None:
             self._row_budget = (keep.tolist(), appended.tolist())
-        return self.policy.budget.decode_excess_rows(storage.length + incoming, tokens.tolist(), *self._row_budget)
+        return self._row_budget
+
+    def excess_rows(self, held: int, tokens: list[int], keep: list[int], appended: list[int]) -> list[int]:
+        """:meth:`~kvpolicy.core.budget.Budget.decode_excess_rows` of this rule's budget."""
+        return self.policy.budget.decode_excess_rows(held, tokens, keep, appended)

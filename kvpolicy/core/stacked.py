@@ -19,7 +19,7 @@ group pays that price once per step instead of once per layer (docs/performance.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -43,37 +43,44 @@ def stacks_layers(policy: CachePolicy) -> bool:
     return getattr(policy.reducer, "on_drop", None) is None or bool(getattr(policy.reducer, "stack_layers", False))
 
 
-class StackedView(LayerView):
-    """A :class:`LayerView` of several layers stacked along the batch axis (``L * B`` rows). Its ``keys`` and
-    ``values`` are made (one copy of every layer's, from ``layers``: anything with ``keys`` and ``values``) only if a
-    part reads them: a decode scorer's drop seldom does."""
+def _lazy(name: str) -> property:
+    """A :class:`StackedView` field made on first read by the view's provider for it (see there)."""
 
-    def __init__(self, *args: Any, layers: Sequence[Any] = (), **fields: Any):
-        self.__dict__["stacked_from"] = list(layers)
+    def get(self: StackedView) -> Any:
+        found = self.__dict__
+        if name not in found:
+            found[name] = found["lazy"][name]()
+        return found[name]
+
+    def put(self: StackedView, value: Any) -> None:
+        if value is not None or name not in self.__dict__["lazy"]:  # ``None``: leave it to the provider
+            self.__dict__[name] = value
+
+    return property(get, put)
+
+
+class StackedView(LayerView):
+    """A :class:`LayerView` of several layers stacked along the batch axis (``L * B`` rows).
+
+    ``lazy`` maps field names (``keys``, ``values``, ``n_tokens``, ``prefill_kept``) to functions that make them:
+    such a field passed as ``None`` is made on first read only (the keys, one copy of every layer's, are read by few
+    decode scorers; the counts by some). Only for layouts that are full: :meth:`held` is the slot count."""
+
+    keys = _lazy("keys")
+    values = _lazy("values")
+    n_tokens = _lazy("n_tokens")
+    prefill_kept = _lazy("prefill_kept")
+
+    def __init__(self, *args: Any, lazy: dict[str, Callable[[], Any]] | None = None, **fields: Any):
+        self.__dict__["lazy"] = lazy or {}
         super().__init__(*args, **fields)
 
-    def _stacked(self, name: str) -> torch.Tensor:
-        t = self.__dict__.get("_" + name)
-        if t is None:
-            t = torch.cat([getattr(view, name) for view in self.__dict__["stacked_from"]])
-            self.__dict__["_" + name] = t
-        return t
-
-    @property  # type: ignore[override]
-    def keys(self) -> torch.Tensor:
-        return self._stacked("keys")
-
-    @keys.setter
-    def keys(self, value: torch.Tensor | None) -> None:
-        self.__dict__["_keys"] = value
-
-    @property  # type: ignore[override]
-    def values(self) -> torch.Tensor:
-        return self._stacked("values")
-
-    @values.setter
-    def values(self, value: torch.Tensor | None) -> None:
-        self.__dict__["_values"] = value
+    def held(self) -> torch.Tensor:
+        held = self.__dict__.get("_held")
+        if held is None:
+            held = torch.full(self.valid.shape[:2], self.valid.shape[2], device=self.valid.device)
+            self.__dict__["_held"] = held
+        return held
 
     @property
     def batch_size(self) -> int:
@@ -187,22 +194,30 @@ class StackedDrops:
     # ------------------------------------------------------------------ stacked
     def _uniform_excess(self, drops: list[_Drop]) -> int | None:
         """The entries every row of every layer drops now, when that is one number, 0 or 1, and the layers are alike
-        (full layouts of one length, one step); ``None`` otherwise."""
+        (full layouts of one length, one step, one budget); ``None`` otherwise. The layers' token counts are read
+        with one operator call, and the rule computed once when they agree (they do, unless rows were edited)."""
         first = drops[0]
         length, seen, new = first.storage.length, first.layer.seen, first.storage.new_count
         windows = first.attention.keys()
-        k = None
+        counts, budgets = [], []
         for call in drops:
             storage, layer = call.storage, call.layer
             if call.incoming != first.incoming or call.refill != first.refill or storage.length != length:
                 return None
             if layer.seen != seen or storage.new_count != new or call.queries or call.attention.keys() != windows:
                 return None
-            rows = call.rule.rows_excess(storage, call.incoming, layer.prefill_keep, layer.uncompressed)
-            if not rows or min(rows) != max(rows) or (k is not None and rows[0] != k):
+            if not call.rule.on_numbers(storage, layer.prefill_keep):
                 return None
-            k = rows[0]
-        return k if k is not None and k <= min(1, length) else None
+            tokens, appended = layer.uncompressed()
+            counts.append(tokens)
+            budgets.append(call.rule.row_budget(layer.prefill_keep, appended))  # type: ignore[arg-type]
+        rows = torch.stack(counts).tolist()
+        if any(r != rows[0] for r in rows) or any(b != budgets[0] for b in budgets):
+            return None
+        excess = first.rule.excess_rows(length + first.incoming, rows[0], *budgets[0])
+        if not excess or min(excess) != max(excess) or excess[0] > min(1, length):
+            return None
+        return excess[0]
 
     def _drop_stacked(self, drops: list[_Drop]) -> bool:
         k = self._uniform_excess(drops)
@@ -243,15 +258,20 @@ class StackedDrops:
     def _view(self, drops: list[_Drop], length: int) -> StackedView:
         first = drops[0].layer
         used = self.pack.used(length)
-        attention = {w: torch.cat([call.attention[w] for call in drops]) for w in drops[0].attention}
+        storages = [call.storage for call in drops]
+        lazy = {
+            "keys": lambda: torch.cat([s.keys for s in storages]),
+            "values": lambda: torch.cat([s.values for s in storages]),
+            "n_tokens": lambda: torch.cat([call.layer.n_tokens for call in drops]),
+            "prefill_kept": lambda: self._prefill_kept([call.layer.prefill_kept for call in drops]),
+        }
         return StackedView(
-            layers=[call.storage for call in drops], layer_idx=first.layer_idx, num_layers=first.num_layers,
-            stage="decode", keys=None, values=None, valid=used["valid"], positions=used["pos"], seen=first.seen,
-            n_tokens=torch.cat([call.layer.n_tokens for call in drops]), new_tokens=drops[0].storage.new_count,
-            token_types=used["types"], attention=attention,
+            lazy=lazy, layer_idx=first.layer_idx, num_layers=first.num_layers, stage="decode", keys=None, values=None,
+            valid=used["valid"], positions=used["pos"], seen=first.seen, n_tokens=None,
+            new_tokens=drops[0].storage.new_count, token_types=used["types"],
+            attention={w: torch.cat([call.attention[w] for call in drops]) for w in drops[0].attention},
             slot_state={n[6:]: t for n, t in used.items() if n.startswith("state:")}, layer_state=self._layer_state,
-            prefill_kept=self._prefill_kept([call.layer.prefill_kept for call in drops]), sinks=self.policy.sinks or 0,
-            rank_source=self._rank_for,
+            prefill_kept=None, sinks=self.policy.sinks or 0, rank_source=self._rank_for,
         )
 
     def _rank_for(self, valid: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
