@@ -82,7 +82,8 @@ def _outputs(
     ``call`` runs transformers' own attention function; ``call_lse`` the same SDPA call with the log-sum-exp, or
     ``None`` where it cannot be reproduced (:mod:`kvpolicy.core.sdpa`)."""
     q = query.shape[2]
-    if layer.pristine and mask_fits and (needs or layer.recorder is not None) and q > 1:
+    plain = layer.pristine and mask_fits  # transformers' own mask describes the layer's slots
+    if plain and (needs or layer.recorder is not None) and q > 1:
         # an uncompressed layer (prefill) with statistics to compute, or a prefill being recorded for replay:
         # transformers' own outputs, bit for bit, and the lse that turns each logit into a probability
         # (:func:`~kvpolicy.core.statistics.step_statistics`; a replay computes from the recorded lse the very same)
@@ -90,14 +91,14 @@ def _outputs(
         if got is not None:
             return got
     whole = [need for need in needs if need.window is None or need.window >= q]
-    if layer.pristine and mask_fits and whole and layer.prefill_drops():
+    if plain and whole and layer.prefill_drops():
         # no lse (eager attention, not a CPU, a call the flash kernel refuses) and the layer is about to be
         # compressed: outputs and statistics from one pass over the keys (outputs equal up to float rounding)
         out, received = attention_with_received(
             query, key, value, layer.valid, new_valid, scaling, layer.seen - layer.length, layer.seen - q,
             sliding_window=layer.window_size,
         )
-    elif layer.pristine and mask_fits:
+    elif plain:
         return call()[0], None
     elif whole and q <= FUSED_DECODE_MAX_QUERIES:
         real = None if layer.no_padding else new_valid  # (skips a check of new_valid per layer and step)
