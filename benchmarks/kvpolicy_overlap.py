@@ -11,13 +11,16 @@ Policies (kvpress press in brackets): ``keydiff`` [KeyDiffPress]; ``knorm`` [Kno
 [StreamingLLMPress]; ``snapkv`` window 32, kernel 5, avg [SnapKVPress]; ``tova`` [TOVAPress]; ``h2o`` with no recent
 window, once with the paper's sum and once with ``normalize: mean_over_visible`` [ObservedAttentionPress];
 ``expected_attention`` preset (512 future positions, 4 sinks, covariance, value norm) [ExpectedAttentionPress];
+``kvzip`` preset (ranked across the kv heads of each layer) [KVzipPress, ``layerwise=True``] and ``kvzip_global``
+[KVzipPress's default], both sides given the character tokenizer of ``kvpress_overlap.py`` for the repeat prompt;
 ``duo_attention`` preset with kvpress's head scores, sinks and window [DuoAttentionPress].
 
 Equal kept counts: every method keeps kvpress's count through a ``tokens`` budget, except ``duo_attention``, whose
 kept count per head is all or the window by design. kvpress's ratio there is the share of heads streamed; kvpolicy is
 given the *entry* ratio kvpress reports for it (``m (n - c) / (U n)`` for ``m`` streamed of ``U`` heads, window
 ``c``), from which it derives its own number of streamed heads (``ceil(U (n - keep) / (n - c))``, the same ``m``);
-the kept column then gives the entries both sides hold in total.
+the kept column then gives the entries both sides hold in total. KVzip's rows keep the ``kept`` count per head *on
+average* over the heads of each layer (of the whole cache for ``kvzip_global``).
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ POLICIES: dict[str, tuple[str, dict[str, Any]]] = {
         {"encode": {"name": "h2o", "recent": 0, "normalize": "mean_over_visible"}, "reducer": {"name": "evict"}},
     ),
     "expected_attention": ("expected_attention", {"preset": "expected_attention"}),
+    "kvzip": ("kvzip", {"preset": "kvzip"}),
+    "kvzip_global": ("kvzip_global", {"preset": "kvzip_global"}),
     "duo_attention": ("duo_attention", {"preset": "duo_attention"}),
 }
 
@@ -71,7 +76,7 @@ def kvpolicy_kept(
 ) -> list[list[list[int]]]:
     """``[layer][kv head]`` -> sorted prompt positions kvpolicy keeps under ``budget`` (``tokens`` or ``ratio``)."""
     policy = load_policy({**doc, **budget})
-    cache = kvpolicy.make_cache(model, policy)
+    cache = kvpolicy.make_cache(model, policy, tokenizer=SIDE["CharTokenizer"]())
     with torch.no_grad():
         model(input_ids=ids, past_key_values=cache, use_cache=True)
     return [[layer.kept_positions(0, h) for h in range(layer.held().shape[1])] for layer in cache.policy_layers]

@@ -17,8 +17,17 @@ How the kept entries are read: each press's ``compress`` is wrapped; the keys it
 (exact equality) to the keys it received, so the recorded indices are what kvpress really kept, whatever its
 internals. Presses (kvpolicy's names): ``keydiff`` = KeyDiffPress, ``knorm`` = KnormPress, ``local`` =
 StreamingLLMPress (4 sinks), ``snapkv`` = SnapKVPress, ``tova`` = TOVAPress, ``h2o`` = ObservedAttentionPress,
-``expected_attention`` = ExpectedAttentionPress (its defaults: 512 future positions, 4 sinks, covariance, value norm). Eager
-attention (ObservedAttentionPress needs the attention weights; the others give the same scores from them).
+``expected_attention`` = ExpectedAttentionPress (its defaults: 512 future positions, 4 sinks, covariance, value norm),
+``kvzip`` = KVzipPress with ``layerwise=True`` (each layer removes the ratio, ranked across its kv heads) and
+``kvzip_global`` = KVzipPress's default (one ranking across layers and heads). Eager attention (ObservedAttentionPress
+needs the attention weights; the others give the same scores from them), except KVzip, which refuses eager and runs
+on SDPA.
+
+KVzip reads its kept entries differently: KVzipPress does not shorten the cache but records the evicted
+``(row, head, position)`` of each layer in ``module.masked_key_indices`` (masked at attention time), so the kept
+entries are the complement. Its repeat prompt is encoded with ``AutoTokenizer.from_pretrained(name_or_path)``; the
+tiny model has no tokenizer, so that call is answered with :class:`CharTokenizer` (one id per character, no chat
+template), which kvpolicy's side hands to its probe too.
 
 ``duo_attention`` = DuoAttentionPress with the head scores of :func:`duo_head_scores` supplied in place of the authors'
 downloaded patterns (its ``load_attention_pattern`` is replaced on the instance) and a window of ``DUO_SINKS`` +
@@ -53,11 +62,23 @@ CONFIG = {
 SEED = 0
 LENGTH = 384
 RATIOS = (0.5, 0.8)
-METHODS = ("keydiff", "knorm", "local", "snapkv", "tova", "h2o", "expected_attention", "duo_attention")
+METHODS = ("keydiff", "knorm", "local", "snapkv", "tova", "h2o", "expected_attention", "kvzip", "kvzip_global",
+           "duo_attention")
 SINKS = 4  # StreamingLLM's n_sink (kvpress's default) = kvpolicy's local start_size
 WINDOW, KERNEL = 32, 5  # SnapKV's observation window and pooling kernel, set alike on both sides
 WEIGHT_STD = 0.08
 DUO_SINKS, DUO_RECENT = 16, 64  # DuoAttention's streaming window, scaled to the 384-token prompt
+
+
+class CharTokenizer:
+    """Text to ids for KVzip's repeat prompt on the tiny model: one id per character, no special token, no chat
+    template (both sides use this class: kvpolicy's reads it from this file by path)."""
+
+    chat_template = None
+
+    def encode(self, text: str, add_special_tokens: bool = False, return_tensors: str | None = None):
+        ids = [3 + ord(c) % (CONFIG["vocab_size"] - 5) for c in text]
+        return torch.tensor([ids], dtype=torch.long) if return_tensors == "pt" else ids
 
 
 def build_model(seed: int = SEED, attn: str = "eager") -> torch.nn.Module:
@@ -112,7 +133,42 @@ def _press(method: str, ratio: float):
         return kvpress.ObservedAttentionPress(compression_ratio=ratio)
     if method == "expected_attention":
         return kvpress.ExpectedAttentionPress(compression_ratio=ratio)
+    if method in ("kvzip", "kvzip_global"):
+        return kvpress.KVzipPress(compression_ratio=ratio, layerwise=method == "kvzip")
     raise ValueError(method)
+
+
+def unmasked(model: torch.nn.Module, n: int) -> list[list[list[int]]]:
+    """``[layer][kv head]`` -> the prompt positions (of ``n``) a press left visible, for the presses that hide entries
+    instead of removing them: they record the hidden ``(row, head, position)`` in ``module.masked_key_indices``
+    (read here for row 0, then removed so that the next press starts clean)."""
+    out = []
+    for layer in model.model.layers:
+        masked = getattr(layer.self_attn, "masked_key_indices", None)
+        heads = []
+        for h in range(CONFIG["num_key_value_heads"]):
+            hidden = set() if masked is None else set(masked[2][(masked[0] == 0) & (masked[1] == h)].tolist())
+            heads.append([j for j in range(n) if j not in hidden])
+        out.append(heads)
+        if masked is not None:
+            del layer.self_attn.masked_key_indices
+    return out
+
+
+def kvzip_kept(model: torch.nn.Module, ids: torch.Tensor, method: str, ratio: float) -> list[list[list[int]]]:
+    """``[layer][kv head]`` -> sorted prompt positions KVzipPress keeps (the complement of its masked indices)."""
+    from kvpress.presses import kvzip_press
+    from transformers import DynamicCache
+
+    press = _press(method, ratio)
+    original = kvzip_press.AutoTokenizer.from_pretrained
+    kvzip_press.AutoTokenizer.from_pretrained = staticmethod(lambda *a, **k: CharTokenizer())
+    try:
+        with torch.no_grad(), press(model):
+            model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
+    finally:
+        kvzip_press.AutoTokenizer.from_pretrained = original
+    return unmasked(model, ids.shape[1])
 
 
 def duo_head_scores(seed: int = SEED) -> list[list[float]]:
@@ -134,15 +190,7 @@ def duo_kept(model: torch.nn.Module, ids: torch.Tensor, ratio: float) -> tuple[l
     press.load_attention_pattern = lambda _model: (DUO_SINKS, DUO_RECENT, np.array(duo_head_scores()))
     with torch.no_grad(), press(model):
         model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
-    n, out = ids.shape[1], []
-    for layer in model.model.layers:
-        masked = getattr(layer.self_attn, "masked_key_indices", None)
-        heads = []
-        for h in range(CONFIG["num_key_value_heads"]):
-            hidden = set() if masked is None else set(masked[2][(masked[0] == 0) & (masked[1] == h)].tolist())
-            heads.append([j for j in range(n) if j not in hidden])
-        out.append(heads)
-    return out, float(press.compression_ratio)
+    return unmasked(model, ids.shape[1]), float(press.compression_ratio)
 
 
 def kept_indices(model: torch.nn.Module, ids: torch.Tensor, method: str, ratio: float) -> list[list[list[int]]]:
@@ -178,6 +226,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     model = build_model()
+    sdpa = build_model(attn="sdpa")  # the same weights: KVzipPress and DuoAttentionPress refuse eager attention
     ids = prompt()
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0, -1].tolist()
@@ -199,6 +248,8 @@ def main() -> None:
             key = f"{method}@{ratio}"
             if method == "duo_attention":
                 out["kept"][key], out["duo"]["entry_ratio"][key] = duo_kept(build_model(attn="sdpa"), ids, ratio)
+            elif method.startswith("kvzip"):
+                out["kept"][key] = kvzip_kept(sdpa, ids, method, ratio)
             else:
                 out["kept"][key] = kept_indices(model, ids, method, ratio)
             print(f"kvpress {method} ratio {ratio}: done", flush=True)

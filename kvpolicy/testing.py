@@ -7,7 +7,8 @@ part against a naive reference, and a policy whose effect is trivial to rebuild 
 
 * tiny models: :func:`build_model` (llama, qwen2, mistral, llava, and gemma3 with sliding-window layers of
   :data:`TINY_WINDOW` columns; 4 query / 2 kv heads, random init, no download; its text decoder's keywords:
-  :func:`tiny_text_config`) and :func:`make_batch` (left-padded batches, optionally with LLaVA image placeholders);
+  :func:`tiny_text_config`), :func:`make_batch` (left-padded batches, optionally with LLaVA image placeholders) and
+  :class:`CharTokenizer` (text to ids for parts that encode text);
 * views: :func:`make_view`, and what a reduction keeps of one: :func:`kept_entries`;
 * trivial parts and policies: :class:`KeepAll`, :class:`FirstLast`, :class:`PlainEvict`, :func:`keep_all_policy`,
   :func:`first_last_policy`.
@@ -122,6 +123,18 @@ def make_batch(
     if image:
         out["pixel_values"] = torch.randn(batch, 3, 28, 28, generator=g)
     return out
+
+
+class CharTokenizer:
+    """A tokenizer for the tiny models: one id per character (``3 + ord(c) % (VOCAB - 5)``), no special tokens, no
+    chat template. For parts that encode text (KVzip's repeat prompt) in tests: ``make_cache(..., tokenizer=)``."""
+
+    chat_template = None
+
+    def encode(self, text: str, add_special_tokens: bool = False, return_tensors: str | None = None):
+        ids = [3 + ord(c) % (VOCAB - 5) for c in text]
+        return torch.tensor([ids], dtype=torch.long) if return_tensors == "pt" else ids
+
 
 # ===================================================================================================== views
 

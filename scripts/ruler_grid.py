@@ -28,6 +28,8 @@ GRID_DIR = ROOT / "docs" / "long-context" / "grid"
 PAGE = ROOT / "docs" / "long-context.md"
 MODES = {"agnostic": False, "aware": True}  #: directory suffix -> the task's ``query_aware`` option
 POLICIES = ["snapkv", "elastic", "h2o", "tova", "local"]
+#: the frontier baselines, run as their own slices (``--policies``) once the classic grid is under way
+NEWER = ["kvzip", "expected_attention", "keydiff", "duo_attention"]
 RATIOS = [0.75, 0.5, 0.9]
 #: the policy every other one is compared with, pairwise on the same samples
 FLAGSHIP = "elastic"
@@ -86,6 +88,12 @@ def load_cells(model: str, length: int, mode: str) -> dict[tuple[str, float], di
             ratio = doc["spec"]["ratio"]
             cells[(doc.get("label") or doc["policy_name"], float(ratio))] = doc
     return cells
+
+
+def present_policies(model: str, length: int, modes: list[str]) -> list[str]:
+    """The classic grid's policies, then each newer baseline that has at least one finished cell."""
+    found = {label for mode in modes for label, _ in load_cells(model, length, mode)}
+    return POLICIES + [p for p in NEWER if p in found]
 
 
 def fmt(value: float | None, ci: Any = None, signed: bool = False) -> str:
@@ -259,7 +267,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--length", type=int, default=2048)
     p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
-    p.add_argument("--policies", type=lambda s: s.split(","), default=POLICIES)
+    p.add_argument("--policies", type=lambda s: s.split(","), default=None,
+                   help=f"comma-separated presets (run: default {','.join(POLICIES)}; render: every policy of "
+                        f"{','.join(POLICIES + NEWER)} with a finished cell)")
     p.add_argument("--ratios", type=float, nargs="+", default=RATIOS)
     p.add_argument("--samples", type=int, default=110, help="in total, spread over the 11 tasks")
     p.add_argument("--batch-size", type=int, default=16)
@@ -271,6 +281,8 @@ def main(argv: list[str] | None = None) -> None:
                         "16 is ~1.9 GB, and two workers on a 24 GB machine must not hold a quarter of it each)")
     p.add_argument("--commit", action="store_true", help="git add + commit each finished cell's file")
     args = p.parse_args(argv)
+    if args.policies is None:
+        args.policies = POLICIES if args.command == "run" else present_policies(args.model, args.length, args.modes)
     run_grid(args) if args.command == "run" else render(args)
 
 

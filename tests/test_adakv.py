@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kvpolicy
-import kvpolicy.core.layer
+import kvpolicy.core.prefillstage
 from kvpolicy.core.buckets import BucketedStorage, partition
 from kvpolicy.config import load_policy
 from kvpolicy.testing import PAD, make_batch
@@ -126,7 +126,7 @@ def test_adakv_holds_its_budget_bytes_and_attends_like_the_padded_layout(monkeyp
     assert bucketed == len(cache.policy_layers)
 
     # the same policy in the padded layout (no buckets): identical logits
-    monkeypatch.setattr(kvpolicy.core.layer, "bucketed_if_uneven", lambda storage: storage)
+    monkeypatch.setattr(kvpolicy.core.prefillstage, "bucketed_if_uneven", lambda storage: storage)
     padded_out, padded_cache = _run(model, batch, policy, 6)
     for a, b in zip(out.logits, padded_out.logits):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
@@ -164,7 +164,7 @@ def test_bucketed_layers_shift_new_tokens_like_padded_ones_under_compressed_posi
     out, cache = _run(model, batch, policy, 5)
     assert all(isinstance(layer.storage, BucketedStorage) for layer in cache.policy_layers)
     assert bool((cache.policy_layers[0].shift.delta != 0).all())  # the shift is real
-    monkeypatch.setattr(kvpolicy.core.layer, "bucketed_if_uneven", lambda storage: storage)
+    monkeypatch.setattr(kvpolicy.core.prefillstage, "bucketed_if_uneven", lambda storage: storage)
     padded_out, padded_cache = _run(model, batch, policy, 5)
     assert not any(isinstance(layer.storage, BucketedStorage) for layer in padded_cache.policy_layers)
     for a, b in zip(out.logits, padded_out.logits):

@@ -17,7 +17,7 @@ APPS = ("kvpolicy.eval", "kvpolicy.sweep", "kvpolicy.bench", "kvpolicy.cli", "kv
 PLUGIN_API = {
     "kvpolicy.policy": (
         "GENERATED IMAGE TEXT AttentionStat Budget BudgetAllocator CachePolicy DecodeScorer EncodeScorer LayerView "
-        "ModelView Need QueryStat Reducer Reduction Stage part_sinks"
+        "ModelView Need Probe ProbeChunk ProbeStat QueryStat Reducer Reduction Stage part_sinks"
     ).split(),
     "kvpolicy.selection": ["lowest_slot", "ranked_slots", "select_top", "sort_by_position"],
 }

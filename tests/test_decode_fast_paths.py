@@ -31,7 +31,7 @@ from kvpolicy.core.recording import record
 from kvpolicy.core.replay import replay
 from kvpolicy.core.storage import PaddedStorage
 from kvpolicy.registry import get_registry
-from kvpolicy.testing import PAD, build_model, make_batch, tiny_text_config
+from kvpolicy.testing import PAD, CharTokenizer, build_model, make_batch, tiny_text_config
 from head_tables import random_head_scores
 
 STEPS = 14
@@ -40,6 +40,9 @@ OVERRIDES = ({"ratio": 0.6}, {"ratio": 0.6, "decode_budget": "fixed"})
 #: 20-column prompts and 14 steps outrun the window, so its rule frees slots at every step
 FAMILIES = ("llama", "gemma3")
 _TABLES: dict[str, object] = {}
+
+#: KVzip's probe encodes its repeat prompt with a tokenizer (the tiny models have none; other presets ignore it)
+TOK = CharTokenizer()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -101,7 +104,7 @@ def _run(model, batch, policy, general: bool, monkeypatch) -> tuple[torch.Tensor
     with monkeypatch.context() as patch:
         if general:
             patch.setattr(layer_module, "PaddedStorage", GeneralStorage)
-        cache = kvpolicy.make_cache(model, policy)
+        cache = kvpolicy.make_cache(model, policy, tokenizer=TOK)
         if general:
             for layer in cache.policy_layers:
                 layer.group = [layer]
@@ -191,7 +194,7 @@ def _replayed(family: str, pads: tuple[int, ...], preset: str, overrides: dict, 
         if general:
             patch.setattr(layer_module, "PaddedStorage", GeneralStorage)
         with torch.inference_mode():
-            cache = replay(model, policy, recording)
+            cache = replay(model, policy, recording, tokenizer=TOK)
         if general:
             for layer in cache.policy_layers:
                 layer.group = [layer]
@@ -248,7 +251,7 @@ def test_the_shortcuts_are_taken_on_a_batch_without_padding(source, monkeypatch)
     else:
         model, batch, positions, recording = _recorded("llama", (0, 0))
         with torch.inference_mode():
-            cache = replay(model, policy, recording)
+            cache = replay(model, policy, recording, tokenizer=TOK)
         _greedy(model, batch, positions, cache, recording.logits, steps=6)
     assert early and all(layer.prefilled for layer in cache.policy_layers)
     assert all(layer.storage.full for layer in cache.policy_layers)

@@ -263,6 +263,22 @@ def test_kept_by_type_splits_image_and_text():
     assert (split[..., IMAGE] <= n_image).all()
 
 
+def test_kept_by_type_reads_per_head_budgets_in_buckets():
+    """AdaKV keeps a different count per kv head (the bucketed layout): the split still sums to the mean held."""
+    from kvpolicy.core.buckets import BucketedStorage
+
+    model = build_model("llama")
+    kvpolicy.attach(model)
+    batch = make_batch(2, 40, pads=[0, 3])
+    cache = kvpolicy.make_cache(model, load_policy({"preset": "adakv", "ratio": 0.5}))
+    with torch.no_grad():
+        model(**batch, past_key_values=cache, use_cache=True)
+    assert any(isinstance(layer.storage, BucketedStorage) for layer in cache.policy_layers)
+    split = kept_by_type(cache)
+    held = torch.stack([layer.held().float().mean(-1) for layer in cache.policy_layers])
+    assert torch.equal(split[..., TEXT], held) and not split[..., IMAGE].any() and not split[..., GENERATED].any()
+
+
 # ------------------------------------------------------------------------------------------ metrics
 def test_kl_topk_is_exact_with_whole_vocab_and_a_lower_bound_otherwise():
     g = torch.Generator().manual_seed(0)

@@ -23,7 +23,7 @@ from kvpolicy.eval.compare import compare, is_done, spec_signature
 from kvpolicy.eval.prefill_store import PrefillStore, store_for
 from kvpolicy.eval.tasks import Sample, Task, TaskError, get_task, register_task
 from kvpolicy.eval.tasks.base import bos_prefix, encode, read_data
-from kvpolicy.testing import VOCAB, build_model
+from kvpolicy.testing import VOCAB, CharTokenizer, build_model
 
 KVPOLICY = Path(sys.executable).with_name("kvpolicy")
 
@@ -222,7 +222,9 @@ def test_the_sweep_evaluator_keeps_one_store_for_its_trials(tiny_dir, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ end to end
-class _CharTok:
+class _CharTok(CharTokenizer):
+    """Decodes ids for ROUGE-L; encodes KVzip's repeat prompt (:class:`~kvpolicy.testing.CharTokenizer`)."""
+
     eos_token_id, pad_token_id, bos_token_id, chat_template = 2, 0, None, None
 
     def decode(self, ids, skip_special_tokens=True):
@@ -254,8 +256,10 @@ class _Varied(Task):
 #: the kernel each preset's direct prefill computes with (tests/test_replay.py's KERNEL table): "same" -> bit-identical
 #: results. Every one is "same" on CPU with SDPA: a layer compressed with whole-prompt statistics (h2o, elastic) runs
 #: transformers' own SDPA call through the flash kernel and takes its statistics from the lse, which the recording
-#: stores; "one-pass" (equal only up to float32 rounding, NLL/KL within TOL) would be eager attention or another device
-GRID_KERNEL = {"local": "same", "snapkv": "same", "tova": "same", "h2o": "same", "elastic": "same"}
+#: stores; "one-pass" (equal only up to float32 rounding, NLL/KL within TOL) would be eager attention or another device.
+#: kvzip / kvzip_global: their probe runs after the prefill on each replayed cache's whole prompt (once per recording)
+GRID_KERNEL = {"local": "same", "snapkv": "same", "tova": "same", "h2o": "same", "elastic": "same", "kvzip": "same",
+               "kvzip_global": "same"}
 TOL = 1e-4
 
 

@@ -27,11 +27,20 @@ from head_tables import random_head_scores
 
 import kvpolicy
 from kvpolicy.core.policy import AttentionStat
+from kvpolicy.core.probe import ProbeError
 from kvpolicy.core.recording import PrefillRecording, record
 from kvpolicy.core.replay import can_share, full_cache, replay
 from kvpolicy.eval.context import build_policy as _build_policy
 from kvpolicy.registry import get_registry
-from kvpolicy.testing import TINY_GEMMA_LAYERS, TINY_WINDOW, VOCAB, build_model, make_batch, tiny_text_config
+from kvpolicy.testing import (
+    TINY_GEMMA_LAYERS,
+    TINY_WINDOW,
+    VOCAB,
+    CharTokenizer,
+    build_model,
+    make_batch,
+    tiny_text_config,
+)
 
 SAME, ONE_PASS = "same kernel", "one-pass kernel"
 #: which kernel the direct path's prefill outputs come from, per shipped preset (prompt of 48 columns, ratio > 0,
@@ -52,6 +61,8 @@ KERNEL = {
     "h2o_elastic_code": SAME,
     "keydiff": SAME,
     "knorm": SAME,
+    "kvzip": SAME,
+    "kvzip_global": SAME,
     "local": SAME,
     "lookm": SAME,
     "pyramidkv": SAME,
@@ -74,13 +85,20 @@ _DUO: dict = {}
 
 def build_policy(name: str, ratio: float, model=None):
     """The preset at ``ratio``; duo_attention gets a small window and a random score table for ``model`` (default:
-    the tiny Llama; 48-column prompts)."""
+    the tiny Llama; 48-column prompts); the kvzip presets reconstruct the context in chunks of 14 tokens (4 probe
+    forwards for the 48-token row, 3 for the 41-token one: rows with different chunk counts)."""
     if name == "duo_attention":
         model = model if model is not None else build_model("llama")
         path = random_head_scores(str(_DUO["dir"] / f"{type(model).__name__}.tsv"), model)
         return _build_policy({"preset": name, "sinks": 2, "ratio": ratio,
                               "reducer": {"recent": 6, "head_scores": path}}, None)
+    if name.startswith("kvzip"):
+        return _build_policy({"preset": name, "ratio": ratio, "encode": {"chunk_size": 14}}, None)
     return _build_policy(name, ratio)
+
+
+#: the tokenizer KVzip's probe encodes its repeat prompt with (the tiny models have none); both paths get it
+TOK = CharTokenizer()
 
 
 #: float32 rounding of the one-pass kernel, carried through a 2-layer model (measured differences are ~1e-6)
@@ -105,7 +123,7 @@ class Family:
     def __init__(self, family: str):
         self.model = kvpolicy.attach(build_model(family))
         self.batch = make_batch(2, WIDTH, pads=PADS, image=family == "llava")
-        vlm = family == "llava"
+        self.vlm = vlm = family == "llava"
         self.positions = None if vlm else (self.batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
         self.recording = record(self.model, self.forward)
 
@@ -162,11 +180,19 @@ def _compare_layers(direct, replayed, kernel: str) -> None:
 @pytest.mark.parametrize("preset", sorted(KERNEL))
 def test_replay_equals_the_direct_path(fam, preset, ratio):
     kernel = KERNEL[preset]
-    direct = kvpolicy.make_cache(fam.model, build_policy(preset, ratio, fam.model))
+    if fam.vlm and build_policy(preset, ratio).probe_needs():
+        # a probe re-reads the prompt as token ids, without the images: both paths refuse it before any forward
+        with pytest.raises(kvpolicy.UnsupportedModelError, match="vision-language"):
+            kvpolicy.make_cache(fam.model, build_policy(preset, ratio), tokenizer=TOK)
+        with pytest.raises(kvpolicy.UnsupportedModelError, match="vision-language"), torch.inference_mode():
+            replay(fam.model, build_policy(preset, ratio), fam.recording, tokenizer=TOK)
+        return
+    direct = kvpolicy.make_cache(fam.model, build_policy(preset, ratio, fam.model), tokenizer=TOK)
     logits = fam.forward(direct)
     with torch.inference_mode():
         # d2o's per-prompt allocation exists only on a replay (tests/test_replay_d2o.py): its per-layer rule here
-        replayed = replay(fam.model, build_policy(preset, ratio, fam.model), fam.recording, whole_model=False)
+        replayed = replay(fam.model, build_policy(preset, ratio, fam.model), fam.recording, whole_model=False,
+                          tokenizer=TOK)
     assert replayed.allocation == direct.allocation == "per-layer"
     _same(logits, fam.recording.logits, kernel == SAME, "prefill logits")
     _compare_layers(direct, replayed, kernel)
@@ -210,7 +236,8 @@ def test_recording_round_trips_through_torch_save_weights_only(tmp_path):
     assert back.nbytes() == again.nbytes() == rec.nbytes()
     expected = sum(x.keys.nbytes + x.values.nbytes + x.query.nbytes + x.valid.nbytes + x.position_ids.nbytes
                    + (0 if x.lse is None else x.lse.nbytes) for x in rec.policy_layers)
-    expected += rec.logits.nbytes + rec.token_types.nbytes
+    expected += rec.logits.nbytes + rec.token_types.nbytes + rec.input_ids.nbytes
+    assert torch.equal(back.input_ids, fam.batch["input_ids"])  # what a probe reads
     assert all(x.lse is not None for x in rec.policy_layers)  # the recording ran the flash call (CPU, sdpa)
     assert rec.nbytes() == expected
     policy = build_policy("snapkv", 0.5)
@@ -365,3 +392,55 @@ def test_statistics_are_computed_once_per_recording_and_never_shared_by_referenc
                for m, x in zip(memo, fam.recording.policy_layers))  # computed by the first replay, kept intact
     _compare_layers(direct, first, ONE_PASS)
     _compare_layers(first, second, SAME)
+
+
+def test_a_probe_runs_once_per_recording_and_hands_each_policy_the_direct_paths_statistic(monkeypatch):
+    """KVzip's probe (kvpolicy/core/probe.py) runs after the prefill, on the replayed cache (which still holds the
+    whole recorded prompt, and the recording its input_ids). Its statistic depends on the prompt, the model and the
+    probe only: the first replay computes it for every policy layer and the recording keeps it for the next policies.
+    Reference: the statistic the direct path hands its own deferred prefill stage."""
+    from kvpolicy.core import cache as cache_module
+    from kvpolicy.core.cache import PolicyCache
+
+    fam = Family("qwen2")
+    assert torch.equal(fam.recording.input_ids, fam.batch["input_ids"])
+    handed: list[dict] = []
+    compress = PolicyCache.compress_deferred
+    monkeypatch.setattr(PolicyCache, "compress_deferred", lambda self, scores: handed.append(scores)
+                        or compress(self, scores))
+    probes: list[int] = []
+    run_probe = cache_module.run_probe
+    monkeypatch.setattr(cache_module, "run_probe", lambda *a, **k: probes.append(1) or run_probe(*a, **k))
+    direct = kvpolicy.make_cache(fam.model, build_policy("kvzip", 0.5), tokenizer=TOK)
+    fam.forward(direct)
+    assert len(probes) == 1 and len(handed) == 1
+    with torch.inference_mode():
+        plain = replay(fam.model, build_policy("kvzip", 0.0), fam.recording, tokenizer=TOK)  # drops nothing
+        assert not probes[1:] and handed[1:] == [{}]  # every layer waited; none drops, so no probe ran
+        assert all(bool((x.held() == x.n_tokens[:, None]).all()) for x in plain.policy_layers)
+        cells = [("kvzip", 0.5), ("kvzip_global", 0.9), ("kvzip", 0.5)]
+        caches = [replay(fam.model, build_policy(name, r), fam.recording, tokenizer=TOK) for name, r in cells]
+    assert len(probes) == 2 and len(handed) == 5  # one probe for the three replays
+    need = next(iter(build_policy("kvzip", 0.5).probe_needs()))
+    for layer, rec in zip(direct.policy_layers, fam.recording.policy_layers):
+        assert torch.equal(rec.statistics[need], handed[0][layer.layer_idx][need])
+        assert bool(rec.statistics[need].any())
+        assert all(h[layer.layer_idx][need] is not rec.statistics[need] for h in handed[2:])  # copies
+    _compare_layers(direct, caches[0], SAME)
+    _compare_layers(caches[0], caches[2], SAME)
+
+
+def test_a_recording_of_embeddings_cannot_feed_a_probe():
+    fam = Family("llama")
+
+    def embeds(cache) -> torch.Tensor:
+        with torch.inference_mode():
+            e = fam.model.get_input_embeddings()(fam.batch["input_ids"])
+            out = fam.model(inputs_embeds=e, attention_mask=fam.batch["attention_mask"], position_ids=fam.positions,
+                            past_key_values=cache, use_cache=True)
+        return out.logits[:, -1].to(torch.float32)
+
+    rec = record(fam.model, embeds)
+    assert rec.input_ids is None
+    with pytest.raises(ProbeError, match="no input_ids"), torch.inference_mode():
+        replay(fam.model, build_policy("kvzip", 0.5), rec, tokenizer=TOK)

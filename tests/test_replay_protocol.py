@@ -25,7 +25,7 @@ from kvpolicy.eval.honesty import ratio0_check
 from kvpolicy.eval.protocol import run_exact, run_policy, run_reference
 from kvpolicy.eval.runner import reference_from_row
 from kvpolicy.eval.tasks import Sample
-from kvpolicy.testing import VOCAB, build_model
+from kvpolicy.testing import VOCAB, CharTokenizer, build_model
 from test_replay import ATOL, KERNEL, SAME
 
 
@@ -43,7 +43,9 @@ class DictStore:
         return self.items[key]
 
 
-class _Tok:
+class _Tok(CharTokenizer):
+    """Decodes ids for ROUGE-L; encodes KVzip's repeat prompt (:class:`~kvpolicy.testing.CharTokenizer`)."""
+
     eos_token_id, pad_token_id, bos_token_id, chat_template = 2, 0, None, None
 
     def decode(self, ids, skip_special_tokens=True):
@@ -89,12 +91,15 @@ def setting(request, tmp_path_factory) -> Setting:
 
 def overrides(preset: str, setting: Setting) -> dict | None:
     """d2o's per-layer rule (its per-prompt allocation happens only on a shared prefill, tests/test_replay_d2o.py);
-    duo_attention's random head-score table for the model and a window shorter than the prompts."""
+    duo_attention's random head-score table for the model and a window shorter than the prompts; kvzip's probe in
+    chunks of 14 (several probe forwards per row, rows with different counts)."""
     if preset == "d2o":
         return {"allocator.per_prompt": False}
     if preset == "duo_attention":
         path = random_head_scores(str(setting.scores), setting.ctx.model)
         return {"sinks": 2, "reducer.recent": 6, "reducer.head_scores": path}
+    if preset.startswith("kvzip"):
+        return {"encode.chunk_size": 14}
     return None
 
 
@@ -121,6 +126,11 @@ def compare_rows(direct, shared, exact: bool, atol: float = ATOL) -> None:
 @pytest.mark.parametrize("preset", sorted(KERNEL))
 def test_shared_prefill_equals_the_direct_path(setting, preset, ratio):
     over = overrides(preset, setting)
+    if setting.family == "llava" and build_policy(preset, ratio, over).probe_needs():
+        for ctx in (setting.ctx, setting.shared):  # a probe cannot re-read the images: refused on both paths
+            with pytest.raises(kvpolicy.UnsupportedModelError, match="vision-language"):
+                run_policy(ctx, setting.samples, build_policy(preset, ratio, over), setting.refs)
+        return
     direct = run_policy(setting.ctx, setting.samples, build_policy(preset, ratio, over), setting.refs)
     shared = run_policy(setting.shared, setting.samples, build_policy(preset, ratio, over), setting.refs)
     compare_rows(direct, shared, KERNEL[preset] == SAME)

@@ -21,6 +21,7 @@ from kvpolicy.testing import (
     PAD,
     TINY_GEMMA_LAYERS,
     TINY_WINDOW,
+    CharTokenizer,
     FirstLast,
     PlainEvict,
     build_model,
@@ -30,6 +31,8 @@ from kvpolicy.testing import (
 )
 
 W = TINY_WINDOW
+#: KVzip's probe encodes its repeat prompt with a tokenizer (the tiny models have none; other policies ignore it)
+TOK = CharTokenizer()
 LENGTH, STEPS = 20, 14  # both longer than the window
 PADS = [0, 5, 13]  # the last row's padding is longer than the window, its prompt shorter
 GEN = dict(do_sample=False, pad_token_id=PAD)
@@ -123,7 +126,7 @@ def test_every_preset_at_ratio_zero_is_bit_identical_past_the_window(name, score
     batch = make_batch(len(PADS), LENGTH, PADS, seed=7)
     expected = _generate(model, batch)
     kvpolicy.attach(model)
-    got = _generate(model, batch, kvpolicy.make_cache(model, policy))
+    got = _generate(model, batch, kvpolicy.make_cache(model, policy, tokenizer=TOK))
     same = all(torch.equal(a, b) for a, b in zip(got.logits, expected.logits))
     assert same == (policy.decode is None or policy.budget.decode != "fixed")
 
@@ -279,7 +282,7 @@ def test_every_preset_runs_and_its_sliding_layers_follow_window_then_budget(name
     model = kvpolicy.attach(build_model("gemma3"))
     policy = preset_policy(name, model, scores_dir)
     batch = make_batch(len(PADS), LENGTH, PADS, seed=4)
-    cache = kvpolicy.make_cache(model, policy)
+    cache = kvpolicy.make_cache(model, policy, tokenizer=TOK)
     log = KeptLog(cache)
     _generate(model, batch, cache, record=log)
     check_window_then_budget(policy, cache, log.steps, PADS, LENGTH, W, TINY_GEMMA_LAYERS)

@@ -174,10 +174,15 @@ def test_first_decode_step_after_compression_matches_hand_built_cache(family, pa
 
 def _refused_here(family: str, model, policy) -> bool:
     """A policy that needs query statistics cannot run on Qwen2-VL: its M-RoPE rotates each query by three positions,
-    which the engine does not invert. ``make_cache`` must then refuse it in one error naming M-RoPE, before any
-    forward (asserted where this returns True)."""
+    which the engine does not invert. A policy with a probe (KVzip) cannot run on any vision-language model: the probe
+    re-reads the prompt as token ids, without the images. ``make_cache`` must then refuse it in one error naming the
+    reason, before any forward (asserted where this returns True)."""
     from kvpolicy.core.policy import QueryStat
 
+    if policy.probe_needs():
+        with pytest.raises(kvpolicy.UnsupportedModelError, match="vision-language"):
+            kvpolicy.make_cache(model, policy)
+        return True
     needs = policy.prefill_needs() | policy.decode_needs()
     if family != "qwen2_vl" or not any(isinstance(n, QueryStat) for n in needs):
         return False

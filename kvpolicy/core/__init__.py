@@ -5,7 +5,9 @@ Modules, each with one job (see ``docs/architecture.md``):
 * :mod:`~kvpolicy.core.policy` — the part contract (``LayerView``, ``AttentionStat``, ``Reduction``, ``CachePolicy``,
   the part protocols); :mod:`~kvpolicy.core.budget` — how much survives (``Budget``, ``BudgetAllocator``);
 * :mod:`~kvpolicy.core.cache` — ``PolicyCache``; :mod:`~kvpolicy.core.layer` — ``PolicyLayer``, transformers' layer
-  interface and the prefill/decode stage machine; :mod:`~kvpolicy.core.window` — sliding-window layers (the window
+  interface and the prefill/decode stage machine; :mod:`~kvpolicy.core.prefillstage` — a layer's prefill stage (and
+  its waiting for the end of the forward); :mod:`~kvpolicy.core.probe` — the probe pass (a constructed input after
+  the prefill, KVzip); :mod:`~kvpolicy.core.window` — sliding-window layers (the window
   rule, what such a layer holds uncompressed); :mod:`~kvpolicy.core.features` — attention features refused before any
   forward (logit soft-capping, learned sinks);
 * :mod:`~kvpolicy.core.storage` — the storage interface and the padded layout; :mod:`~kvpolicy.core.buckets` — the

@@ -20,6 +20,9 @@ with a mask function under the same name (``AttentionMaskInterface``; without on
    log-sum-exp, and
 5. hand the statistics to the layer, which compresses right away if its stage asks for it.
 
+A probe chunk (:mod:`kvpolicy.core.probe`) takes a short path: transformers' own attention over the prompt and the
+chunk, then the chunk's statistic (:meth:`~kvpolicy.core.layer.PolicyLayer.finish_probe`).
+
 This module only chooses the path; the tensor work is in :mod:`kvpolicy.core.kernels` and :mod:`kvpolicy.core.lse`.
 """
 
@@ -119,6 +122,10 @@ def _policy_attention(base: Callable, eager: bool) -> Callable:
         if scaling is None:
             scaling = query.shape[-1] ** -0.5
         q = query.shape[2]
+        if layer.probe.active:
+            out = base(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)[0]
+            layer.finish_probe(query, key, scaling)
+            return out, None
         if layer.shift is not None and layer.prefilled:
             query = layer.shift.rotate(query, layer.layer_type)
         new_valid = layer.resolve_new_tokens(attention_mask, q)

@@ -27,7 +27,14 @@ class BudgetAllocator(Protocol):
     allocation that sees every layer's prefill (views and statistics, :class:`~kvpolicy.core.policy.ModelView`) before
     any layer is compressed, and returns int64 ``[L, B]`` entries kept per policy layer (in ``model.layers`` order)
     and row, or ``None`` to keep the per-layer rule. Only a replayed prefill can call it (the direct path has compressed
-    layer ``l`` before layer ``l + 1`` runs); there ``layer_keep`` applies and the result says which rule ran."""
+    layer ``l`` before layer ``l + 1`` runs); there ``layer_keep`` applies and the result says which rule ran.
+
+    Optional hook ``rebalance(scores, valid, keep) -> keep``: one budget for the whole cache, divided from the
+    scores. ``scores``/``valid`` are each compressing layer's encode scores and slot validity (``[B, H or 1, P]``,
+    ``[B, H, P]``), ``keep`` their budgets after ``layer_keep`` (int64 ``[B]`` entries per head); it returns the new
+    ``keep`` per layer, whose sum over layers per row must stay the same. An allocator with this hook makes the engine
+    compress at the end of the prefill forward, when every layer's scores exist (``CachePolicy.defers_prefill``), on
+    the direct path and the replay alike."""
 
     def layer_keep(self, layer_idx: int, num_layers: int, keep: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
         ...

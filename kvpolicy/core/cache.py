@@ -16,8 +16,10 @@ from transformers.cache_utils import Cache, get_layer_types_and_kwargs
 
 from .features import UnsupportedModelError, check_attention_config
 from .layer import PolicyLayer
+from .partcheck import check_rebalanced
 from .policy import CachePolicy, QueryStat
 from .positions import RopeShift
+from .probe import ProbeError, ProbeScores, load_tokenizer, run_probe
 from .querystats import QueryStatsUnsupportedError, rope_frequencies
 from .reuse import check_inputs
 from .stacked import StackedDrops
@@ -35,7 +37,7 @@ class PolicyCache(Cache):
     soft-caps logits is refused here, before any forward (:mod:`kvpolicy.core.features`).
     """
 
-    def __init__(self, policy: CachePolicy, config: Any):
+    def __init__(self, policy: CachePolicy, config: Any, tokenizer: Any = None):
         check_attention_config(config)
         text = config.get_text_config(decoder=True)
         n = text.num_hidden_layers
@@ -74,6 +76,23 @@ class PolicyCache(Cache):
         for layer in group:  # decode bookkeeping of all policy layers runs back to back (PolicyLayer.begin_early),
             layer.group = group  # and stacked where the layers are alike (kvpolicy.core.stacked)
             layer.stacked = stacked
+        #: the probes the prefill waits for (:mod:`kvpolicy.core.probe`), the tokenizer they build their ids with and
+        #: the prompt's input_ids (recorded by the hook ``kvpolicy.attach`` installs when a probe is declared, or
+        #: when ``keeps_prompt`` is set: a recording keeps them for the probes of the policies replayed from it)
+        self.probe_needs = sorted(policy.probe_needs(), key=repr)
+        self.tokenizer = tokenizer
+        self.prompt_ids: torch.Tensor | None = None
+        self.keeps_prompt = bool(self.probe_needs)
+        if self.probe_needs:
+            if self.tokenizer is None:
+                self.tokenizer = load_tokenizer(config)
+            wants = [type(n.probe).__name__ for n in self.probe_needs if getattr(n.probe, "needs_tokenizer", False)]
+            if wants and self.tokenizer is None:
+                raise ProbeError(
+                    f"kvpolicy: the probe {wants[0]} encodes text with the model's tokenizer and none was found next "
+                    f"to the checkpoint (config.name_or_path={getattr(config, 'name_or_path', '')!r}): pass "
+                    "kvpolicy.make_cache(model, policy, tokenizer=tokenizer)"
+                )
         #: which rule fixed the prefill budgets of the layers: ``"per-layer"`` (the budget and the allocator's
         #: ``layer_keep``, layer by layer) or ``"whole-model"`` (a replay whose allocator saw every layer first,
         #: :func:`~kvpolicy.core.replay.replay`)
@@ -102,6 +121,58 @@ class PolicyCache(Cache):
         finally:
             for layer in layers:
                 layer.append_chunk = False
+
+    def record_prompt(self, input_ids: Any) -> None:
+        """Keep the prefill's ``input_ids`` for the probe (called by the forward hook; ignored once prefilled)."""
+        if self.keeps_prompt and self.policy_layers and not self.policy_layers[0].is_initialized:
+            self.prompt_ids = input_ids if isinstance(input_ids, torch.Tensor) else None
+
+    @property
+    def deferred(self) -> bool:
+        """Some layer's prefill stage waits (the prefill forward has run; the probe or the division of one budget
+        across layers has not: :mod:`kvpolicy.core.prefillstage`)."""
+        return any(layer.waiting for layer in self.policy_layers)
+
+    @property
+    def needs_probe(self) -> bool:
+        """The waiting stage needs the probe's statistics: a probe is declared and some layer will drop entries (with
+        a ratio that removes nothing the probe does not run)."""
+        return bool(self.probe_needs) and any(layer.waiting_drops() for layer in self.policy_layers)
+
+    def run_probe(self, model: Any) -> ProbeScores:
+        """The probes' statistics on this cache's uncompressed prompt (:func:`~kvpolicy.core.probe.run_probe`)."""
+        return run_probe(model, self)
+
+    def finish_prefill(self, model: Any) -> None:
+        """What the hook ``kvpolicy.attach`` installs runs after the prefill forward when layers wait: the probe (when
+        :attr:`needs_probe`), then :meth:`compress_deferred`."""
+        self.compress_deferred(self.run_probe(model) if self.needs_probe else {})
+
+    def compress_deferred(self, scores: ProbeScores) -> None:
+        """Compress every waiting layer, with the probe's ``scores`` (from :meth:`run_probe`, now or earlier on the
+        same prompt) and, when the allocator divides one budget across layers (``rebalance``) and some layer drops
+        entries, the budgets it gives each layer from all of their encode scores. Afterwards the prompt ids and the
+        tokenizer are dropped: nothing else reads them (and a copy of the cache, e.g. ``copy.deepcopy``, should not
+        carry them)."""
+        layers = [layer for layer in self.policy_layers if layer.waiting]
+        drops = any(layer.waiting_drops() for layer in layers)
+        missing = [x.layer_idx for x in layers if drops and self.probe_needs and not scores.get(x.layer_idx)]
+        if missing:
+            raise ProbeError(f"kvpolicy: no probe statistic for layers {missing}")
+        for layer in layers:
+            layer.prepare_waiting(scores.get(layer.layer_idx, {}))
+        rebalance = getattr(self.policy.allocator, "rebalance", None)
+        if rebalance is None or not drops:
+            for layer in layers:
+                layer.compress_waiting()
+        else:
+            planned = [layer.waiting_scores() for layer in layers]
+            given = [keep for keep, _ in planned]
+            keeps = check_rebalanced(self.policy, rebalance([s for _, s in planned], [x.valid for x in layers], given),
+                                     given, [x.layer_idx for x in layers])
+            for layer, keep, (_, s) in zip(layers, keeps, planned, strict=True):
+                layer.compress_waiting(keep, s)
+        self.prompt_ids = self.tokenizer = None
 
     def set_token_types(self, types: torch.Tensor) -> None:
         """Tell the cache which prompt columns hold image tokens (int ``[B, S]``, see ``kvpolicy.core.policy``)."""

@@ -92,10 +92,15 @@ def _watch_inputs(model: Any) -> None:
             new = ids if isinstance(ids, torch.Tensor) else kwargs.get("inputs_embeds")
             if isinstance(new, torch.Tensor) and new.dim() >= 2:
                 cache.check_inputs(new.shape[0], new.shape[1])
+            cache.record_prompt(ids)
         set_forward_inputs(ids if isinstance(ids, torch.Tensor) else None, image_ids)
 
     def after(module, args, kwargs, output):
         set_forward_inputs(None, image_ids)
+        cache = kwargs.get("past_key_values")
+        if isinstance(cache, PolicyCache) and output is not None and cache.deferred:
+            # the prefill has gone through every layer: the probe pass (if any), then the deferred compression
+            cache.finish_prefill(module)
 
     _WATCHED[model] = (
         model.register_forward_pre_hook(before, with_kwargs=True),
@@ -103,17 +108,25 @@ def _watch_inputs(model: Any) -> None:
     )
 
 
-def make_cache(model: Any, policy: CachePolicy) -> PolicyCache:
+def make_cache(model: Any, policy: CachePolicy, tokenizer: Any = None) -> PolicyCache:
     """A fresh :class:`PolicyCache` for one generate() call or one manual forward loop (a model whose attention
-    carries learned sinks or soft-caps logits is refused here, :mod:`kvpolicy.core.features`)."""
+    carries learned sinks or soft-caps logits is refused here, :mod:`kvpolicy.core.features`).
+
+    ``tokenizer``: for a policy with a probe that builds its input from text (KVzip's repeat prompt); by default the
+    one saved next to a local checkpoint (``model.config.name_or_path``) is loaded."""
     impl = model.config.get_text_config(decoder=True)._attn_implementation
     if impl not in BACKENDS.values():
         raise RuntimeError(
             f"the model's attention implementation is {impl!r}: call kvpolicy.attach(model) before using a policy cache"
         )
     check_attention_modules(model)
+    if policy.probe_needs() and image_token_ids(model.config):
+        raise UnsupportedModelError(
+            f"kvpolicy: policy {policy.name!r} runs a probe (a constructed text input read after the prompt), which "
+            f"cannot re-read image inputs: {type(model).__name__} is a vision-language model"
+        )
     bind_parts(policy, model)
-    return PolicyCache(policy, model.config)
+    return PolicyCache(policy, model.config, tokenizer)
 
 
 def bind_parts(policy: CachePolicy, model: Any) -> None:

@@ -4,8 +4,9 @@ Pure tensor functions (no cache, no transformers): :func:`grouped_attention` att
 bool mask (keys are never repeated to query heads); :func:`attention_received` computes the attention each key
 receives (:class:`~kvpolicy.core.policy.AttentionStat`) in query chunks, with a causal-prefix path for an uncompressed
 layer; :func:`attention_with_received` and :func:`masked_attention_with_received` produce outputs and statistics from
-one block of probabilities. The registered attention function (:mod:`kvpolicy.core.attention`) chooses among them;
-where SDPA's CPU flash kernel runs, a prefill takes the statistics from its log-sum-exp instead
+one block of probabilities; :func:`probe_max_received` computes a probe's statistic
+(:class:`~kvpolicy.core.policy.ProbeStat`). The registered attention function (:mod:`kvpolicy.core.attention`)
+chooses among them; where SDPA's CPU flash kernel runs, a prefill takes the statistics from its log-sum-exp instead
 (:mod:`kvpolicy.core.lse`) and these are the fallback.
 
 Memory bound of the statistics: one chunk of float32 probabilities, ``B * Hq * rows * P * 4`` bytes with ``rows``
@@ -28,6 +29,7 @@ __all__ = [
     "causal_prefix_blocks",
     "grouped_attention",
     "masked_attention_with_received",
+    "probe_max_received",
 ]
 
 #: upper bound on the float32 probability block materialised per chunk when computing statistics
@@ -286,6 +288,55 @@ def masked_attention_with_received(
     if query_valid is not None and not bool(query_valid.all()):
         pv = pv * query_valid[:, None, None, :, None].to(pv.dtype)
     return out, pv.sum(dim=(2, 3)).div_(g)
+
+
+def probe_max_received(
+    query: torch.Tensor,
+    context_keys: torch.Tensor,
+    context_ok: torch.Tensor,
+    probe_keys: torch.Tensor,
+    probe_valid: torch.Tensor,
+    scaling: float,
+    chunk_elements: int = STATS_CHUNK_ELEMENTS,
+    min_rows: int = MIN_CHUNK_ROWS,
+) -> torch.Tensor:
+    """The largest attention each selected context key receives from a probe's queries (:class:`~kvpolicy.core.policy.ProbeStat`).
+
+    ``query [B, Hq, q, D]`` are the probe's queries and ``probe_keys [B, H, q, D]`` its own keys (slot ``i`` = query
+    ``i``; ``probe_valid`` bool ``[B, q]`` marks its real tokens, left padding False); ``context_keys [B, H, K, D]``
+    the context entries the probe's softmax covers (``context_ok`` bool ``[B, K]``: a real selected entry). Each real
+    query's softmax runs over the selected context keys and the probe's real keys up to itself; returns float32
+    ``[B, H, K]``: the maximum over the real queries and over the query heads of each kv group (0 where nothing
+    attends). Query rows are taken in blocks so that at most ``chunk_elements`` probabilities exist at once (at least
+    ``min_rows`` rows while that stays under :data:`MAX_CHUNK_ELEMENTS`), as :func:`attention_received` does."""
+    b, hq, q, d = query.shape
+    h, k = context_keys.shape[1], context_keys.shape[2]
+    g = hq // h
+    keys = torch.cat((context_keys, probe_keys), dim=2).to(torch.float32)  # [B, H, K + q, D]
+    scaled = query.to(torch.float32) * scaling  # scaling the queries once costs less than scaling every logit
+    best = torch.zeros(b, h, k, dtype=torch.float32, device=query.device)
+    # masks only where they change something: selections of unequal length, left-padded probes
+    ctx_off = None if bool(context_ok.all()) else ~context_ok[:, None, None, None, :]
+    probe_off = None if bool(probe_valid.all()) else ~probe_valid[:, None, None, None, :]
+    per_row = max(1, b * hq * (k + q))
+    rows = max(1, min(max(min_rows, 1), MAX_CHUNK_ELEMENTS // per_row), chunk_elements // per_row)
+    for i0 in range(0, q, rows):
+        i1 = min(q, i0 + rows)
+        c = i1 - i0
+        qc = scaled[:, :, i0:i1].reshape(b, h, g * c, d)
+        logits = torch.matmul(qc, keys[:, :, : k + i1].transpose(2, 3)).view(b, h, g, c, k + i1)
+        if ctx_off is not None:
+            logits[..., :k].masked_fill_(ctx_off, float("-inf"))
+        if probe_off is not None:
+            logits[..., k:].masked_fill_(probe_off[..., :i1], float("-inf"))
+        future = torch.ones(c, c, dtype=torch.bool, device=query.device).triu_(1)  # the block's own later tokens
+        logits[..., k + i0 :].masked_fill_(future, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)[..., :k]
+        if probe_off is not None:  # pad queries attend to nothing
+            probs = probs.nan_to_num(0.0).mul_(probe_valid[:, None, None, i0:i1, None].to(probs.dtype))
+        best = torch.maximum(best, probs.amax(dim=(2, 3)))
+        del logits, probs
+    return best
 
 
 def _float32(t: torch.Tensor) -> torch.Tensor:

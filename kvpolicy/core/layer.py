@@ -8,6 +8,9 @@ bucketed after a prefill with per-head budgets) and runs the policy's two stages
 * **decode**: each new token is written into a free slot; the budget rule frees the lowest-scored slots, inside
   ``update()`` (the step then attends to the reduced cache) or after the step's attention when the decode scorer
   needs it;
+* **probe** (a policy declaring :class:`~kvpolicy.core.policy.ProbeStat`, :mod:`kvpolicy.core.probe`, or an allocator
+  dividing one budget across layers): the prefill stage waits for the end of the prefill forward
+  (:mod:`kvpolicy.core.prefillstage`); each probe forward's keys are returned with the prompt's but never stored;
 * **append** (a forward inside :meth:`~kvpolicy.core.cache.PolicyCache.appending`, after the prefill): a chunk of
   prompt tokens (a question after a compressed context) is stored as it comes, attending causally within itself and
   to the kept entries; neither stage removes anything, and the decode budget counts the chunk's entries as held
@@ -32,17 +35,17 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from .buckets import bucketed_if_uneven
 from .droprule import DropRule
 from .masks import new_token_validity
-from .partcheck import check_keep, check_reduction, check_scores, check_state
 from .policy import GENERATED, AttentionStat, CachePolicy, LayerView
 from .positions import RopeShift
+from .probe import LayerProbe
 from .querystats import RopeFrequencies
 from .reuse import check_batch
 from .stacked import StackedDrops
 from .storage import PaddedStorage, SlotStorage, growth
 from .token_types import TokenTypes
+from .prefillstage import PrefillStage
 from .window import SlidingWindow
 
 __all__ = ["PolicyLayer", "take_active_layer"]
@@ -62,7 +65,7 @@ def take_active_layer(layer_idx: int | None) -> PolicyLayer | None:
     return layer
 
 
-class PolicyLayer(DynamicLayer):
+class PolicyLayer(PrefillStage, DynamicLayer):
     """One decoder layer's cache under a policy. Never set ``_layer_type`` here: it would register globally."""
 
     is_croppable = False
@@ -115,6 +118,8 @@ class PolicyLayer(DynamicLayer):
         self._deferred: tuple[dict, dict | None] | None = None
         #: runs the group's drops and slot writes stacked where it can (shared by the group: see PolicyCache)
         self.stacked = StackedDrops(policy)
+        #: the probe pass (:mod:`kvpolicy.core.probe`): while ``probe.active``, forwards are probe chunks
+        self.probe = LayerProbe()
         #: set on a recording cache (:mod:`kvpolicy.core.recording`): the attention function hands it the step's
         #: queries, RoPE positions and scaling, the inputs of the statistics that the cache itself does not keep
         self.recorder: Callable[..., None] | None = None
@@ -136,6 +141,12 @@ class PolicyLayer(DynamicLayer):
         self._planned_keep: torch.Tensor | None = None  # see _prefill_budget
         self._rule = DropRule(self.policy, self.device, self.window is not None)
         self._step_tokens = 0
+        #: the prefill stage waits for the end of the prefill forward (:meth:`CachePolicy.defers_prefill`), holding
+        #: the prompt's statistics ``(attention, queries, probe)``
+        self.waiting = False
+        self._waiting_stats: tuple[dict, dict, dict] = ({}, {}, {})
+        #: int64 [B]: RoPE position after each row's last prompt token (recorded at prefill when a probe is declared)
+        self.next_position: torch.Tensor | None = None
         if self.window is not None:
             self.window.clear()
         self.is_initialized = True
@@ -198,6 +209,16 @@ class PolicyLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         check_batch(self.n_tokens.shape[0], self.seen, key_states.shape[0], self.layer_idx)
+        if self.probe.active:  # a probe chunk: the prompt's keys/values followed by the chunk's, never stored
+            self._pending = "probe"
+            _active.layer = self
+            return torch.cat((self.keys, key_states), dim=2), torch.cat((self.values, value_states), dim=2)
+        if self.waiting:
+            raise RuntimeError(
+                "kvpolicy: the policy's waiting prefill stage (its probe, or one budget across layers) did not run "
+                "after the prefill: run the prefill through the model returned by kvpolicy.attach (its forward hook "
+                "runs that stage), not its inner decoder"
+            )
         if self._pending is not None:
             raise RuntimeError(
                 "kvpolicy: the model did not call kvpolicy's attention function after the cache update. Attach the "
@@ -316,7 +337,8 @@ class PolicyLayer(DynamicLayer):
         if not self.is_initialized:
             return query_length, 0
         length = self.length
-        if self.window is not None and self.pristine:  # update() will first drop the front slots out of the window
+        # update() will first drop the front slots out of the window (a probe chunk drops nothing: its mask does it)
+        if self.window is not None and self.pristine and not self.probe.active:
             length = min(length, self.window.size - 1)
         return length + query_length, self.seen - length
 
@@ -439,7 +461,9 @@ class PolicyLayer(DynamicLayer):
         self._sync()
 
     # ------------------------------------------------------------------ the policy's stages
-    def view(self, stage: str, attention: dict | None = None, queries: dict | None = None) -> LayerView:
+    def view(
+        self, stage: str, attention: dict | None = None, queries: dict | None = None, probe: dict | None = None
+    ) -> LayerView:
         storage = self._padded()
         return LayerView(
             layer_idx=self.layer_idx,
@@ -455,6 +479,7 @@ class PolicyLayer(DynamicLayer):
             token_types=storage.token_types,
             attention=attention or {},
             queries=queries or {},
+            probe=probe or {},
             slot_state=storage.slot_state,
             layer_state=self.layer_state,
             prefill_kept=self.prefill_kept,
@@ -474,68 +499,6 @@ class PolicyLayer(DynamicLayer):
         if self.window is None:
             return self.n_tokens, self.appended
         return self.window.counts(self.seen, self.n_tokens.shape[0], self.device)
-
-    def _prefill_budget(self) -> torch.Tensor:
-        """Entries this layer keeps after prefill (budget, then the allocator), computed once per prefill: the
-        attention function asks for it before the outputs (:meth:`prefill_drops`) and the prefill stage after."""
-        if self._planned_keep is None:
-            policy = self.policy
-            n = self.uncompressed()[0]
-            keep = policy.budget.prefill_keep(n)
-            if policy.allocator is not None:
-                given = keep
-                keep = policy.allocator.layer_keep(self.layer_idx, self.num_layers, keep, n)
-                keep = check_keep(policy, keep, given, self.layer_idx)
-            self._planned_keep = keep
-        return self._planned_keep
-
-    def plan_prefill_keep(self, keep: torch.Tensor) -> None:
-        """Fix the entries this layer keeps after the pending prefill (int64 ``[B]``), in place of the budget and the
-        allocator's per-layer rule: a whole-model allocation (``BudgetAllocator.model_keep``), which only a replay
-        can make, since it needs every layer's prefill before any layer is compressed."""
-        if self._pending != "prefill":
-            raise RuntimeError(f"layer {self.layer_idx}: a prefill keep is planned while no prefill is pending")
-        given = self.policy.budget.prefill_keep(self.n_tokens)
-        self._planned_keep = check_keep(self.policy, keep, given, self.layer_idx)
-
-    def prefill_drops(self) -> bool:
-        """Whether the pending prefill compression removes entries. When it does and the attention function has no
-        exact route (SDPA's own outputs and log-sum-exp, :mod:`kvpolicy.core.sdpa`; e.g. eager attention), the
-        layer's outputs need not be bit-identical to transformers' own attention (the cache changes anyway), so it
-        may compute outputs and statistics in one pass; when it does not (ratio 0), the plain path keeps the run
-        identical to the full cache."""
-        if self._pending != "prefill" or self.policy.encode is None:
-            return False
-        held = self.held().amin(-1) if self.window is None else self.uncompressed()[0]  # a window's expiry is no drop
-        return bool((self._prefill_budget() < held).any())
-
-    def _finish_prefill(self, attention: dict, queries: dict | None = None) -> None:
-        policy = self.policy
-        storage = self._padded()
-        self.prefilled = True
-        if self.window is not None:  # the window first: the policy compresses what the last query could see
-            gone = self._expire(self.seen - self.window.size)
-            attention = {w: a[..., gone:] for w, a in attention.items()} if gone else attention
-        keep = self._prefill_budget()
-        self._planned_keep = None
-        self.prefill_keep = keep
-        self._rule.forget_rows()
-        view = self.view("prefill", attention, queries)
-        view.keep = keep
-        init_state = getattr(policy.decode, "init_state", None)
-        if init_state is not None:
-            for name, t in check_state(policy, init_state(view), view).items():
-                storage.set_slot_state(name, t.to(torch.float32).expand_as(view.valid).clone())
-        if policy.encode is not None and bool((keep < view.held().amin(-1)).any()):
-            scores = check_scores(policy, "encode", policy.encode.score(view), view)
-            storage.compact(check_reduction(policy, policy.reducer.reduce(view, scores, keep), view))
-            if policy.decode is None and not storage.has_slot_state and self.window is None:
-                # no stage left: the layout is chosen once (a sliding layer keeps freeing slots: it stays padded)
-                self.storage = bucketed_if_uneven(storage)
-        self.prefill_kept = self.held()
-        after = getattr(policy.decode, "after_prefill", None)
-        if after is not None:
-            after(self.view("decode"))
 
     def run_deferred(self) -> None:
         """Run the drop after attention left for the group's last layer, if any (engine use: the group's last layer

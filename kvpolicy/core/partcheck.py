@@ -30,6 +30,7 @@ __all__ = [
     "all_finite",
     "check_keep",
     "check_merge",
+    "check_rebalanced",
     "check_reduction",
     "check_scores",
     "check_state",
@@ -205,3 +206,18 @@ def check_keep(policy: CachePolicy, keep: Any, like: torch.Tensor, layer_idx: in
     if bool((keep < 0).any()):
         raise PartError(part_label(policy, "allocator"), f"returned negative budgets {keep.tolist()}", layer_idx)
     return keep.to(torch.long)
+
+
+def check_rebalanced(
+    policy: CachePolicy, keeps: Any, given: list[torch.Tensor], layers: list[int]
+) -> list[torch.Tensor]:
+    """An allocator's ``rebalance`` answer: one budget per layer (each as :func:`check_keep`), summing per row to the
+    budgets it was given (one budget for the whole cache is divided, not grown)."""
+    if not isinstance(keeps, (list, tuple)) or len(keeps) != len(given):
+        raise PartError(part_label(policy, "allocator"), f"rebalance returned {type(keeps).__name__}; expected a list "
+                        f"of {len(given)} int64 [B] budgets (one per compressing layer)")
+    out = [check_keep(policy, k, g, i) for k, g, i in zip(keeps, given, layers, strict=True)]
+    if not torch.equal(sum(out), sum(given)):  # type: ignore[arg-type]
+        raise PartError(part_label(policy, "allocator"), f"rebalance changed the total budget per row: "
+                        f"{sum(given).tolist()} given, {sum(out).tolist()} returned")  # type: ignore[union-attr]
+    return out

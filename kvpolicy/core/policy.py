@@ -43,6 +43,9 @@ __all__ = [
     "LayerView",
     "ModelView",
     "Need",
+    "Probe",
+    "ProbeChunk",
+    "ProbeStat",
     "QueryStat",
     "Reducer",
     "Reduction",
@@ -87,8 +90,58 @@ class QueryStat:
     skip_first: int = 0
 
 
+@dataclass(frozen=True)
+class ProbeChunk:
+    """One forward of a probe for one row: the token ids fed after the context, and the context entries it targets.
+
+    ``start``/``end`` index the row's real context tokens (0 = its first real token, pads never count): the probe's
+    queries are scored on entries ``[start, end)`` only, with their softmax over the row's first ``sinks`` real
+    entries (:attr:`ProbeStat.sinks`), entries ``[start, end)`` and the probe's own tokens (causally)."""
+
+    ids: tuple[int, ...]
+    start: int
+    end: int
+
+
+@runtime_checkable
+class Probe(Protocol):
+    """Builds a probe from one row's context (a part supplies it through :class:`ProbeStat`). Must be hashable (a
+    frozen dataclass): the statistic is keyed by it.
+
+    ``chunks(context, tokenizer)``: ``context`` is the row's real prompt token ids (left padding removed),
+    ``tokenizer`` the model's (``make_cache(..., tokenizer=)``, else loaded from the model's ``name_or_path``; it
+    may be ``None`` when neither exists: a probe that needs text must then say what to pass)."""
+
+    def chunks(self, context: list[int], tokenizer: Any) -> list[ProbeChunk]: ...
+
+
+@dataclass(frozen=True)
+class ProbeStat:
+    """A statistic a part needs: the attention a constructed input (a *probe*) pays to the prompt's entries.
+
+    After the prompt's prefill the engine feeds each row's probe chunks (:meth:`Probe.chunks`) through the model with
+    the cache, one forward per chunk: the probe attends to the whole uncompressed prompt and to itself, as ordinary
+    tokens would. At every policy layer it records, for each prompt entry a chunk targets, the **largest** softmax
+    probability that entry receives from the chunk's queries, over the query heads of its kv group (KVzip's
+    reduction), with each query's softmax over the row's first ``sinks`` entries, the targeted entries and the
+    chunk's own earlier tokens. The probe's own entries are removed after each layer's attention, so they never
+    survive; every layer is compressed only once the last chunk has gone through all layers. Exposed as
+    ``view.probe[need]``: float32 ``[B, H, P]`` (0 for an entry no chunk targets, and for pads).
+
+    Memory: one chunk's keys per layer at a time, query rows in blocks (:mod:`kvpolicy.core.probe`). A policy that
+    declares no ``ProbeStat`` pays nothing; with a ratio that removes nothing the probe does not run."""
+
+    probe: Probe
+    sinks: int = 0
+
+    @property
+    def window(self) -> None:
+        """The probe reads every prompt entry (for cost models that read an ``AttentionStat``'s window)."""
+        return None
+
+
 #: what a part may list in ``needs``
-Need = AttentionStat | QueryStat
+Need = AttentionStat | QueryStat | ProbeStat
 
 
 @dataclass
@@ -109,6 +162,8 @@ class LayerView:
     attention: dict[int | None, torch.Tensor] = field(default_factory=dict)
     #: the declared query statistics (:class:`QueryStat` -> :class:`~kvpolicy.core.querystats.QueryStats`)
     queries: dict[QueryStat, Any] = field(default_factory=dict)
+    #: the declared probe statistics (:class:`ProbeStat` -> float32 ``[B, H, P]``), at the prefill after a probe
+    probe: dict[ProbeStat, torch.Tensor] = field(default_factory=dict)
     slot_state: dict[str, torch.Tensor] = field(default_factory=dict)  #: per-slot tensors [B, H, P] kept by the engine
     layer_state: dict[str, Any] = field(default_factory=dict)  #: free-form, per layer, owned by the policy's parts
     prefill_kept: torch.Tensor | None = None  #: int64 [B, H], entries held right after prefill compression
@@ -323,6 +378,15 @@ class CachePolicy:
         if self.decode is None:
             return frozenset()
         return frozenset(self.decode.needs) | frozenset(getattr(self.reducer, "needs", ()))
+
+    def probe_needs(self) -> frozenset[ProbeStat]:
+        """The probes the prefill stage waits for (:class:`ProbeStat` among :meth:`prefill_needs`)."""
+        return frozenset(need for need in self.prefill_needs() if isinstance(need, ProbeStat))
+
+    def defers_prefill(self) -> bool:
+        """Whether the prefill stage waits for the end of the prefill forward: a probe runs then, or the allocator
+        divides one budget across layers (``rebalance``), which needs every layer's scores at once."""
+        return bool(self.probe_needs()) or callable(getattr(self.allocator, "rebalance", None))
 
     def prefill_needs(self) -> frozenset[AttentionStat]:
         """What the prefill must compute: the encode scorer's needs, what a decode scorer seeds its state from

@@ -17,7 +17,9 @@ full cache's bit for bit) and whose layers hand their queries to a recorder. Wha
   the scaling, and the log-sum-exp of each query's softmax where the output kernel returns one (SDPA's CPU flash call,
   :mod:`kvpolicy.core.sdpa`; for a sliding layer the window's, as its mask made it);
 * the token types of the prompt (text / image), the last position's logits and, for M-RoPE models, the
-  ``rope_deltas`` the prefill set (the caller's: the model holds them, not the cache).
+  ``rope_deltas`` the prefill set (the caller's: the model holds them, not the cache);
+* the prompt's ``input_ids`` (when the forward passed them): a probe (:mod:`kvpolicy.core.probe`, KVzip's context
+  reconstruction) builds its input from them after the prefill, and a replay runs it once per recording.
 
 A recording is never modified by a replay (every replay copies what it stores). :meth:`PrefillRecording.to_dict`
 gives plain tensors and numbers that ``torch.load(weights_only=True)`` reads back; the object itself pickles too.
@@ -39,8 +41,8 @@ from .policy import Budget, CachePolicy, LayerView, Reduction
 __all__ = ["FORMAT", "LayerRecording", "PrefillRecording", "record"]
 
 #: version of what a recording holds; part of every key a store files recordings under (2: sliding-window layers are
-#: recorded as policy layers, no longer as transformers' own layers)
-FORMAT = 2
+#: recorded as policy layers, no longer as transformers' own layers; 3: the prompt's input_ids)
+FORMAT = 3
 
 
 @dataclass
@@ -73,6 +75,7 @@ class PrefillRecording:
     logits: torch.Tensor  #: float32 [B, V]: the prefill's last position
     rope_deltas: torch.Tensor | None = None  #: M-RoPE models: what the prefill left in the model's ``rope_deltas``
     format: int = field(default=FORMAT)
+    input_ids: torch.Tensor | None = None  #: int64 [B, S]: the prompt's ids (None: the forward passed embeddings)
 
     @property
     def policy_layers(self) -> list[LayerRecording]:
@@ -81,7 +84,8 @@ class PrefillRecording:
 
     def nbytes(self) -> int:
         """Bytes of every tensor held (what a store bounded in memory counts)."""
-        own = sum(t.nbytes for t in (self.token_types, self.logits, self.rope_deltas) if t is not None)
+        mine = (self.token_types, self.logits, self.rope_deltas, self.input_ids)
+        own = sum(t.nbytes for t in mine if t is not None)
         return own + sum(layer.nbytes() for layer in self.layers)
 
     def to_dict(self) -> dict[str, Any]:
@@ -96,6 +100,7 @@ class PrefillRecording:
             "token_types": self.token_types,
             "logits": self.logits,
             "rope_deltas": self.rope_deltas,
+            "input_ids": self.input_ids,
         }
 
     @classmethod
@@ -107,7 +112,7 @@ class PrefillRecording:
             item = dict(item)
             item.pop("kind")
             layers.append(LayerRecording(**item))
-        return cls(layers, d["token_types"], d["logits"], d["rope_deltas"], d["format"])
+        return cls(layers, d["token_types"], d["logits"], d["rope_deltas"], d["format"], d["input_ids"])
 
 
 def _tensors(obj: Any) -> list[torch.Tensor]:
@@ -162,6 +167,7 @@ def record(model: Any, forward: Callable[[PolicyCache], torch.Tensor]) -> Prefil
     its first (the context); the caller runs the rest on each replayed cache. Set ``rope_deltas`` on the result for an
     M-RoPE model."""
     cache = make_cache(model, recording_policy())
+    cache.keeps_prompt = True
     recorders = []
     for layer in cache.policy_layers:
         layer.recorder = _Recorder(layer)
@@ -170,4 +176,5 @@ def record(model: Any, forward: Callable[[PolicyCache], torch.Tensor]) -> Prefil
     layers = [recorder.recording() for recorder in recorders]
     types = recorders[0].token_types
     assert types is not None  # recording() raised otherwise
-    return PrefillRecording(layers, types, logits.detach().to(torch.float32).clone())
+    ids = None if cache.prompt_ids is None else cache.prompt_ids.clone()
+    return PrefillRecording(layers, types, logits.detach().to(torch.float32).clone(), input_ids=ids)

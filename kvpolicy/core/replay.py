@@ -16,6 +16,12 @@ SDPA only up to float rounding (``docs/architecture.md``), and the later layers 
 Whole-model allocation: because every layer's prefill is at hand before any is compressed, an allocator's optional
 ``model_keep`` (:class:`~kvpolicy.core.policy.ModelView`) may fix every layer's budget at once; the cache's
 ``allocation`` then says ``"whole-model"``.
+
+Probes (:class:`~kvpolicy.core.policy.ProbeStat`, KVzip): a policy whose prefill stage waits for a probe waits here
+too; the probe then runs through the model on the replayed cache, which still holds the whole recorded prompt (the
+recording keeps its ``input_ids``), exactly as the direct path runs it after its prefill forward. Its statistic
+depends on the prompt, the model and the probe only, so the first replay that needs it computes it for every policy
+layer and keeps it with the recording (``LayerRecording.statistics``): later policies of a grid reuse it.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ from .cache import PolicyCache
 from .engine import BACKENDS, make_cache
 from .layer import PolicyLayer, take_active_layer
 from .partcheck import PartError, part_label
-from .policy import AttentionStat, CachePolicy, ModelView, QueryStat
+from .policy import AttentionStat, CachePolicy, ModelView, ProbeStat, QueryStat
+from .probe import ProbeError, ProbeScores
 from .querystats import QueryStats
 from .recording import LayerRecording, PrefillRecording
 from .statistics import received_per_query_head, step_statistics
@@ -70,12 +77,16 @@ def _feed(layer: PolicyLayer, rec: LayerRecording) -> tuple[dict, dict | None]:
     new_valid = layer.mark_new_tokens(rec.valid)
     needs = layer.pending_needs()
     memo = rec.statistics
-    todo = frozenset(need for need in needs if need not in memo)
+    # a ProbeStat always goes in: the step gives the probe its start positions (its statistic comes after, _probe)
+    todo = frozenset(need for need in needs if need not in memo or isinstance(need, ProbeStat))
     stats, queries = step_statistics(
         layer, rec.query, layer.keys, new_valid, todo, rec.scaling, rec.position_ids, lse=rec.lse
     )
     for need in todo:
-        memo[need] = queries[need] if isinstance(need, QueryStat) else stats[need.window]
+        if isinstance(need, QueryStat):
+            memo[need] = queries[need]
+        elif isinstance(need, AttentionStat):
+            memo[need] = stats[need.window]
     attention = {need.window: memo[need].clone() for need in needs if isinstance(need, AttentionStat)}
     asked = {need: _copy(memo[need]) for need in needs if isinstance(need, QueryStat)}
     return attention, asked or None
@@ -120,6 +131,25 @@ def _model_keep(cache: PolicyCache, policy: CachePolicy, steps: list, model_keep
     cache.allocation = "whole-model"
 
 
+def _probe(model: Any, cache: PolicyCache, recording: PrefillRecording) -> ProbeScores:
+    """The probe statistics of ``cache``'s policy (:mod:`kvpolicy.core.probe`) per policy layer, computed once per
+    recording: the first replay that needs one runs the probe on its cache (every layer waits, holding the whole
+    recorded prompt, so every layer is scored) and keeps the result with the recording; later replays read copies."""
+    needs = cache.probe_needs
+    if not needs:
+        return {}
+    pairs = list(zip(cache.policy_layers, recording.policy_layers, strict=True))  # in order (checked by _check)
+    if any(need not in rec.statistics for _, rec in pairs for need in needs):
+        if recording.input_ids is None:
+            raise ProbeError("kvpolicy: the recording holds no input_ids (its forward passed embeddings), which a "
+                             "probe needs: run this policy directly")
+        cache.prompt_ids = recording.input_ids
+        got = cache.run_probe(model)
+        for layer, rec in pairs:
+            rec.statistics.update(got[layer.layer_idx])
+    return {layer.layer_idx: {need: rec.statistics[need].clone() for need in needs} for layer, rec in pairs}
+
+
 def _window_binds(layers: list[PolicyLayer], recording: PrefillRecording) -> bool:
     """Whether a sliding-window layer's window is shorter than the recorded prompt (some column left it).
 
@@ -132,7 +162,7 @@ def _window_binds(layers: list[PolicyLayer], recording: PrefillRecording) -> boo
 
 
 def replay(
-    model: Any, policy: CachePolicy, recording: PrefillRecording, whole_model: bool = True
+    model: Any, policy: CachePolicy, recording: PrefillRecording, whole_model: bool = True, tokenizer: Any = None
 ) -> PolicyCache:
     """``policy``'s cache after the recorded prefill, built by the engine's stage machine from ``recording`` (made on
     the same ``model``, attached). The caller continues from it as from a cache its own prefill filled (decode,
@@ -140,8 +170,9 @@ def replay(
 
     ``whole_model``: let an allocator with ``model_keep`` fix every layer's budget from the whole prompt (``False``:
     its per-layer rule, as on the direct path). Ignored when a sliding-window layer's window is shorter than the
-    recorded prompt (:func:`_window_binds`): the cache's ``allocation`` then says ``per-layer``."""
-    cache = make_cache(model, policy)
+    recorded prompt (:func:`_window_binds`): the cache's ``allocation`` then says ``per-layer``. ``tokenizer``: for a
+    probe that encodes text, as :func:`~kvpolicy.core.engine.make_cache` takes it."""
+    cache = make_cache(model, policy, tokenizer)
     _check(cache, recording)
     model_keep = getattr(policy.allocator, "model_keep", None) if whole_model else None
     if model_keep is not None and _window_binds(cache.policy_layers, recording):
@@ -162,6 +193,8 @@ def replay(
     finally:
         # later forwards read their token types from their own input ids, as on the direct path
         cache.token_types.types = None
+    if cache.deferred:  # the prefill stage waits for a probe or for every layer's scores: as after a direct forward
+        cache.compress_deferred(_probe(model, cache, recording) if cache.needs_probe else {})
     return cache
 
 

@@ -19,7 +19,8 @@ import torch
 
 from .kernels import MIN_CHUNK_ROWS, STATS_CHUNK_ELEMENTS, attention_received, causal_prefix_blocks
 from .lse import received_from_lse
-from .policy import AttentionStat, QueryStat
+from .policy import AttentionStat, ProbeStat, QueryStat
+from .probe import next_positions
 from .querystats import QueryStats, query_statistics
 
 if TYPE_CHECKING:
@@ -80,7 +81,13 @@ def step_statistics(
     outputs returned it (:func:`~kvpolicy.core.sdpa.sdpa_with_lse` on an uncompressed layer): then each probability is
     ``exp(q.k * scale - lse)`` (:func:`~kvpolicy.core.lse.received_from_lse`), no second softmax. A replay passes the
     recorded lse, so it computes the very numbers the direct path did.
+
+    A :class:`ProbeStat` is not computed here: the probe runs once the prefill forward is over
+    (:mod:`kvpolicy.core.probe`). What the prefill step gives it is where its RoPE positions continue
+    (``layer.next_position``, from ``position_ids`` as for the query statistics).
     """
+    if not layer.prefilled and any(isinstance(need, ProbeStat) for need in needs):
+        layer.next_position = next_positions(position_ids, new_valid, layer.seen)
     stats: Stats = dict(known or {})
     asked = [need for need in needs if isinstance(need, QueryStat)]
     queries = _query_stats(layer, query, key.shape[1], position_ids, new_valid, asked) if asked else None

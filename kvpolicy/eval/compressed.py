@@ -193,7 +193,7 @@ def compress_context(
     if not all(ids):
         raise ValueError("context: empty (nothing to compress)")
     ctx = make_context(model, tokenizer, kl_topk=0)
-    cache = make_cache(model, policy) if policy is not None else DynamicCache(config=model.config)
+    cache = make_cache(model, policy, tokenizer) if policy is not None else DynamicCache(config=model.config)
     compressed = CompressedContext(ctx, policy, ids, cache, single, [s[1] for s in split] if split else None)
     out = prefill_context(ctx, batch_inputs(ctx, compressed._samples()), cache)
     check_finite(out.logits[:, -1], compressed._samples(), "context prefill", "compress_context")

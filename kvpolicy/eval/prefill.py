@@ -237,7 +237,8 @@ def run_prefill(
 
     reason = _unshared(ctx, policy, share)
     if reason is not None:
-        cache = make_cache(ctx.model, policy) if policy is not None else DynamicCache(config=ctx.model.config)
+        cache = (make_cache(ctx.model, policy, ctx.tokenizer) if policy is not None
+                 else DynamicCache(config=ctx.model.config))
         logits, seconds = prefill(ctx, inputs, cache)
         return PrefillRun(cache, logits, seconds, False, reason)
     recorded = []
@@ -251,7 +252,10 @@ def run_prefill(
     recording = ctx.prefill_store.get_or_record(recording_key(ctx, samples, inputs), timed_record)
     t0 = time.perf_counter()
     with torch.inference_mode():
-        cache = replay(ctx.model, policy, recording) if policy is not None else full_cache(ctx.model, recording)
+        if policy is not None:
+            cache = replay(ctx.model, policy, recording, tokenizer=ctx.tokenizer)
+        else:
+            cache = full_cache(ctx.model, recording)
     mrope = mrope_model(ctx.model)
     if mrope is not None:
         mrope.rope_deltas = None if recording.rope_deltas is None else recording.rope_deltas.clone()
