@@ -54,6 +54,9 @@ class SlotPack:
     def pack(self, storages: Sequence[PaddedStorage]) -> bool:
         """Make ``storages`` the members: stack their per-slot tensors (one copy) and hand each its slice. Returns
         ``False``, changing nothing, when their shapes, dtypes or slot states differ."""
+        capacity = storages[0].capacity
+        if any(s.capacity != capacity for s in storages):  # (checked first: it costs no tensor)
+            return False
         buffers = [s.slot_buffers() for s in storages]
         first = buffers[0]
         for other in buffers[1:]:
