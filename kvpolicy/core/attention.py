@@ -146,7 +146,10 @@ def _policy_attention(base: Callable, eager: bool) -> Callable:
             call, call_lse, layer, query, key, value, fits, new_valid, attention_needs, scaling, eager, known
         )
         position_ids = kwargs.get("position_ids")
-        stats, queries = step_statistics(layer, query, key, new_valid, needs, scaling, position_ids, known, lse)
+        if len(known) == len(needs):  # the output kernel gave every statistic (a decode step's attention): none left
+            stats, queries = known, None
+        else:
+            stats, queries = step_statistics(layer, query, key, new_valid, needs, scaling, position_ids, known, lse)
         if layer.recorder is not None:
             layer.recorder(query=query, position_ids=position_ids, scaling=scaling, lse=lse)
         layer.finish_step(stats, queries)
