@@ -28,7 +28,7 @@ from kvpolicy.core import layer as layer_module
 from kvpolicy.core import storage as storage_module
 from kvpolicy.core.policy import LayerView
 from kvpolicy.core.recording import record
-from kvpolicy.core.replay import replay
+from kvpolicy.core.replay import beyond_window, replay
 from kvpolicy.core.storage import PaddedStorage
 from kvpolicy.registry import get_registry
 from kvpolicy.testing import PAD, CharTokenizer, build_model, make_batch, tiny_text_config
@@ -153,11 +153,17 @@ def test_fast_paths_generate_exactly_what_the_general_path_does(family, preset, 
         assert fast[2] == general[2], (preset, overrides)
 
 
+_recording_model = functools.lru_cache(maxsize=None)(_model)
+#: columns of the recorded batches
+RECORDED_WIDTH = 20
+
+
 @functools.lru_cache(maxsize=None)
-def _recorded(family: str, pads: tuple[int, ...]):
-    """The model, a batch with these left pads, its prompt positions and its prefill recorded once."""
-    model = _model(family)
-    batch = make_batch(len(pads), 20, list(pads))
+def _recorded(family: str, pads: tuple[int, ...], keep: frozenset[str] = frozenset()):
+    """The model, a batch with these left pads, its prompt positions and its prefill recorded once (per ``keep``:
+    what a sliding layer keeps before its window, for a probe or a query statistic, ``beyond_window``)."""
+    model = _recording_model(family)
+    batch = make_batch(len(pads), RECORDED_WIDTH, list(pads))
     positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
 
     def forward(cache) -> torch.Tensor:
@@ -165,7 +171,7 @@ def _recorded(family: str, pads: tuple[int, ...]):
             out = model(**batch, position_ids=positions, past_key_values=cache, use_cache=True)
         return out.logits[:, -1].to(torch.float32)
 
-    return model, batch, positions, record(model, forward)
+    return model, batch, positions, record(model, forward, keep)
 
 
 def _greedy(model, batch, positions, cache, first: torch.Tensor, steps: int = STEPS):
@@ -188,8 +194,9 @@ def _greedy(model, batch, positions, cache, first: torch.Tensor, steps: int = ST
 def _replayed(family: str, pads: tuple[int, ...], preset: str, overrides: dict, general: bool, monkeypatch):
     """Greedy decode steps on ``policy``'s cache replayed from the recorded prefill, with all shortcuts or (general)
     with none of them, as :func:`_run` does on the direct path."""
-    model, batch, positions, recording = _recorded(family, pads)
+    model = _recording_model(family)
     policy = _policy(preset, overrides, model)
+    model, batch, positions, recording = _recorded(family, pads, beyond_window(policy, model, RECORDED_WIDTH))
     with monkeypatch.context() as patch:
         if general:
             patch.setattr(layer_module, "PaddedStorage", GeneralStorage)

@@ -29,11 +29,10 @@ import kvpolicy
 from kvpolicy.core.policy import AttentionStat
 from kvpolicy.core.probe import ProbeError
 from kvpolicy.core.recording import PrefillRecording, record
-from kvpolicy.core.replay import can_share, full_cache, replay
+from kvpolicy.core.replay import beyond_window, can_share, full_cache, replay
 from kvpolicy.eval.context import build_policy as _build_policy
 from kvpolicy.registry import get_registry
 from kvpolicy.testing import (
-    TINY_GEMMA_LAYERS,
     TINY_WINDOW,
     VOCAB,
     CharTokenizer,
@@ -118,7 +117,8 @@ def test_the_kernel_table_covers_every_preset_and_loosens_only_one_pass_cases():
 
 
 class Family:
-    """A tiny model, its left-padded batch, and the batch's prefill recorded once."""
+    """A tiny model, its left-padded batch, and the batch's prefill recorded once (once per :func:`beyond_window`
+    answer: what a sliding layer keeps before its window for a probe or a query statistic)."""
 
     def __init__(self, family: str):
         self.model = kvpolicy.attach(build_model(family))
@@ -126,6 +126,13 @@ class Family:
         self.vlm = vlm = family == "llava"
         self.positions = None if vlm else (self.batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
         self.recording = record(self.model, self.forward)
+        self.recordings = {frozenset(): self.recording}
+
+    def recording_for(self, policy) -> PrefillRecording:
+        keep = beyond_window(policy, self.model, self.batch["input_ids"].shape[1])
+        if keep not in self.recordings:
+            self.recordings[keep] = record(self.model, self.forward, keep)
+        return self.recordings[keep]
 
     def forward(self, cache) -> torch.Tensor:
         with torch.inference_mode():
@@ -158,7 +165,7 @@ def _same(a: torch.Tensor, b: torch.Tensor, exact: bool, what: str) -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=ATOL, msg=what)
 
 
-def _compare_layers(direct, replayed, kernel: str) -> None:
+def compare_layers(direct, replayed, kernel: str) -> None:
     for i, (a, b) in enumerate(zip(direct.policy_layers, replayed.policy_layers)):
         exact = kernel == SAME or i == 0  # the first policy layer's inputs are the same on both paths
         assert torch.equal(a.held(), b.held()), f"layer {a.layer_idx}: entries held"
@@ -191,14 +198,14 @@ def test_replay_equals_the_direct_path(fam, preset, ratio):
     logits = fam.forward(direct)
     with torch.inference_mode():
         # d2o's per-prompt allocation exists only on a replay (tests/test_replay_d2o.py): its per-layer rule here
-        replayed = replay(fam.model, build_policy(preset, ratio, fam.model), fam.recording, whole_model=False,
-                          tokenizer=TOK)
+        policy = build_policy(preset, ratio, fam.model)
+        replayed = replay(fam.model, policy, fam.recording_for(policy), whole_model=False, tokenizer=TOK)
     assert replayed.allocation == direct.allocation == "per-layer"
     _same(logits, fam.recording.logits, kernel == SAME, "prefill logits")
-    _compare_layers(direct, replayed, kernel)
+    compare_layers(direct, replayed, kernel)
     for t, (a, b) in enumerate(zip(fam.decode(direct), fam.decode(replayed))):
         _same(a, b, kernel == SAME, f"decode step {t} logits")
-    _compare_layers(direct, replayed, kernel)
+    compare_layers(direct, replayed, kernel)
     if preset != "full":  # the comparison can fail: something was dropped, at prefill or while decoding
         assert any(bool((x.held() < x.n_tokens[:, None]).any()) for x in replayed.policy_layers)
 
@@ -251,32 +258,17 @@ def test_recording_round_trips_through_torch_save_weights_only(tmp_path):
         PrefillRecording.from_dict(bad)
 
 
-def _gemma3(width: int, pads: list[int]) -> Family:
+def gemma3_family(width: int, pads: list[int], backend: str = "sdpa") -> Family:
+    """The tiny Gemma 3 (sliding windows of :data:`~kvpolicy.testing.TINY_WINDOW`) on a batch of two rows of
+    ``width`` columns, left-padded by ``pads``, attached with ``backend``."""
     fam = Family.__new__(Family)
-    fam.model = kvpolicy.attach(build_model("gemma3"))
+    fam.model = kvpolicy.attach(build_model("gemma3", attn=backend), backend=backend)
     fam.batch = make_batch(2, width, pads=pads, seed=5)
+    fam.vlm = False
     fam.positions = (fam.batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     fam.recording = record(fam.model, fam.forward)
+    fam.recordings = {frozenset(): fam.recording}
     return fam
-
-
-def test_a_sliding_layer_is_recorded_whole_with_its_windows_lse():
-    """Gemma 3: a sliding layer is recorded as a policy layer, every column of the prompt (not only what its window
-    keeps after the prefill), with the lse of each real query's softmax over its window (a naive computation)."""
-    fam = _gemma3(WIDTH, PADS)
-    assert len(fam.recording.layers) == len(TINY_GEMMA_LAYERS)
-    for rec, kind in zip(fam.recording.layers, TINY_GEMMA_LAYERS):
-        assert rec.keys.shape == (2, 2, WIDTH, 16) and rec.query.shape == (2, 4, WIDTH, 16)
-        assert rec.valid.tolist() == [[True] * WIDTH, [False] * PADS[1] + [True] * (WIDTH - PADS[1])]
-        rep = rec.keys.repeat_interleave(2, dim=1).to(torch.float32)
-        logits = rec.query.to(torch.float32) @ rep.transpose(-1, -2) * rec.scaling
-        col = torch.arange(WIDTH)
-        allowed = (col[None, :] <= col[:, None]) & rec.valid[:, None, None, :]
-        if kind == "sliding_attention":
-            allowed = allowed & (col[None, :] > col[:, None] - TINY_WINDOW)
-        naive = logits.masked_fill(~allowed, float("-inf")).logsumexp(-1)
-        real = rec.valid[:, None, :].expand_as(naive)
-        torch.testing.assert_close(rec.lse[real], naive[real], rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("width,whole", [(WIDTH, False), (TINY_WINDOW - 1, True)])
@@ -284,14 +276,14 @@ def test_a_whole_model_allocation_needs_every_window_to_cover_the_prompt(width, 
     """d2o's per-prompt allocation (``model_keep``) spreads one budget over layers that each hold the prompt; a
     sliding layer whose window the prompt outruns holds less, so the replay keeps the per-layer rule there (and then
     equals the direct path); a prompt inside the window gets the whole-model allocation."""
-    fam = _gemma3(width, [0, 2])
+    fam = gemma3_family(width, [0, 2])
     with torch.inference_mode():
         replayed = replay(fam.model, build_policy("d2o", 0.5), fam.recording)
     assert replayed.allocation == ("whole-model" if whole else "per-layer")
     if not whole:
         direct = kvpolicy.make_cache(fam.model, build_policy("d2o", 0.5))
         fam.forward(direct)
-        _compare_layers(direct, replayed, SAME)
+        compare_layers(direct, replayed, SAME)
         for a, b in zip(fam.decode(direct), fam.decode(replayed)):
             assert torch.equal(a, b)
 
@@ -355,7 +347,7 @@ def test_the_eager_backend_replays_as_its_direct_path(preset):
     with torch.inference_mode():
         replayed = replay(fam.model, build_policy(preset, 0.9), fam.recording)
     _same(logits, fam.recording.logits, KERNEL[preset] == SAME, "prefill logits")
-    _compare_layers(direct, replayed, KERNEL[preset])
+    compare_layers(direct, replayed, KERNEL[preset])
     for a, b in zip(fam.decode(direct), fam.decode(replayed)):
         _same(a, b, KERNEL[preset] == SAME, "decode logits")
 
@@ -390,8 +382,8 @@ def test_statistics_are_computed_once_per_recording_and_never_shared_by_referenc
     assert all(set(m) == {AttentionStat(None)} for m in memo)
     assert all(m[AttentionStat(None)] is x.statistics[AttentionStat(None)] and bool(m[AttentionStat(None)].any())
                for m, x in zip(memo, fam.recording.policy_layers))  # computed by the first replay, kept intact
-    _compare_layers(direct, first, ONE_PASS)
-    _compare_layers(first, second, SAME)
+    compare_layers(direct, first, ONE_PASS)
+    compare_layers(first, second, SAME)
 
 
 def test_a_probe_runs_once_per_recording_and_hands_each_policy_the_direct_paths_statistic(monkeypatch):
@@ -426,8 +418,8 @@ def test_a_probe_runs_once_per_recording_and_hands_each_policy_the_direct_paths_
         assert torch.equal(rec.statistics[need], handed[0][layer.layer_idx][need])
         assert bool(rec.statistics[need].any())
         assert all(h[layer.layer_idx][need] is not rec.statistics[need] for h in handed[2:])  # copies
-    _compare_layers(direct, caches[0], SAME)
-    _compare_layers(caches[0], caches[2], SAME)
+    compare_layers(direct, caches[0], SAME)
+    compare_layers(caches[0], caches[2], SAME)
 
 
 def test_a_recording_of_embeddings_cannot_feed_a_probe():

@@ -31,6 +31,7 @@ __all__ = [
     "QueryStatsUnsupportedError",
     "RopeFrequencies",
     "average_rotation",
+    "counted_queries",
     "layer_rope_parameters",
     "query_statistics",
     "rope_frequencies",
@@ -140,7 +141,9 @@ def average_rotation(rope: RopeFrequencies, start: torch.Tensor, n: int) -> torc
     return (torch.cat((top, bottom), dim=-2) * rope.attention_scaling).to(torch.float32)
 
 
-def _counted(new_valid: torch.Tensor, window: int | None, skip_first: int, before: torch.Tensor) -> torch.Tensor:
+def counted_queries(
+    new_valid: torch.Tensor, window: int | None, skip_first: int, before: torch.Tensor
+) -> torch.Tensor:
     """bool ``[B, q]``: the queries that count (real, among the row's last ``window`` real ones of this forward, and
     not among the row's first ``skip_first`` real tokens, ``before`` real tokens having been seen before)."""
     from_start = new_valid.cumsum(-1) + before[:, None]  # 1-based index of each real token in its row
@@ -163,12 +166,12 @@ def query_statistics(
     before: torch.Tensor | None = None,
 ) -> QueryStats:
     """Statistics of ``query [B, Hq, q, D]`` (post-RoPE, at RoPE ``positions`` int64 ``[B, q]``) over the counted
-    queries (see :func:`_counted`; ``before`` int64 ``[B]``: real tokens of each row before this forward)."""
+    queries (see :func:`counted_queries`; ``before`` int64 ``[B]``: real tokens of each row before this forward)."""
     b, hq, q, d = query.shape
     g = hq // num_kv_heads
     if before is None:
         before = torch.zeros(b, dtype=torch.long, device=query.device)
-    ok = _counted(new_valid, window, skip_first, before)
+    ok = counted_queries(new_valid, window, skip_first, before)
     count = ok.sum(-1)
     denom = count.clamp(min=1).to(torch.float32)[:, None, None]
     cols = ok.any(0).nonzero()

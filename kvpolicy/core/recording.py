@@ -12,14 +12,34 @@ full cache's bit for bit) and whose layers hand their queries to a recorder. Wha
 
 * per layer (:class:`LayerRecording`; every layer is a policy layer, sliding-window ones included): the keys and
   values as the layer's padded storage holds them when its attention runs (post-RoPE, per kv head, every column of the
-  left-padded batch — a sliding layer's too, before its window rule frees what the last query cannot see), which
-  columns are real, the queries as the attention function received them, the RoPE ``position_ids`` the model passed,
-  the scaling, and the log-sum-exp of each query's softmax where the output kernel returns one (SDPA's CPU flash call,
-  :mod:`kvpolicy.core.sdpa`; for a sliding layer the window's, as its mask made it);
+  left-padded batch), which columns are real, the queries as the attention function received them, the RoPE
+  ``position_ids`` the model passed, the scaling, and the log-sum-exp of each query's softmax where the output kernel
+  returns one (SDPA's CPU flash call, :mod:`kvpolicy.core.sdpa`; for a sliding layer the window's, as its mask made it);
 * the token types of the prompt (text / image), the last position's logits and, for M-RoPE models, the
   ``rope_deltas`` the prefill set (the caller's: the model holds them, not the cache);
 * the prompt's ``input_ids`` (when the forward passed them): a probe (:mod:`kvpolicy.core.probe`, KVzip's context
   reconstruction) builds its input from them after the prefill, and a replay runs it once per recording.
+
+**A sliding-window layer keeps its window only** (:func:`window_starts`). Once the prompt outruns a layer's window
+``W``, the layer's prefill stage frees every column before the last ``W`` whatever the policy (the window rule comes
+first) and no later query can see them, so a recording of the whole prompt would hold ``S / W`` times what the layer
+can ever use again (16x at 8k tokens for Gemma 3's 512). What a policy still reads there is the statistics of the
+``W`` entries it keeps, and those need only the last ``W`` columns: the attention an entry of the window receives
+comes from queries at or after it (causal), whose probabilities ``exp(q.k - lse)`` need their own lse and no other
+key. So the values, queries and lse of such a layer are kept from column ``S - W``, and so are its keys when the
+recording has an lse; without one (eager attention, no flash call) the statistics recompute each query's softmax over
+its own window, so the keys are kept from ``S - 2W + 1``. Two kinds of policy read further back and ask for more
+when they are recorded for (``keep``, see :func:`~kvpolicy.core.replay.beyond_window`):
+
+* ``"keys"``: a probe (KVzip): its statistic runs each reconstruction query's softmax over the sinks and the whole
+  chunk it reconstructs, which in a sliding layer reaches before the window, so the layer keeps every key;
+* ``"queries"``: a :class:`~kvpolicy.core.policy.QueryStat` over more queries than the window (Expected Attention
+  takes every prompt query by default): the layer keeps every query (and lse).
+
+The replay rebuilds every column (:meth:`LayerRecording.full`: zeros where nothing was kept), so every kernel runs on
+the very shapes of the direct path and the numbers it keeps are bit for bit the direct path's; the columns it did not
+keep feed only statistics of entries the window rule then frees. A replay that would read a column the recording
+does not hold refuses to run, naming what to record (:func:`~kvpolicy.core.replay.replay`).
 
 A recording is never modified by a replay (every replay copies what it stores). :meth:`PrefillRecording.to_dict`
 gives plain tensors and numbers that ``torch.load(weights_only=True)`` reads back; the object itself pickles too.
@@ -38,11 +58,15 @@ from .engine import make_cache
 from .layer import PolicyLayer
 from .policy import Budget, CachePolicy, LayerView, Reduction
 
-__all__ = ["FORMAT", "LayerRecording", "PrefillRecording", "record"]
+__all__ = ["BEYOND_WINDOW", "FORMAT", "LayerRecording", "PrefillRecording", "record", "window_starts"]
 
 #: version of what a recording holds; part of every key a store files recordings under (2: sliding-window layers are
-#: recorded as policy layers, no longer as transformers' own layers; 3: the prompt's input_ids)
-FORMAT = 3
+#: recorded as policy layers, no longer as transformers' own layers; 3: the prompt's input_ids; 4: a sliding layer
+#: keeps its window, the ``*_start`` columns)
+FORMAT = 4
+
+#: what a sliding layer's recording can be asked to keep before its window (``record(keep=...)``)
+BEYOND_WINDOW = frozenset({"keys", "queries"})
 
 
 @dataclass
@@ -57,6 +81,11 @@ class LayerRecording:
     position_ids: torch.Tensor | None  #: the RoPE positions the model passed (None: the columns)
     scaling: float
     lse: torch.Tensor | None = None  #: float32 [B, Hq, S], when the output kernel returned it
+    #: first column held by ``keys`` / ``values`` / ``query`` and ``lse`` (0: every column; more on a sliding layer
+    #: whose window the prompt outran, :func:`window_starts`); ``valid`` and ``position_ids`` hold every column
+    key_start: int = 0
+    value_start: int = 0
+    query_start: int = 0
     #: the prefill statistics replays have computed from this layer so far, by need (they depend on the recorded
     #: tensors only, not on the policy: a grid computes each once); derived data, not part of :meth:`to_dict`
     statistics: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -64,6 +93,23 @@ class LayerRecording:
     def nbytes(self) -> int:
         memo = [t for v in self.statistics.values() for t in ([v] if isinstance(v, torch.Tensor) else _tensors(v))]
         return sum(t.nbytes for t in _tensors(self) + memo)
+
+    @property
+    def columns(self) -> int:
+        """Columns of the recorded forward ``S`` (left padding included)."""
+        return self.valid.shape[-1]
+
+    def full(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(keys, values, query, lse)`` over all ``S`` columns, zeros before each one's start: the layout the layer
+        had when its attention ran, so a replay computes on the direct path's shapes. New tensors where a start is
+        not 0 (the recording's own otherwise: the replay copies what it stores)."""
+        lse = None if self.lse is None else _from_column(self.lse, self.query_start, self.columns)
+        return (
+            _from_column(self.keys, self.key_start, self.columns),
+            _from_column(self.values, self.value_start, self.columns),
+            _from_column(self.query, self.query_start, self.columns),
+            lse,
+        )
 
 
 @dataclass
@@ -115,6 +161,32 @@ class PrefillRecording:
         return cls(layers, d["token_types"], d["logits"], d["rope_deltas"], d["format"], d["input_ids"])
 
 
+def _from_column(t: torch.Tensor, start: int, columns: int) -> torch.Tensor:
+    """``t [B, X, columns - start, ...]`` (columns on dim 2) placed at columns ``start ...`` of zeros."""
+    if start == 0:
+        return t
+    out = t.new_zeros(*t.shape[:2], columns, *t.shape[3:])
+    out[:, :, start:] = t
+    return out
+
+
+def window_starts(
+    columns: int, window: int | None, has_lse: bool, keep: frozenset[str] = frozenset()
+) -> tuple[int, int, int]:
+    """``(key_start, value_start, query_start)``: the first column a layer's recording keeps of each, for a forward of
+    ``columns`` columns through a layer with sliding ``window`` (``None``: a global layer, which keeps every column).
+    The window's own columns ``[S - W, S)`` always; before them only what ``keep`` asks for (module docstring), and
+    without an lse the keys that the window's queries see (``[S - 2W + 1, S)``)."""
+    if window is None or columns <= window:
+        return 0, 0, 0
+    start = columns - window
+    if "keys" in keep:
+        key_start = 0
+    else:
+        key_start = start if has_lse else max(0, start - window + 1)
+    return key_start, start, 0 if "queries" in keep else start
+
+
 def _tensors(obj: Any) -> list[torch.Tensor]:
     """The tensor fields of a dataclass (a layer's recording, query statistics)."""
     return [t for t in (getattr(obj, f.name) for f in fields(obj)) if isinstance(t, torch.Tensor)]
@@ -135,11 +207,12 @@ def recording_policy() -> CachePolicy:
 
 class _Recorder:
     """Receives one policy layer's prefill step from the attention function, and takes the layer's keys, values and
-    validity at that moment: after the step, a sliding layer's window rule has freed what its last query cannot see,
-    which a replay must see again (it runs the same rule)."""
+    validity at that moment, before a sliding layer's window rule frees what the last query cannot see (the replay
+    runs that rule itself): of a sliding layer, the columns :func:`window_starts` says."""
 
-    def __init__(self, layer: PolicyLayer):
+    def __init__(self, layer: PolicyLayer, keep: frozenset[str]):
         self.layer = layer
+        self.keep = keep
         self.step: dict[str, Any] | None = None
         self.token_types: torch.Tensor | None = None  #: int8 [B, S]: the prompt columns' types, as the layer stored them
 
@@ -148,9 +221,11 @@ class _Recorder:
         if self.step is not None:
             raise RuntimeError(f"kvpolicy: a recording holds one prefill forward (layer {layer.layer_idx} ran twice)")
         positions = position_ids if isinstance(position_ids, torch.Tensor) else None
+        k0, v0, q0 = window_starts(layer.seen, layer.window_size, lse is not None, self.keep)
         self.step = {
-            "keys": layer.keys, "values": layer.values, "valid": layer.valid[:, 0].clone(),
-            "query": query, "position_ids": positions, "scaling": float(scaling), "lse": lse,
+            "keys": _tail(layer.keys, k0), "values": _tail(layer.values, v0), "valid": layer.valid[:, 0].clone(),
+            "query": _tail(query, q0), "position_ids": positions, "scaling": float(scaling),
+            "lse": None if lse is None else _tail(lse, q0), "key_start": k0, "value_start": v0, "query_start": q0,
         }
         self.token_types = layer.token_types[:, 0].clone()
 
@@ -161,16 +236,28 @@ class _Recorder:
         return LayerRecording(**self.step)
 
 
-def record(model: Any, forward: Callable[[PolicyCache], torch.Tensor]) -> PrefillRecording:
+def _tail(t: torch.Tensor, start: int) -> torch.Tensor:
+    """Columns ``start ...`` (dim 2) of ``t``, in a tensor of their own (a view would keep, and save, all of ``t``)."""
+    return t if start == 0 else t[:, :, start:].clone()
+
+
+def record(
+    model: Any, forward: Callable[[PolicyCache], torch.Tensor], keep: frozenset[str] = frozenset()
+) -> PrefillRecording:
     """Record the prefill that ``forward(cache)`` runs through ``model`` (attached to kvpolicy) on a fresh recording
     cache; ``forward`` returns the last position's logits ``[B, V]``. One forward only: a prompt in two chunks records
     its first (the context); the caller runs the rest on each replayed cache. Set ``rope_deltas`` on the result for an
-    M-RoPE model."""
+    M-RoPE model.
+
+    ``keep``: what a sliding layer also keeps before its window (a subset of :data:`BEYOND_WINDOW`; the module
+    docstring says which policies read it, :func:`~kvpolicy.core.replay.beyond_window` answers for one)."""
+    if not keep <= BEYOND_WINDOW:
+        raise ValueError(f"record: keep={sorted(keep)}; allowed values: {sorted(BEYOND_WINDOW)}")
     cache = make_cache(model, recording_policy())
     cache.keeps_prompt = True
     recorders = []
     for layer in cache.policy_layers:
-        layer.recorder = _Recorder(layer)
+        layer.recorder = _Recorder(layer, frozenset(keep))
         recorders.append(layer.recorder)
     logits = forward(cache)
     layers = [recorder.recording() for recorder in recorders]

@@ -11,7 +11,9 @@ share, :func:`~kvpolicy.core.replay.can_share`): the store hands back the batch'
 :class:`~kvpolicy.core.recording.PrefillRecording` (recording it on a miss: the same context forward on a recording
 cache, which compresses nothing), and the policy's cache is replayed from it
 (:func:`~kvpolicy.core.replay.replay`; the full cache: :func:`~kvpolicy.core.replay.full_cache`). A question chunk is
-never recorded: it runs through the model on each replayed cache, as in the direct path.
+never recorded: it runs through the model on each replayed cache, as in the direct path. A sliding-window layer's
+recording keeps its window only, except what a probe's or a query statistic's policy reads before it
+(:func:`~kvpolicy.core.replay.beyond_window`): those policies get a recording of their own, under a key of their own.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 from ..core.cache import PolicyCache
 from ..core.policy import CachePolicy
 from ..core.recording import FORMAT, PrefillRecording, record
-from ..core.replay import can_share, full_cache, replay
+from ..core.replay import beyond_window, can_share, full_cache, replay
 from .context import Context
 from .references import key_versions, model_fingerprint
 from .spec import EvalError
@@ -174,11 +176,14 @@ class PrefillStore(Protocol):
     def get_or_record(self, key: str, record: Callable[[], PrefillRecording]) -> PrefillRecording: ...
 
 
-def recording_key(ctx: Context, samples: Sequence[Sample], inputs: BatchInputs) -> str:
+def recording_key(
+    ctx: Context, samples: Sequence[Sample], inputs: BatchInputs, keep: frozenset[str] = frozenset()
+) -> str:
     """SHA-256 of what a batch's recorded prefill depends on: the model's fingerprint, dtype, device and attention
     backend, the batch's samples (content hashes, in batch order: the batch composition sets the padding), the padding
     id, the protocol mode (one prompt, or context + question), the thread count (it may change float rounding), the
-    package versions and the recording format."""
+    package versions, the recording format and what its sliding layers keep before their window (``keep``,
+    :func:`~kvpolicy.core.replay.beyond_window`: a probe's or a query statistic's policy gets its own recording)."""
     text = ctx.model.config.get_text_config(decoder=True)
     doc = {
         "model": model_fingerprint(ctx.model),
@@ -191,6 +196,7 @@ def recording_key(ctx: Context, samples: Sequence[Sample], inputs: BatchInputs) 
         "threads": torch.get_num_threads(),
         "versions": key_versions(),
         "format": FORMAT,
+        "beyond_window": sorted(keep),
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -209,9 +215,9 @@ class PrefillRun:
     record_seconds: float = 0.0  #: seconds this run spent recording the batch's prefill (a store miss), else 0
 
 
-def _record(ctx: Context, inputs: BatchInputs) -> PrefillRecording:
+def _record(ctx: Context, inputs: BatchInputs, keep: frozenset[str]) -> PrefillRecording:
     """The batch's first forward, recorded (M-RoPE models: with the ``rope_deltas`` it left in the model)."""
-    recording = record(ctx.model, lambda cache: prefill_context(ctx, inputs, cache).logits[:, -1])
+    recording = record(ctx.model, lambda cache: prefill_context(ctx, inputs, cache).logits[:, -1], keep)
     mrope = mrope_model(ctx.model)
     if mrope is not None and isinstance(mrope.rope_deltas, torch.Tensor):
         recording.rope_deltas = mrope.rope_deltas.clone()
@@ -242,14 +248,15 @@ def run_prefill(
         logits, seconds = prefill(ctx, inputs, cache)
         return PrefillRun(cache, logits, seconds, False, reason)
     recorded = []
+    keep = beyond_window(policy, ctx.model, inputs.ids.shape[1])
 
     def timed_record() -> PrefillRecording:
         t = time.perf_counter()
-        out = _record(ctx, inputs)
+        out = _record(ctx, inputs, keep)
         recorded.append(time.perf_counter() - t)
         return out
 
-    recording = ctx.prefill_store.get_or_record(recording_key(ctx, samples, inputs), timed_record)
+    recording = ctx.prefill_store.get_or_record(recording_key(ctx, samples, inputs, keep), timed_record)
     t0 = time.perf_counter()
     with torch.inference_mode():
         if policy is not None:

@@ -8,9 +8,10 @@ replayed per policy. The store keeps those recordings between cells or trials, k
 
 Memory: a recording holds every layer's keys, values and queries for the whole batch — about 115 KB per prompt token
 for SmolLM2-135M in float32 (30 layers x (2 x 3 kv heads + 9 query heads) x 64 x 4 bytes), so 16 samples of 2,048
-tokens are ~3.8 GB. The store therefore keeps at most ``max_bytes`` (default: :func:`default_max_bytes`) and evicts
-the least recently used recording first. Evicted recordings are discarded (recorded again when next needed), or, with
-a spill directory, written to disk and read back instead of recomputed.
+tokens are ~3.8 GB (a sliding-window layer keeps its window only: :mod:`kvpolicy.core.recording`). The store
+therefore keeps at most ``max_bytes`` (default: :func:`default_max_bytes`) and evicts the least recently used
+recording first. Evicted recordings are discarded (recorded again when next needed), or, with a spill directory,
+written to disk and read back instead of recomputed.
 
 Why LRU and what it cannot do: a grid visits its batches in the same order for every cell, so when the batches of
 one cell do not fit in memory, plain LRU evicts each recording just before it is needed again (every lookup misses).
