@@ -123,6 +123,9 @@ class H2ODecode(AttentionAccumulator):
     ``normalize="mean_over_visible"`` ranks by the accumulated sum divided by the real queries since the entry's
     column (prompt and generated), kvpress's averaging carried on through decoding."""
 
+    #: every row is scored from its own slots and the view alone: the engine may score several layers at once
+    stack_layers = True
+
     def __init__(self, params: H2OParams | None = None, **kwargs: Any):
         self.params = build(H2ODecode, H2OParams, params, kwargs)
         self.needs: frozenset[AttentionStat] = frozenset({STEP_ATTENTION})

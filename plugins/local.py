@@ -81,6 +81,9 @@ class LocalDecode(AttentionAccumulator):
     authors' StreamingLLM-based code); the step's attention must then be computed first, so drops move after the
     step's attention (the step attends to ``budget + 1`` entries, the drop applies from the next step)."""
 
+    #: every row is scored from its own slots and the view alone: the engine may score several layers at once
+    stack_layers = True
+
     def __init__(self, params: LocalDecodeParams | None = None, **kwargs: Any):
         self.params = build(LocalDecode, LocalDecodeParams, params, kwargs)
         tracking = self.params.track_attention

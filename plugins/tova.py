@@ -68,6 +68,9 @@ class TovaDecode:
     included), then the entry with the lowest attention from it, averaged over heads, is dropped. The step's attention
     is needed, so the drop happens after the step's attention, as in the paper."""
 
+    #: every row is scored from its own slots and the view alone: the engine may score several layers at once
+    stack_layers = True
+
     def __init__(self, params: TovaParams | None = None, **kwargs: Any):
         self.params = build(TovaDecode, TovaParams, params, kwargs)
         self.needs: frozenset[AttentionStat] = frozenset({STEP_ATTENTION})

@@ -232,13 +232,21 @@ def test_the_shortcuts_are_taken_on_a_batch_without_padding(source, monkeypatch)
     layer's update — after the model's own prefill and after a replayed one alike."""
     policy = load_policy({"preset": "local"}, overrides={"ratio": 0.6})
     early = []
-    original = layer_module.PolicyLayer.begin_early
+    original, update = layer_module.PolicyLayer.begin_early, layer_module.PolicyLayer.update
 
     def spy(self, q):
         original(self, q)
-        early.append((self.layer_idx, self._begun, self.storage._prepared))
+        early.append([self.layer_idx, self._begun, None])
+
+    def first_update(self, *args, **kwargs):
+        out = update(self, *args, **kwargs)
+        if self.layer_idx == 0:  # the batch ran: every other layer's slot is chosen before its own update
+            for entry in early[-(len(self.group) - 1):]:
+                entry[2] = self.group[entry[0]].storage._prepared
+        return out
 
     monkeypatch.setattr(layer_module.PolicyLayer, "begin_early", spy)
+    monkeypatch.setattr(layer_module.PolicyLayer, "update", first_update)
     masks = []
     real = storage_module.slot_mask
     monkeypatch.setattr(storage_module, "slot_mask", lambda *args: masks.append(args[2]) or real(*args))

@@ -28,6 +28,7 @@ This module only chooses the path; the tensor work is in :mod:`kvpolicy.core.ker
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -50,6 +51,12 @@ __all__ = ["EAGER", "FUSED_DECODE_MAX_QUERIES", "SDPA", "register"]
 FUSED_DECODE_MAX_QUERIES = 16
 
 SDPA, EAGER = "kvpolicy", "kvpolicy_eager"
+
+
+@functools.lru_cache(maxsize=64)
+def _attention_stats(needs: frozenset) -> frozenset[AttentionStat]:
+    """The attention statistics among ``needs``, worked out once per set (a decode step asks in every layer)."""
+    return frozenset(need for need in needs if isinstance(need, AttentionStat))
 
 
 def _mask_fits(attention_mask: torch.Tensor | None, q: int, kv: int) -> bool:
@@ -78,7 +85,8 @@ def _outputs(
     ``call`` runs transformers' own attention function; ``call_lse`` the same SDPA call with the log-sum-exp, or
     ``None`` where it cannot be reproduced (:mod:`kvpolicy.core.sdpa`)."""
     q = query.shape[2]
-    if layer.pristine and mask_fits and (needs or layer.recorder is not None) and q > 1:
+    plain = layer.pristine and mask_fits  # transformers' own mask describes the layer's slots
+    if plain and (needs or layer.recorder is not None) and q > 1:
         # an uncompressed layer (prefill) with statistics to compute, or a prefill being recorded for replay:
         # transformers' own outputs, bit for bit, and the lse that turns each logit into a probability
         # (:func:`~kvpolicy.core.statistics.step_statistics`; a replay computes from the recorded lse the very same)
@@ -86,14 +94,14 @@ def _outputs(
         if got is not None:
             return got
     whole = [need for need in needs if need.window is None or need.window >= q]
-    if layer.pristine and mask_fits and whole and layer.prefill_drops():
+    if plain and whole and layer.prefill_drops():
         # no lse (eager attention, not a CPU, a call the flash kernel refuses) and the layer is about to be
         # compressed: outputs and statistics from one pass over the keys (outputs equal up to float rounding)
         out, received = attention_with_received(
             query, key, value, layer.valid, new_valid, scaling, layer.seen - layer.length, layer.seen - q,
             sliding_window=layer.window_size,
         )
-    elif layer.pristine and mask_fits:
+    elif plain:
         return call()[0], None
     elif whole and q <= FUSED_DECODE_MAX_QUERIES:
         real = None if layer.no_padding else new_valid  # (skips a check of new_valid per layer and step)
@@ -122,7 +130,7 @@ def _policy_attention(base: Callable, eager: bool) -> Callable:
             query = layer.shift.rotate(query, layer.layer_type)
         new_valid = layer.resolve_new_tokens(attention_mask, q)
         needs = layer.pending_needs()
-        attention_needs = frozenset(need for need in needs if isinstance(need, AttentionStat))
+        attention_needs = _attention_stats(needs)
 
         def call() -> tuple[torch.Tensor, Any]:
             return base(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
@@ -138,7 +146,10 @@ def _policy_attention(base: Callable, eager: bool) -> Callable:
             call, call_lse, layer, query, key, value, fits, new_valid, attention_needs, scaling, eager, known
         )
         position_ids = kwargs.get("position_ids")
-        stats, queries = step_statistics(layer, query, key, new_valid, needs, scaling, position_ids, known, lse)
+        if len(known) == len(needs):  # the output kernel gave every statistic (a decode step's attention): none left
+            stats, queries = known, None
+        else:
+            stats, queries = step_statistics(layer, query, key, new_valid, needs, scaling, position_ids, known, lse)
         if layer.recorder is not None:
             layer.recorder(query=query, position_ids=position_ids, scaling=scaling, lse=lse)
         layer.finish_step(stats, queries)

@@ -22,6 +22,7 @@ from .positions import RopeShift
 from .probe import ProbeError, ProbeScores, load_tokenizer, run_probe
 from .querystats import QueryStatsUnsupportedError, rope_frequencies
 from .reuse import check_inputs
+from .stacked import StackedDrops
 from .token_types import TokenTypes
 
 __all__ = ["PolicyCache", "UnsupportedModelError"]
@@ -71,8 +72,10 @@ class PolicyCache(Cache):
             layers[0].shift_source = next((x for x in layers if x.window is None), layers[0])
         super().__init__(layers=layers)
         group = self.policy_layers
-        for layer in group:  # decode bookkeeping of all policy layers runs back to back (PolicyLayer.begin_early)
-            layer.group = group
+        stacked = StackedDrops(policy)
+        for layer in group:  # decode bookkeeping of all policy layers runs back to back (PolicyLayer.begin_early),
+            layer.group = group  # and stacked where the layers are alike (kvpolicy.core.stacked)
+            layer.stacked = stacked
         #: the probes the prefill waits for (:mod:`kvpolicy.core.probe`), the tokenizer they build their ids with and
         #: the prompt's input_ids (recorded by the hook ``kvpolicy.attach`` installs when a probe is declared, or
         #: when ``keeps_prompt`` is set: a recording keeps them for the probes of the policies replayed from it)

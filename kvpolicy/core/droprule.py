@@ -74,9 +74,24 @@ class DropRule:
         if excess is None:
             return
         view.excess = excess
-        scores = check_scores(self.policy, "decode", decode.drop_scores(view), view, what="drop scores")
+        victims, ok, merged = self.choose(view, self.scores(view), excess, k_max, every, storage.full)
+        if merged is not None:
+            storage.write_kv(*merged)
+        storage.free(victims, ok, refill)
+
+    def scores(self, view: LayerView) -> torch.Tensor:
+        """The decode scorer's drop scores of ``view``, checked (:func:`~kvpolicy.core.partcheck.check_scores`)."""
+        return check_scores(self.policy, "decode", self.policy.decode.drop_scores(view), view, what="drop scores")
+
+    def choose(
+        self, view: LayerView, scores: torch.Tensor, excess: torch.Tensor, k_max: int, every: bool, full: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
+        """The victims of ``excess`` (int64 ``[B, H]``, ``view.excess``, at most ``k_max``; ``every``: each row and
+        head drops exactly ``k_max``; ``full``: every slot is valid) by ``scores`` (:meth:`scores`):
+        ``(victims [B, H, k_max], ok, merged)`` with ``ok`` the victims to free (``None``: all) and ``merged`` the
+        keys and values a reducer's ``on_drop`` merged them into (or ``None``)."""
         if k_max == 1:
-            victims = lowest_slot(view, scores, checked=True, full=storage.full)
+            victims = lowest_slot(view, scores, checked=True, full=full)
         else:
             victims = ranked_slots(view, -scores.to(torch.float32))[..., :k_max]
         # every row and head of a full layout drops k_max: each victim is a valid slot, nothing to mask
@@ -84,11 +99,12 @@ class DropRule:
             2, victims
         )
         on_drop = getattr(self.policy.reducer, "on_drop", None)
+        merged = None
         if on_drop is not None:
             merged = on_drop(view, victims, self.filled(tuple(victims.shape), True) if ok is None else ok)
             if merged is not None:
-                storage.write_kv(*check_merge(self.policy, merged, view))
-        storage.free(victims, ok, refill)
+                merged = check_merge(self.policy, merged, view)
+        return victims, ok, merged
 
     def excess(
         self, storage: PaddedStorage, view: LayerView, incoming: int, keep: torch.Tensor | None, counts: Counts
@@ -100,12 +116,8 @@ class DropRule:
         :attr:`PaddedStorage.full`) the rule runs on Python numbers, one per row
         (:meth:`~kvpolicy.core.budget.Budget.decode_excess_rows`): no tensor is read or made unless something goes.
         Otherwise (and in a sliding layer) it runs on the held counts."""
-        budget = self.policy.budget
-        tokens, appended = counts()
-        if not self.windowed and storage.full and keep is not None and keep.dim() == 1:
-            if self._row_budget is None:
-                self._row_budget = (keep.tolist(), appended.tolist())
-            rows = budget.decode_excess_rows(storage.length + incoming, tokens.tolist(), *self._row_budget)
+        rows = self.rows_excess(storage, incoming, keep, counts)
+        if rows is not None:
             k_max = max(rows, default=0)
             if k_max == 0:
                 return None, 0, True
@@ -113,6 +125,34 @@ class DropRule:
             if min(rows) == k_max and k_max <= storage.length:
                 return self.filled((b, h), k_max), k_max, True
             return torch.tensor(rows, device=self.device)[:, None].expand(b, h), k_max, False
+        tokens, appended = counts()
+        budget = self.policy.budget
         excess = budget.decode_excess(view.held() + incoming, tokens, keep, appended)  # type: ignore[arg-type]
         k_max = int(excess.max()) if excess.numel() else 0
         return (excess if k_max > 0 else None), k_max, False
+
+    def rows_excess(
+        self, storage: PaddedStorage, incoming: int, keep: torch.Tensor | None, counts: Counts
+    ) -> list[int] | None:
+        """Entries the budget rule drops now from each row, the same for every head, computed on Python numbers
+        (:meth:`~kvpolicy.core.budget.Budget.decode_excess_rows`) where the layout of a global layer is full (every
+        row and head holds ``length`` entries, :attr:`PaddedStorage.full`): no tensor is read or made. ``None``
+        elsewhere (and in a sliding layer), where the rule must run on the held counts."""
+        if not self.on_numbers(storage, keep):
+            return None
+        tokens, appended = counts()
+        return self.excess_rows(storage.length + incoming, tokens.tolist(), *self.row_budget(keep, appended))
+
+    def on_numbers(self, storage: PaddedStorage, keep: torch.Tensor | None) -> bool:
+        """Whether the rule runs on Python numbers now (:meth:`rows_excess`): a full layout of a global layer."""
+        return not self.windowed and storage.full and keep is not None and keep.dim() == 1
+
+    def row_budget(self, keep: torch.Tensor, appended: torch.Tensor) -> tuple[list[int], list[int]]:
+        """``(prefill keep, appended)`` per row as Python lists, read once until :meth:`forget_rows`."""
+        if self._row_budget is None:
+            self._row_budget = (keep.tolist(), appended.tolist())
+        return self._row_budget
+
+    def excess_rows(self, held: int, tokens: list[int], keep: list[int], appended: list[int]) -> list[int]:
+        """:meth:`~kvpolicy.core.budget.Budget.decode_excess_rows` of this rule's budget."""
+        return self.policy.budget.decode_excess_rows(held, tokens, keep, appended)

@@ -282,7 +282,8 @@ def masked_attention_with_received(
     if mask is not None:
         probs.nan_to_num_(0.0)  # a query that sees nothing (padding) attends to nothing
     out = torch.bmm(probs if probs.dtype == value.dtype else probs.to(value.dtype), value.reshape(b * h, p, -1))
-    out = out.view(b, hq, q, value.shape[-1]).transpose(1, 2).contiguous()
+    # [B, Hq, q, Dv] -> [B, q, Hq, Dv]: for one query the same memory, so a view (no transpose, no copy)
+    out = out.view(b, q, hq, -1) if q == 1 else out.view(b, hq, q, -1).transpose(1, 2).contiguous()
     pv = probs.view(b, h, g, q, p)
     if query_valid is not None and not bool(query_valid.all()):
         pv = pv * query_valid[:, None, None, :, None].to(pv.dtype)

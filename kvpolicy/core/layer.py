@@ -42,6 +42,7 @@ from .positions import RopeShift
 from .probe import LayerProbe
 from .querystats import RopeFrequencies
 from .reuse import check_batch
+from .stacked import StackedDrops
 from .storage import PaddedStorage, SlotStorage, growth
 from .token_types import TokenTypes
 from .prefillstage import PrefillStage
@@ -115,6 +116,8 @@ class PolicyLayer(PrefillStage, DynamicLayer):
         self._begun = 0
         #: ``(attention, queries)`` of a drop after attention left for the group's last layer to run
         self._deferred: tuple[dict, dict | None] | None = None
+        #: runs the group's drops and slot writes stacked where it can (shared by the group: see PolicyCache)
+        self.stacked = StackedDrops(policy)
         #: the probe pass (:mod:`kvpolicy.core.probe`): while ``probe.active``, forwards are probe chunks
         self.probe = LayerProbe()
         #: set on a recording cache (:mod:`kvpolicy.core.recording`): the attention function hands it the step's
@@ -270,9 +273,10 @@ class PolicyLayer(PrefillStage, DynamicLayer):
         q = key_states.shape[2]
         key_states = self._rotate_new(key_states)
         if not begun:
-            self._begin_step(q, start)
-            if self.group[0] is self:
-                for layer in self.group[1:]:
+            first = self.group[0] is self
+            with self.stacked.collecting(first):
+                self._begin_step(q, start)
+                for layer in self.group[1:] if first else ():
                     layer.begin_early(q)
         if q == 1:  # one column, one type: the storage writes them as numbers
             cols: torch.Tensor | int = start
@@ -293,7 +297,7 @@ class PolicyLayer(PrefillStage, DynamicLayer):
         if self._in_update:
             self._decode_drop(incoming=q, refill=q == 1)
         if q == 1 and isinstance(storage, PaddedStorage):
-            storage.prepare(start, GENERATED, growth(storage.length))
+            self.stacked.prepare(storage, start, GENERATED, growth(storage.length))
 
     def _advance(self, q: int) -> int:
         """Enter a step of ``q`` columns and return the first: the window rule first (what the step's first query
@@ -443,8 +447,9 @@ class PolicyLayer(PrefillStage, DynamicLayer):
             if self.window is not None and self._step_tokens > 1:
                 self.run_deferred()  # the window rule below comes after the drop, as in a step of one layer alone
             if self.group[-1] is self:
-                for layer in self.group:
-                    layer.run_deferred()
+                with self.stacked.collecting():
+                    for layer in self.group:
+                        layer.run_deferred()
         elif pending == "append":
             self.appended += self.n_tokens - self._before_append
             self._rule.forget_rows()
@@ -508,8 +513,7 @@ class PolicyLayer(PrefillStage, DynamicLayer):
     ) -> None:
         """Apply the decode-stage budget rule (:class:`~kvpolicy.core.droprule.DropRule`)."""
         if self.policy.decode is not None:
-            view = self.view("decode", attention, queries)
-            self._rule.drop(self._padded(), view, incoming, self.prefill_keep, self.uncompressed, refill)
+            self.stacked.drop(self, self._rule, self._padded(), incoming, attention, queries, refill)
 
     # ------------------------------------------------------------------ reporting
     def nbytes(self) -> int:

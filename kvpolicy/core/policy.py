@@ -305,6 +305,9 @@ class DecodeScorer(Protocol):
     * ``after_prefill(view)``: called once with the compressed cache (e.g. to freeze a drop index in
       ``view.layer_state``).
     * ``observe(view)``: called at every decode step before any drop decision (e.g. accumulate attention).
+    * ``stack_layers`` (bool attribute): ``observe`` and ``drop_scores`` compute each batch row from that row's slots
+      and the view alone (not from ``layer_idx``, ``num_layers`` or per-layer ``layer_state``): the engine may call
+      them once for several layers stacked along the batch axis (:class:`~kvpolicy.core.stacked.StackedView`).
     """
 
     needs: frozenset[AttentionStat]
@@ -323,7 +326,8 @@ class Reducer(Protocol):
 
     Optional hook ``on_drop(view, victims, victim_valid) -> (keys, values) | None``: called at decode time before the
     engine frees ``victims`` (int64 ``[B, H, k]``); return updated full ``keys``/``values`` to merge the victims into
-    their neighbours, or ``None`` to evict.
+    their neighbours, or ``None`` to evict. A reducer whose ``on_drop`` treats each row on its own says so with
+    ``stack_layers = True`` (as a decode scorer does, see :class:`DecodeScorer`).
     """
 
     def reduce(self, view: LayerView, scores: torch.Tensor, keep: torch.Tensor) -> Reduction: ...

@@ -23,6 +23,7 @@ import torch
 from .kernels import grouped_attention
 from .masks import slot_mask
 from .policy import Reduction
+from .slotops import rank_after_drop, write_end_slot, write_new_slot
 
 __all__ = ["PaddedStorage", "SlotStorage", "growth"]
 
@@ -31,14 +32,6 @@ def growth(length: int) -> int:
     """Slack added when a decode step finds no free slot: 1/32 of the length amortises reallocation to a few slots'
     copy per step while keeping unused capacity near 3% (small caches grow a slot at a time: their copy is cheap)."""
     return max(1, length // 32)
-
-
-def _set(t: torch.Tensor, value: torch.Tensor | int) -> None:
-    """``t[...] = value`` (a number without making a tensor of it first)."""
-    if isinstance(value, torch.Tensor):
-        t.copy_(value.view(()) if value.numel() == 1 else value)
-    else:
-        t.fill_(value)
 
 
 class SlotStorage(ABC):
@@ -146,8 +139,10 @@ class PaddedStorage(SlotStorage):
         self._rank: torch.Tensor | None = None
         #: views of the used slots, made once per layout change rather than at every read (see :meth:`_used`)
         self._views: dict[str, torch.Tensor] | None = None
-        #: the slot :meth:`prepare` chose for the next one-token :meth:`append` (``(start, 1)`` at the end)
+        #: the slot :meth:`prepare` chose for the next one-token :meth:`append` (``(start, 1)`` at the end), and that
+        #: slot expanded over the key and value dims when the caller made it (:meth:`note_prepared`)
         self._prepared: torch.Tensor | tuple[int, int] | None = None
+        self._kv_index: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ read-only views of the used slots
     def _used(self) -> dict[str, torch.Tensor]:
@@ -280,34 +275,47 @@ class PaddedStorage(SlotStorage):
         if self._full:
             start = self._length
             self._reserve(start + 1, slack)
-            if self._rank is not None:
-                self._rank[:, :, start].fill_(start)  # the newest entry
-            self._valid[:, :, start].fill_(True)
-            _set(self._pos[:, :, start], col)
-            _set(self._types[:, :, start], token_type)
-            for t in self._state.values():
-                t[:, :, start].fill_(0)
-            self._length = start + 1
-            self._relayout()
-            self._used()  # the views of the new length, made here rather than in the layer's own update
-            self._new = self._prepared = (start, 1)
+            states = self._state.values()
+            write_end_slot(self._valid, self._pos, self._types, self._rank, states, start, col, token_type)
+            self.note_prepared((start, 1))
             return True
         hole = self._hole
         if hole is None:
             return False
-        self._fill(hole, col, token_type, self._hole_marked)  # the hole ranks last: the new entry takes its rank
-        self._full, self._hole = True, None
-        self._new = self._prepared = hole
+        # the hole ranks last: the new entry takes its rank
+        mark = self._hole_marked
+        write_new_slot(self._valid, self._pos, self._types, self._state.values(), hole, col, token_type, mark)
+        self.note_prepared(hole)
         return True
+
+    def note_prepared(
+        self, slot: torch.Tensor | tuple[int, int], kv_index: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> None:
+        """The next token's validity, column, type and state were written (:meth:`prepare`, or a
+        :class:`~kvpolicy.core.slotpack.SlotPack` for all of its members at once) at ``slot``: the one free slot of
+        every row (int64 ``[B, H, 1]``, the layout is full again), or ``(start, 1)``, a new slot at the end.
+        ``kv_index``: ``slot`` expanded over the key and the value dims, for the write of the keys and values."""
+        if isinstance(slot, tuple):
+            self._length = slot[0] + 1
+            self._relayout()
+            self._used()  # the views of the new length, made here rather than in the layer's own update
+        else:
+            self._full, self._hole = True, None
+        self._new = self._prepared = slot
+        self._kv_index = kv_index
 
     def _write_prepared(self, k: torch.Tensor, v: torch.Tensor) -> None:
         slot, self._prepared = self._prepared, None
         if k.shape[2] != 1:
             raise RuntimeError(f"kvpolicy: a slot was prepared for one token and the step brought {k.shape[2]}")
+        index, self._kv_index = self._kv_index, None
         if isinstance(slot, tuple):
             start = slot[0]
             self._k[:, :, start : start + 1] = k
             self._v[:, :, start : start + 1] = v
+        elif index is not None:
+            self._k.scatter_(2, index[0], k)
+            self._v.scatter_(2, index[1], v)
         else:
             self._write_kv_at(slot, k, v)
 
@@ -315,22 +323,6 @@ class PaddedStorage(SlotStorage):
         d_idx = slot[..., None]
         self._k.scatter_(2, d_idx.expand(*slot.shape, self._k.shape[-1]), k)
         self._v.scatter_(2, d_idx.expand(*slot.shape, self._v.shape[-1]), v)
-
-    def _fill(self, slot: torch.Tensor, cols: torch.Tensor | int, types: torch.Tensor | int, mark: bool = True) -> None:
-        """Validity (unless ``mark`` is false: still set), column, type and fresh state of one new token per row at
-        ``slot`` (int64 ``[B, H, 1]``)."""
-        if mark:
-            self._valid.scatter_(2, slot, True)
-        if isinstance(cols, int):
-            self._pos.scatter_(2, slot, cols)
-        else:
-            self._pos.scatter_(2, slot, cols.view(1, 1, 1).expand_as(slot))
-        if isinstance(types, int):
-            self._types.scatter_(2, slot, types)
-        else:
-            self._types.scatter_(2, slot, types.view(1, 1, 1).expand_as(slot).to(torch.int8))
-        for t in self._state.values():
-            t.scatter_(2, slot, 0)
 
     def _append_at_end(
         self, k: torch.Tensor, v: torch.Tensor, cols: torch.Tensor | int, types: torch.Tensor | int, slack: int
@@ -373,7 +365,7 @@ class PaddedStorage(SlotStorage):
             self._length += 1
             self._relayout()
         self._write_kv_at(slot, k, v)
-        self._fill(slot, cols, types)
+        write_new_slot(self._valid, self._pos, self._types, self._state.values(), slot, cols, types)
         self._new = slot
 
     def invalidate_new(self, new_valid: torch.Tensor) -> None:
@@ -423,9 +415,7 @@ class PaddedStorage(SlotStorage):
             self._hole = victims if one else None
             if one and self._rank is not None:
                 # the newer entries move down one rank; the hole (the only free slot) ranks last
-                rank = self._rank[:, :, : self._length]
-                rank.add_(rank > rank.gather(2, victims), alpha=-1)
-                rank.scatter_(2, victims, self._length - 1)
+                rank_after_drop(self._rank[:, :, : self._length], victims, self._length)
             else:
                 self._rank = None
         else:
@@ -474,6 +464,44 @@ class PaddedStorage(SlotStorage):
         if self._rank is not None:
             self._rank = self._rank[index]
         self._relayout()
+
+    # ------------------------------------------------------------------ stacked with other layers (slotpack.py)
+    def slot_buffers(self) -> dict[str, torch.Tensor]:
+        """The per-slot tensors over the whole capacity by name (``valid``, ``pos``, ``types``, ``rank`` and
+        ``state:<name>``, ``[B, H, C]`` each), the rank made first if it is not kept: what a
+        :class:`~kvpolicy.core.slotpack.SlotPack` stacks."""
+        self.rank_for(self.valid, self.positions)
+        named = {"valid": self._valid, "pos": self._pos, "types": self._types, "rank": self._rank}
+        return {**named, **{"state:" + name: t for name, t in self._state.items()}}
+
+    def adopt(self, buffers: dict[str, torch.Tensor]) -> None:
+        """Keep the per-slot tensors in ``buffers`` from now on (the names and contents of :meth:`slot_buffers`:
+        views of a pack's slice). Any later growth, compaction or row selection replaces them again."""
+        self._valid, self._pos, self._types, self._rank = (buffers[k] for k in ("valid", "pos", "types", "rank"))
+        self._state = {name: buffers["state:" + name] for name in self._state}
+        self._relayout()
+
+    def uses(self, buffers: dict[str, torch.Tensor]) -> bool:
+        """Whether the per-slot tensors are still those of ``buffers`` (:meth:`adopt`): none replaced since."""
+        state = self._state
+        if len(state) + 4 != len(buffers) or self._valid is not buffers["valid"] or self._rank is not buffers["rank"]:
+            return False
+        if self._pos is not buffers["pos"] or self._types is not buffers["types"]:
+            return False
+        return all(t is buffers.get("state:" + name) for name, t in state.items())
+
+    @property
+    def hole(self) -> torch.Tensor | None:
+        """int64 ``[B, H, 1]``: the one free slot of every row when the engine knows it (read-only), else ``None``."""
+        return self._hole
+
+    def note_freed(self, hole: torch.Tensor, marked: bool) -> None:
+        """One slot per row of a full layout, ``hole`` (int64 ``[B, H, 1]``), was freed and the rank updated elsewhere
+        (a :class:`~kvpolicy.core.slotpack.SlotPack`, for all of its members at once); ``marked``: its validity was
+        cleared (see :meth:`free`'s ``refill``)."""
+        self._hole, self._hole_marked = hole, marked
+        self._full = False
+        self.pristine = False
 
     # ------------------------------------------------------------------ reads
     def rank_for(self, valid: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:

@@ -267,6 +267,10 @@ class AnchorMerge:
     ``T * ratio < 2``), where the decode branch drops index 0 instead. kvpolicy selects per row.
     """
 
+    #: ``on_drop`` merges each row's victims within that row, from the view alone: the engine may run it for several
+    #: layers at once
+    stack_layers = True
+
     def __init__(self, params: AnchorMergeParams | None = None, **kwargs: Any):
         self.params = params if params is not None else AnchorMergeParams(**kwargs)
 

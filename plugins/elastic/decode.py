@@ -78,6 +78,10 @@ class DistanceOffset:
     slicing drops nothing, the cache grows and a later call fails an assert).
     """
 
+    #: every row is scored from its own slots and the view alone (the frozen index from ``view.prefill_kept``; what
+    #: ``layer_state`` holds is derived from it): the engine may score several layers at once
+    stack_layers = True
+
     def __init__(self, params: DistanceOffsetParams | None = None, **kwargs: Any):
         self.params = params if params is not None else DistanceOffsetParams(**kwargs)
         self.needs: frozenset[AttentionStat] = frozenset()
