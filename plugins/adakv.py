@@ -23,7 +23,6 @@ averages each group's query heads).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -32,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from kvpolicy.hookspecs import PartSpec, PresetSpec, hookimpl
 from kvpolicy.parts import Share, consumer_spec
 from kvpolicy.core.policy import LayerView, Reduction
-from kvpolicy.core.selection import ranked_slots, sort_by_position
+from kvpolicy.core.selection import select_top, shared_head_budgets
 
 PAPER = 'Feng et al., 2024, "Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation"'
 
@@ -60,35 +59,7 @@ class AdaKVReducer:
                 f"adakv needs scores per kv head [B, H, P] (H={view.num_heads}); got {tuple(scores.shape)}: "
                 "use an encode scorer with per_head: true"
             )
-        b, h, p = view.valid.shape
-        held = view.held()  # [B, H]
-        keep = torch.minimum(keep[:, None].expand(b, h), held)  # uniform per-head budget, capped by what exists
-        ranked = ranked_slots(view, scores)  # [B, H, P] best first per head
-        s = scores.to(torch.float32).expand(b, h, p).gather(-1, ranked)  # scores in ranked order
-        ok = view.valid.gather(-1, ranked)
-        floor = torch.tensor(
-            [math.floor(self.params.alpha * int(k)) for k in keep[:, 0].tolist()], device=keep.device
-        )[:, None].expand(b, h)
-        rank = torch.arange(p, device=keep.device).expand(b, h, p)
-        guaranteed = ok & (rank < floor[..., None])
-        # remaining budget of each row, from the best non-guaranteed entries of any head
-        extra = (keep.sum(-1) - guaranteed.sum((-2, -1))).clamp(min=0)  # [B]
-        candidates = ok & ~guaranteed
-        flat = torch.where(candidates, s, float("-inf")).reshape(b, h * p)
-        # order: score desc, then rank (older within a head comes first in ranked order), then head
-        order = flat.argsort(dim=-1, descending=True, stable=True)
-        # candidates before non-candidates even when a candidate scored -inf (a second stable sort)
-        not_candidate = (~candidates).reshape(b, h * p).gather(-1, order).to(torch.int8)
-        order = order.gather(-1, not_candidate.argsort(dim=-1, stable=True))
-        chosen_flat = torch.zeros(b, h * p, dtype=torch.bool, device=keep.device)
-        pick = torch.arange(h * p, device=keep.device)[None, :] < extra[:, None]
-        chosen_flat.scatter_(-1, order, pick)
-        chosen = (chosen_flat.view(b, h, p) & candidates) | guaranteed
-        counts = chosen.sum(-1)  # [B, H]; chosen entries are a prefix of each head's ranking
-        k_max = int(counts.max()) if counts.numel() else 0
-        index = ranked[..., :k_max]
-        valid = torch.arange(k_max, device=keep.device) < counts[..., None]
-        return sort_by_position(view, index, valid)
+        return select_top(view, scores, shared_head_budgets(view, scores, keep, self.params.alpha))
 
 
 @hookimpl

@@ -80,6 +80,17 @@ def test_shipped_ablation_file_validates():
         assert swap in names
 
 
+def test_kvzip_merge_ablation_validates_and_keeps_kvzips_selection_where_it_says_so():
+    """The issue-19 study resolves at every budget; its 'heads shared' variants spend the counts per head of the
+    base's own reducer (anchor_merge heads: shared, head_floor 0 = adakv alpha 0), so only merging differs."""
+    spec = load_ablation(REPO / "sweeps" / "kvzip_merge.yaml", deep=False)
+    shared = [v for v in spec.variants if "heads shared" in v.name]
+    assert len(shared) >= 3
+    for v in shared:
+        reducer = v.set["reducer"]
+        assert reducer["name"] == "anchor_merge" and reducer["heads"] == "shared" and reducer["head_floor"] == 0
+
+
 # ------------------------------------------------------------------------------------------------- statistics
 def _ev(nll_sum, tokens, top1=None):
     per = {"nll_sum": list(map(float, nll_sum)), "tokens": list(map(float, tokens))}

@@ -123,14 +123,16 @@ def naive_anchor_merge(
     rank_by_index: bool = False,
     off_by_one: bool = False,
     shifted: bool = False,
+    keep_per_head: list[list[int]] | None = None,
 ) -> dict:
-    """The paper's rule (and each quirk), one row and head at a time, with Python loops and float64 sums."""
+    """The paper's rule (and each quirk), one row and head at a time, with Python loops and float64 sums;
+    ``keep_per_head[b][h]``, when given, replaces ``keep[b]`` (budgets shared across heads)."""
     out = {}
     for b in range(view.batch_size):
         for h in range(view.num_heads):
             hs = h if scores.shape[1] > 1 else 0
             slots = row_slots(view, b, h)
-            t, k = len(slots), keep[b]
+            t, k = len(slots), keep[b] if keep_per_head is None else keep_per_head[b][h]
 
             def pos(j, b=b, h=h):
                 return int(view.positions[b, h, j])
@@ -222,6 +224,78 @@ def test_anchor_merge_matches_naive(options, per_head, shuffle, ratio):
     assert_same_rows(reduction_rows(view, red), expected)
     for b in range(view.batch_size):  # exactly `keep` entries per row and head
         assert red.valid[b].sum(-1).tolist() == [min(keep[b], int(view.n_tokens[b]))] * view.num_heads
+
+
+def naive_shared_counts(view: LayerView, scores: torch.Tensor, keep: list[int], floor_share: float) -> list[list[int]]:
+    """AdaKV's allocation with loops: each head its floor(share * keep) best entries (ties: older), then the best
+    remaining entries of any head (ties: lower head, then the head's own order) until the row holds H * keep."""
+    out = []
+    for b in range(view.batch_size):
+        ranked = []
+        for h in range(view.num_heads):
+            slots = row_slots(view, b, h)  # oldest first, so a stable sort sends ties to the older entry
+            ranked.append(sorted(slots, key=lambda j, b=b, h=h: -float(scores[b, h, j])))
+        k = min(keep[b], min(len(r) for r in ranked))
+        floor = math.floor(floor_share * keep[b])
+        counts = [min(floor, len(r)) for r in ranked]
+        rest = sorted(
+            (-float(scores[b, h, j]), h, rank) for h, r in enumerate(ranked) for rank, j in enumerate(r) if rank >= floor
+        )
+        for _, h, _ in rest[: view.num_heads * k - sum(counts)]:
+            counts[h] += 1
+        out.append(counts)
+    return out
+
+
+@pytest.mark.parametrize("options", [{}, {"start_size": 4}, {"assign": "cosine", "merge": "values"},
+                                     {"weighting": "score", "keep_last": False}],
+                         ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "paper")
+@pytest.mark.parametrize("floor_share", [0.0, 0.2, 1.0])
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("ratio", [0.5, 0.8])
+def test_anchor_merge_shared_heads_matches_naive(options, floor_share, shuffle, ratio):
+    """heads: shared = AdaKV's per-head counts (a loop reference), then the paper's rule in each head with its own
+    count: skewed scores so that the heads' counts differ, 4 kv heads, left-padded rows, shuffled slots."""
+    view = make_view(shuffle=shuffle, seed=7, H=4)
+    g = torch.Generator().manual_seed(13)
+    scores = torch.rand(view.batch_size, view.num_heads, view.num_slots, generator=g) ** 4
+    scores[:, 1] *= 3.0  # one head's entries outrank the others': it takes more of the shared budget
+    keep = budget_keep(view, ratio)
+    counts = naive_shared_counts(view, scores, keep, floor_share)
+    # a floor of the whole uniform budget leaves nothing to share; below it the heads' counts must differ
+    assert any(len(set(c)) > 1 for c in counts) == (floor_share < 1), counts
+    red = AnchorMerge(heads="shared", head_floor=floor_share, **options).reduce(view, scores, torch.tensor(keep))
+    expected = naive_anchor_merge(view, scores, keep, keep_per_head=counts, **options)
+    assert_same_rows(reduction_rows(view, red), expected)
+    for b in range(view.batch_size):  # the row spends exactly its budget, however the heads split it
+        assert int(red.valid[b].sum()) == view.num_heads * min(keep[b], int(view.n_tokens[b]))
+
+
+def test_anchor_merge_shared_heads_counts_are_adakvs():
+    """The counts a shared anchor_merge spends are the entries the adakv reducer keeps per head."""
+    from kvpolicy_plugins.adakv import AdaKVReducer
+
+    view = make_view(seed=2, H=4)
+    scores = torch.rand(view.batch_size, view.num_heads, view.num_slots, generator=torch.Generator().manual_seed(1))
+    keep = torch.tensor(budget_keep(view, 0.7))
+    merged = AnchorMerge(heads="shared", head_floor=0.2, keep_last=False, start_size=0).reduce(view, scores, keep)
+    evicted = AdaKVReducer(alpha=0.2).reduce(view, scores, keep)
+    assert merged.valid.sum(-1).tolist() == evicted.valid.sum(-1).tolist()
+
+
+def test_anchor_merge_shared_heads_needs_per_head_scores():
+    """Refused when the policy is composed (a scorer that gives no kv-head axis), and at run time on head-averaged
+    scores, naming the part and the option."""
+    from kvpolicy.config import PolicyConfigError, load_policy
+
+    with pytest.raises(PolicyConfigError, match="per_head_scores"):
+        load_policy({"encode": {"name": "local"}, "reducer": {"name": "anchor_merge", "heads": "shared"},
+                     "ratio": 0.5})
+    load_policy({"encode": {"name": "local"}, "reducer": {"name": "anchor_merge"}, "ratio": 0.5})  # uniform: fine
+    view = make_view(seed=1)
+    with pytest.raises(ValueError, match="anchor_merge with heads: shared needs scores per kv head"):
+        AnchorMerge(heads="shared").reduce(view, torch.rand(view.batch_size, 1, view.num_slots),
+                                           torch.tensor(budget_keep(view, 0.5)))
 
 
 @pytest.mark.parametrize("weighting", ["mean", "score"])

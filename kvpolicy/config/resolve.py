@@ -115,7 +115,7 @@ def _resolve(
     sinks = resolve_policy_sinks(draft)
     parts = validate_parameters(draft, sinks)
     budget = resolve_budget(draft)
-    check_capabilities(draft)
+    check_capabilities(draft, parts)
     if draft.issues:
         raise PolicyConfigError(draft.issues, draft.source)
     assert budget is not None
@@ -315,7 +315,15 @@ def resolve_budget(draft: Draft) -> Budget | None:
     return None
 
 
-def check_capabilities(draft: Draft) -> None:
+def part_requires(spec: PartSpec, part: ResolvedPart | None, scorer: str) -> frozenset[str]:
+    """What a part requires of ``scorer``: its spec's tags, plus, of the encode scorer, those its validated parameters
+    add (a params model may define ``encode_requires() -> frozenset[str]`` where an option reads more of the prefill
+    scores, e.g. a reducer that shares a layer's budget across kv heads needs scores per kv head)."""
+    extra = getattr(part.params, "encode_requires", None) if part is not None and scorer == "encode" else None
+    return frozenset(spec.requires) | (frozenset(extra()) if callable(extra) else frozenset())
+
+
+def check_capabilities(draft: Draft, parts: Mapping[str, ResolvedPart]) -> None:
     """6. Capabilities: what a reducer (or allocator) requires, the scorers feeding it (or the engine) provide."""
     found = draft.found
     pairs = [("reducer", s) for s in ("encode", "decode")] + [("allocator", "encode")]
@@ -323,7 +331,7 @@ def check_capabilities(draft: Draft) -> None:
         if consumer not in found or scorer not in found:
             continue
         spec, sspec = found[consumer].spec, found[scorer].spec
-        missing = set(spec.requires) - set(sspec.provides) - ENGINE_CAPABILITIES
+        missing = set(part_requires(spec, parts.get(consumer), scorer)) - set(sspec.provides) - ENGINE_CAPABILITIES
         if missing:
             draft.issues.append(
                 ConfigIssue(

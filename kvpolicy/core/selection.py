@@ -6,6 +6,8 @@ positions in order reproduces them exactly.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .policy import LayerView, Reduction
@@ -44,6 +46,46 @@ def select_top(view: LayerView, scores: torch.Tensor, keep: torch.Tensor) -> Red
     best = ranked_slots(view, scores)[..., :k_max]
     ok = torch.arange(k_max, device=best.device) < keep[..., None]
     return sort_by_position(view, best, ok)
+
+
+def shared_head_budgets(view: LayerView, scores: torch.Tensor, keep: torch.Tensor, floor_share: float) -> torch.Tensor:
+    """AdaKV's allocation: how many entries each kv head keeps when a row's heads share one budget.
+
+    The row keeps ``H * keep[b]`` entries in all (each head's uniform budget capped by what it holds); every head first
+    keeps its ``floor(floor_share * keep[b])`` best entries, and the rest of the budget goes to the best-scored
+    remaining entries of any head (ties: the head's own ranking, then the lower head). What is kept in each head is a
+    prefix of :func:`ranked_slots`, so the counts alone describe the selection: ``select_top(view, scores, counts)``
+    keeps it, and a merging reducer can spend the same per-head counts. Scores must be per kv head and comparable
+    across heads. Returns int64 ``[B, H]``."""
+    if scores.dim() != 3 or scores.shape[1] != view.num_heads:
+        raise ValueError(f"shared head budgets need scores per kv head [B, H, P] (H={view.num_heads}); "
+                         f"got {tuple(scores.shape)}")
+    b, h, p = view.valid.shape
+    held = view.held()  # [B, H]
+    keep = keep[:, 0] if keep.dim() == 2 else keep
+    keep = torch.minimum(keep[:, None].expand(b, h), held)
+    ranked = ranked_slots(view, scores)  # [B, H, P] best first per head
+    s = scores.to(torch.float32).expand(b, h, p).gather(-1, ranked)  # scores in ranked order
+    ok = view.valid.gather(-1, ranked)
+    floor = torch.tensor(
+        [math.floor(floor_share * int(k)) for k in keep[:, 0].tolist()], device=keep.device, dtype=torch.long
+    )[:, None].expand(b, h)
+    rank = torch.arange(p, device=keep.device).expand(b, h, p)
+    guaranteed = ok & (rank < floor[..., None])
+    # remaining budget of each row, from the best non-guaranteed entries of any head
+    extra = (keep.sum(-1) - guaranteed.sum((-2, -1))).clamp(min=0)  # [B]
+    candidates = ok & ~guaranteed
+    flat = torch.where(candidates, s, float("-inf")).reshape(b, h * p)
+    # order: score desc, then rank (older within a head comes first in ranked order), then head
+    order = flat.argsort(dim=-1, descending=True, stable=True)
+    # candidates before non-candidates even when a candidate scored -inf (a second stable sort)
+    not_candidate = (~candidates).reshape(b, h * p).gather(-1, order).to(torch.int8)
+    order = order.gather(-1, not_candidate.argsort(dim=-1, stable=True))
+    chosen_flat = torch.zeros(b, h * p, dtype=torch.bool, device=keep.device)
+    pick = torch.arange(h * p, device=keep.device)[None, :] < extra[:, None]
+    chosen_flat.scatter_(-1, order, pick)
+    chosen = (chosen_flat.view(b, h, p) & candidates) | guaranteed
+    return chosen.sum(-1)
 
 
 def sort_by_position(view: LayerView, index: torch.Tensor, ok: torch.Tensor) -> Reduction:

@@ -29,9 +29,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from kvpolicy.hookspecs import PartSpec, PresetSpec, hookimpl
-from kvpolicy.parts import consumer_spec, expand_scores
+from kvpolicy.parts import Share, consumer_spec, expand_scores
 from kvpolicy.core.policy import AttentionStat, LayerView, Reduction
-from kvpolicy.core.selection import ranked_slots, sort_by_position
+from kvpolicy.core.selection import ranked_slots, shared_head_budgets, sort_by_position
 from kvpolicy.params import POLICY_SINKS
 
 from .decode import DROP_INDEX_KEY, DistanceOffset, DistanceOffsetParams
@@ -210,6 +210,16 @@ class AnchorMergeParams(BaseModel):
     merge: Literal["kv", "values"] = Field(
         default="kv", description="merge keys and values (paper) or values only, keys of anchors untouched (ablation)"
     )
+    heads: Literal["uniform", "shared"] = Field(
+        default="uniform",
+        description="how the layer's budget is split across its kv heads: the same count per head (paper), or shared "
+        "by score, AdaKV's allocation (ablation; needs scores per kv head)",
+    )
+    head_floor: Share = Field(
+        default=0.2,
+        description="with heads: shared, the fraction of the uniform per-head budget every head keeps before the rest "
+        "is shared (AdaKV's alpha; 0 = one ranking across the layer's heads, as KVzip)",
+    )
     decode_merge: bool = Field(
         default=False,
         description="at decode time, merge each dropped entry into its positionally nearest surviving neighbour "
@@ -230,6 +240,12 @@ class AnchorMergeParams(BaseModel):
         description="authors' code: the merge sources lack the + start_size offset, so the tokens merged are the "
         "dropped ones shifted start_size positions earlier (the BOS sink can be merged into an anchor)",
     )
+
+
+    def encode_requires(self) -> frozenset[str]:
+        """A budget shared across heads ranks every head's entries against the others': the scores need a kv-head
+        axis (checked when the policy is composed)."""
+        return frozenset({"per_head_scores"}) if self.heads == "shared" else frozenset()
 
 
 class AnchorMerge:
@@ -254,6 +270,9 @@ class AnchorMerge:
     ``keep < start_size + 1`` the last token wins over the newest sinks.
 
     Options (ablations, not in the paper): ``assign="cosine"``, ``weighting="score"``, ``merge="values"``,
+    ``heads="shared"`` (the layer's heads share one budget by score, AdaKV's allocation, so a head whose scores are
+    concentrated keeps fewer anchors and absorbs more of its tokens; the count per head is
+    :func:`~kvpolicy.core.selection.shared_head_budgets`, the same counts the ``adakv`` reducer keeps),
     ``decode_merge`` (merge decode-time victims into their nearest neighbour instead of evicting).
 
     Deviations from the authors' code (each reproducible with a ``quirk_*`` switch, default off):
@@ -283,6 +302,12 @@ class AnchorMerge:
     # -------------------------------------------------------------------------------------------- prefill
     def reduce(self, view: LayerView, scores: torch.Tensor, keep: torch.Tensor) -> Reduction:
         prm = self.params
+        if prm.heads == "shared":
+            if scores.dim() != 3 or scores.shape[1] != view.num_heads:
+                raise ValueError(f"anchor_merge with heads: shared needs scores per kv head [B, H, P] "
+                                 f"(H={view.num_heads}); got {tuple(scores.shape)}: use an encode scorer with "
+                                 "per_head: true")
+            keep = shared_head_budgets(view, scores, keep.reshape(view.batch_size, -1)[:, 0], prm.head_floor)
         s = expand_scores(view, scores, "anchor_merge")
         keep = _keep_per_head(view, keep)
         valid = view.valid
