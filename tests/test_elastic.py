@@ -124,6 +124,7 @@ def naive_anchor_merge(
     off_by_one: bool = False,
     shifted: bool = False,
     keep_per_head: list[list[int]] | None = None,
+    min_similarity: float | None = None,
 ) -> dict:
     """The paper's rule (and each quirk), one row and head at a time, with Python loops and float64 sums;
     ``keep_per_head[b][h]``, when given, replaces ``keep[b]`` (budgets shared across heads)."""
@@ -175,6 +176,11 @@ def naive_anchor_merge(
                         better = best_d is None or dist > best_d
                     if better:
                         best_a, best_d = a, dist
+                if min_similarity is not None:  # gate: too dissimilar to its anchor -> evicted, not merged
+                    ka, ks = view.keys[b, h, best_a].double(), view.keys[b, h, src].double()
+                    cos = float(ka @ ks / (ka.norm().clamp(min=1e-12) * ks.norm().clamp(min=1e-12)))
+                    if cos < min_similarity:
+                        continue
                 groups[best_a].append(src)
             merged = {}
             for a, members in groups.items():
@@ -207,6 +213,9 @@ OPTION_CASES = [
     {"weighting": "score"},
     {"merge": "values"},
     {"assign": "cosine", "weighting": "score", "merge": "values", "start_size": 2},
+    {"min_similarity": 0.0},
+    {"assign": "cosine", "min_similarity": 0.2, "merge": "values"},
+    {"min_similarity": -1.0},
 ]
 
 

@@ -95,6 +95,13 @@ def _nearest_by_position(
     return chosen_slot_sorted.gather(-1, rank), targets.any(-1)
 
 
+def _key_cosine(keys: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """float32 ``[B, H, P]``: the cosine similarity of every slot's key to the key of its ``target`` slot."""
+    b, h, p, d = keys.shape
+    k = torch.nn.functional.normalize(keys.to(torch.float32), dim=-1)
+    return (k * k.gather(2, target[..., None].expand(b, h, p, d))).sum(-1)
+
+
 def _nearest_by_cosine(
     keys: torch.Tensor, order: torch.Tensor, rank: torch.Tensor, targets: torch.Tensor, sources: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,6 +217,14 @@ class AnchorMergeParams(BaseModel):
     merge: Literal["kv", "values"] = Field(
         default="kv", description="merge keys and values (paper) or values only, keys of anchors untouched (ablation)"
     )
+    min_similarity: float | None = Field(
+        default=None,
+        ge=-1.0,
+        le=1.0,
+        description="merge a dropped token only if its key's cosine similarity to its anchor's key (same kv head) is at "
+        "least this, evict it otherwise (ablation; D2O's idea with a fixed threshold). None: merge every dropped token "
+        "(paper)",
+    )
     heads: Literal["uniform", "shared"] = Field(
         default="uniform",
         description="how the layer's budget is split across its kv heads: the same count per head (paper), or shared "
@@ -270,7 +285,8 @@ class AnchorMerge:
     ``keep < start_size + 1`` the last token wins over the newest sinks.
 
     Options (ablations, not in the paper): ``assign="cosine"``, ``weighting="score"``, ``merge="values"``,
-    ``heads="shared"`` (the layer's heads share one budget by score, AdaKV's allocation, so a head whose scores are
+    ``min_similarity`` (a dropped token whose key is less similar than this to its anchor's is evicted, not
+    merged), ``heads="shared"`` (the layer's heads share one budget by score, AdaKV's allocation, so a head whose scores are
     concentrated keeps fewer anchors and absorbs more of its tokens; the count per head is
     :func:`~kvpolicy.core.selection.shared_head_budgets`, the same counts the ``adakv`` reducer keeps),
     ``decode_merge`` (merge decode-time victims into their nearest neighbour instead of evicting).
@@ -394,6 +410,8 @@ class AnchorMerge:
         else:
             target, has = _nearest_by_position(view.positions, order, rank, anchor)
         sources = sources & has[..., None]
+        if prm.min_similarity is not None:
+            sources = sources & (_key_cosine(view.keys, target) >= prm.min_similarity)
         if not bool(sources.any()):
             return view.keys, view.values
         hits = torch.zeros(anchor.shape, dtype=torch.float32, device=anchor.device)
