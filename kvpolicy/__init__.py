@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # the names below, for type checkers and IDEs; at run time th
     from .core.policy import (
         GENERATED,
         IMAGE,
+        LOGIT_BIAS,
         TEXT,
         AttentionStat,
         CachePolicy,
@@ -43,7 +44,7 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
     "core.layer": ("PolicyLayer",),
     "core.partcheck": ("PartError",),
     "core.policy": tuple(
-        "GENERATED IMAGE TEXT AttentionStat CachePolicy DecodeScorer EncodeScorer LayerView Reducer Reduction".split()
+        "GENERATED IMAGE LOGIT_BIAS TEXT AttentionStat CachePolicy DecodeScorer EncodeScorer LayerView Reducer Reduction".split()
     ),
     "core.reuse": ("CacheReuseError",),
     "core.selection": ("ranked_slots", "select_top"),

@@ -13,10 +13,12 @@ CORE_DIR = ROOT / "kvpolicy" / "core"
 #: the apps built on the core: the core never imports them
 APPS = ("kvpolicy.eval", "kvpolicy.sweep", "kvpolicy.bench", "kvpolicy.cli", "kvpolicy.config", "kvpolicy.registry")
 
-#: every public name kvpolicy.policy / kvpolicy.selection offered before the engine moved into kvpolicy/core/
+#: every public name kvpolicy.policy / kvpolicy.selection offers (those offered before the engine moved into
+#: kvpolicy/core/, and LOGIT_BIAS since)
 PLUGIN_API = {
     "kvpolicy.policy": (
-        "GENERATED IMAGE TEXT AttentionStat Budget BudgetAllocator CachePolicy DecodeScorer EncodeScorer LayerView "
+        "GENERATED IMAGE LOGIT_BIAS TEXT AttentionStat Budget BudgetAllocator CachePolicy DecodeScorer EncodeScorer "
+        "LayerView "
         "ModelView Need Probe ProbeChunk ProbeStat QueryStat Reducer Reduction Stage part_sinks"
     ).split(),
     "kvpolicy.selection": ["lowest_slot", "ranked_slots", "select_top", "sort_by_position"],

@@ -105,7 +105,9 @@ def _outputs(
         return call()[0], None
     elif whole and q <= FUSED_DECODE_MAX_QUERIES:
         real = None if layer.no_padding else new_valid  # (skips a check of new_valid per layer and step)
-        out, received = masked_attention_with_received(query, key, value, layer.mask(q), real, scaling)
+        out, received = masked_attention_with_received(
+            query, key, value, layer.mask(q), real, scaling, layer.logit_bias
+        )
     else:
         return layer.attend(query, scaling, eager), None
     for need in whole:

@@ -50,20 +50,28 @@ def grouped_attention(
     mask: torch.Tensor | None,
     scaling: float,
     eager: bool,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of ``query [B, Hq, q, D]`` over ``key/value [B, H, P, D]`` with a bool ``mask [B, H, q, P]``.
 
     Query heads of a group are folded into the query axis, so the cache is read once per kv head. Returns
-    ``[B, q, Hq, D]`` like transformers' attention functions."""
+    ``[B, q, Hq, D]`` like transformers' attention functions. ``bias``: float ``[B, H, P]`` added to every query's
+    logit of each slot (:data:`~kvpolicy.core.policy.LOGIT_BIAS`); SDPA then takes it as a float mask of the query's
+    dtype (in bfloat16 a bias of ``log 3`` is off by at most 2**-8 of itself)."""
     b, hq, q, d = query.shape
-    h = key.shape[1]
+    h, p = key.shape[1], key.shape[2]
     g = hq // h
     qg = query.reshape(b, h, g * q, d)
     m = None
     if mask is not None:
-        m = mask[:, :, None].expand(b, h, g, q, mask.shape[-1]).reshape(b, h, g * q, mask.shape[-1])
+        m = mask[:, :, None].expand(b, h, g, q, p).reshape(b, h, g * q, p)
+    if bias is not None and not eager:
+        add = bias[:, :, None, :].to(query.dtype).expand(b, h, g * q, p)
+        m = add if m is None else add.masked_fill(~m, float("-inf"))
     if eager:
         w = torch.matmul(qg, key.transpose(2, 3)) * scaling
+        if bias is not None:
+            w = w + bias[:, :, None, :].to(w.dtype)
         if m is not None:
             w = w.masked_fill(~m, torch.finfo(w.dtype).min)
         w = torch.softmax(w, dim=-1, dtype=torch.float32).to(query.dtype)
@@ -86,6 +94,7 @@ def attention_received(
     first_slot_col: int | None = None,
     min_rows: int = MIN_CHUNK_ROWS,
     sliding_window: int | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention each key receives from the last ``window`` queries, averaged over each group's query heads.
 
@@ -100,7 +109,13 @@ def attention_received(
     batch really has padding.
 
     ``sliding_window``: the layer attends over that many columns (a sliding-window layer): a key more than
-    ``sliding_window - 1`` columns before a query receives nothing from it, as in the layer's own attention."""
+    ``sliding_window - 1`` columns before a query receives nothing from it, as in the layer's own attention.
+
+    ``bias``: float ``[B, H, P]`` added to each slot's logit (the layer's :data:`~kvpolicy.core.policy.LOGIT_BIAS`,
+    so the statistic is the probability the layer really attends with). Only a compressed layer carries one, so it
+    never meets ``first_slot_col``."""
+    if bias is not None and first_slot_col is not None:
+        raise ValueError("a logit bias belongs to a compressed layer; first_slot_col describes an uncompressed one")
     b, hq, q, d = query.shape
     h, p = key.shape[1], key.shape[2]
     g = hq // h
@@ -120,6 +135,8 @@ def attention_received(
         c = i1 - i0
         qc = query[:, :, i0:i1].to(torch.float32).reshape(b, h, g * c, d)
         logits = torch.matmul(qc, k32.transpose(2, 3)).mul_(scaling).view(b, h, g, c, p)
+        if bias is not None:
+            logits.add_(bias[:, :, None, None, :].to(torch.float32))
         allowed = valid[:, :, None, None, :] & (key_pos[:, :, None, None, :] <= query_cols[i0:i1, None])
         if sliding_window is not None:
             allowed &= key_pos[:, :, None, None, :] > (query_cols[i0:i1] - sliding_window)[:, None]
@@ -259,10 +276,11 @@ def masked_attention_with_received(
     mask: torch.Tensor | None,
     query_valid: torch.Tensor | None,
     scaling: float,
+    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Outputs of every query and the attention each key receives from all of them, from one probability block,
     under the engine's per-slot ``mask [B, H, q, P]`` (``None``: every slot visible); ``query_valid`` bool ``[B, q]``
-    (``None``: every query is a real token).
+    (``None``: every query is a real token); ``bias`` float ``[B, H, P]``: the layer's per-slot logit bias, if any.
 
     For the decode steps of a compressed layer whose policy needs this step's attention (H2O, TOVA): the step
     already attends under the engine's own mask, so computing outputs and statistics together saves one pass over
@@ -275,6 +293,8 @@ def masked_attention_with_received(
     qg = _float32(query).reshape(b * h, g * q, d)
     k3 = _float32(key).reshape(b * h, p, d)
     logits = torch.bmm(qg, k3.transpose(1, 2)).mul_(scaling)
+    if bias is not None:  # the layer's per-slot logit bias (LOGIT_BIAS), the same for every query of the group
+        logits.add_(bias.to(torch.float32).reshape(b * h, 1, p))
     if mask is not None:
         m = mask[:, :, None].expand(b, h, g, q, p).reshape(b * h, g * q, p)
         logits.masked_fill_(~m, float("-inf"))

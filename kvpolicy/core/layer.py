@@ -204,6 +204,14 @@ class PolicyLayer(PrefillStage, DynamicLayer):
         """Per-slot state ``[B, H, P]`` a decode scorer keeps (padded layout). Read-only."""
         return self._padded().slot_state
 
+    @property
+    def logit_bias(self) -> torch.Tensor | None:
+        """float32 ``[B, H, P]``: what attention adds to each slot's logit (a merging reducer's
+        :attr:`~kvpolicy.core.policy.Reduction.logit_bias`), ``None`` when the layer carries none (a bucketed layout
+        never does: a layer with per-slot state stays padded)."""
+        storage = self.storage
+        return storage.logit_bias if isinstance(storage, PaddedStorage) else None
+
     # ------------------------------------------------------------------ transformers' interface
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:

@@ -175,6 +175,15 @@ def check_reduction(policy: CachePolicy, red: Any, view: LayerView) -> Reduction
     if red.values is not None:
         _check_kv(policy, "reducer", "values", red.values, (b, h, k, view.values.shape[-1]), view.values, view,
                   "reduce")
+    bias = red.logit_bias
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or not bias.is_floating_point() or bias.shape != idx.shape:
+            got = f"{_shape(bias)} {bias.dtype}" if isinstance(bias, torch.Tensor) else _not_tensor(bias)
+            raise _fail(policy, "reducer", f"returned logit_bias {got}; expected float {list(idx.shape)} like its "
+                        "index", view)
+        if not bool(torch.isfinite(bias).all()):
+            raise _fail(policy, "reducer", "returned a logit_bias with NaN or infinite values (drop an entry rather "
+                        "than give it -inf)", view)
     if not bool((valid <= view.valid.gather(2, idx)).all()):
         raise _fail(policy, "reducer", "kept an invalid (padding or freed) slot", view)
     return red

@@ -33,6 +33,7 @@ from .budget import Budget, BudgetAllocator
 __all__ = [
     "GENERATED",
     "IMAGE",
+    "LOGIT_BIAS",
     "TEXT",
     "AttentionStat",
     "Budget",
@@ -57,6 +58,9 @@ Stage = Literal["prefill", "decode"]
 
 #: Token-type codes used in :attr:`LayerView.token_types` (modality spans).
 TEXT, IMAGE, GENERATED = 0, 1, 2
+
+#: the per-slot state (``view.slot_state``) holding a layer's logit bias, set through :attr:`Reduction.logit_bias`
+LOGIT_BIAS = "logit_bias"
 
 
 @dataclass(frozen=True)
@@ -270,12 +274,21 @@ class Reduction:
     ``index`` is int64 ``[B, H, K]`` slot indices into the input view, ``valid`` bool ``[B, H, K]`` marks the entries
     that are real (rows keeping fewer than ``K`` are padded with ``valid=False``). ``keys``/``values`` of shape
     ``[B, H, K, D]`` replace the gathered tensors when the reducer merges; ``None`` means "gather as is" (eviction).
+
+    ``logit_bias`` (float ``[B, H, K]``, optional): a constant the layer adds to every later query's attention logit
+    of each kept entry, before the softmax, in every attention path (outputs and statistics). Why: an entry that
+    stands for ``n`` merged tokens gets one softmax share where the ``n`` tokens had ``n``; ``log n`` restores the
+    group's mass (proportional attention, as in token merging). It replaces the entries' previous bias (a merging
+    reducer reads that one from ``view.slot_state[LOGIT_BIAS]`` to accumulate sizes); ``None`` keeps each kept
+    entry's previous bias (0 for an entry never merged). The engine keeps it as the per-slot state
+    :data:`LOGIT_BIAS` (new tokens start at 0), so a layer carrying one stays in the padded layout.
     """
 
     index: torch.Tensor
     valid: torch.Tensor
     keys: torch.Tensor | None = None
     values: torch.Tensor | None = None
+    logit_bias: torch.Tensor | None = None
 
 
 @runtime_checkable

@@ -107,6 +107,7 @@ def step_statistics(
                 stats[need.window] = attention_received(
                     query, key, layer.valid, layer.positions, cols, new_valid, scaling, need.window,
                     first_slot_col=first_col, sliding_window=layer.window_size,
+                    bias=None if layer.pristine else layer.logit_bias,
                 )
     return stats, queries
 

@@ -22,7 +22,7 @@ import torch
 
 from .kernels import grouped_attention
 from .masks import slot_mask
-from .policy import Reduction
+from .policy import LOGIT_BIAS, Reduction
 from .slotops import rank_after_drop, write_end_slot, write_new_slot
 
 __all__ = ["PaddedStorage", "SlotStorage", "growth"]
@@ -193,6 +193,11 @@ class PaddedStorage(SlotStorage):
         """Per-slot state ``[B, H, P]`` a decode scorer keeps, by name (a new dict of views)."""
         used = self._used()
         return {name: used["state:" + name] for name in self._state}
+
+    @property
+    def logit_bias(self) -> torch.Tensor | None:
+        """float32 ``[B, H, P]``: what attention adds to each used slot's logit (:data:`LOGIT_BIAS`), or ``None``."""
+        return self._used().get("state:" + LOGIT_BIAS)
 
     @property
     def has_slot_state(self) -> bool:
@@ -391,6 +396,8 @@ class PaddedStorage(SlotStorage):
         self._valid = red.valid.clone()
         self._pos, self._types = gather(self._pos), gather(self._types)
         self._state = {k: gather(v) for k, v in self._state.items()}
+        if red.logit_bias is not None:
+            self._state[LOGIT_BIAS] = red.logit_bias.to(torch.float32).contiguous()
         self._length = idx.shape[-1]
         self.pristine = False
         self._new = None
@@ -543,7 +550,8 @@ class PaddedStorage(SlotStorage):
         return mask
 
     def attend(self, query: torch.Tensor, seen: int, scaling: float, eager: bool) -> torch.Tensor:
-        return grouped_attention(query, self.keys, self.values, self.mask(query.shape[2], seen), scaling, eager)
+        mask = self.mask(query.shape[2], seen)
+        return grouped_attention(query, self.keys, self.values, mask, scaling, eager, self.logit_bias)
 
     def nbytes(self) -> int:
         # the buffers' storage, which outgrows the tensors while a sliding window's dropped front is still held

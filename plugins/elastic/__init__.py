@@ -26,11 +26,11 @@ import dataclasses
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kvpolicy.hookspecs import PartSpec, PresetSpec, hookimpl
 from kvpolicy.parts import Share, consumer_spec, expand_scores
-from kvpolicy.core.policy import AttentionStat, LayerView, Reduction
+from kvpolicy.core.policy import LOGIT_BIAS, AttentionStat, LayerView, Reduction
 from kvpolicy.core.selection import ranked_slots, shared_head_budgets, sort_by_position
 from kvpolicy.params import POLICY_SINKS
 
@@ -235,6 +235,12 @@ class AnchorMergeParams(BaseModel):
         description="with heads: shared, the fraction of the uniform per-head budget every head keeps before the rest "
         "is shared (AdaKV's alpha; 0 = one ranking across the layer's heads, as KVzip)",
     )
+    keep_mass: bool = Field(
+        default=False,
+        description="give each anchor a logit bias of log(tokens it stands for), so that it draws the attention its "
+        "merged group drew (proportional attention, as in token merging; ablation, not in the paper). Needs "
+        "decode_merge: false (decode-time merges do not count sizes)",
+    )
     decode_merge: bool = Field(
         default=False,
         description="at decode time, merge each dropped entry into its positionally nearest surviving neighbour "
@@ -256,6 +262,13 @@ class AnchorMergeParams(BaseModel):
         "dropped ones shifted start_size positions earlier (the BOS sink can be merged into an anchor)",
     )
 
+
+    @model_validator(mode="after")
+    def _mass_at_prefill_only(self) -> AnchorMergeParams:
+        if self.keep_mass and self.decode_merge:
+            raise ValueError("keep_mass counts the tokens merged at prefill; decode_merge's merges would not be "
+                             "counted: set one of keep_mass, decode_merge to false")
+        return self
 
     def encode_requires(self) -> frozenset[str]:
         """A budget shared across heads ranks every head's entries against the others': the scores need a kv-head
@@ -289,7 +302,10 @@ class AnchorMerge:
     merged), ``heads="shared"`` (the layer's heads share one budget by score, AdaKV's allocation, so a head whose scores are
     concentrated keeps fewer anchors and absorbs more of its tokens; the count per head is
     :func:`~kvpolicy.core.selection.shared_head_budgets`, the same counts the ``adakv`` reducer keeps),
-    ``decode_merge`` (merge decode-time victims into their nearest neighbour instead of evicting).
+    ``keep_mass`` (each anchor's attention logit gets ``+ log`` of the tokens it stands for, through the engine's
+    per-entry logit bias, :attr:`~kvpolicy.core.policy.Reduction.logit_bias`: ``n`` tokens with equal keys merged
+    into one entry then draw exactly the attention the ``n`` drew), ``decode_merge`` (merge decode-time victims into
+    their nearest neighbour instead of evicting).
 
     Deviations from the authors' code (each reproducible with a ``quirk_*`` switch, default off):
 
@@ -362,7 +378,7 @@ class AnchorMerge:
             sources = src_sorted.gather(-1, rank) & valid  # back to slots
         else:
             sources = dropped
-        keys, values = self._merge(view, s, anchor & compress[..., None], sources, order, rank)
+        keys, values, bias = self._merge(view, s, anchor & compress[..., None], sources, order, rank)
 
         # 4. the kept slots, in positional order
         n_kept = kept.sum(-1)
@@ -374,6 +390,8 @@ class AnchorMerge:
         d, dv = keys.shape[-1], values.shape[-1]
         red.keys = keys.gather(2, red.index[..., None].expand(*red.index.shape, d))
         red.values = values.gather(2, red.index[..., None].expand(*red.index.shape, dv))
+        if bias is not None:
+            red.logit_bias = bias.gather(2, red.index)
         return red
 
     @staticmethod
@@ -402,9 +420,15 @@ class AnchorMerge:
         sources: torch.Tensor,
         order: torch.Tensor,
         rank: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Full ``keys``/``values`` with each anchor replaced by the (weighted) mean of itself and its sources."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Full ``keys``/``values`` with each anchor replaced by the (weighted) mean of itself and its sources, and
+        with ``keep_mass`` the full ``[B, H, P]`` logit bias: ``log`` of the tokens each slot stands for (its own
+        size plus its sources' sizes; a size is ``exp`` of the slot's previous bias, 1 for a slot never merged)."""
         prm = self.params
+        before = view.slot_state.get(LOGIT_BIAS)
+        size = torch.ones(view.valid.shape, dtype=torch.float32, device=view.valid.device)
+        if before is not None:
+            size = before.to(torch.float32).exp().expand_as(size)
         if prm.assign == "cosine":
             target, has = _nearest_by_cosine(view.keys, order, rank, anchor, sources)
         else:
@@ -413,13 +437,17 @@ class AnchorMerge:
         if prm.min_similarity is not None:
             sources = sources & (_key_cosine(view.keys, target) >= prm.min_similarity)
         if not bool(sources.any()):
-            return view.keys, view.values
+            return view.keys, view.values, (size.log() if prm.keep_mass else None)
         hits = torch.zeros(anchor.shape, dtype=torch.float32, device=anchor.device)
         received = anchor & (hits.scatter_add_(-1, target, sources.to(torch.float32)) > 0)
+        bias = None
+        if prm.keep_mass:
+            grown = torch.where(anchor, size, 0.0).scatter_add(-1, target, torch.where(sources, size, 0.0))
+            bias = torch.where(received, grown, size).log()
         if prm.weighting == "score":
             w = s.clamp(min=0.0)
         else:
-            w = torch.ones_like(s)
+            w = size.clone()  # the plain mean over the tokens: an entry that already stands for n counts n times
         ws = torch.where(sources, w, 0.0)
         wa = torch.where(anchor, w, 0.0)
         total = wa.scatter_add(-1, target, ws)
@@ -441,7 +469,7 @@ class AnchorMerge:
             return torch.where(received[..., None], out, x32).to(x.dtype)
 
         keys = view.keys if prm.merge == "values" else merged(view.keys)
-        return keys, merged(view.values)
+        return keys, merged(view.values), bias
 
     # -------------------------------------------------------------------------------------------- decode
     def on_drop(
