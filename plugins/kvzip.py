@@ -8,7 +8,9 @@ authors' code github.com/snu-mllab/KVzip; kvpress's ``KVzipPress``).
   in chunks of ``chunk_size`` context tokens (later chunks ask to repeat "starting with" the previous chunk's last
   ``overlap`` tokens). An entry's score is the largest attention it receives from the reconstruction queries, max over
   the query heads of its kv group, each query's softmax running over the sinks, the chunk being reconstructed and the
-  probe itself (the authors' and kvpress's reduction). The policy's sinks are kept (``+inf``).
+  probe itself (the authors' and kvpress's reduction). The policy's sinks are kept (``+inf``). Option ``window``
+  (not in the paper): add the mean attention each entry receives from the prompt's last ``window`` queries, times
+  ``window_weight`` — SnapKV's observation window, which holds the question when it is part of the prompt.
 * presets ``kvzip`` (one ranking across the kv heads of each layer, each layer removing ``ratio``: kvpress's
   ``layerwise=True``) and ``kvzip_global`` (across layers too, with the ``global`` allocator of
   ``plugins/global_budget.py``: kvpress's default), both ratio 0.5, 4 sinks.
@@ -25,7 +27,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from kvpolicy.core.policy import LayerView, ProbeChunk, ProbeStat
+from kvpolicy.core.policy import AttentionStat, LayerView, ProbeChunk, ProbeStat
 from kvpolicy.hookspecs import PartSpec, PresetSpec, hookimpl
 from kvpolicy.params import POLICY_SINKS
 from kvpolicy.parts import build, protect
@@ -58,6 +60,17 @@ class KVzipParams(BaseModel):
     chat_template: bool = Field(
         default=True,
         description="end the repeat prompt with the chat template's turn change (the tokenizer's; else a newline)",
+    )
+    window: int = Field(
+        default=0,
+        ge=0,
+        le=1 << 16,
+        description="also score each entry by the mean attention it receives from the prompt's last `window` queries "
+        "(SnapKV's observation window: the question when it is in the prompt), added with `window_weight`. 0: KVzip "
+        "as published (ablation, not in the paper)",
+    )
+    window_weight: float = Field(
+        default=1.0, ge=0.0, le=1e6, description="weight of the window term (a probability, like the probe's score)"
     )
     first_prompt: str = Field(default=FIRST_PROMPT, min_length=1, description="repeat prompt of the first chunk")
     next_prompt: str = Field(default=NEXT_PROMPT, min_length=1, description="repeat prompt of the later chunks")
@@ -121,7 +134,10 @@ class KVzipScorer:
         p = self.params
         probe = KVzipProbe(p.chunk_size, p.overlap, p.chat_template, p.first_prompt, p.next_prompt)
         self.need = ProbeStat(probe=probe, sinks=p.n_sink)
-        self.needs: frozenset[ProbeStat] = frozenset({self.need})
+        self.window_need = AttentionStat(window=p.window) if p.window else None
+        self.needs: frozenset[ProbeStat | AttentionStat] = frozenset(
+            {self.need} if self.window_need is None else {self.need, self.window_need}
+        )
 
     @property
     def protected_sinks(self) -> int:
@@ -132,6 +148,12 @@ class KVzipScorer:
         stat = view.probe.get(self.need)
         if stat is None:
             raise RuntimeError(f"kvzip: the engine gave no probe statistic for layer {view.layer_idx}")
+        if self.window_need is not None:
+            # attention summed over the window's real queries (group heads averaged) -> the mean probability, so
+            # that it adds to the probe's max probability on one scale
+            queries = view.n_tokens.clamp(max=self.params.window).clamp(min=1).to(torch.float32)
+            window = view.attention[self.window_need.window] / queries[:, None, None]
+            stat = stat + self.params.window_weight * window
         return protect(view, stat.masked_fill(~view.valid, 0.0), view.sink_mask())
 
 

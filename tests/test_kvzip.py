@@ -337,3 +337,62 @@ def test_gemma3_probe_passes_the_sliding_layers_under_their_window():
                 assert sum(map(len, kept)) == 2 * math.ceil((length - p) * 0.5)
                 assert all(set(range(p, p + 4)) <= set(k) for k in kept)  # the sinks stay
 
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.5, 3.0])
+def test_window_option_adds_the_windows_mean_attention_to_the_probe_score(weight):
+    """``window``: score = probe max + weight x (attention summed over the last ``window`` real queries / their
+    number), sinks +inf, pads ignored — a loop over rows, heads and slots."""
+    from kvpolicy.core.policy import AttentionStat
+    from kvpolicy.testing import make_view
+
+    scorer = kvzip(window=4, window_weight=weight, chunk_size=16).encode
+    assert scorer.needs == {scorer.need, AttentionStat(4)}
+    assert kvzip().encode.needs == {kvzip().encode.need}  # KVzip as published reads no prompt attention
+    view = make_view(windows=(4,), seed=9)
+    g = torch.Generator().manual_seed(1)
+    probe = torch.rand(view.valid.shape, generator=g).masked_fill(~view.valid, 0.0)
+    view.probe = {scorer.need: probe}
+    view.sinks = 4  # what the engine hands every part: the policy's sinks
+    got = scorer.score(view)
+    for b in range(view.batch_size):
+        n = int(view.n_tokens[b])
+        for h in range(view.num_heads):
+            rank = 0
+            for j in sorted(range(view.num_slots), key=lambda j: int(view.positions[b, h, j])):
+                if not bool(view.valid[b, h, j]):
+                    continue
+                want = float(probe[b, h, j]) + weight * float(view.attention[4][b, h, j]) / min(4, n)
+                if rank < 4:  # the policy's sinks
+                    want = float("inf")
+                assert float(got[b, h, j]) == pytest.approx(want, rel=1e-6), (b, h, j)
+                rank += 1
+
+
+def test_window_option_through_a_replayed_prefill_equals_the_direct_path(model):
+    """The probe and the window statistic together, shared-prefill path against the direct one: same kept entries."""
+    from kvpolicy.core.recording import record
+    from kvpolicy.core.replay import replay
+
+    batch = make_batch(2, 40, pads=[0, 6], seed=4)
+    pos = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+
+    def forward(cache):
+        with torch.inference_mode():
+            return model(**batch, position_ids=pos, past_key_values=cache, use_cache=True).logits
+
+    direct = kvpolicy.make_cache(model, kvzip(ratio=0.7, window=6, window_weight=2.0), tokenizer=TOK)
+    forward(direct)
+    plain = kvpolicy.make_cache(model, kvzip(ratio=0.7), tokenizer=TOK)
+    forward(plain)
+    with torch.inference_mode():
+        replayed = replay(model, kvzip(ratio=0.7, window=6, window_weight=2.0), record(model, forward),
+                          whole_model=False, tokenizer=TOK)
+    def kept(layer):  # any layout (per-head budgets may leave the layer bucketed)
+        return [layer.kept_positions(r, h) for r in range(2) for h in range(layer.held().shape[1])]
+
+    differs = False
+    for a, b, c in zip(direct.policy_layers, replayed.policy_layers, plain.policy_layers):
+        assert kept(a) == kept(b)
+        differs |= kept(a) != kept(c)
+    assert differs  # the window term changed what was kept

@@ -299,3 +299,59 @@ def test_anchor_merge_keep_mass_accumulates_earlier_sizes():
 def test_keep_mass_refuses_decode_merge():
     with pytest.raises(ValueError, match="keep_mass"):
         AnchorMerge(keep_mass=True, decode_merge=True)
+
+
+# ------------------------------------------------------------------------------------------------ replay
+MASS_POLICIES = {
+    "elastic": {"preset": "elastic", "reducer": {"keep_mass": True}},
+    # the merge-search studies' kind: KVzip's probe and selection, dropped entries merged with the bias
+    "kvzip": {"preset": "kvzip", "encode": {"chunk_size": 14},
+              "reducer": {"name": "anchor_merge", "start_size": 4, "heads": "shared", "head_floor": 0,
+                          "assign": "cosine", "keep_mass": True}},
+}
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("name", sorted(MASS_POLICIES))
+def test_a_replayed_prefill_carries_the_same_bias_as_the_direct_path(family, name):
+    """The shared-prefill path (one recording, a replay per policy) compresses through the same reducer, so the
+    bias, the kept entries and the following logits equal the direct path's bit for bit."""
+    from kvpolicy.core.recording import record
+    from kvpolicy.core.replay import beyond_window, replay
+    from kvpolicy.eval.context import build_policy
+    from kvpolicy.testing import CharTokenizer
+
+    model = kvpolicy.attach(build_model(family))
+    batch = make_batch(2, 48, pads=[0, 7])
+    positions = positions_of(batch["attention_mask"])
+    tok = CharTokenizer()
+
+    def forward(cache):
+        with torch.inference_mode():
+            return model(**batch, position_ids=positions, past_key_values=cache, use_cache=True).logits[:, -1]
+
+    def decode(cache):
+        g, mask, out = torch.Generator().manual_seed(3), batch["attention_mask"], []
+        for t in range(3):
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+            ids = torch.randint(3, 100, (2, 1), generator=g)
+            with torch.inference_mode():
+                out.append(model(input_ids=ids, attention_mask=mask, position_ids=positions[:, -1:] + t + 1,
+                                 past_key_values=cache).logits[:, -1])
+        return out
+
+    doc = {**MASS_POLICIES[name], "ratio": 0.75}
+    direct = kvpolicy.make_cache(model, build_policy(doc, None), tokenizer=tok)
+    forward(direct)
+    policy = build_policy(doc, None)
+    with torch.inference_mode():
+        recording = record(model, forward, beyond_window(policy, model, 48))  # a sliding layer keeps its whole prompt
+        replayed = replay(model, policy, recording, whole_model=False, tokenizer=tok)
+    merged = 0
+    for a, b in zip(direct.policy_layers, replayed.policy_layers):
+        assert torch.equal(a.valid, b.valid) and torch.equal(a.positions, b.positions)
+        assert torch.equal(a.logit_bias, b.logit_bias)
+        merged += int((a.logit_bias > 0).sum())
+    assert merged > 0
+    for x, y in zip(decode(direct), decode(replayed)):
+        assert torch.equal(x, y)
