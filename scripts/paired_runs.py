@@ -18,14 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from kvpolicy.sweep import Evaluation, paired_bootstrap  # noqa: E402
+from kvpolicy.sweep import Evaluation, paired_bootstrap
 
 
 def runs_of(arg: str) -> tuple[str, dict[str, dict[str, Any]]]:
